@@ -1,0 +1,149 @@
+//! The command line: `tuner run | validate | status`. Parses arguments with clap,
+//! sets up logging and Ctrl-C, calls into the library, prints the error chain
+//! and returns the exit code.
+
+use crate::error::{exit_code, Failure};
+use crate::pipeline::{self, RunContext, RunOptions};
+use crate::recipe;
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(name = "tuner", version, about = "Fine-tune open LLMs (LoRA and QLoRA) from TOML recipes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RecipeArgs {
+    /// The recipe file.
+    recipe: PathBuf,
+    /// Override a recipe key, e.g. `--set train.max_steps=10` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the pipeline: fetch → tokenize → train → evaluate → export.
+    Run {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Run dir (default: <recipe dir>/<run.output_dir>/<run.name>).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Stop after this stage.
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
+        /// Re-run from this stage on, even if complete.
+        #[arg(long, value_name = "STAGE")]
+        from: Option<String>,
+        /// Worker threads for tokenize (results do not depend on it).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Check a recipe without loading a model; reports every problem at once.
+    Validate {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+    },
+    /// Show each stage of a run: missing, complete, stale, running or interrupted.
+    Status {
+        /// A recipe or a run dir.
+        target: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Print JSON: {"run_dir", "stages": [{"name", "state", "artifacts"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn context(r: recipe::Loaded, run_dir: Option<PathBuf>, threads: Option<usize>, interrupted: Arc<AtomicBool>) -> Result<RunContext> {
+    let run_dir = run_dir.unwrap_or_else(|| r.default_run_dir());
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    Ok(RunContext { recipe: r, run_dir, threads, interrupted, hub: crate::hub::HubConfig::from_env()? })
+}
+
+fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -> Result<()> {
+    let never = Arc::new(AtomicBool::new(false));
+    let (dir, ctx) = if target.is_dir() {
+        // A run dir: compare with its recipe when that still loads.
+        let rec: Option<pipeline::RunRecord> = crate::util::read_json(&target.join("tuner.lock.json")).ok();
+        let ctx = rec
+            .and_then(|r| recipe::load(Path::new(&r.recipe_path), set).ok())
+            .and_then(|r| context(r, Some(target.to_path_buf()), None, never.clone()).ok());
+        (target.to_path_buf(), ctx)
+    } else {
+        let ctx = context(recipe::load(target, set)?, run_dir, None, never.clone())?;
+        (ctx.run_dir.clone(), Some(ctx))
+    };
+    let stages = pipeline::status(&dir, ctx.as_ref())?;
+    if json {
+        let v = serde_json::json!({
+            "run_dir": dir.display().to_string(),
+            "stages": stages.iter().map(|s| serde_json::json!({"name": s.name, "state": s.state, "fingerprint": s.fingerprint, "artifacts": s.artifacts})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("run dir: {}", dir.display());
+        for s in &stages {
+            let fp = s.fingerprint.as_deref().map(|f| &f[..12.min(f.len())]).unwrap_or("-");
+            println!("  {:<9} {:<12} {:<12} {} artifacts", s.name, s.state, fp, s.artifacts.len());
+        }
+    }
+    Ok(())
+}
+
+fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
+    match cli.command {
+        Command::Run { recipe: ra, run_dir, until, from, threads } => {
+            let r = recipe::load(&ra.recipe, &ra.set)?;
+            let ctx = context(r, run_dir, threads, interrupted)?;
+            pipeline::run(&ctx, &RunOptions { from, until })
+        }
+        Command::Validate { recipe: ra } => {
+            let r = recipe::load(&ra.recipe, &ra.set)?;
+            println!("{}: ok (run dir {})", ra.recipe.display(), r.default_run_dir().display());
+            Ok(())
+        }
+        Command::Status { target, set, run_dir, json } => status(&target, &set, run_dir, json),
+    }
+}
+
+/// Entry point for the binary: returns the process exit code.
+pub fn main() -> i32 {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp(None).init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted again: stopping now");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step, then stopping (Ctrl-C again to stop at once)");
+    });
+    match dispatch(cli, interrupted) {
+        Ok(()) => 0,
+        Err(e) => {
+            match e.downcast_ref::<Failure>() {
+                Some(Failure::Usage(msg)) => eprintln!("error: {msg}"),
+                _ => eprintln!("error: {e:#}"),
+            }
+            exit_code(&e)
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! tuner: fine-tune open LLMs (LoRA and QLoRA) from declarative TOML recipes.
+//!
+//! The pipeline is fetch → tokenize → train → evaluate → export; each stage is a
+//! module under `stages/` behind the small [`pipeline::Stage`] trait. The recipe
+//! structs in [`recipe`] are the one source of configuration.
+
+pub mod cli;
+pub mod data;
+pub mod error;
+pub mod gguf;
+pub mod gguf_import;
+pub mod hub;
+pub mod model;
+pub mod pipeline;
+pub mod quant;
+pub mod recipe;
+pub mod stages;
+pub mod train;
+pub mod util;

@@ -1,0 +1,4 @@
+//! The `tuner` binary: everything happens in [`tuner::cli`].
+fn main() {
+    std::process::exit(tuner::cli::main());
+}

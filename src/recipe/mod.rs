@@ -1,0 +1,168 @@
+//! Recipes: TOML → [`Recipe`], validated once by [`load`].
+//!
+//! `load` reads the file with spans (toml_edit) so that every message can name
+//! its line, applies `--set section.key=value` overrides, then runs all checks
+//! in `validate` and reports every problem at once.
+
+pub mod schema;
+pub mod validate;
+
+pub use schema::*;
+pub use validate::{classify_source, Diagnostic, Source};
+
+use crate::error::Failure;
+use std::path::{Path, PathBuf};
+
+/// A validated recipe and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The recipe with every default filled in (and `run.name` set).
+    pub recipe: Recipe,
+    /// The recipe file as given on the command line.
+    pub path: PathBuf,
+    /// The folder relative paths resolve against.
+    pub dir: PathBuf,
+}
+
+impl Loaded {
+    /// Resolve a local path written in the recipe against the recipe's folder.
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        self.dir.join(p)
+    }
+
+    /// Classify a `source` string of this recipe.
+    pub fn source(&self, s: &str) -> Source {
+        classify_source(s, &self.dir)
+    }
+
+    /// The default run dir: `<recipe dir>/<run.output_dir>/<run.name>`.
+    pub fn default_run_dir(&self) -> PathBuf {
+        self.dir.join(&self.recipe.run.output_dir).join(&self.recipe.run.name)
+    }
+
+    /// The resolved recipe as TOML (every default written out).
+    pub fn resolved_toml(&self) -> String {
+        toml::to_string(&self.recipe).unwrap_or_default()
+    }
+}
+
+/// All problems in one recipe; Display lists one per line.
+#[derive(Debug)]
+pub struct RecipeErrors(pub Vec<Diagnostic>);
+
+impl std::fmt::Display for RecipeErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "invalid recipe ({n} problem{}):", if n == 1 { "" } else { "s" })?;
+        for d in &self.0 {
+            writeln!(f, "  {d}")?;
+        }
+        Ok(())
+    }
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
+/// Record `file:line` for every section and key, from toml_edit's spans.
+fn key_locations(doc: &toml_edit::Document<&str>, src: &str, file: &str) -> validate::Locations {
+    let mut locs = validate::Locations::new();
+    for (section, item) in doc.as_table().iter() {
+        if let Some((key, _)) = doc.as_table().get_key_value(section) {
+            if let Some(span) = key.span().or_else(|| item.span()) {
+                locs.insert(section.to_string(), format!("{file}:{}", line_of(src, span.start)));
+            }
+        }
+        let inner = match item {
+            toml_edit::Item::Table(t) => Some(t.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>()),
+            toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => Some(t.iter().map(|(k, _)| k.to_string()).collect()),
+            _ => None,
+        };
+        for key in inner.unwrap_or_default() {
+            let span = match item {
+                toml_edit::Item::Table(t) => t.get_key_value(&key).and_then(|(k, v)| k.span().or_else(|| v.span())),
+                toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => {
+                    t.get_key_value(&key).and_then(|(k, v)| k.span().or_else(|| v.span()))
+                }
+                _ => None,
+            };
+            if let Some(span) = span {
+                locs.insert(format!("{section}.{key}"), format!("{file}:{}", line_of(src, span.start)));
+            }
+        }
+    }
+    locs
+}
+
+/// Parse the value of a `--set` override as TOML, falling back to a bare string.
+fn parse_override_value(v: &str) -> toml::Value {
+    match format!("v = {v}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.to_string())),
+        Err(_) => toml::Value::String(v.to_string()),
+    }
+}
+
+/// Read, override, validate. Errors are [`Failure::Usage`] (exit code 2).
+pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("cannot read recipe {file}: {e}")))?;
+    let doc = toml_edit::Document::parse(src.as_str()).map_err(|e| {
+        let line = e.span().map(|s| line_of(&src, s.start)).unwrap_or(1);
+        Failure::Usage(format!("{file}:{line}: invalid TOML: {}", e.message().trim()))
+    })?;
+    let mut locs = key_locations(&doc, &src, &file);
+    let mut table: toml::Table = src
+        .parse()
+        .map_err(|e: toml::de::Error| Failure::Usage(format!("{file}: invalid TOML: {}", e.message())))?;
+
+    let mut diags = Vec::new();
+    for o in overrides {
+        let Some((key, value)) = o.split_once('=') else {
+            diags.push(Diagnostic { location: format!("--set {o}"), text: "expected SECTION.KEY=VALUE, e.g. train.max_steps=10".into() });
+            continue;
+        };
+        let key = key.trim();
+        let Some((section, name)) = key.split_once('.') else {
+            diags.push(Diagnostic { location: format!("--set {o}"), text: format!("expected SECTION.KEY=VALUE, found key `{key}`") });
+            continue;
+        };
+        let sect = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        if let Some(t) = sect.as_table_mut() {
+            t.insert(name.to_string(), parse_override_value(value.trim()));
+        }
+        locs.insert(key.to_string(), format!("--set {key}"));
+        locs.entry(section.to_string()).or_insert_with(|| format!("--set {key}"));
+    }
+
+    validate::check_keys(&table, &file, &locs, &mut diags);
+    if !diags.is_empty() {
+        return Err(Failure::Usage(RecipeErrors(diags).to_string().trim_end().to_string()).into());
+    }
+    let mut recipe = Recipe::deserialize_table(table)
+        .map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
+    if recipe.run.name.is_empty() {
+        recipe.run.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    }
+    let dir = path.parent().map(Path::to_path_buf).filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."));
+    let loc = |key: &str| {
+        locs.get(key)
+            .or_else(|| locs.get(key.split('.').next().unwrap_or("")))
+            .cloned()
+            .unwrap_or_else(|| file.clone())
+    };
+    validate::check_semantics(&recipe, &dir, &loc, &mut diags);
+    if !diags.is_empty() {
+        return Err(Failure::Usage(RecipeErrors(diags).to_string().trim_end().to_string()).into());
+    }
+    Ok(Loaded { recipe, path: path.to_path_buf(), dir })
+}
+
+impl Recipe {
+    /// Deserialize from a TOML table (types already checked key by key).
+    pub fn deserialize_table(t: toml::Table) -> Result<Recipe, String> {
+        use serde::Deserialize;
+        Recipe::deserialize(toml::Value::Table(t)).map_err(|e| e.message().to_string())
+    }
+}

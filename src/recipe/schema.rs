@@ -1,0 +1,353 @@
+//! The recipe structs: one serde struct per TOML section, with every default.
+//! These are the one source of configuration; `recipe::load` validates them once
+//! and the stages only read them. Field names are the TOML keys users write.
+
+use serde::{Deserialize, Serialize};
+
+/// A whole recipe, as written in a `.toml` file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recipe {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub quantization: QuantizationSection,
+    pub lora: LoraSection,
+    pub prompt: PromptSection,
+    pub dataset: DatasetSection,
+    pub train: TrainSection,
+    pub eval: EvalSection,
+    pub export: ExportSection,
+}
+
+/// `[run]`: naming, seeding and where runs go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// Run name; the run dir is `<output_dir>/<name>`.
+    pub name: String,
+    /// Seed for shuffling, splitting, LoRA init and dropout.
+    pub seed: u64,
+    /// Folder that holds run dirs (relative to the recipe's folder).
+    pub output_dir: String,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection { name: String::new(), seed: 42, output_dir: "runs".into() }
+    }
+}
+
+/// Compute / storage dtype.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// bf16 where the device supports it, else fp32 (CPU).
+    #[default]
+    Auto,
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+/// `[model]`: which base model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// `hf:ORG/NAME`, a local HF folder, or a `.gguf` file.
+    pub source: String,
+    /// Hub revision (branch, tag or commit) for `hf:` sources.
+    pub revision: String,
+    pub dtype: Dtype,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection { source: String::new(), revision: "main".into(), dtype: Dtype::Auto }
+    }
+}
+
+/// Base-weight quantization method.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantMethod {
+    None,
+    #[default]
+    Nf4,
+    Fp4,
+}
+
+/// `[quantization]`: how the frozen base is stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantizationSection {
+    pub method: QuantMethod,
+    /// Quantize the absmax values too (8-bit, blocks of 256).
+    pub double_quant: bool,
+    /// Elements per absmax block.
+    pub block_size: u64,
+}
+
+impl Default for QuantizationSection {
+    fn default() -> Self {
+        QuantizationSection { method: QuantMethod::Nf4, double_quant: true, block_size: 64 }
+    }
+}
+
+/// `lora.target_modules`: a list of names, `"all-linear"`, or a regex over module paths.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::List(
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )
+    }
+}
+
+/// `[lora]`: the adapters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub r: u64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    /// Scale by alpha/√r instead of alpha/r.
+    pub use_rslora: bool,
+    /// Only "none" is supported (as in the Unsloth guide).
+    pub bias: String,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: TargetModules::default(),
+            use_rslora: false,
+            bias: "none".into(),
+        }
+    }
+}
+
+/// `[prompt]`: how a dataset row becomes text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptSection {
+    /// "alpaca", "chatml", "chat" (the tokenizer's Jinja template) or an inline
+    /// format string with `{field}` slots; the response starts at `{<output_field>}`.
+    pub template: String,
+    pub instruction_field: String,
+    pub input_field: String,
+    pub output_field: String,
+    pub messages_field: String,
+    /// Optional system prompt for "chatml" and "chat".
+    pub system: String,
+    /// Mask prompt tokens out of the loss (labels -100).
+    pub train_on_responses_only: bool,
+    /// Append EOS (or the end-of-turn token) to every response, trained.
+    pub add_eos: bool,
+}
+
+impl Default for PromptSection {
+    fn default() -> Self {
+        PromptSection {
+            template: "alpaca".into(),
+            instruction_field: "instruction".into(),
+            input_field: "input".into(),
+            output_field: "output".into(),
+            messages_field: "messages".into(),
+            system: String::new(),
+            train_on_responses_only: true,
+            add_eos: true,
+        }
+    }
+}
+
+/// What to do with a malformed dataset row.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadRow {
+    #[default]
+    Error,
+    Skip,
+}
+
+/// `[dataset]`: where rows come from and how they are split.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetSection {
+    /// A local .jsonl/.json/.csv/.parquet/.arrow file or folder, or `hf:ORG/NAME`.
+    pub source: String,
+    /// Hub split (for `hf:` sources).
+    pub split: String,
+    /// Hub revision (for `hf:` sources).
+    pub revision: String,
+    /// Hub dataset config name, if the repo has several.
+    pub config: String,
+    /// A separate eval set (same kinds of source as `source`).
+    pub eval_source: String,
+    /// Or: hold out this fraction of `source` for eval.
+    pub eval_ratio: Option<f64>,
+    /// Use at most this many training rows (after shuffling).
+    pub max_samples: Option<u64>,
+    pub shuffle: bool,
+    pub on_bad_row: OnBadRow,
+    /// Rows per Arrow shard written by the tokenize stage.
+    pub shard_rows: u64,
+}
+
+impl Default for DatasetSection {
+    fn default() -> Self {
+        DatasetSection {
+            source: String::new(),
+            split: "train".into(),
+            revision: "main".into(),
+            config: String::new(),
+            eval_source: String::new(),
+            eval_ratio: None,
+            max_samples: None,
+            shuffle: true,
+            on_bad_row: OnBadRow::Error,
+            shard_rows: 1000,
+        }
+    }
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduler {
+    #[default]
+    Linear,
+    Cosine,
+    Constant,
+}
+
+/// Optimizer for the adapter weights.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    Adamw,
+    #[default]
+    #[serde(rename = "adamw_8bit")]
+    Adamw8bit,
+}
+
+/// `[train]`: the training loop.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub max_seq_length: u64,
+    pub micro_batch_size: u64,
+    pub gradient_accumulation_steps: u64,
+    /// Optimizer steps; takes precedence over `epochs`.
+    pub max_steps: Option<u64>,
+    pub epochs: Option<f64>,
+    pub learning_rate: f64,
+    pub warmup_steps: u64,
+    pub lr_scheduler: LrScheduler,
+    pub optimizer: Optimizer,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub gradient_checkpointing: bool,
+    pub logging_steps: u64,
+    /// Print device memory every this many steps (0: never).
+    pub memory_log_steps: u64,
+    pub save_steps: u64,
+    pub keep_checkpoints: u64,
+    pub packing: bool,
+    /// Pad each batch to a multiple of this (dynamic padding otherwise).
+    pub pad_to_multiple_of: u64,
+    /// "auto", "cpu" or "cuda[:N]".
+    pub device: String,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            max_seq_length: 2048,
+            micro_batch_size: 2,
+            gradient_accumulation_steps: 4,
+            max_steps: None,
+            epochs: None,
+            learning_rate: 2e-4,
+            warmup_steps: 5,
+            lr_scheduler: LrScheduler::Linear,
+            optimizer: Optimizer::Adamw8bit,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            gradient_checkpointing: true,
+            logging_steps: 1,
+            memory_log_steps: 10,
+            save_steps: 50,
+            keep_checkpoints: 2,
+            packing: false,
+            pad_to_multiple_of: 1,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// `[eval]`: the evaluate stage (built by a later issue; accepted now).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Task metrics: "exact_match", "json_fields".
+    pub metrics: Vec<String>,
+    /// Generate for at most this many eval prompts.
+    pub max_samples: u64,
+    pub max_new_tokens: u64,
+    /// 0 is greedy.
+    pub temperature: f64,
+    pub batch_size: u64,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { metrics: vec![], max_samples: 100, max_new_tokens: 128, temperature: 0.0, batch_size: 8 }
+    }
+}
+
+/// `[export]`: the export stage (built by a later issue; accepted now).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportSection {
+    /// PEFT adapter folder.
+    pub adapter: bool,
+    /// Merged full model (HF safetensors).
+    pub merged: bool,
+    /// dtype of the merged model: "bf16" or "fp16".
+    pub merged_dtype: String,
+    /// Merged and re-quantized to NF4 (bnb layout).
+    pub nf4: bool,
+    /// GGUF files to write: any of "f16", "q8_0".
+    pub gguf: Vec<String>,
+    /// Write an Ollama Modelfile next to the GGUF.
+    pub ollama: bool,
+    /// Fail the stage if merged loss − adapter loss exceeds this.
+    pub max_merge_loss_delta: f64,
+}
+
+impl Default for ExportSection {
+    fn default() -> Self {
+        ExportSection {
+            adapter: true,
+            merged: true,
+            merged_dtype: "bf16".into(),
+            nf4: false,
+            gguf: vec![],
+            ollama: false,
+            max_merge_loss_delta: 0.01,
+        }
+    }
+}

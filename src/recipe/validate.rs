@@ -1,0 +1,471 @@
+//! Recipe validation: every problem at once, each naming the file, the line and
+//! the dotted key, and saying what is allowed (in the style of `just`'s errors).
+//!
+//! Pass 1 checks keys and value types against the serde structs themselves (the
+//! field lists are read off the structs, so they cannot drift); pass 2 checks
+//! ranges; pass 3 checks rules across keys and local files.
+
+use super::schema::*;
+use serde::de::{self, Deserialize, Deserializer, Visitor};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+/// One problem found in a recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diagnostic {
+    /// `file:line`, or `--set key` for a command-line override.
+    pub location: String,
+    /// The message, starting with the dotted key where there is one.
+    pub text: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.text)
+    }
+}
+
+/// The field names of a serde struct, read through a deserializer that only
+/// records what `deserialize_struct` is asked for.
+fn struct_fields<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Probe<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("probe"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("probe"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+/// The keys allowed in a section, or None for an unknown section.
+pub fn section_keys(section: &str) -> Option<&'static [&'static str]> {
+    Some(match section {
+        "run" => struct_fields::<RunSection>(),
+        "model" => struct_fields::<ModelSection>(),
+        "quantization" => struct_fields::<QuantizationSection>(),
+        "lora" => struct_fields::<LoraSection>(),
+        "prompt" => struct_fields::<PromptSection>(),
+        "dataset" => struct_fields::<DatasetSection>(),
+        "train" => struct_fields::<TrainSection>(),
+        "eval" => struct_fields::<EvalSection>(),
+        "export" => struct_fields::<ExportSection>(),
+        _ => return None,
+    })
+}
+
+/// Deserialize one section from a table holding a single key, so that a type
+/// error is attributed to exactly that key.
+fn check_type(section: &str, table: toml::Table) -> Result<(), String> {
+    fn one<T: for<'de> Deserialize<'de>>(t: toml::Table) -> Result<(), String> {
+        T::deserialize(toml::Value::Table(t)).map(|_| ()).map_err(|e| e.message().to_string())
+    }
+    match section {
+        "run" => one::<RunSection>(table),
+        "model" => one::<ModelSection>(table),
+        "quantization" => one::<QuantizationSection>(table),
+        "lora" => one::<LoraSection>(table),
+        "prompt" => one::<PromptSection>(table),
+        "dataset" => one::<DatasetSection>(table),
+        "train" => one::<TrainSection>(table),
+        "eval" => one::<EvalSection>(table),
+        "export" => one::<ExportSection>(table),
+        _ => Ok(()),
+    }
+}
+
+/// Range rules for numeric keys and allowed words for free-form string keys.
+/// A key listed here uses the rule's wording for type errors too.
+#[derive(Clone, Copy)]
+enum Rule {
+    PositiveInt,
+    NonNegativeInt,
+    PositiveNumber,
+    NonNegativeNumber,
+    /// 0 ≤ x < 1.
+    Dropout,
+    /// 0 < x < 1.
+    Ratio,
+    /// A power of two in 16..=4096.
+    BlockSize,
+    Words(&'static [&'static str]),
+    WordList(&'static [&'static str]),
+}
+
+fn rule_for(key: &str) -> Option<Rule> {
+    use Rule::*;
+    Some(match key {
+        "run.seed" => NonNegativeInt,
+        "quantization.block_size" => BlockSize,
+        "lora.r" => PositiveInt,
+        "lora.alpha" => PositiveNumber,
+        "lora.dropout" => Dropout,
+        "lora.bias" => Words(&["none"]),
+        "dataset.eval_ratio" => Ratio,
+        "dataset.max_samples" | "dataset.shard_rows" => PositiveInt,
+        "train.max_seq_length"
+        | "train.micro_batch_size"
+        | "train.gradient_accumulation_steps"
+        | "train.max_steps"
+        | "train.logging_steps"
+        | "train.save_steps"
+        | "train.keep_checkpoints"
+        | "train.pad_to_multiple_of" => PositiveInt,
+        "train.warmup_steps" | "train.memory_log_steps" => NonNegativeInt,
+        "train.epochs" | "train.learning_rate" => PositiveNumber,
+        "train.weight_decay" | "train.max_grad_norm" => NonNegativeNumber,
+        "eval.max_samples" => NonNegativeInt,
+        "eval.max_new_tokens" | "eval.batch_size" => PositiveInt,
+        "eval.temperature" => NonNegativeNumber,
+        "eval.metrics" => WordList(&["exact_match", "json_fields"]),
+        "export.merged_dtype" => Words(&["bf16", "fp16"]),
+        "export.gguf" => WordList(&["f16", "q8_0"]),
+        "export.max_merge_loss_delta" => NonNegativeNumber,
+        _ => return None,
+    })
+}
+
+/// How a TOML value reads in a message: strings quoted, numbers as written.
+fn show(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("{s:?}"),
+        toml::Value::Table(_) => "a table".into(),
+        toml::Value::Array(a) if a.len() > 4 => "a list".into(),
+        other => other.to_string(),
+    }
+}
+
+fn quoted_list(words: &[&str]) -> String {
+    words.iter().map(|w| format!("{w:?}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Check `v` against `rule`; Err holds "expected …, found …".
+fn apply_rule(rule: Rule, v: &toml::Value) -> Result<(), String> {
+    use toml::Value as V;
+    let num = match v {
+        V::Integer(i) => Some(*i as f64),
+        V::Float(f) if f.is_finite() => Some(*f),
+        _ => None,
+    };
+    let (ok, expected) = match rule {
+        Rule::PositiveInt => (matches!(v, V::Integer(i) if *i > 0), "a positive integer".to_string()),
+        Rule::NonNegativeInt => (matches!(v, V::Integer(i) if *i >= 0), "an integer ≥ 0".to_string()),
+        Rule::PositiveNumber => (num.is_some_and(|x| x > 0.0), "a positive number".to_string()),
+        Rule::NonNegativeNumber => (num.is_some_and(|x| x >= 0.0), "a number ≥ 0".to_string()),
+        Rule::Dropout => (num.is_some_and(|x| (0.0..1.0).contains(&x)), "a number in [0, 1)".to_string()),
+        Rule::Ratio => (num.is_some_and(|x| x > 0.0 && x < 1.0), "a number between 0 and 1".to_string()),
+        Rule::BlockSize => (
+            matches!(v, V::Integer(i) if *i >= 16 && *i <= 4096 && (*i as u64).is_power_of_two()),
+            "a power of two from 16 to 4096 (bitsandbytes uses 64)".to_string(),
+        ),
+        Rule::Words(words) => (
+            matches!(v, V::String(s) if words.contains(&s.as_str())),
+            format!("one of {}", quoted_list(words)),
+        ),
+        Rule::WordList(words) => {
+            let expected = format!("a list of {}", quoted_list(words));
+            if let V::Array(items) = v {
+                for item in items {
+                    match item {
+                        V::String(s) if words.contains(&s.as_str()) => {}
+                        V::String(s) => {
+                            let hint = did_you_mean(s, words.iter().copied())
+                                .map(|w| format!("; did you mean {w:?}?"))
+                                .unwrap_or_default();
+                            return Err(format!("expected {expected}, found {s:?}{hint}"));
+                        }
+                        other => return Err(format!("expected {expected}, found {}", show(other))),
+                    }
+                }
+                (true, expected)
+            } else {
+                (false, expected)
+            }
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("expected {expected}, found {}", show(v)))
+    }
+}
+
+/// Turn serde's wording into "expected X, found Y".
+fn humanize(serde_msg: &str, v: &toml::Value) -> String {
+    if let Some(rest) = serde_msg.strip_prefix("unknown variant `") {
+        // unknown variant `cosin`, expected one of `linear`, `cosine`, `constant`
+        let found = rest.split('`').next().unwrap_or("");
+        let variants: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+        let hint = did_you_mean(found, variants.iter().copied())
+            .map(|w| format!("; did you mean {w:?}?"))
+            .unwrap_or_default();
+        return format!("expected one of {}, found {found:?}{hint}", quoted_list(&variants));
+    }
+    let expected = serde_msg.rsplit(", expected ").next().unwrap_or(serde_msg);
+    let expected = match expected {
+        "f64" | "f32" => "a number",
+        "u64" | "usize" | "u32" => "an integer ≥ 0",
+        "i64" => "an integer",
+        "a boolean" => "true or false",
+        "a string" => "a string",
+        "a sequence" => "a list",
+        "data did not match any variant of untagged enum TargetModules" => {
+            "a list of module names, \"all-linear\", or a regex"
+        }
+        other => other,
+    };
+    if serde_msg.starts_with("data did not match") {
+        return format!("expected a list of module names, \"all-linear\", or a regex, found {}", show(v));
+    }
+    format!("expected {expected}, found {}", show(v))
+}
+
+/// The closest candidate by edit distance, if it is close enough to be a typo.
+pub fn did_you_mean<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (levenshtein(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Where each dotted key was written: `file:line` or `--set key`.
+pub type Locations = BTreeMap<String, String>;
+
+/// Pass 1 and 2: unknown sections and keys, value types and ranges.
+pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &mut Vec<Diagnostic>) {
+    let loc = |key: &str| locs.get(key).cloned().unwrap_or_else(|| file_loc.to_string());
+    const SECTIONS: [&str; 9] = ["run", "model", "quantization", "lora", "prompt", "dataset", "train", "eval", "export"];
+    for (section, value) in table {
+        let Some(keys) = section_keys(section) else {
+            let hint = did_you_mean(section, SECTIONS.iter().copied())
+                .map(|s| format!("; did you mean [{s}]?"))
+                .unwrap_or_else(|| format!("; sections are {}", SECTIONS.map(|s| format!("[{s}]")).join(" ")));
+            let what = if value.is_table() { format!("unknown section [{section}]") } else { format!("unknown key `{section}` at the top level") };
+            out.push(Diagnostic { location: loc(section), text: format!("{what}{hint}") });
+            continue;
+        };
+        let Some(body) = value.as_table() else {
+            out.push(Diagnostic {
+                location: loc(section),
+                text: format!("{section}: expected a section [{section}], found {}", show(value)),
+            });
+            continue;
+        };
+        for (key, v) in body {
+            let dotted = format!("{section}.{key}");
+            if !keys.contains(&key.as_str()) {
+                let hint = did_you_mean(key, keys.iter().copied())
+                    .map(|k| format!("; did you mean `{k}`?"))
+                    .unwrap_or_else(|| format!("; allowed keys: {}", keys.join(", ")));
+                out.push(Diagnostic { location: loc(&dotted), text: format!("unknown key `{key}` in [{section}]{hint}") });
+                continue;
+            }
+            let result = match rule_for(&dotted) {
+                Some(rule) => apply_rule(rule, v),
+                None => {
+                    let mut one = toml::Table::new();
+                    one.insert(key.clone(), v.clone());
+                    check_type(section, one).map_err(|m| humanize(&m, v))
+                }
+            };
+            if let Err(msg) = result {
+                out.push(Diagnostic { location: loc(&dotted), text: format!("{dotted}: {msg}") });
+            }
+        }
+    }
+}
+
+/// The linear modules a LoRA adapter can target in each supported family.
+pub fn family_linear_modules(model_type: &str) -> Option<&'static [&'static str]> {
+    const DECODER: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    match model_type {
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "gemma3_text" | "gemma3n"
+        | "gemma3n_text" => Some(DECODER),
+        _ => None,
+    }
+}
+
+/// What a `source` string names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    Hub { repo: String },
+    Local(std::path::PathBuf),
+}
+
+/// Classify a source string; local paths resolve against `dir` (the recipe's folder).
+pub fn classify_source(s: &str, dir: &Path) -> Source {
+    match s.strip_prefix("hf:") {
+        Some(repo) => Source::Hub { repo: repo.to_string() },
+        None => Source::Local(dir.join(s)),
+    }
+}
+
+fn hub_repo_ok(repo: &str) -> bool {
+    let parts: Vec<&str> = repo.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !p.starts_with('.')
+        })
+}
+
+/// Dataset file kinds the tokenize stage reads.
+pub const DATA_EXTENSIONS: [&str; 5] = ["jsonl", "json", "csv", "parquet", "arrow"];
+
+/// Pass 3: rules across keys, and local files that must exist.
+pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out: &mut Vec<Diagnostic>) {
+    let mut err = |key: &str, text: String| out.push(Diagnostic { location: loc(key), text: format!("{key}: {text}") });
+
+    // [model]
+    let mut model_type: Option<String> = None;
+    if r.model.source.is_empty() {
+        err("model.source", "missing; set it to `hf:ORG/NAME`, a local HF folder or a .gguf file".into());
+    } else {
+        match classify_source(&r.model.source, dir) {
+            Source::Hub { repo } if !hub_repo_ok(&repo) => {
+                err("model.source", format!("expected `hf:ORG/NAME`, found {:?}", r.model.source))
+            }
+            Source::Hub { .. } => {}
+            Source::Local(p) if p.extension().is_some_and(|e| e == "gguf") => {
+                if !p.is_file() {
+                    err("model.source", format!("GGUF file {} does not exist (scripts/bootstrap fetches the quickstart model)", p.display()));
+                } else if let Ok(g) = crate::gguf::GgufFile::open(&p) {
+                    model_type = g.architecture().map(str::to_string);
+                }
+            }
+            Source::Local(p) => {
+                if !p.is_dir() {
+                    err("model.source", format!("{} is not a folder, a .gguf file or `hf:ORG/NAME`", p.display()));
+                } else if !p.join("config.json").is_file() {
+                    err("model.source", format!("{} has no config.json; expected an HF model folder", p.display()));
+                } else if let Ok(cfg) = crate::util::read_json::<serde_json::Value>(&p.join("config.json")) {
+                    model_type = cfg.get("model_type").and_then(|v| v.as_str()).map(str::to_string);
+                }
+            }
+        }
+    }
+
+    // [lora]
+    match &r.lora.target_modules {
+        TargetModules::List(names) if names.is_empty() => {
+            err("lora.target_modules", "expected at least one module name, or \"all-linear\"".into())
+        }
+        TargetModules::List(names) => {
+            if let Some(mt) = &model_type {
+                match family_linear_modules(mt) {
+                    Some(known) => {
+                        for n in names.iter().filter(|n| !known.contains(&n.as_str())) {
+                            let hint = did_you_mean(n, known.iter().copied())
+                                .map(|k| format!("did you mean `{k}`? "))
+                                .unwrap_or_default();
+                            err(
+                                "lora.target_modules",
+                                format!("`{n}` is not a linear module of {mt} models; {hint}expected some of {}", known.join(", ")),
+                            );
+                        }
+                    }
+                    None => err("model.source", format!("model type `{mt}` is not supported; supported: llama, mistral, qwen2, qwen3, gemma2, gemma3, gemma3n")),
+                }
+            }
+        }
+        TargetModules::Pattern(p) if p == "all-linear" => {}
+        TargetModules::Pattern(p) => {
+            if let Err(e) = regex::Regex::new(p) {
+                err("lora.target_modules", format!("expected a list of names, \"all-linear\" or a valid regex: {e}"));
+            }
+        }
+    }
+
+    // [prompt]
+    let t = &r.prompt.template;
+    if !["alpaca", "chatml", "chat"].contains(&t.as_str()) {
+        if !t.contains('{') {
+            let hint = did_you_mean(t, ["alpaca", "chatml", "chat"].into_iter())
+                .map(|w| format!("; did you mean {w:?}?"))
+                .unwrap_or_default();
+            err("prompt.template", format!("expected \"alpaca\", \"chatml\", \"chat\" or a format string with {{field}} slots, found {t:?}{hint}"));
+        } else {
+            match crate::data::template::parse_format(t) {
+                Err(e) => err("prompt.template", e),
+                Ok(parts) => {
+                    let slot = &r.prompt.output_field;
+                    let n = parts.iter().filter(|p| matches!(p, crate::data::template::Piece::Field(f) if f == slot)).count();
+                    if n != 1 {
+                        err("prompt.template", format!("a format string needs exactly one `{{{slot}}}` slot (where the response starts; see prompt.output_field), found {n}"));
+                    }
+                }
+            }
+        }
+    }
+
+    // [dataset]
+    let check_data = |key: &str, s: &str, err: &mut dyn FnMut(&str, String)| match classify_source(s, dir) {
+        Source::Hub { repo } if !hub_repo_ok(&repo) => err(key, format!("expected `hf:ORG/NAME`, found {s:?}")),
+        Source::Hub { .. } => {}
+        Source::Local(p) if p.is_dir() => {}
+        Source::Local(p) if p.is_file() => {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !DATA_EXTENSIONS.contains(&ext) {
+                err(key, format!("{} has an unsupported extension; expected one of .{}", p.display(), DATA_EXTENSIONS.join(", .")));
+            }
+        }
+        Source::Local(p) => err(key, format!("{} does not exist", p.display())),
+    };
+    if r.dataset.source.is_empty() {
+        err("dataset.source", "missing; set it to a local .jsonl/.json/.csv/.parquet/.arrow file or folder, or `hf:ORG/NAME`".into());
+    } else {
+        check_data("dataset.source", &r.dataset.source, &mut err);
+    }
+    if !r.dataset.eval_source.is_empty() {
+        check_data("dataset.eval_source", &r.dataset.eval_source, &mut err);
+        if r.dataset.eval_ratio.is_some() {
+            err("dataset.eval_ratio", "set either dataset.eval_source or dataset.eval_ratio, not both".into());
+        }
+    }
+
+    // [train]
+    if r.train.max_steps.is_none() && r.train.epochs.is_none() {
+        err("train.max_steps", "missing; set train.max_steps (optimizer steps) or train.epochs".into());
+    }
+    if r.train.max_steps.is_some() && r.train.epochs.is_some() {
+        err("train.epochs", "set either train.max_steps or train.epochs, not both".into());
+    }
+    let dev = r.train.device.as_str();
+    let dev_ok = dev == "auto"
+        || dev == "cpu"
+        || dev == "cuda"
+        || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+    if !dev_ok {
+        err("train.device", format!("expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", found {dev:?}"));
+    }
+}

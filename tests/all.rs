@@ -1,0 +1,10 @@
+//! The one integration test binary (every test binary links libtorch, so there is one).
+mod common;
+mod executor;
+mod gguf;
+mod hub;
+mod model;
+mod quant;
+mod recipe;
+mod tokenize;
+mod train;
