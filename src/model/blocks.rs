@@ -1,0 +1,241 @@
+//! Blocks that are identical in Llama, Mistral, Qwen2 and Qwen3: the Llama RMSNorm, the
+//! SiLU-gated MLP, RoPE (default, linear, llama3), the attention mask and the attention
+//! core, plus the loader that turns checkpoint tensors into them.
+//!
+//! Reference: transformers `modeling_llama.py` (`LlamaRMSNorm`, `LlamaMLP`,
+//! `LlamaRotaryEmbedding`, `apply_rotary_pos_emb`, `repeat_kv`), `modeling_rope_utils.py`
+//! (`_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
+//! `_compute_llama3_parameters`) and `masking_utils.py` (arch-spec §0, §3).
+
+use std::collections::HashSet;
+use std::f64::consts::PI;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::config::{Config, RopeScaling};
+use super::linear::{Linear, Weight};
+use super::{Batch, LoadOptions, Weights};
+use crate::quant::QuantTensor;
+
+/// Reads checkpoint tensors into the compute dtype and device of [`LoadOptions`].
+pub(crate) struct Loader<'a> {
+    /// The checkpoint.
+    pub weights: &'a Weights,
+    /// Target dtype, device and load-time quantization.
+    pub opts: &'a LoadOptions,
+    /// Module paths stored bnb-4bit (those with `<path>.weight.quant_state.*`).
+    bnb: HashSet<String>,
+}
+
+impl<'a> Loader<'a> {
+    /// A loader over `weights`; finds the bnb-quantized modules by their quant_state keys.
+    pub fn new(weights: &'a Weights, opts: &'a LoadOptions) -> Loader<'a> {
+        let bnb = weights
+            .names()
+            .iter()
+            .filter_map(|n| n.split_once(".weight.quant_state.").map(|(p, _)| p.to_string()))
+            .collect();
+        Loader { weights, opts, bnb }
+    }
+
+    /// A frozen dense tensor in the compute dtype on the target device.
+    pub fn dense(&self, name: &str) -> Result<Tensor> {
+        let t = self.weights.get(name)?;
+        Ok(t.to_device(self.opts.device).to_kind(self.opts.dtype).set_requires_grad(false))
+    }
+
+    /// A 4-bit weight from its bnb tensors, on the target device.
+    fn bnb_weight(&self, prefix: &str) -> Result<QuantTensor> {
+        let get = |n: &str| self.weights.try_get(n).ok().flatten();
+        let q = QuantTensor::from_bnb(prefix, &get)
+            .with_context(|| format!("cannot read the bnb-4bit weight of `{prefix}`"))?
+            .with_context(|| format!("`{prefix}` has a quant_state but no readable bnb-4bit weight"))?;
+        Ok(q.to_device(self.opts.device))
+    }
+
+    /// A dense `[out, in]` weight for `<prefix>.weight`, dequantized when stored 4-bit.
+    pub fn dense_weight(&self, prefix: &str) -> Result<Tensor> {
+        if self.bnb.contains(prefix) {
+            return Ok(self.bnb_weight(prefix)?.dequantize(self.opts.dtype));
+        }
+        self.dense(&format!("{prefix}.weight"))
+    }
+
+    /// A decoder linear: bnb-4bit when stored so; else dense, quantized now when
+    /// `opts.quantize` asks for it. `bias` reads `<prefix>.bias`.
+    pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
+        let weight = if self.bnb.contains(prefix) {
+            Weight::Quant(self.bnb_weight(prefix)?)
+        } else {
+            let w = self.dense(&format!("{prefix}.weight"))?;
+            if w.dim() != 2 {
+                bail!("`{prefix}.weight` has shape {:?}, expected [out, in]", w.size());
+            }
+            match self.opts.quantize {
+                Some((qt, blocksize, double)) => Weight::Quant(
+                    QuantTensor::quantize(&w, qt, blocksize, double)
+                        .with_context(|| format!("cannot quantize `{prefix}.weight`"))?,
+                ),
+                None => Weight::Dense(w),
+            }
+        };
+        let bias = if bias { Some(self.dense(&format!("{prefix}.bias"))?) } else { None };
+        Ok(Linear { weight, bias, lora: None })
+    }
+}
+
+/// Llama RMSNorm: `w · (x_f32 · rsqrt(mean(x²) + eps)).to(D)` (downcast before the weight).
+pub(crate) struct RmsNorm {
+    /// `weight` `[H]` in the compute dtype.
+    pub weight: Tensor,
+    /// `rms_norm_eps`.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Read `<prefix>.weight`.
+    pub fn load(l: &Loader, prefix: &str, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: l.dense(&format!("{prefix}.weight"))?, eps })
+    }
+
+    /// Normalize over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim(-1, true, Kind::Float);
+        let y = (xf * (var + self.eps).rsqrt()).to_kind(x.kind());
+        &self.weight * y
+    }
+}
+
+/// `down_proj(silu(gate_proj(x)) · up_proj(x))`.
+pub(crate) struct Mlp {
+    /// `mlp.gate_proj`.
+    pub gate_proj: Linear,
+    /// `mlp.up_proj`.
+    pub up_proj: Linear,
+    /// `mlp.down_proj`.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// Read `<prefix>.{gate,up,down}_proj`.
+    pub fn load(l: &Loader, prefix: &str, bias: bool) -> Result<Mlp> {
+        Ok(Mlp {
+            gate_proj: l.linear(&format!("{prefix}.gate_proj"), bias)?,
+            up_proj: l.linear(&format!("{prefix}.up_proj"), bias)?,
+            down_proj: l.linear(&format!("{prefix}.down_proj"), bias)?,
+        })
+    }
+
+    /// `[B, T, H]` → `[B, T, H]`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let g = self.gate_proj.forward(x, train).silu();
+        let u = self.up_proj.forward(x, train);
+        self.down_proj.forward(&(g * u), train)
+    }
+
+    /// The three linears by leaf name, in module order.
+    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        vec![("gate_proj", &self.gate_proj), ("up_proj", &self.up_proj), ("down_proj", &self.down_proj)]
+    }
+
+    /// The three linears by leaf name, in module order, mutably.
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![("gate_proj", &mut self.gate_proj), ("up_proj", &mut self.up_proj), ("down_proj", &mut self.down_proj)]
+    }
+}
+
+/// RoPE inverse frequencies, f32 `[head_dim/2]` on the CPU, rescaled per `rope_scaling`.
+pub(crate) fn inv_freq(cfg: &Config) -> Tensor {
+    let d = cfg.head_dim;
+    let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / d as f64;
+    let inv = Tensor::pow_scalar(cfg.rope_theta, &exponent).reciprocal();
+    match cfg.rope_scaling {
+        RopeScaling::None => inv,
+        RopeScaling::Linear { factor } => inv / factor,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: orig } => {
+            let low_wavelen = orig / low_freq_factor;
+            let high_wavelen = orig / high_freq_factor;
+            let wavelen = inv.reciprocal() * (2.0 * PI);
+            let low = wavelen.gt(low_wavelen);
+            let scaled = (&inv / factor).where_self(&low, &inv);
+            let smooth = ((wavelen.reciprocal() * orig) - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let smoothed = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
+            let medium = wavelen.lt(high_wavelen).logical_not().logical_and(&low.logical_not());
+            smoothed.where_self(&medium, &scaled)
+        }
+    }
+}
+
+/// cos and sin `[B, T, head_dim]` in the compute dtype.
+pub(crate) struct Rope {
+    /// `cos(pos · inv_freq)` duplicated over both halves.
+    pub cos: Tensor,
+    /// `sin(pos · inv_freq)` duplicated over both halves.
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for `position_ids` `[B, T]`, computed in f32 then cast to `kind` (as HF).
+    pub fn new(inv_freq: &Tensor, position_ids: &Tensor, kind: Kind) -> Rope {
+        let inv = inv_freq.to_device(position_ids.device());
+        let freqs = position_ids.to_kind(Kind::Float).unsqueeze(-1) * inv; // (B, T, d/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x` `[B, heads, T, d]`.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        let rotated = Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3);
+        x * self.cos.unsqueeze(1) + rotated * self.sin.unsqueeze(1)
+    }
+}
+
+/// Boolean mask `[B, 1, T, T]` (true = attend): causal, `kv > q − window` when sliding,
+/// keys with `attention_mask == 0` hidden, tokens of other documents (`seq_ids`) hidden.
+/// A query row left with no key (a left-padded query) keeps its diagonal so softmax has no
+/// NaN; such outputs are don't-care (HF's eager path spreads them uniformly instead).
+/// `None` when the mask is purely causal (no padding mask, no packing, no window shorter than
+/// T), so attention can take SDPA's `is_causal` fast path.
+pub(crate) fn attention_mask(batch: &Batch, window: Option<i64>, device: Device) -> Option<Tensor> {
+    let (b, t) = batch.input_ids.size2().unwrap_or((1, batch.input_ids.size()[0]));
+    let window = window.filter(|&w| w < t);
+    if batch.attention_mask.is_none() && batch.seq_ids.is_none() && window.is_none() {
+        return None;
+    }
+    let idx = Tensor::arange(t, (Kind::Int64, device));
+    let q = idx.unsqueeze(1);
+    let k = idx.unsqueeze(0);
+    let mut allowed = k.le_tensor(&q);
+    if let Some(w) = window {
+        allowed = allowed.logical_and(&k.gt_tensor(&(&q - w)));
+    }
+    let mut allowed = allowed.unsqueeze(0).expand([b, t, t], true);
+    if let Some(m) = &batch.attention_mask {
+        allowed = allowed.logical_and(&m.to_device(device).ne(0).unsqueeze(1));
+    }
+    if let Some(s) = &batch.seq_ids {
+        let s = s.to_device(device);
+        allowed = allowed.logical_and(&s.unsqueeze(2).eq_tensor(&s.unsqueeze(1)));
+    }
+    let empty = allowed.any_dim(-1, true).logical_not(); // (B, T, 1)
+    Some(allowed.logical_or(&q.eq_tensor(&k).unsqueeze(0).logical_and(&empty)).unsqueeze(1))
+}
+
+/// Scaled dot-product attention: q `[B, nh, T, d]`, k/v `[B, nkv, T, d]` (GQA: query head h
+/// reads kv head h / (nh/nkv)), `mask` from [`attention_mask`] (`None`: causal); returns `[B, T, nh·d]`.
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
+    let (b, nh, t, d) = q.size4().unwrap_or_default();
+    let nkv = k.size()[1];
+    let repeat = |x: &Tensor| {
+        if nkv == nh {
+            x.shallow_clone()
+        } else {
+            x.unsqueeze(2).expand([b, nkv, nh / nkv, t, d], true).reshape([b, nh, t, d])
+        }
+    };
+    let o = Tensor::scaled_dot_product_attention(q, &repeat(k), &repeat(v), mask, 0.0, mask.is_none(), scale, false);
+    o.transpose(1, 2).reshape([b, t, nh * d])
+}

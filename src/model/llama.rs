@@ -1,0 +1,70 @@
+//! Llama (1/2/3.x) decoder: GQA self-attention with RoPE (default, linear or llama3
+//! scaling), SiLU MLP, Llama RMSNorm. Its attention block also serves Mistral (sliding
+//! window, from the config) and Qwen2 (q/k/v bias, from the config).
+//!
+//! Reference: transformers `models/llama/modeling_llama.py` (`LlamaAttention`,
+//! eager path) and arch-spec §0, §3.
+
+use anyhow::Result;
+use tch::Tensor;
+
+use super::blocks::{attend, Loader, Rope};
+use super::decoder::{Attention, Decoder};
+use super::linear::Linear;
+use super::{Config, LoadOptions, Weights};
+
+/// `self_attn`: q/k/v/o projections, biases as the config says.
+pub(crate) struct LlamaAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl LlamaAttention {
+    /// Read `<prefix>.{q,k,v,o}_proj`.
+    pub fn load(l: &Loader, prefix: &str, cfg: &Config) -> Result<LlamaAttention> {
+        Ok(LlamaAttention {
+            q_proj: l.linear(&format!("{prefix}.q_proj"), cfg.qkv_bias)?,
+            k_proj: l.linear(&format!("{prefix}.k_proj"), cfg.qkv_bias)?,
+            v_proj: l.linear(&format!("{prefix}.v_proj"), cfg.qkv_bias)?,
+            o_proj: l.linear(&format!("{prefix}.o_proj"), cfg.o_bias)?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+}
+
+impl Attention for LlamaAttention {
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, train: bool) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // (B, n, T, d)
+        let q = rope.apply(&heads(self.q_proj.forward(x, train), self.num_heads));
+        let k = rope.apply(&heads(self.k_proj.forward(x, train), self.num_kv_heads));
+        let v = heads(self.v_proj.forward(x, train), self.num_kv_heads);
+        let o = attend(&q, &k, &v, mask, (self.head_dim as f64).powf(-0.5));
+        self.o_proj.forward(&o, train)
+    }
+
+    fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        vec![("q_proj", &self.q_proj), ("k_proj", &self.k_proj), ("v_proj", &self.v_proj), ("o_proj", &self.o_proj)]
+    }
+
+    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ]
+    }
+}
+
+/// Build a Llama model (`model_type: llama`).
+pub(crate) fn load(config: Config, weights: &Weights, opts: &LoadOptions) -> Result<Decoder<LlamaAttention>> {
+    Decoder::load(config, &Loader::new(weights, opts), LlamaAttention::load)
+}

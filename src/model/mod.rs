@@ -1,0 +1,135 @@
+//! Decoder-only language models on libtorch, built layer by layer so the trainer can
+//! checkpoint activations per layer.
+//!
+//! Reference: HF transformers `modeling_{llama,mistral,qwen2,qwen3}.py` (arch-spec §0, §3),
+//! PEFT LoRA (§5), bitsandbytes 4-bit checkpoints (§4). Module paths and tensor names equal
+//! the HF checkpoint keys (`model.layers.0.self_attn.q_proj`), so load, LoRA injection,
+//! merge and export map name to name.
+//!
+//! Files: [`config`] (config.json), [`weights`] (safetensors), [`linear`] (dense/4-bit linear +
+//! LoRA), `blocks` (norm, MLP, RoPE, masks, attention core), `decoder` (the shared model
+//! skeleton), one file per family (`llama`, `mistral`, `qwen2`, `qwen3`), and [`lora`].
+
+pub mod config;
+pub mod linear;
+pub mod lora;
+pub mod weights;
+
+mod blocks;
+mod decoder;
+mod llama;
+mod mistral;
+mod qwen2;
+mod qwen3;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tch::{Device, Kind, Tensor};
+
+pub use config::{Config, RopeScaling};
+pub use linear::{Linear, Lora, Weight};
+pub use weights::Weights;
+
+/// How a checkpoint is placed in memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Compute dtype: activations and every dense weight.
+    pub dtype: Kind,
+    /// Where the model lives.
+    pub device: Device,
+    /// Quantize the decoder linears (q,k,v,o,gate,up,down) at load: (type, blocksize, double quant).
+    /// Embeddings, norms and lm_head stay dense. Pre-quantized (bnb) layers stay as stored.
+    pub quantize: Option<(crate::quant::QuantType, i64, bool)>,
+}
+
+/// Position/mask information for one batch, built once and shared by all layers.
+pub struct Batch {
+    /// Token ids `[B, T]` i64.
+    pub input_ids: Tensor,
+    /// `[B, T]`, 1 for real tokens and 0 for padding (keys at 0 are never attended to).
+    pub attention_mask: Option<Tensor>,
+    /// RoPE positions `[B, T]` i64.
+    pub position_ids: Tensor,
+    /// `[B, T]` document id for packing: attention stays within a document.
+    pub seq_ids: Option<Tensor>,
+}
+
+impl Batch {
+    /// A padded batch with positions `0..T` on every row (what HF's forward uses when no
+    /// `position_ids` are given).
+    pub fn new(input_ids: Tensor, attention_mask: Option<Tensor>) -> Batch {
+        let (b, t) = input_ids.size2().unwrap_or((1, input_ids.size()[0]));
+        let position_ids = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], true);
+        Batch { input_ids, attention_mask, position_ids, seq_ids: None }
+    }
+
+    /// A packed batch: `seq_ids` `[B, T]` gives each token its document (one id per document,
+    /// not reused within a row); positions restart at 0 where the id changes. No padding mask:
+    /// set `attention_mask` afterwards when the row is also padded.
+    pub fn packed(input_ids: Tensor, seq_ids: Tensor) -> Batch {
+        let t = input_ids.size()[input_ids.dim() - 1];
+        let idx = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand_as(&seq_ids);
+        let prev = seq_ids.roll([1], [1]);
+        let starts = seq_ids.ne_tensor(&prev);
+        let _ = starts.narrow(1, 0, 1).fill_(1);
+        let start_idx = idx.where_self(&starts, &idx.zeros_like()).cummax(1).0;
+        let position_ids = &idx - start_idx;
+        Batch { input_ids, attention_mask: None, position_ids, seq_ids: Some(seq_ids) }
+    }
+}
+
+/// A causal LM, layer-wise.
+pub trait CausalLm {
+    /// The normalized config.
+    fn config(&self) -> &Config;
+    /// Token embeddings `[B, T, H]` in the compute dtype.
+    fn embed(&self, batch: &Batch) -> Tensor;
+    /// Decoder layer count.
+    fn num_layers(&self) -> usize;
+    /// Decoder layer `i`: `[B, T, H]` → `[B, T, H]`. `train` enables LoRA dropout.
+    fn layer(&self, i: usize, h: &Tensor, batch: &Batch, train: bool) -> Tensor;
+    /// The final norm.
+    fn norm(&self, h: &Tensor) -> Tensor;
+    /// The output projection `[V, H]` (the embedding table when tied).
+    fn lm_head_weight(&self) -> Tensor;
+    /// `h·Wᵀ` `[B, T, V]` in the compute dtype (plus the final softcap, if the family has one).
+    fn logits(&self, h_normed: &Tensor) -> Tensor;
+    /// Embed → layers → norm → logits, no dropout: `[B, T, V]`.
+    fn forward(&self, batch: &Batch) -> Tensor {
+        let mut h = self.embed(batch);
+        for i in 0..self.num_layers() {
+            h = self.layer(i, &h, batch, false);
+        }
+        self.logits(&self.norm(&h))
+    }
+    /// Every linear by its HF module path (e.g. `model.layers.0.self_attn.q_proj`), in
+    /// module order; lm_head is not among them.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    /// Every linear by its HF module path, in module order.
+    fn linears(&self) -> Vec<(String, &Linear)>;
+}
+
+/// Load an HF model folder (config.json + safetensors, dense or bnb-4bit).
+pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
+    load_dir(dir, opts).with_context(|| format!("cannot load model {}", dir.display()))
+}
+
+fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
+    let config = Config::from_dir(dir)?;
+    let weights = Weights::open(dir)?;
+    let model: Box<dyn CausalLm> = match config.model_type.as_str() {
+        "llama" => Box::new(llama::load(config, &weights, opts)?),
+        "mistral" => Box::new(mistral::load(config, &weights, opts)?),
+        "qwen2" => Box::new(qwen2::load(config, &weights, opts)?),
+        "qwen3" => Box::new(qwen3::load(config, &weights, opts)?),
+        other => anyhow::bail!("model type `{other}` is not supported; supported: {}", config::SUPPORTED.join(", ")),
+    };
+    let tied = model.config().tie_word_embeddings;
+    let expected_unused = |n: &str| n.ends_with("rotary_emb.inv_freq") || (tied && n == "lm_head.weight");
+    let unused: Vec<String> = weights.unused().into_iter().filter(|n| !expected_unused(n)).collect();
+    if !unused.is_empty() {
+        log::warn!("{} tensors of {} were not used: {}", unused.len(), dir.display(), unused.join(", "));
+    }
+    Ok(model)
+}
