@@ -1,0 +1,37 @@
+//! Train stage: NF4 (or dense) base + LoRA adapters, trained on the tokenize
+//! shards; resumable from checkpoints. The loop itself is in `crate::train`.
+
+use crate::pipeline::{RunContext, Stage};
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+/// The train stage.
+pub struct Train;
+
+impl Stage for Train {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+
+    fn inputs(&self, ctx: &RunContext) -> Result<serde_json::Value> {
+        let r = &ctx.recipe.recipe;
+        // Logging-only keys do not change the result, so they stay out of the fingerprint.
+        let mut train = serde_json::to_value(&r.train)?;
+        if let Some(t) = train.as_object_mut() {
+            for k in ["logging_steps", "memory_log_steps", "save_steps", "keep_checkpoints"] {
+                t.remove(k);
+            }
+        }
+        Ok(serde_json::json!({
+            "model": { "dtype": r.model.dtype },
+            "quantization": r.quantization,
+            "lora": r.lora,
+            "train": train,
+            "seed": r.run.seed,
+        }))
+    }
+
+    fn run(&self, ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
+        crate::train::run(ctx, dir, fp)
+    }
+}

@@ -1,0 +1,95 @@
+//! Training checkpoints, crash-safe: each is written as `step-NNNNNN.tmp/`, then
+//! renamed to `step-NNNNNN/`, with `progress.json` written last inside it (after
+//! llm.c's write-then-rename and DONE-last). A folder without progress.json is
+//! never resumed from. The newest `keep` are kept.
+
+use crate::train::data::Cursor;
+use crate::util;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub total_steps: u64,
+    pub cursor: Cursor,
+    /// The train stage fingerprint this checkpoint belongs to.
+    pub fingerprint: String,
+    /// How randomness is reproduced: every RNG draw is seeded from (run.seed, step,
+    /// micro-batch, layer) and the data order from (run.seed, epoch), so the
+    /// seed and the cursor are the whole RNG state.
+    pub rng: String,
+    pub seed: u64,
+    /// Optimizer step counter (bias correction).
+    pub optimizer_step: u64,
+    /// fp16 loss scale, if used.
+    pub loss_scale: f64,
+}
+
+/// The checkpoints folder of a train stage dir.
+pub fn dir(stage_dir: &Path) -> PathBuf {
+    stage_dir.join("checkpoints")
+}
+
+fn name(step: u64) -> String {
+    format!("step-{step:06}")
+}
+
+/// Write a checkpoint atomically and prune old ones.
+pub fn save(stage_dir: &Path, p: &Progress, adapter: &[(String, Tensor)], optim: &[(String, Tensor)], keep: usize) -> Result<PathBuf> {
+    let root = dir(stage_dir);
+    std::fs::create_dir_all(&root)?;
+    let final_dir = root.join(name(p.step));
+    let tmp = root.join(format!("{}.tmp", name(p.step)));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    Tensor::write_safetensors(adapter, tmp.join("adapter.safetensors")).context("cannot write adapter weights")?;
+    Tensor::write_safetensors(optim, tmp.join("optimizer.safetensors")).context("cannot write optimizer state")?;
+    util::write_json_atomic(&tmp.join("progress.json"), p)?;
+    for f in ["adapter.safetensors", "optimizer.safetensors"] {
+        if let Ok(file) = std::fs::File::open(tmp.join(f)) {
+            file.sync_all().ok();
+        }
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    if let Ok(d) = std::fs::File::open(&root) {
+        d.sync_all().ok();
+    }
+    let mut all = list(stage_dir);
+    while all.len() > keep.max(1) {
+        let (_, old) = all.remove(0);
+        std::fs::remove_dir_all(&old).ok();
+    }
+    Ok(final_dir)
+}
+
+/// Complete checkpoints (those with progress.json), oldest first.
+pub fn list(stage_dir: &Path) -> Vec<(Progress, PathBuf)> {
+    let mut out: Vec<(Progress, PathBuf)> = std::fs::read_dir(dir(stage_dir))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir() && !p.to_string_lossy().ends_with(".tmp"))
+                .filter_map(|p| util::read_json::<Progress>(&p.join("progress.json")).ok().map(|pr| (pr, p)))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by_key(|(p, _)| p.step);
+    out
+}
+
+/// Load the tensors of a checkpoint.
+pub fn load(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+    let a = Tensor::read_safetensors(path.join("adapter.safetensors")).with_context(|| format!("{}: cannot read adapter weights", path.display()))?;
+    let o = Tensor::read_safetensors(path.join("optimizer.safetensors")).with_context(|| format!("{}: cannot read optimizer state", path.display()))?;
+    Ok((a, o))
+}

@@ -1,0 +1,272 @@
+//! The training loop, written out (nanoGPT-style): learning rate, micro-steps,
+//! clip, step, log, checkpoint. Submodules hold the pieces: `data` (batches and
+//! the resumable cursor), `step` (forward/backward with layer checkpointing and
+//! chunked cross-entropy), `optim` (AdamW, 8-bit AdamW), `schedule`,
+//! `checkpoint`, and `plot` (the loss curve).
+
+pub mod checkpoint;
+pub mod data;
+pub mod optim;
+pub mod plot;
+pub mod schedule;
+pub mod step;
+
+use crate::error::Failure;
+use crate::model::{self, lora, CausalLm};
+use crate::pipeline::RunContext;
+use crate::recipe::{Dtype, QuantMethod, Recipe, TargetModules};
+use crate::util;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use tch::{Device, Kind};
+
+/// The device named by `train.device`.
+pub fn device_of(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => bail!("train.device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", found {other:?}"),
+        },
+    })
+}
+
+/// The compute dtype for `model.dtype` on `device`: "auto" is bf16 on CUDA, fp32 on CPU.
+pub fn kind_of(d: Dtype, device: Device) -> Kind {
+    match d {
+        Dtype::Auto if device.is_cuda() => Kind::BFloat16,
+        Dtype::Auto | Dtype::Fp32 => Kind::Float,
+        Dtype::Bf16 => Kind::BFloat16,
+        Dtype::Fp16 => Kind::Half,
+    }
+}
+
+/// The LoRA settings of a recipe.
+pub fn lora_spec(r: &Recipe) -> lora::LoraSpec {
+    let targets = match &r.lora.target_modules {
+        TargetModules::List(v) => lora::Targets::Names(v.clone()),
+        TargetModules::Pattern(p) if p == "all-linear" => lora::Targets::AllLinear,
+        TargetModules::Pattern(p) => lora::Targets::Regex(p.clone()),
+    };
+    lora::LoraSpec { r: r.lora.r as i64, alpha: r.lora.alpha, dropout: r.lora.dropout, use_rslora: r.lora.use_rslora, targets }
+}
+
+/// Load the base model as the recipe asks (quantized at load when `[quantization]` says so).
+pub fn load_model(dir: &Path, r: &Recipe, device: Device) -> Result<Box<dyn CausalLm>> {
+    let quantize = match r.quantization.method {
+        QuantMethod::None => None,
+        QuantMethod::Nf4 => Some((crate::quant::QuantType::Nf4, r.quantization.block_size as i64, r.quantization.double_quant)),
+        QuantMethod::Fp4 => Some((crate::quant::QuantType::Fp4, r.quantization.block_size as i64, r.quantization.double_quant)),
+    };
+    model::load(dir, &model::LoadOptions { dtype: kind_of(r.model.dtype, device), device, quantize })
+}
+
+/// Peak and current resident memory of this process in bytes (CPU), from /proc.
+pub fn rss_bytes() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// The train examples of a run's tokenize stage, in shard order.
+pub fn read_split(tokenize_dir: &Path, split: &str) -> Result<Vec<crate::data::shards::Example>> {
+    let infos: Vec<crate::stages::tokenize::ShardInfo> = util::read_json(&tokenize_dir.join("shards.json"))?;
+    let mut out = vec![];
+    for i in infos.iter().filter(|i| i.split == split) {
+        out.extend(crate::data::shards::read(&tokenize_dir.join(&i.file))?);
+    }
+    Ok(out)
+}
+
+/// Write the final adapter in PEFT format: adapter_config.json + adapter_model.safetensors.
+pub fn write_peft_adapter(out: &Path, model: &dyn CausalLm, r: &Recipe, base_name: &str) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out)?;
+    let tensors = lora::adapter_tensors(model);
+    let tmp = out.join(".adapter_model.safetensors.tmp");
+    tch::Tensor::write_safetensors(&tensors, &tmp).context("cannot write the adapter")?;
+    std::fs::rename(&tmp, out.join("adapter_model.safetensors"))?;
+    let target_modules = match &r.lora.target_modules {
+        TargetModules::List(v) => json!(v),
+        TargetModules::Pattern(p) => json!(p),
+    };
+    let cfg = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "revision": null,
+        "inference_mode": true,
+        "r": r.lora.r,
+        "lora_alpha": r.lora.alpha,
+        "lora_dropout": r.lora.dropout,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": r.lora.use_rslora,
+        "use_dora": false,
+        "init_lora_weights": true,
+        "target_modules": target_modules,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    util::write_json_atomic(&out.join("adapter_config.json"), &cfg)?;
+    Ok(vec![out.join("adapter_config.json"), out.join("adapter_model.safetensors")])
+}
+
+/// Run (or resume) training in `dir` for a run whose train fingerprint is `fp`.
+pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
+    let r = &ctx.recipe.recipe;
+    let t = &r.train;
+    let model_rec = crate::stages::fetch::model_record(ctx)?;
+    let tok = crate::data::tokenizer::Tok::load(&model_rec.dir)?;
+    let examples = read_split(&ctx.stage_dir("tokenize"), "train")?;
+    if examples.is_empty() {
+        bail!("the tokenize stage produced no training examples");
+    }
+    let device = device_of(&t.device)?;
+    let t_load = std::time::Instant::now();
+    let mut model = load_model(&model_rec.dir, r, device)?;
+    let names = lora::attach(model.as_mut(), &lora_spec(r), r.run.seed as i64)?;
+    let params = lora::trainable_parameters(model.as_ref());
+    let n_params: i64 = params.iter().map(|p| p.numel() as i64).sum();
+    eprintln!(
+        "train: {} on {:?} ({:?}), LoRA r={} on {} modules ({} trainable parameters), loaded in {:.1}s",
+        model_rec.model_type, device, kind_of(r.model.dtype, device), r.lora.r, names.len(), n_params, t_load.elapsed().as_secs_f64()
+    );
+    let mut opt = optim::AdamW::new(params, t.optimizer, optim::AdamWConfig { weight_decay: t.weight_decay, ..Default::default() });
+    let loader = data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
+    let ga = t.gradient_accumulation_steps as usize;
+    let total = match (t.max_steps, t.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * loader.micro_batches_per_epoch() as f64) / ga as f64).ceil().max(1.0) as u64,
+        (None, None) => bail!("set train.max_steps or train.epochs"),
+    };
+
+    // Resume from the newest checkpoint of this fingerprint; set older runs' checkpoints aside.
+    let mut start = 0u64;
+    let mut cursor = data::Cursor::default();
+    let ckpts = checkpoint::list(dir);
+    if ckpts.iter().any(|(p, _)| p.fingerprint != fp) {
+        let aside = dir.join(format!("checkpoints.old-{}", util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()));
+        std::fs::rename(checkpoint::dir(dir), &aside)?;
+        eprintln!("train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})", aside.display());
+    } else if let Some((p, path)) = ckpts.last() {
+        let (adapter, optim_state) = checkpoint::load(path)?;
+        lora::load_adapter_tensors(model.as_mut(), &adapter)?;
+        opt.load_state(&optim_state, p.optimizer_step)?;
+        start = p.step;
+        cursor = p.cursor;
+        eprintln!("train: resuming from {} (step {start} of {total})", path.display());
+    }
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut history: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["step"].as_u64().is_some_and(|s| s <= start))
+        .collect();
+    let text: String = history.iter().map(|v| format!("{v}\n")).collect();
+    util::write_atomic(&metrics_path, text.as_bytes())?;
+    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+
+    let opts = step::StepOptions {
+        checkpointing: t.gradient_checkpointing,
+        pad_id: tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64),
+        pad_multiple: t.pad_to_multiple_of as usize,
+        device,
+        seed: r.run.seed,
+        loss_scale: 1.0,
+    };
+    let bar = util::progress(total, "train");
+    bar.set_position(start);
+    let epoch_len = loader.micro_batches_per_epoch().max(1) as f64;
+    let t_run = std::time::Instant::now();
+    let mut first_step_logged = false;
+    for s in start..total {
+        let t0 = std::time::Instant::now();
+        let micro: Vec<data::MicroBatch> = (0..ga).map(|_| loader.next(&mut cursor)).collect();
+        let lr = schedule::lr_at(t.lr_scheduler, t.learning_rate, s, t.warmup_steps, total);
+        opt.zero_grad();
+        let res = step::forward_backward(model.as_ref(), &micro, s, &opts);
+        if !res.loss.is_finite() {
+            bail!("train: the loss became {} at step {}; lower train.learning_rate or check the data", res.loss, s + 1);
+        }
+        let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
+        opt.step(lr);
+        let done = s + 1;
+        let secs = t0.elapsed().as_secs_f64();
+        let (peak, rss) = rss_bytes();
+        let epoch = (cursor.epoch as f64 + cursor.index as f64 / epoch_len).min(cursor.epoch as f64 + 1.0);
+        let row = json!({
+            "step": done, "epoch": (epoch * 1000.0).round() / 1000.0, "loss": res.loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": res.tokens, "trained_tokens": res.trained_tokens, "tokens_per_s": res.tokens as f64 / secs.max(1e-9),
+            "step_s": secs, "peak_mem_bytes": peak,
+        });
+        writeln!(metrics, "{row}")?;
+        history.push(row);
+        if !first_step_logged {
+            eprintln!("train: first step done {:.1}s after the start of loading", t_load.elapsed().as_secs_f64());
+            first_step_logged = true;
+        }
+        if done % t.logging_steps == 0 || done == total {
+            let msg = format!("step {done}/{total} loss {:.4} lr {:.2e} grad {:.3} {:.0} tok/s", res.loss, lr, grad_norm, res.tokens as f64 / secs.max(1e-9));
+            if bar.is_hidden() {
+                eprintln!("train: {msg} epoch {epoch:.2}");
+            }
+            bar.set_message(msg);
+        }
+        if t.memory_log_steps > 0 && done % t.memory_log_steps == 0 {
+            eprintln!("train: memory at step {done}: peak RSS {:.2} GiB, current {:.2} GiB", peak as f64 / 1073741824.0, rss as f64 / 1073741824.0);
+        }
+        bar.set_position(done);
+        let stop = ctx.interrupted.load(Ordering::SeqCst);
+        if done % t.save_steps == 0 || done == total || stop {
+            let p = checkpoint::Progress {
+                step: done,
+                total_steps: total,
+                cursor,
+                fingerprint: fp.to_string(),
+                rng: "derived from run.seed, step, micro-batch and layer; data order from run.seed and epoch".into(),
+                seed: r.run.seed,
+                optimizer_step: opt.step,
+                loss_scale: 1.0,
+            };
+            checkpoint::save(dir, &p, &lora::adapter_tensors(model.as_ref()), &opt.state_tensors(), t.keep_checkpoints as usize)?;
+        }
+        if stop && done < total {
+            bar.abandon();
+            return Err(Failure::Interrupted(format!(
+                "training stopped after step {done} of {total}; a checkpoint was written; run the same command again to resume"
+            ))
+            .into());
+        }
+    }
+    bar.finish_and_clear();
+    let first = history.first().and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
+    let last = history.last().and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
+    eprintln!("train: {} steps in {:.1}s; loss {first:.4} → {last:.4}", total - start, t_run.elapsed().as_secs_f64());
+
+    let base_name = match ctx.recipe.source(&r.model.source) {
+        crate::recipe::Source::Hub { repo } => repo,
+        crate::recipe::Source::Local(p) => p.display().to_string(),
+    };
+    let mut files = write_peft_adapter(&dir.join("adapter"), model.as_ref(), r, &base_name)?;
+    let losses: Vec<(f64, f64)> = history.iter().filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?))).collect();
+    plot::line_png(&dir.join("loss.png"), "train loss", &losses)?;
+    files.push(dir.join("loss.png"));
+    files.push(metrics_path);
+    Ok(files)
+}

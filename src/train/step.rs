@@ -1,0 +1,170 @@
+//! One optimizer step's forward and backward, written out.
+//!
+//! - The loss is the token cross-entropy over labels ≠ -100 (after the
+//!   one-position shift), summed over every micro-batch of the accumulation and
+//!   divided by the trained-token count of them all: a sum over tokens, never a
+//!   mean of means (transformers' `num_items_in_batch` semantics).
+//! - Layer-wise activation checkpointing: the forward keeps only each decoder
+//!   layer's input (no graph); the backward recomputes one layer at a time with
+//!   a graph and pushes the incoming gradient through it with
+//!   `(y · g).sum().backward()`, which also accumulates the LoRA gradients.
+//! - Chunked cross-entropy: logits are built only for trained positions, a
+//!   chunk at a time, and each chunk is backpropagated at once, so the full
+//!   [tokens × vocab] fp32 logits never exist.
+//! - Dropout is seeded per (step, micro-batch, layer), so the recomputation sees
+//!   the same masks and a resumed run the same randomness.
+
+use crate::model::{Batch, CausalLm};
+use crate::train::data::MicroBatch;
+use tch::{Device, Kind, Tensor};
+
+/// How to run the step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOptions {
+    pub checkpointing: bool,
+    pub pad_id: i64,
+    pub pad_multiple: usize,
+    pub device: Device,
+    /// Seed for dropout: mixed with step, micro-batch and layer.
+    pub seed: u64,
+    /// Multiply the loss by this before backward (fp16 loss scaling; 1 otherwise).
+    pub loss_scale: f64,
+}
+
+/// What one step produced.
+#[derive(Debug, Clone, Copy)]
+pub struct StepResult {
+    /// Summed NLL / trained tokens, over the whole accumulation.
+    pub loss: f64,
+    pub trained_tokens: i64,
+    pub tokens: i64,
+}
+
+/// Logit rows per cross-entropy chunk: at most ~64 MiB of fp32 logits per chunk.
+pub fn ce_chunk_rows(vocab: i64) -> i64 {
+    ((64 << 20) / (4 * vocab.max(1))).clamp(16, 8192)
+}
+
+fn layer_seed(seed: u64, step: u64, micro: usize, layer: usize) -> i64 {
+    let mut m = crate::data::SplitMix64(seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407) ^ ((micro as u64) << 32) ^ layer as u64);
+    (m.next_u64() >> 1) as i64
+}
+
+fn batch_of(mb: &MicroBatch, o: &StepOptions) -> (Batch, Tensor) {
+    let (ids, labels, mask, seq) = mb.tensors(o.pad_id, o.pad_multiple, o.device);
+    let batch = match seq {
+        Some(seq_ids) => {
+            let mut b = Batch::packed(ids, seq_ids);
+            b.attention_mask = Some(mask);
+            b
+        }
+        None => Batch::new(ids, Some(mask)),
+    };
+    (batch, labels)
+}
+
+/// Cross-entropy over the trained positions of `h_normed` `[B,T,H]` (graph
+/// root), chunked; backpropagates `scale · Σ nll / denom` into `h_normed`.
+/// Returns the summed NLL (unscaled) as f64.
+pub fn chunked_ce_backward(model: &dyn CausalLm, h_normed: &Tensor, labels: &Tensor, denom: f64, scale: f64) -> f64 {
+    let (b, t, hdim) = h_normed.size3().unwrap_or((1, 1, 1));
+    // Position t predicts labels[t+1].
+    let targets = Tensor::cat(&[labels.narrow(1, 1, t - 1), Tensor::full([b, 1], -100, (Kind::Int64, labels.device()))], 1).flatten(0, 1);
+    let keep = targets.ne(-100).nonzero().squeeze_dim(1);
+    let n = keep.size()[0];
+    if n == 0 {
+        return 0.0;
+    }
+    let leaf = h_normed.detach().flatten(0, 1).set_requires_grad(true);
+    let rows = ce_chunk_rows(model.lm_head_weight().size()[0]);
+    let mut total = 0.0;
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        let idx = keep.narrow(0, start, len);
+        let logits = model.logits(&leaf.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
+        let nll = logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0);
+        total += nll.double_value(&[]);
+        (nll * (scale / denom)).backward();
+        start += len;
+    }
+    let grad = leaf.grad().view([b, t, hdim]);
+    (h_normed * grad.to_kind(h_normed.kind())).sum(Kind::Float).backward();
+    total
+}
+
+/// Forward and backward over the micro-batches of one optimizer step; the LoRA
+/// gradients are accumulated into the parameters' `.grad`.
+pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o: &StepOptions) -> StepResult {
+    let denom: i64 = micro.iter().map(MicroBatch::trained_tokens).sum();
+    let mut nll = 0.0;
+    for (m, mb) in micro.iter().enumerate() {
+        let (batch, labels) = batch_of(mb, o);
+        let n_layers = model.num_layers();
+        if o.checkpointing {
+            let mut inputs = Vec::with_capacity(n_layers);
+            let h = {
+                let _g = tch::no_grad_guard();
+                let mut h = model.embed(&batch);
+                for l in 0..n_layers {
+                    inputs.push(h.shallow_clone());
+                    tch::manual_seed(layer_seed(o.seed, step, m, l));
+                    h = model.layer(l, &h, &batch, true);
+                }
+                h
+            };
+            let top = h.detach().set_requires_grad(true);
+            nll += chunked_ce_backward(model, &model.norm(&top), &labels, denom.max(1) as f64, o.loss_scale);
+            let mut grad = top.grad();
+            for l in (0..n_layers).rev() {
+                let x = inputs[l].detach().set_requires_grad(l > 0);
+                tch::manual_seed(layer_seed(o.seed, step, m, l));
+                let y = model.layer(l, &x, &batch, true);
+                (&y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
+                if l > 0 {
+                    grad = x.grad();
+                }
+                inputs[l] = Tensor::new();
+            }
+        } else {
+            let mut h = model.embed(&batch);
+            for l in 0..n_layers {
+                tch::manual_seed(layer_seed(o.seed, step, m, l));
+                h = model.layer(l, &h, &batch, true);
+            }
+            nll += chunked_ce_backward(model, &model.norm(&h), &labels, denom.max(1) as f64, o.loss_scale);
+        }
+    }
+    StepResult {
+        loss: nll / denom.max(1) as f64,
+        trained_tokens: denom,
+        tokens: micro.iter().map(MicroBatch::tokens).sum(),
+    }
+}
+
+/// Summed NLL and trained-token count of a micro-batch, without gradients (for eval).
+pub fn eval_nll(model: &dyn CausalLm, mb: &MicroBatch, o: &StepOptions) -> (f64, i64) {
+    let _g = tch::no_grad_guard();
+    let (batch, labels) = batch_of(mb, o);
+    let mut h = model.embed(&batch);
+    for l in 0..model.num_layers() {
+        h = model.layer(l, &h, &batch, false);
+    }
+    let hn = model.norm(&h);
+    let (b, t, _) = hn.size3().unwrap_or((1, 1, 1));
+    let targets = Tensor::cat(&[labels.narrow(1, 1, t - 1), Tensor::full([b, 1], -100, (Kind::Int64, labels.device()))], 1).flatten(0, 1);
+    let keep = targets.ne(-100).nonzero().squeeze_dim(1);
+    let n = keep.size()[0];
+    let flat = hn.flatten(0, 1);
+    let rows = ce_chunk_rows(model.lm_head_weight().size()[0]);
+    let mut total = 0.0;
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        let idx = keep.narrow(0, start, len);
+        let logits = model.logits(&flat.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
+        total += logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0).double_value(&[]);
+        start += len;
+    }
+    (total, n)
+}
