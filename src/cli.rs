@@ -45,11 +45,45 @@ enum Command {
         /// Worker threads for tokenize (results do not depend on it).
         #[arg(long)]
         threads: Option<usize>,
+        /// Print the memory plan and stop; nothing is loaded.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Estimate memory per component before anything is allocated.
+    Plan {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Print JSON: {"device", "shape", "items": [{"component", "bytes", "note"}], "total_bytes"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a recipe without loading a model; reports every problem at once.
     Validate {
         #[command(flatten)]
         recipe: RecipeArgs,
+    },
+    /// Score a JSONL dataset ({"text"} or {"messages"} rows): per-row and mean loss, perplexity.
+    Score {
+        /// An HF folder, a bnb-4bit folder, a .gguf file, or a run's export.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The JSONL file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print {"rows", "tokens", "mean_loss", "perplexity", "per_row": [{"tokens", "loss"}]}.
+        #[arg(long)]
+        json: bool,
+        /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// Show each stage of a run: missing, complete, stale, running or interrupted.
     Status {
@@ -103,10 +137,25 @@ fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -
 
 fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
-        Command::Run { recipe: ra, run_dir, until, from, threads } => {
+        Command::Run { recipe: ra, run_dir, until, from, threads, dry_run } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
             let ctx = context(r, run_dir, threads, interrupted)?;
+            if dry_run {
+                eprint!("{}", crate::plan::render(&crate::plan::estimate(&ctx.recipe, &ctx.run_dir)?));
+                return Ok(());
+            }
             pipeline::run(&ctx, &RunOptions { from, until })
+        }
+        Command::Plan { recipe: ra, run_dir, json } => {
+            let r = recipe::load(&ra.recipe, &ra.set)?;
+            let run_dir = run_dir.unwrap_or_else(|| r.default_run_dir());
+            let p = crate::plan::estimate(&r, &run_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print!("{}", crate::plan::render(&p));
+            }
+            Ok(())
         }
         Command::Validate { recipe: ra } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
@@ -114,6 +163,32 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             Ok(())
         }
         Command::Status { target, set, run_dir, json } => status(&target, &set, run_dir, json),
+        Command::Score { model, adapter, data, json, dtype, device } => {
+            let dtype = match dtype.as_str() {
+                "auto" => recipe::Dtype::Auto,
+                "bf16" => recipe::Dtype::Bf16,
+                "fp16" => recipe::Dtype::Fp16,
+                "fp32" => recipe::Dtype::Fp32,
+                other => return Err(Failure::Usage(format!("--dtype {other}: expected auto, bf16, fp16 or fp32")).into()),
+            };
+            crate::train::device_of(&device).map_err(|e| Failure::Usage(format!("--device: {e}")))?;
+            let hub = crate::hub::HubConfig::from_env()?;
+            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let s = crate::score::run(&crate::score::ScoreArgs {
+                model: &model,
+                adapter: adapter.as_deref(),
+                data: &data,
+                dtype,
+                device: &device,
+                cache: &cache,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("rows {}  tokens {}  mean loss {:.6}  perplexity {:.4}", s.rows, s.tokens, s.mean_loss, s.perplexity);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -5,6 +5,8 @@ mod gguf;
 mod hub;
 mod model;
 mod quant;
+mod plan;
 mod recipe;
+mod score;
 mod tokenize;
 mod train;

@@ -52,7 +52,7 @@ pub fn read_manifest(stage_dir: &Path) -> Option<Manifest> {
 pub fn describe_artifacts(stage_dir: &Path, files: &[PathBuf]) -> Result<Vec<Artifact>> {
     let mut out = Vec::new();
     for f in files {
-        let full = if f.is_absolute() { f.clone() } else { stage_dir.join(f) };
+        let full = if f.is_absolute() || f.starts_with(stage_dir) { f.clone() } else { stage_dir.join(f) };
         let rel = full.strip_prefix(stage_dir).unwrap_or(&full).to_string_lossy().into_owned();
         let size = fs::metadata(&full).with_context(|| format!("artifact {} is missing", full.display()))?.len();
         out.push(Artifact { path: rel, size, sha256: util::sha256_file(&full)? });

@@ -49,8 +49,9 @@ pub fn save(stage_dir: &Path, p: &Progress, adapter: &[(String, Tensor)], optim:
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    Tensor::write_safetensors(adapter, tmp.join("adapter.safetensors")).context("cannot write adapter weights")?;
-    Tensor::write_safetensors(optim, tmp.join("optimizer.safetensors")).context("cannot write optimizer state")?;
+    let cpu = |v: &[(String, Tensor)]| -> Vec<(String, Tensor)> { v.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous())).collect() };
+    Tensor::write_safetensors(&cpu(adapter), tmp.join("adapter.safetensors")).context("cannot write adapter weights")?;
+    Tensor::write_safetensors(&cpu(optim), tmp.join("optimizer.safetensors")).context("cannot write optimizer state")?;
     util::write_json_atomic(&tmp.join("progress.json"), p)?;
     for f in ["adapter.safetensors", "optimizer.safetensors"] {
         if let Ok(file) = std::fs::File::open(tmp.join(f)) {

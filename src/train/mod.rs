@@ -93,7 +93,8 @@ pub fn read_split(tokenize_dir: &Path, split: &str) -> Result<Vec<crate::data::s
 /// Write the final adapter in PEFT format: adapter_config.json + adapter_model.safetensors.
 pub fn write_peft_adapter(out: &Path, model: &dyn CausalLm, r: &Recipe, base_name: &str) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out)?;
-    let tensors = lora::adapter_tensors(model);
+    let tensors: Vec<(String, tch::Tensor)> =
+        lora::adapter_tensors(model).into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous())).collect();
     let tmp = out.join(".adapter_model.safetensors.tmp");
     tch::Tensor::write_safetensors(&tensors, &tmp).context("cannot write the adapter")?;
     std::fs::rename(&tmp, out.join("adapter_model.safetensors"))?;

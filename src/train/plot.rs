@@ -109,7 +109,9 @@ pub fn line_png(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<()> {
         c.text(4, y as usize - 3, &fmt_tick(y1 - (y1 - y0) * k as f64 / 4.0));
         let x = LEFT as f64 + pw * k as f64 / 4.0;
         if !finite.is_empty() {
-            c.text(x as usize - 6, H - BOTTOM + 8, &fmt_tick(x0 + xspan * k as f64 / 4.0));
+            let v = x0 + xspan * k as f64 / 4.0;
+            let label = if xspan >= 8.0 { format!("{}", v.round()) } else { fmt_tick(v) };
+            c.text(x as usize - 6, H - BOTTOM + 8, &label);
         }
     }
     c.line((LEFT as f64, TOP as f64), (LEFT as f64, TOP as f64 + ph), [80, 80, 80]);

@@ -1,0 +1,224 @@
+//! `tuner plan RECIPE` (also `tuner run --dry-run`): a memory estimate made
+//! before anything is allocated, per component, so an out-of-memory failure can
+//! be seen coming. It reads only the model's shape (config.json, or the GGUF
+//! header) and the recipe.
+//!
+//! Counted: base weights (4-bit codes and absmax for quantized linears, the
+//! compute dtype for embeddings, norms and lm_head), LoRA weights, their
+//! gradients and optimizer states, the per-layer inputs kept by activation
+//! checkpointing (or every layer's activations without it), the working set of
+//! one layer during recompute and backward (attention scores included), one
+//! dequantized weight, the cross-entropy chunk, and the runtime itself.
+
+use crate::recipe::{Loaded, QuantMethod, Source};
+use crate::train::optim::AdamW;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// The dimensions the estimate needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Shape {
+    pub layers: i64,
+    pub hidden: i64,
+    pub intermediate: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub vocab: i64,
+    pub tied: bool,
+}
+
+impl Shape {
+    /// From an HF folder's config.json.
+    pub fn from_dir(dir: &Path) -> Result<Shape> {
+        let c = crate::model::Config::from_dir(dir)?;
+        Ok(Shape {
+            layers: c.num_hidden_layers,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            vocab: c.vocab_size,
+            tied: c.tie_word_embeddings,
+        })
+    }
+
+    /// From a GGUF file's header.
+    pub fn from_gguf(path: &Path) -> Result<Shape> {
+        let g = crate::gguf::GgufFile::open(path)?;
+        let p = crate::gguf_import::llama_params(&g)?;
+        Ok(Shape {
+            layers: p.num_hidden_layers as i64,
+            hidden: p.hidden_size as i64,
+            intermediate: p.intermediate_size as i64,
+            heads: p.num_attention_heads as i64,
+            kv_heads: p.num_key_value_heads as i64,
+            head_dim: p.head_dim as i64,
+            vocab: p.vocab_size as i64,
+            tied: p.tie_word_embeddings,
+        })
+    }
+
+    /// (name, in, out) of each decoder linear of one layer.
+    pub fn linears(&self) -> Vec<(&'static str, i64, i64)> {
+        let (h, i, q, kv) = (self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        vec![("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+    }
+}
+
+/// One line of the estimate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Item {
+    pub component: String,
+    pub bytes: u64,
+    pub note: String,
+}
+
+/// The estimate. Loading and training peak at different times: the expected
+/// peak is the larger of the two sums.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub device: String,
+    pub shape: Shape,
+    /// Resident while training.
+    pub items: Vec<Item>,
+    /// Resident only while loading (on top of the runtime and the base weights).
+    pub load_items: Vec<Item>,
+    pub train_bytes: u64,
+    pub load_bytes: u64,
+    /// max(train, load): the expected peak.
+    pub total_bytes: u64,
+}
+
+fn dtype_bytes(k: tch::Kind) -> i64 {
+    match k {
+        tch::Kind::Float => 4,
+        _ => 2,
+    }
+}
+
+/// Resident bytes of this process now (the runtime baseline on CPU).
+fn current_rss() -> u64 {
+    crate::train::rss_bytes().1
+}
+
+/// Build the estimate for a recipe.
+pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
+    let r = &l.recipe;
+    let safetensors_bytes = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "safetensors")).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0)
+    };
+    let (shape, file_bytes) = match l.source(&r.model.source) {
+        Source::Local(p) if p.extension().is_some_and(|e| e == "gguf") => {
+            let s = Shape::from_gguf(&p)?;
+            // The import writes f32 safetensors.
+            let params = s.layers * s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>() + s.vocab * s.hidden * if s.tied { 1 } else { 2 };
+            (s, 4 * params as u64)
+        }
+        Source::Local(p) => (Shape::from_dir(&p)?, safetensors_bytes(&p)),
+        Source::Hub { repo } => {
+            let rec = crate::util::read_json::<crate::stages::fetch::ModelRecord>(&run_dir.join("fetch/model.json"))
+                .with_context(|| format!("the shape of `{repo}` is known once it is fetched: run `tuner run RECIPE --until fetch` first"))?;
+            (Shape::from_dir(&rec.dir)?, safetensors_bytes(&rec.dir))
+        }
+    };
+    let device = crate::train::device_of(&r.train.device)?;
+    let dt = dtype_bytes(crate::train::kind_of(r.model.dtype, device));
+    let t = &r.train;
+    let (b, seq) = (t.micro_batch_size as i64, t.max_seq_length as i64);
+    let tokens = b * seq;
+    let s = &shape;
+    let mut items = vec![];
+    let mut add = |c: &str, bytes: i64, note: String| items.push(Item { component: c.into(), bytes: bytes.max(0) as u64, note });
+
+    // Base weights.
+    let linear_params: i64 = s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>() * s.layers;
+    let bs = r.quantization.block_size as i64;
+    let (lin_bytes, lin_note) = match r.quantization.method {
+        QuantMethod::None => (linear_params * dt, format!("{linear_params} params in {dt}-byte floats")),
+        _ => {
+            let blocks = linear_params / bs;
+            let absmax = if r.quantization.double_quant { blocks + 4 * (blocks / 256 + 1) } else { 4 * blocks };
+            (linear_params / 2 + absmax, format!("{linear_params} params in 4 bits + absmax"))
+        }
+    };
+    add("base decoder linears", lin_bytes, lin_note);
+    let emb = s.vocab * s.hidden * dt * if s.tied { 1 } else { 2 };
+    add("embeddings + lm_head", emb, if s.tied { "tied".into() } else { "untied".into() });
+    add("norms", (2 * s.layers + 1) * s.hidden * dt, String::new());
+
+    // Adapters, gradients, optimizer.
+    let spec = crate::train::lora_spec(r);
+    let targets: Vec<(i64, i64)> = s
+        .linears()
+        .iter()
+        .filter(|(n, _, _)| match &spec.targets {
+            crate::model::lora::Targets::Names(v) => v.iter().any(|x| x == n),
+            _ => true,
+        })
+        .map(|(_, i, o)| (*i, *o))
+        .collect();
+    let rank = r.lora.r as i64;
+    let lora_params: i64 = targets.iter().map(|(i, o)| rank * (i + o)).sum::<i64>() * s.layers;
+    add("LoRA weights (fp32)", 4 * lora_params, format!("{lora_params} params"));
+    add("LoRA gradients (fp32)", 4 * lora_params, String::new());
+    let opt: i64 = targets.iter().map(|(i, o)| AdamW::state_bytes(rank * i, t.optimizer) + AdamW::state_bytes(rank * o, t.optimizer)).sum::<i64>() * s.layers;
+    add("optimizer state", opt, format!("{:?}", t.optimizer).to_lowercase());
+
+    // Activations.
+    let q = s.heads * s.head_dim;
+    let kv = s.kv_heads * s.head_dim;
+    let scores = b * s.heads * seq * seq * 4 * 2; // scores and probabilities, f32
+    let layer_ws = tokens * dt * (4 * s.hidden + 2 * q + 4 * kv + 4 * s.intermediate) + scores;
+    if t.gradient_checkpointing {
+        add("checkpointed layer inputs", s.layers * tokens * s.hidden * dt, format!("{} layers × {b}×{seq}×{}", s.layers, s.hidden));
+        add("one layer, recompute + backward", 2 * layer_ws, "activations and their gradients".into());
+    } else {
+        add("all layer activations", s.layers * layer_ws + layer_ws, "no checkpointing".into());
+    }
+    let widest = s.linears().iter().map(|(_, i, o)| i * o).max().unwrap_or(0);
+    add("dequantized weight (transient)", 2 * widest * dt, "largest linear, forward and backward".into());
+    let rows = crate::train::step::ce_chunk_rows(s.vocab).min(tokens);
+    add("cross-entropy chunk", 3 * rows * s.vocab * 4 + 2 * tokens * s.hidden * dt, format!("{rows} rows × {} vocab in fp32", s.vocab));
+    if device.is_cuda() {
+        add("CUDA context (outside the allocator)", 600 << 20, "typical; not in allocator statistics".into());
+    } else {
+        add("runtime (libtorch, tokenizer, measured)", current_rss() as i64, "resident now, before loading".into());
+    }
+    // Loading: the checkpoint is memory-mapped and every page is read once; with
+    // quantize-at-load one dense tensor at a time is copied out and quantized.
+    let mut load_items = vec![Item { component: "checkpoint files (memory-mapped)".into(), bytes: file_bytes, note: "read once while loading".into() }];
+    if !matches!(r.quantization.method, QuantMethod::None) {
+        load_items.push(Item { component: "one dense weight being quantized".into(), bytes: (3 * widest * 4) as u64, note: "transient".into() });
+    }
+    let train_bytes: u64 = items.iter().map(|i| i.bytes).sum();
+    let resident_at_load: u64 = items.iter().filter(|i| i.component.starts_with("base") || i.component.starts_with("embeddings") || i.component.starts_with("runtime") || i.component.starts_with("CUDA")).map(|i| i.bytes).sum();
+    let load_bytes = resident_at_load + load_items.iter().map(|i| i.bytes).sum::<u64>();
+    if train_bytes == 0 {
+        bail!("empty estimate");
+    }
+    Ok(Plan { device: format!("{device:?}"), shape, items, load_items, train_bytes, load_bytes, total_bytes: train_bytes.max(load_bytes) })
+}
+
+/// The estimate as a table.
+pub fn render(p: &Plan) -> String {
+    let gib = |b: u64| b as f64 / 1073741824.0;
+    let mut s = format!(
+        "memory plan on {} ({} layers, hidden {}, vocab {}):\n",
+        p.device, p.shape.layers, p.shape.hidden, p.shape.vocab
+    );
+    for i in &p.items {
+        s.push_str(&format!("  {:<40} {:>9.3} GiB  {}\n", i.component, gib(i.bytes), i.note));
+    }
+    s.push_str(&format!("  {:<40} {:>9.3} GiB\n", "while training", gib(p.train_bytes)));
+    for i in &p.load_items {
+        s.push_str(&format!("  {:<40} {:>9.3} GiB  {}\n", format!("load: {}", i.component), gib(i.bytes), i.note));
+    }
+    s.push_str(&format!("  {:<40} {:>9.3} GiB  (runtime + base weights + the above)\n", "while loading", gib(p.load_bytes)));
+    s.push_str(&format!("  {:<40} {:>9.3} GiB\n", "expected peak", gib(p.total_bytes)));
+    s
+}

@@ -1,0 +1,148 @@
+//! `tuner score`: per-row and mean negative log-likelihood of a JSONL dataset
+//! under a model (HF folder, bnb-4bit folder, `.gguf` file, or a run's export),
+//! optionally with a PEFT adapter. Semantics: a `{"text": s}` row is encoded as
+//! `encode(s, add_special_tokens=true)`; a `{"messages": [...]}` row is rendered
+//! through the model's chat template and encoded without extra special tokens
+//! (as transformers' `apply_chat_template(tokenize=True)` does). Each token i ≥ 1
+//! is predicted from the tokens before it.
+
+use crate::data::template::{Message, Renderer};
+use crate::data::tokenizer::Tok;
+use crate::model::{self, lora, CausalLm};
+use crate::recipe::Dtype;
+use crate::util;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// One row's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowScore {
+    /// Predicted tokens (the row's length − 1).
+    pub tokens: i64,
+    /// Mean NLL over the row's predicted tokens.
+    pub loss: f64,
+}
+
+/// The whole result, as `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Score {
+    pub rows: usize,
+    pub tokens: i64,
+    pub mean_loss: f64,
+    pub perplexity: f64,
+    pub per_row: Vec<RowScore>,
+}
+
+/// An HF folder for `path`: the folder itself, or a `.gguf` imported once into a cache folder.
+pub fn model_dir(path: &Path, cache: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if path.extension().is_some_and(|e| e == "gguf") && path.is_file() {
+        let sha = util::sha256_file(path)?;
+        let dir = cache.join("gguf-import").join(&sha[..16]);
+        if !dir.join("config.json").is_file() {
+            crate::gguf_import::import_gguf(path, &dir).with_context(|| format!("cannot import {}", path.display()))?;
+        }
+        return Ok(dir);
+    }
+    bail!("--model {}: expected an HF model folder or a .gguf file", path.display())
+}
+
+/// Attach and load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+pub fn apply_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<()> {
+    let cfg: serde_json::Value = util::read_json(&dir.join("adapter_config.json"))?;
+    let r = cfg["r"].as_i64().with_context(|| format!("{}/adapter_config.json: no `r`", dir.display()))?;
+    let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
+    let targets = match &cfg["target_modules"] {
+        serde_json::Value::Array(a) => lora::Targets::Names(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()),
+        serde_json::Value::String(s) if s == "all-linear" => lora::Targets::AllLinear,
+        serde_json::Value::String(s) => lora::Targets::Regex(s.clone()),
+        _ => bail!("{}/adapter_config.json: `target_modules` must be a list or a string", dir.display()),
+    };
+    let spec = lora::LoraSpec { r, alpha, dropout: 0.0, use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false), targets };
+    lora::attach(model, &spec, 0)?;
+    let tensors = Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
+        .with_context(|| format!("cannot read {}/adapter_model.safetensors", dir.display()))?;
+    lora::load_adapter_tensors(model, &tensors)
+}
+
+/// Token ids of each row of a JSONL file.
+pub fn encode_rows(data: &Path, tok: &Tok) -> Result<Vec<Vec<i64>>> {
+    let text = std::fs::read_to_string(data).with_context(|| format!("cannot read {}", data.display()))?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = format!("{}:{}", data.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: invalid JSON"))?;
+        let ids = if let Some(s) = v.get("text").and_then(|t| t.as_str()) {
+            tok.encode(s, true).map_err(|e| anyhow::anyhow!("{at}: {e}"))?
+        } else if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
+            let tpl = tok.chat_template.as_deref().with_context(|| format!("{at}: a messages row needs a chat template in the model's tokenizer_config.json"))?;
+            let msgs: Vec<Message> = msgs
+                .iter()
+                .map(|m| Message {
+                    role: m["role"].as_str().unwrap_or("").to_string(),
+                    content: m["content"].as_str().unwrap_or("").to_string(),
+                })
+                .collect();
+            let rendered = Renderer::apply_chat_template(tpl, &msgs, false, &tok.bos_token, &tok.eos_token).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+            tok.encode(&rendered, false).map_err(|e| anyhow::anyhow!("{at}: {e}"))?
+        } else {
+            bail!("{at}: expected {{\"text\": …}} or {{\"messages\": […]}}");
+        };
+        out.push(ids.into_iter().map(|x| x as i64).collect());
+    }
+    Ok(out)
+}
+
+/// Score rows one at a time (no padding), in f64 accumulation.
+pub fn score_rows(model: &dyn CausalLm, rows: &[Vec<i64>], device: Device) -> Score {
+    let _g = tch::no_grad_guard();
+    let mut per_row = vec![];
+    let (mut total, mut n) = (0.0f64, 0i64);
+    for ids in rows {
+        if ids.len() < 2 {
+            per_row.push(RowScore { tokens: 0, loss: 0.0 });
+            continue;
+        }
+        let input = Tensor::from_slice(ids).unsqueeze(0).to_device(device);
+        let logits = model.forward(&model::Batch::new(input.shallow_clone(), None)).squeeze_dim(0).to_kind(Kind::Float);
+        let t = ids.len() as i64;
+        let nll = logits
+            .narrow(0, 0, t - 1)
+            .cross_entropy_loss::<Tensor>(&input.squeeze_dim(0).narrow(0, 1, t - 1), None, tch::Reduction::Sum, -100, 0.0)
+            .to_kind(Kind::Double)
+            .double_value(&[]);
+        total += nll;
+        n += t - 1;
+        per_row.push(RowScore { tokens: t - 1, loss: nll / (t - 1) as f64 });
+    }
+    let mean = if n > 0 { total / n as f64 } else { 0.0 };
+    Score { rows: rows.len(), tokens: n, mean_loss: mean, perplexity: mean.exp(), per_row }
+}
+
+/// Options of `tuner score`.
+pub struct ScoreArgs<'a> {
+    pub model: &'a Path,
+    pub adapter: Option<&'a Path>,
+    pub data: &'a Path,
+    pub dtype: Dtype,
+    pub device: &'a str,
+    pub cache: &'a Path,
+}
+
+/// Load, score, return the result.
+pub fn run(a: &ScoreArgs) -> Result<Score> {
+    let dir = model_dir(a.model, a.cache)?;
+    let device = crate::train::device_of(a.device)?;
+    let tok = Tok::load(&dir)?;
+    let rows = encode_rows(a.data, &tok)?;
+    let opts = model::LoadOptions { dtype: crate::train::kind_of(a.dtype, device), device, quantize: None };
+    let mut m = model::load(&dir, &opts)?;
+    if let Some(ad) = a.adapter {
+        apply_adapter(m.as_mut(), ad)?;
+    }
+    Ok(score_rows(m.as_ref(), &rows, device))
+}
