@@ -1,17 +1,45 @@
-//! Build script: link `torch_cuda` even though nothing references it by symbol
-//! (../shared/GPU.md: without `--no-as-needed` tch reports no CUDA on a GPU
-//! machine), and record libtorch's folder as an rpath so tests and the binary
-//! find it without LD_LIBRARY_PATH on the machine that built them.
+//! Build script:
+//! - link `torch_cuda` even though nothing references it by symbol
+//!   (../shared/GPU.md: without `--no-as-needed` tch reports no CUDA on a GPU machine);
+//! - compile kernels/alloc_stats.cpp (CUDA allocator statistics) when libtorch has CUDA,
+//!   and say so with the `tuner_cuda_stats` cfg;
+//! - record libtorch's folder as an rpath so tests and the binary find it without
+//!   LD_LIBRARY_PATH on the machine that built them.
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-changed=kernels/alloc_stats.cpp");
+    println!("cargo::rustc-check-cfg=cfg(tuner_cuda_stats)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
-    let lib = PathBuf::from(libtorch).join("lib");
+    let root = PathBuf::from(&libtorch);
+    let lib = root.join("lib");
+    // The CUDA runtime headers come with the PyPI torch install: nvidia/cu13 has most of them,
+    // and triton's copy supplies the `crt/` folder that cu13 lacks.
+    let cuda_headers = root.join("../nvidia/cu13/include");
+    let crt_headers = root.join("../triton/backends/nvidia/include");
+    if lib.join("libtorch_cuda.so").exists()
+        && cuda_headers.join("cuda_runtime_api.h").exists()
+        && crt_headers.join("crt/host_config.h").exists()
+    {
+        cc::Build::new()
+            .cpp(true)
+            .file("kernels/alloc_stats.cpp")
+            .include(root.join("include"))
+            .include(&cuda_headers)
+            .include(&crt_headers)
+            .flag("-std=c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            .warnings(false)
+            .compile("tuner_alloc_stats");
+        println!("cargo:rustc-cfg=tuner_cuda_stats");
+    }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-search=native={}", lib.display());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+        println!("cargo:rustc-link-arg=-lc10");
         println!("cargo:rustc-link-arg=-ltorch");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }

@@ -14,6 +14,8 @@ mkdir -p "$OUT"
 W=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
+SECTIONS=${SECTIONS:-123}
+if [[ $SECTIONS == *1* ]]; then
 echo "== 1. tuner score: CPU fp32 vs CUDA fp32 / bf16 on every fixture family"
 for f in llama llama-tied mistral qwen2 qwen3 llama-bnb4; do
   for cfg in "cpu fp32" "cuda fp32" "cuda bf16"; do
@@ -35,6 +37,8 @@ for f in ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama-bnb4"]:
     print(f"{f:<12} {ref:>10.6f} {r['cpu-fp32']:>10.6f} {r['cuda-fp32']:>10.6f} {r['cuda-bf16']:>10.6f}  {rel(r['cuda-fp32']):.1e} / {rel(r['cuda-bf16']):.1e}")
 PY
 
+fi
+if [[ $SECTIONS == *2* ]]; then
 echo "== 2. train on the llama fixture: CPU fp32 vs CUDA fp32 vs CUDA bf16 (20 steps), and a SIGKILL + resume on CUDA"
 mk_recipe() { # dir device dtype
   mkdir -p "$1"; cp -r tests/fixtures/models/llama "$1/model"
@@ -66,7 +70,7 @@ warmup_steps = 1
 save_steps = 4
 EOF
 }
-for cfg in "cpu fp32" "cuda fp32" "cuda bf16" "cuda-b fp32"; do
+for cfg in "cpu fp32" "cuda fp32" "cuda bf16" "cuda fp16" "cuda-b fp32"; do
   set -- $cfg
   dev=${1%-b}
   mk_recipe "$W/$1-$2" "$dev" "$2"
@@ -84,7 +88,7 @@ import json, sys, hashlib
 w = sys.argv[1]
 def losses(d): return [json.loads(l)["loss"] for l in open(f"{w}/{d}/runs/t/train/metrics.jsonl")]
 def sha(d): return hashlib.sha256(open(f"{w}/{d}/runs/t/train/adapter/adapter_model.safetensors", "rb").read()).hexdigest()[:16]
-runs = {d: losses(d) for d in ["cpu-fp32", "cuda-fp32", "cuda-bf16", "cuda-b-fp32", "kill"]}
+runs = {d: losses(d) for d in ["cpu-fp32", "cuda-fp32", "cuda-bf16", "cuda-fp16", "cuda-b-fp32", "kill"]}
 c = runs["cpu-fp32"]
 for d, l in runs.items():
     dev = max(abs(a - b) / abs(b) for a, b in zip(l, c))
@@ -93,6 +97,8 @@ print("CUDA fp32 run-to-run identical:", sha("cuda-fp32") == sha("cuda-b-fp32"))
 print("CUDA killed+resumed identical to uninterrupted:", sha("kill") == sha("cuda-fp32"))
 PY
 
+fi
+if [[ $SECTIONS == *3* ]]; then
 echo "== 3. first throughput reading: random-init Llama-3.2-1B shape, NF4 + LoRA r16 x7, seq 2048 packed, micro-batch 2, bf16"
 python3 - "$W/l1b" <<'PY'
 import sys, torch, shutil, glob
@@ -128,6 +134,7 @@ gradient_accumulation_steps = 1
 max_steps = 8
 warmup_steps = 1
 save_steps = 100
+memory_log_steps = 4
 EOF
 ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done ) > "$OUT/smi.txt" &
 smi=$!
@@ -139,6 +146,7 @@ w, out = sys.argv[1], sys.argv[2]
 m = [json.loads(l) for l in open(f"{w}/runs/l1b/train/metrics.jsonl")]
 tps = statistics.median(x["tokens_per_s"] for x in m[2:])
 peak = max(int(x) for x in open(f"{out}/smi.txt").read().split() if x.strip().isdigit())
-print(f"1B shape: median {tps:,.0f} tok/s over steps 3-{len(m)}, nvidia-smi peak {peak/1024:.2f} GiB, loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}")
+print(f"1B shape: median {tps:,.0f} tok/s over steps 3-{len(m)}, allocator peak {m[-1]['peak_mem_bytes']/2**30:.2f} GiB ({m[-1].get('mem_source')}), nvidia-smi peak {peak/1024:.2f} GiB, loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}")
 PY
-grep -h "first step\|loaded in" "$OUT/train-1b.log"
+grep -h "first step\|loaded in\|GPU memory" "$OUT/train-1b.log"
+fi

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod device_mem;
 pub mod error;
 pub mod gguf;
 pub mod gguf_import;

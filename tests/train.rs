@@ -248,3 +248,43 @@ fn a_changed_recipe_trains_afresh_and_keeps_old_checkpoints_aside() {
     let aside = std::fs::read_dir(d.path().join("runs/t/train")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("checkpoints.old-")).count();
     assert_eq!(aside, 1);
 }
+
+#[test]
+fn schedules_follow_transformers() {
+    use tuner::recipe::LrScheduler::*;
+    use tuner::train::schedule::lr_at;
+    // Warmup: step s uses base·s/warmup, so the first step has lr 0.
+    assert_eq!(lr_at(Linear, 1e-3, 0, 4, 10), 0.0);
+    assert!((lr_at(Linear, 1e-3, 2, 4, 10) - 5e-4).abs() < 1e-15);
+    // Linear: (total − s)/(total − warmup) after warmup.
+    assert!((lr_at(Linear, 1e-3, 7, 4, 10) - 1e-3 * 3.0 / 6.0).abs() < 1e-15);
+    assert_eq!(lr_at(Linear, 1e-3, 10, 4, 10), 0.0);
+    // Cosine: half a cosine from base to 0.
+    assert!((lr_at(Cosine, 1e-3, 7, 4, 10) - 1e-3 * 0.5 * (1.0 + (std::f64::consts::PI * 0.5).cos())).abs() < 1e-15);
+    assert_eq!(lr_at(Constant, 1e-3, 9, 4, 10), 1e-3);
+}
+
+#[test]
+fn packing_and_fp16_train_with_finite_falling_loss() {
+    let d = tmp();
+    let r = train_recipe(d.path(), "packing = true\npad_to_multiple_of = 8");
+    let text = std::fs::read_to_string(&r).unwrap().replace("max_steps = 6", "max_steps = 8").replace("learning_rate = 3e-3", "learning_rate = 1e-2").replace("max_seq_length = 192", "max_seq_length = 1024");
+    std::fs::write(&r, text).unwrap();
+    let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train"]);
+    assert_eq!(code, 0, "{err}");
+    let m = metrics(&d.path().join("runs/t"));
+    // Packed rows hold several examples: far more tokens per step than 8 single rows.
+    assert!(m[0]["tokens"].as_i64().unwrap() > 8 * 150, "{}", m[0]);
+    assert!(m[7]["loss"].as_f64().unwrap() < m[0]["loss"].as_f64().unwrap());
+
+    let d = tmp();
+    let r = train_recipe(d.path(), "");
+    let text = std::fs::read_to_string(&r).unwrap().replace("[model]\nsource = \"model\"", "[model]\nsource = \"model\"\ndtype = \"fp16\"");
+    std::fs::write(&r, text).unwrap();
+    let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train"]);
+    assert_eq!(code, 0, "{err}");
+    let m = metrics(&d.path().join("runs/t"));
+    assert!(m.iter().all(|v| v["loss"].as_f64().unwrap().is_finite()));
+    assert_eq!(m[0]["loss_scale"], 65536.0);
+    assert!(m[5]["loss"].as_f64().unwrap() < m[0]["loss"].as_f64().unwrap(), "{m:?}");
+}

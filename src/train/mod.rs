@@ -183,13 +183,28 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     util::write_atomic(&metrics_path, text.as_bytes())?;
     let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
 
-    let opts = step::StepOptions {
+    // fp16 trains with dynamic loss scaling: start at 2^16, halve and skip the step on
+    // non-finite gradients, double after 2000 good steps (torch.cuda.amp.GradScaler's rule).
+    let fp16 = kind_of(r.model.dtype, device) == Kind::Half;
+    let mut loss_scale = if fp16 { 65536.0 } else { 1.0 };
+    let mut good_steps = 0u64;
+    if let Some((p, _)) = checkpoint::list(dir).last().filter(|(p, _)| p.fingerprint == fp && p.step == start) {
+        loss_scale = p.loss_scale;
+    }
+    let cuda_index = match device {
+        Device::Cuda(i) => Some(i),
+        _ => None,
+    };
+    if let Some(i) = cuda_index {
+        crate::device_mem::reset_cuda_peak(i);
+    }
+    let mut opts = step::StepOptions {
         checkpointing: t.gradient_checkpointing,
         pad_id: tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64),
         pad_multiple: t.pad_to_multiple_of as usize,
         device,
         seed: r.run.seed,
-        loss_scale: 1.0,
+        loss_scale,
     };
     let bar = util::progress(total, "train");
     bar.set_position(start);
@@ -201,20 +216,41 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         let micro: Vec<data::MicroBatch> = (0..ga).map(|_| loader.next(&mut cursor)).collect();
         let lr = schedule::lr_at(t.lr_scheduler, t.learning_rate, s, t.warmup_steps, total);
         opt.zero_grad();
+        opts.loss_scale = loss_scale;
         let res = step::forward_backward(model.as_ref(), &micro, s, &opts);
         if !res.loss.is_finite() {
             bail!("train: the loss became {} at step {}; lower train.learning_rate or check the data", res.loss, s + 1);
         }
-        let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-        opt.step(lr);
+        if fp16 {
+            opt.scale_grads(1.0 / loss_scale);
+        }
+        let raw_norm = opt.clip_grad_norm(0.0);
+        let grad_norm = if raw_norm.is_finite() { opt.clip_grad_norm(t.max_grad_norm) } else { raw_norm };
+        if fp16 && !raw_norm.is_finite() {
+            loss_scale /= 2.0;
+            good_steps = 0;
+            log::warn!("step {}: non-finite fp16 gradients; step skipped, loss scale lowered to {loss_scale}", s + 1);
+        } else {
+            opt.step(lr);
+            good_steps += 1;
+            if fp16 && good_steps % 2000 == 0 {
+                loss_scale *= 2.0;
+            }
+        }
         let done = s + 1;
         let secs = t0.elapsed().as_secs_f64();
-        let (peak, rss) = rss_bytes();
+        let (mut peak, rss) = rss_bytes();
+        let gpu = cuda_index.and_then(crate::device_mem::cuda);
+        if let Some(g) = gpu {
+            peak = g.peak_allocated as u64;
+        }
         let epoch = (cursor.epoch as f64 + cursor.index as f64 / epoch_len).min(cursor.epoch as f64 + 1.0);
         let row = json!({
             "step": done, "epoch": (epoch * 1000.0).round() / 1000.0, "loss": res.loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": res.tokens, "trained_tokens": res.trained_tokens, "tokens_per_s": res.tokens as f64 / secs.max(1e-9),
             "step_s": secs, "peak_mem_bytes": peak,
+            "mem_source": if gpu.is_some() { "cuda_allocator_peak" } else { "rss_peak" },
+            "loss_scale": loss_scale,
         });
         writeln!(metrics, "{row}")?;
         history.push(row);
@@ -230,7 +266,14 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             bar.set_message(msg);
         }
         if t.memory_log_steps > 0 && done % t.memory_log_steps == 0 {
-            eprintln!("train: memory at step {done}: peak RSS {:.2} GiB, current {:.2} GiB", peak as f64 / 1073741824.0, rss as f64 / 1073741824.0);
+            let gib = |b: i64| b as f64 / 1073741824.0;
+            match gpu {
+                Some(g) => eprintln!(
+                    "train: GPU memory at step {done}: allocated {:.2} GiB, peak {:.2} GiB, reserved {:.2} GiB (peak {:.2} GiB)",
+                    gib(g.allocated), gib(g.peak_allocated), gib(g.reserved), gib(g.peak_reserved)
+                ),
+                None => eprintln!("train: memory at step {done}: peak RSS {:.2} GiB, current {:.2} GiB", gib(peak as i64), gib(rss as i64)),
+            }
         }
         bar.set_position(done);
         let stop = ctx.interrupted.load(Ordering::SeqCst);
@@ -243,7 +286,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 rng: "derived from run.seed, step, micro-batch and layer; data order from run.seed and epoch".into(),
                 seed: r.run.seed,
                 optimizer_step: opt.step,
-                loss_scale: 1.0,
+                loss_scale,
             };
             checkpoint::save(dir, &p, &lora::adapter_tensors(model.as_ref()), &opt.state_tensors(), t.keep_checkpoints as usize)?;
         }

@@ -161,6 +161,17 @@ impl AdamW {
         total
     }
 
+    /// Multiply every gradient by `f` (fp16 loss-scale removal).
+    pub fn scale_grads(&mut self, f: f64) {
+        let _guard = tch::no_grad_guard();
+        for p in &self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.g_mul_scalar_(f);
+            }
+        }
+    }
+
     /// One AdamW step at learning rate `lr`.
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
