@@ -11,6 +11,8 @@ What it writes (see the generated tests/fixtures/README.md for the full descript
     models/<family>/               tiny random-weight HF models (config.json, model.safetensors, tokenizer files)
                                    plus reference.safetensors / reference.json / score.json computed by
                                    HF transformers in fp32 with attn_implementation="eager"
+    models/<family>/generate.json  HF greedy `generate` tokens on a left-padded batch of two prompts (llama, llama-tied,
+                                   mistral, qwen2, qwen3), written after README.md
     models/llama-bnb4/             the `llama` model saved by transformers as a bitsandbytes NF4 double-quant checkpoint
     bnb/quant.safetensors          bitsandbytes.functional.quantize_4bit / dequantize_4bit cases
     score/texts.jsonl              the texts scored in every models/<family>/score.json
@@ -1336,7 +1338,79 @@ def generate(out: Path) -> list[dict]:
     print("[gen_fixtures] bnb quantize_4bit cases ...", flush=True)
     bnb_report = gen_bnb(out)
     write_readme(out, summary, bnb_report, merges, toks)
+    print("[gen_fixtures] generation references ...", flush=True)
+    gen_generation(out, toks)
     return summary
+
+
+# ---------------------------------------------------------------------------
+# Generation references (models/<family>/generate.json), written after README.md so that everything
+# above stays byte-identical; `tuner generate` must reproduce these greedy tokens exactly.
+# ---------------------------------------------------------------------------
+
+GEN_FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"]
+GEN_PROMPTS = [
+    "The model reads the text and predicts",
+    "When the model is right the loss is small; when it is wrong the loss is large.",
+]
+GEN_NEW_TOKENS = 20
+GEN_REPETITION_PENALTY = 1.5
+
+
+@torch.no_grad()
+def hf_greedy(model, rows: list[list[int]], pad_id: int, **kw) -> list[list[int]]:
+    """model.generate(do_sample=False) on left-padded rows; each row's new tokens, cut after the first EOS."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.int64)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=False,
+        max_new_tokens=GEN_NEW_TOKENS,
+        pad_token_id=pad_id,
+        **kw,
+    )
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    result = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def gen_generation(out: Path, toks: dict) -> None:
+    for name in GEN_FAMILIES:
+        fam = FAMILY_BY_NAME[name]
+        variant = fam["tokenizer"]
+        tok = toks[variant]
+        ids = token_ids(tok, variant)
+        folder = out / "models" / name
+        model = load_eager(folder)
+        rows = [tok.encode(p, add_special_tokens=True).ids for p in GEN_PROMPTS]
+        assert len(rows[0]) != len(rows[1]), "the batch must need padding"
+        window = model.config.sliding_window if name == "mistral" else None
+        assert window is None or min(len(r) for r in rows) > window, "mistral prompts must be longer than the window"
+        assert max(len(r) for r in rows) + GEN_NEW_TOKENS <= model.config.max_position_embeddings
+        batched = hf_greedy(model, rows, ids["pad"])
+        single = [hf_greedy(model, [r], ids["pad"])[0] for r in rows]
+        assert batched == single, (name, batched, single)
+        penalty = hf_greedy(model, [rows[0]], ids["pad"], repetition_penalty=GEN_REPETITION_PENALTY)[0]
+        info = {
+            "note": "HF model.generate(do_sample=False, max_new_tokens, pad_token_id) in fp32, eager attention, on the "
+            "prompts left-padded into one batch (pad = special_token_ids.pad, attention_mask 0 on the pads); "
+            "`generated` = each row's new tokens, cut after the first eos (included). Running each prompt alone gives "
+            "the same tokens. `repetition_penalty` = prompt 0 alone with repetition_penalty set.",
+            "prompts": GEN_PROMPTS,
+            "prompt_ids": rows,
+            "max_new_tokens": GEN_NEW_TOKENS,
+            "special_token_ids": ids,
+            "eos_token_id": model.generation_config.eos_token_id,
+            "generated": batched,
+            "repetition_penalty": {"penalty": GEN_REPETITION_PENALTY, "prompt": 0, "generated": penalty},
+        }
+        write_text(folder / "generate.json", dumps(info))
 
 
 def compare_trees(a: Path, b: Path) -> list[str]:

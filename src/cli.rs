@@ -48,6 +48,17 @@ enum Command {
         /// Print the memory plan and stop; nothing is loaded.
         #[arg(long)]
         dry_run: bool,
+        /// After the run, compare it with the recipe's `<name>.expected.json`; drift exits 1.
+        #[arg(long)]
+        verify: bool,
+        /// After the run, record the recipe's `<name>.expected.json`.
+        #[arg(long)]
+        write_expected: bool,
+    },
+    /// Compare a finished run with its recipe's expectation file.
+    Verify {
+        /// The run dir.
+        run_dir: PathBuf,
     },
     /// Estimate memory per component before anything is allocated.
     Plan {
@@ -85,6 +96,52 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Generate text: `--prompt` prints one completion (streamed); without it, chat on the
+    /// terminal (one message per line; /reset, /exit; end of input quits).
+    Generate {
+        /// An HF folder, a bnb-4bit folder, a .gguf file, or a run's export.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The prompt (encoded with the tokenizer's special tokens, e.g. BOS).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Upper bound on generated tokens.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 = greedy.
+        #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+        temperature: f64,
+        /// Keep the k most likely tokens (0 = off).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+        top_p: f64,
+        /// Penalty on tokens already in the sequence, HF semantics (1 = off).
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+        repetition_penalty: f64,
+        /// Seed of the sampling draws.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop when the text contains this string; it is not printed (repeatable).
+        #[arg(long, value_name = "STR")]
+        stop: Vec<String>,
+        /// Send --prompt as one user message through the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Serve a model over HTTP: /generate, OpenAI-compatible /v1/completions and
+    /// /v1/chat/completions (SSE streaming), /v1/models, /health.
+    Serve(crate::serve::ServeArgs),
     /// Show each stage of a run: missing, complete, stale, running or interrupted.
     Status {
         /// A recipe or a run dir.
@@ -103,6 +160,11 @@ fn context(r: recipe::Loaded, run_dir: Option<PathBuf>, threads: Option<usize>, 
     let run_dir = run_dir.unwrap_or_else(|| r.default_run_dir());
     let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     Ok(RunContext { recipe: r, run_dir, threads, interrupted, hub: crate::hub::HubConfig::from_env()? })
+}
+
+/// "cpu" or "cuda": where a recipe's training ran (what an expectation file is valid for).
+fn device_name(device: &str) -> Result<String> {
+    Ok(if crate::train::device_of(device)?.is_cuda() { "cuda" } else { "cpu" }.to_string())
 }
 
 fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -> Result<()> {
@@ -137,14 +199,30 @@ fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -
 
 fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
-        Command::Run { recipe: ra, run_dir, until, from, threads, dry_run } => {
+        Command::Run { recipe: ra, run_dir, until, from, threads, dry_run, verify, write_expected } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
             let ctx = context(r, run_dir, threads, interrupted)?;
             if dry_run {
                 eprint!("{}", crate::plan::render(&crate::plan::estimate(&ctx.recipe, &ctx.run_dir)?));
                 return Ok(());
             }
-            pipeline::run(&ctx, &RunOptions { from, until })
+            pipeline::run(&ctx, &RunOptions { from, until })?;
+            let device = device_name(&ctx.recipe.recipe.train.device)?;
+            if write_expected {
+                let p = crate::verify::write_expected(&ra.recipe, &ctx.run_dir, &device)?;
+                eprintln!("wrote {}", p.display());
+            }
+            if verify {
+                crate::verify::verify(&ra.recipe, &ctx.run_dir, &device)?;
+            }
+            Ok(())
+        }
+        Command::Verify { run_dir } => {
+            let rec: pipeline::RunRecord = crate::util::read_json(&run_dir.join("tuner.lock.json"))
+                .map_err(|e| Failure::Usage(format!("{} is not a run dir: {e}", run_dir.display())))?;
+            let recipe_path = PathBuf::from(&rec.recipe_path);
+            let r = recipe::load(&recipe_path, &[])?;
+            crate::verify::verify(&recipe_path, &run_dir, &device_name(&r.recipe.train.device)?)
         }
         Command::Plan { recipe: ra, run_dir, json } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
@@ -163,6 +241,32 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             Ok(())
         }
         Command::Status { target, set, run_dir, json } => status(&target, &set, run_dir, json),
+        Command::Serve(args) => {
+            let hub = crate::hub::HubConfig::from_env()?;
+            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            crate::serve::run(&args, &cache, interrupted)
+        }
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            chat,
+            dtype,
+            device,
+        } => {
+            let hub = crate::hub::HubConfig::from_env()?;
+            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let params = crate::generate::SamplingParams { max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop };
+            let args = crate::generate::terminal::GenerateArgs { model, adapter, prompt, chat, params, dtype, device, cache };
+            crate::generate::terminal::run(&args, &interrupted)
+        }
         Command::Score { model, adapter, data, json, dtype, device } => {
             let dtype = match dtype.as_str() {
                 "auto" => recipe::Dtype::Auto,

@@ -25,15 +25,14 @@ fn small_dataset(dir: &Path, n: usize) -> std::path::PathBuf {
 }
 
 #[test]
-fn run_stops_incomplete_at_the_first_missing_stage() {
+fn until_stops_after_the_named_stage() {
     let d = tmp();
     let recipe = train_recipe(d.path(), "max_steps = 1");
     let recipe_text = std::fs::read_to_string(&recipe).unwrap().replace("max_steps = 6\n", "");
-    std::fs::write(&recipe, recipe_text).unwrap();
-    let (code, _, err) = run(&["run", recipe.to_str().unwrap()]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("run incomplete: stage `evaluate` is not implemented yet"), "{err}");
-    assert_eq!(states(&status_json(&recipe)), ["complete", "complete", "complete", "missing", "missing"]);
+    std::fs::write(&recipe, recipe_text + "\n[eval]\nmax_samples = 2\nmax_new_tokens = 2\n").unwrap();
+    let (code, _, err) = run(&["run", recipe.to_str().unwrap(), "--until", "evaluate"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(states(&status_json(&recipe)), ["complete", "complete", "complete", "complete", "missing"]);
 }
 
 #[test]

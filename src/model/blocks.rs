@@ -227,15 +227,42 @@ pub(crate) fn attention_mask(batch: &Batch, window: Option<i64>, device: Device)
 /// Scaled dot-product attention: q `[B, nh, T, d]`, k/v `[B, nkv, T, d]` (GQA: query head h
 /// reads kv head h / (nh/nkv)), `mask` from [`attention_mask`] (`None`: causal); returns `[B, T, nh·d]`.
 pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
+    attend_kv(q, k, v, mask, mask.is_none(), scale)
+}
+
+/// Attention of a few new queries over a KV cache, written out as HF's eager path does
+/// (`softmax(q·kᵀ·scale + mask)` in f32, then `·v`): q `[B, nh, T, d]`, k/v `[B, nkv, S, d]`
+/// read in place by each group of nh/nkv query heads (no repeat), `mask` `[B, 1, T, S]`
+/// (true = attend, `None`: all keys). Returns `[B, T, nh·d]`. Used for decoding steps, where
+/// S grows by one per call: fused SDPA backends that plan per shape (cuDNN) would re-plan
+/// every step.
+pub(crate) fn attend_eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
     let (b, nh, t, d) = q.size4().unwrap_or_default();
-    let nkv = k.size()[1];
+    let (nkv, s) = (k.size()[1], k.size()[2]);
+    let g = nh / nkv;
+    let qg = q.reshape([b, nkv, g * t, d]); // query head h = kv head h / g, row (h % g)·T + t
+    let mut scores = qg.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) * scale; // (B, nkv, g·T, S)
+    if let Some(m) = mask {
+        let hidden = m.logical_not().unsqueeze(2); // (B, 1, 1, T, S)
+        scores = scores.view([b, nkv, g, t, s]).masked_fill(&hidden, f64::NEG_INFINITY).view([b, nkv, g * t, s]);
+    }
+    let p = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+    let o = p.matmul(v).view([b, nh, t, d]);
+    o.transpose(1, 2).reshape([b, t, nh * d])
+}
+
+/// [`attend`] over S keys that may outnumber the T queries (a KV cache): k/v `[B, nkv, S, d]`,
+/// `mask` `[B, 1, T, S]` (true = attend); with no mask, `causal` picks causal (S = T) or all keys.
+pub(crate) fn attend_kv(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Tensor {
+    let (b, nh, t, d) = q.size4().unwrap_or_default();
+    let (nkv, s) = (k.size()[1], k.size()[2]);
     let repeat = |x: &Tensor| {
         if nkv == nh {
             x.shallow_clone()
         } else {
-            x.unsqueeze(2).expand([b, nkv, nh / nkv, t, d], true).reshape([b, nh, t, d])
+            x.unsqueeze(2).expand([b, nkv, nh / nkv, s, d], true).reshape([b, nh, s, d])
         }
     };
-    let o = Tensor::scaled_dot_product_attention(q, &repeat(k), &repeat(v), mask, 0.0, mask.is_none(), scale, false);
+    let o = Tensor::scaled_dot_product_attention(q, &repeat(k), &repeat(v), mask, 0.0, causal && mask.is_none(), scale, false);
     o.transpose(1, 2).reshape([b, t, nh * d])
 }

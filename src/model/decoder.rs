@@ -1,22 +1,53 @@
 //! The model skeleton shared by Llama, Mistral, Qwen2 and Qwen3: embedding, pre-norm
 //! decoder layers (attention + SiLU MLP), final norm and a tied or separate lm_head.
-//! Families differ only in their attention block, which they supply.
+//! Families differ only in their attention block, which they supply. Generation runs the same
+//! layers incrementally over a [`KvCache`].
 //!
 //! Reference: transformers `modeling_llama.py` (`LlamaDecoderLayer`, `LlamaModel`,
-//! `LlamaForCausalLM`), arch-spec §3 (tying).
+//! `LlamaForCausalLM`), arch-spec §3 (tying); `cache_utils.py` (`DynamicCache.update`).
 
 use anyhow::{Context, Result};
 use tch::Tensor;
 
-use super::blocks::{attention_mask, inv_freq, Loader, Mlp, RmsNorm, Rope};
+use super::blocks::{attend_eager, attend_kv, attention_mask, inv_freq, Loader, Mlp, RmsNorm, Rope};
+use super::kv_cache::{cached_attention_mask, KvCache};
 use super::linear::Linear;
 use super::{Batch, CausalLm, Config};
+
+/// Largest attention score matrix (elements, f32) the cached path computes written out
+/// (64 MiB); larger prefills go through SDPA.
+const EAGER_MAX_SCORES: i64 = 1 << 24;
 
 /// A family's self-attention block.
 pub(crate) trait Attention {
     /// `[B, T, H]` → `[B, T, H]` given the RoPE tables and the boolean mask `[B, 1, T, T]`
     /// (`None`: plain causal).
     fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, train: bool) -> Tensor;
+    /// The projections with RoPE applied: q `[B, nh, T, d]`, k and v `[B, n_kv, T, d]`.
+    fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor);
+    /// `o_proj` of the attention output `[B, T, nh·d]`.
+    fn out(&self, o: &Tensor, train: bool) -> Tensor;
+    /// The softmax scale.
+    fn scale(&self) -> f64;
+    /// Attention for new tokens over layer `i`'s cached keys/values plus their own (appended to
+    /// `cache`); `mask` `[B, 1, T, S]` from [`cached_attention_mask`], `None` when every key is
+    /// visible to every new query (causal prefill with an empty cache, or one new token).
+    fn forward_cached(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, i: usize, cache: &mut KvCache) -> Tensor {
+        let (q, k, v) = self.qkv(x, rope, false);
+        let (k, v) = cache.append(i, &k, &v, 2); // (B, n_kv, S, d)
+        let (b, nh, t, _) = q.size4().unwrap_or_default();
+        let s = k.size()[2];
+        // Written-out attention unless the score matrix is large: S changes on every call here,
+        // and a fused SDPA backend that plans per shape (cuDNN, bf16 on Hopper) would re-plan
+        // each time (~50 ms per call on an H200).
+        let o = if t == 1 || b * nh * t * s <= EAGER_MAX_SCORES {
+            let causal = (mask.is_none() && t > 1).then(|| cached_attention_mask(None, b, t, s, None, x.device()));
+            attend_eager(&q, &k, &v, mask.or(causal.as_ref()), self.scale())
+        } else {
+            attend_kv(&q, &k, &v, mask, t > 1, self.scale())
+        };
+        self.out(&o, false)
+    }
     /// Its linears by leaf name, in module order.
     fn linears(&self) -> Vec<(&'static str, &Linear)>;
     /// Its linears by leaf name, in module order, mutably.
@@ -40,6 +71,13 @@ impl<A: Attention> DecoderLayer<A> {
         let a = self.self_attn.forward(&self.input_layernorm.forward(h), rope, mask, train);
         let h = h + a;
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), train);
+        h + m
+    }
+
+    fn forward_cached(&self, h: &Tensor, rope: &Rope, mask: Option<&Tensor>, i: usize, cache: &mut KvCache) -> Tensor {
+        let a = self.self_attn.forward_cached(&self.input_layernorm.forward(h), rope, mask, i, cache);
+        let h = h + a;
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), false);
         h + m
     }
 }
@@ -81,7 +119,7 @@ impl<A: Attention> Decoder<A> {
         }
         let norm = RmsNorm::load(l, "model.norm", eps)?;
         let lm_head = if config.tie_word_embeddings { None } else { Some(l.dense_weight("lm_head")?) };
-        let inv_freq = inv_freq(&config);
+        let inv_freq = inv_freq(&config).to_device(l.opts.device);
         Ok(Decoder { config, embed_tokens, layers, norm, lm_head, inv_freq })
     }
 }
@@ -105,6 +143,19 @@ impl<A: Attention> CausalLm for Decoder<A> {
         let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind());
         let mask = attention_mask(batch, self.config.sliding_window, device);
         self.layers[i].forward(h, &rope, mask.as_ref(), train)
+    }
+
+    fn layer_cached(&self, i: usize, h: &Tensor, batch: &Batch, cache: &mut KvCache) -> Tensor {
+        let device = h.device();
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind());
+        let past = cache.len(i);
+        let s = past + t;
+        let window = self.config.sliding_window.filter(|&w| w < s);
+        // No padding and no window: one new token sees every key, a first chunk is plainly causal.
+        let plain = batch.attention_mask.is_none() && window.is_none() && (t == 1 || past == 0);
+        let mask = (!plain).then(|| cached_attention_mask(batch.attention_mask.as_ref(), b, t, s, window, device));
+        self.layers[i].forward_cached(h, &rope, mask.as_ref(), i, cache)
     }
 
     fn norm(&self, h: &Tensor) -> Tensor {

@@ -8,9 +8,11 @@
 //!
 //! Files: [`config`] (config.json), [`weights`] (safetensors), [`linear`] (dense/4-bit linear +
 //! LoRA), `blocks` (norm, MLP, RoPE, masks, attention core), `decoder` (the shared model
-//! skeleton), one file per family (`llama`, `mistral`, `qwen2`, `qwen3`), and [`lora`].
+//! skeleton), one file per family (`llama`, `mistral`, `qwen2`, `qwen3`), [`lora`], and
+//! [`kv_cache`] (the per-layer K/V cache for generation).
 
 pub mod config;
+pub mod kv_cache;
 pub mod linear;
 pub mod lora;
 pub mod weights;
@@ -28,6 +30,7 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 pub use config::{Config, RopeScaling};
+pub use kv_cache::KvCache;
 pub use linear::{Linear, Lora, Weight};
 pub use weights::Weights;
 
@@ -100,6 +103,37 @@ pub trait CausalLm {
         let mut h = self.embed(batch);
         for i in 0..self.num_layers() {
             h = self.layer(i, &h, batch, false);
+        }
+        self.logits(&self.norm(&h))
+    }
+    /// Decoder layer `i` for new tokens with a KV cache (inference: no dropout). `h` `[B, T, H]`
+    /// holds the new tokens only; `batch.position_ids` `[B, T]` are their RoPE positions and
+    /// `batch.attention_mask` `[B, S]` covers all cached + new keys (S = `cache.len(i)` + T; 0 on
+    /// left padding; `None`: every key is real). Appends this layer's state for the new tokens to
+    /// `cache`. Packing (`seq_ids`) is not supported here.
+    ///
+    /// The default recomputes the layer over all cached inputs (correct for any family, O(S) per
+    /// token); the built-in families override it with a real K/V cache.
+    fn layer_cached(&self, i: usize, h: &Tensor, batch: &Batch, cache: &mut KvCache) -> Tensor {
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let device = h.device();
+        let positions = batch.position_ids.to_device(device);
+        let (h_all, pos_all) = cache.append(i, h, &positions, 1);
+        let s = h_all.size()[1];
+        let full = Batch {
+            input_ids: Tensor::zeros([b, s], (Kind::Int64, device)),
+            attention_mask: batch.attention_mask.as_ref().map(Tensor::shallow_clone),
+            position_ids: pos_all,
+            seq_ids: None,
+        };
+        self.layer(i, &h_all, &full, false).narrow(1, s - t, t)
+    }
+    /// Embed → layers with the cache ([`CausalLm::layer_cached`]) → norm → logits of the new
+    /// tokens `[B, T, V]`.
+    fn forward_cached(&self, batch: &Batch, cache: &mut KvCache) -> Tensor {
+        let mut h = self.embed(batch);
+        for i in 0..self.num_layers() {
+            h = self.layer_cached(i, &h, batch, cache);
         }
         self.logits(&self.norm(&h))
     }

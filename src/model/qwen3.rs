@@ -44,13 +44,25 @@ impl Qwen3Attention {
 
 impl Attention for Qwen3Attention {
     fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, train: bool) -> Tensor {
+        let (q, k, v) = self.qkv(x, rope, train);
+        self.out(&attend(&q, &k, &v, mask, self.scale()), train)
+    }
+
+    fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]); // (B, T, n, d)
         let q = self.q_norm.forward(&heads(self.q_proj.forward(x, train), self.num_heads)).transpose(1, 2);
         let k = self.k_norm.forward(&heads(self.k_proj.forward(x, train), self.num_kv_heads)).transpose(1, 2);
         let v = heads(self.v_proj.forward(x, train), self.num_kv_heads).transpose(1, 2);
-        let o = attend(&rope.apply(&q), &rope.apply(&k), &v, mask, (self.head_dim as f64).powf(-0.5));
-        self.o_proj.forward(&o, train)
+        (rope.apply(&q), rope.apply(&k), v)
+    }
+
+    fn out(&self, o: &Tensor, train: bool) -> Tensor {
+        self.o_proj.forward(o, train)
+    }
+
+    fn scale(&self) -> f64 {
+        (self.head_dim as f64).powf(-0.5)
     }
 
     fn linears(&self) -> Vec<(&'static str, &Linear)> {

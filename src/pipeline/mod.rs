@@ -68,8 +68,8 @@ pub fn stages() -> Vec<Box<dyn Stage>> {
         Box::new(crate::stages::fetch::Fetch),
         Box::new(crate::stages::tokenize::Tokenize),
         Box::new(crate::stages::train::Train),
-        Box::new(crate::stages::NotYet("evaluate")),
-        Box::new(crate::stages::NotYet("export")),
+        Box::new(crate::stages::evaluate::Evaluate),
+        Box::new(crate::stages::export::Export),
     ]
 }
 

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Bumped whenever a stage's on-disk format changes; part of every fingerprint.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// One file a stage produced.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

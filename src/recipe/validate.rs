@@ -134,7 +134,7 @@ fn rule_for(key: &str) -> Option<Rule> {
         "eval.max_new_tokens" | "eval.batch_size" => PositiveInt,
         "eval.temperature" => NonNegativeNumber,
         "eval.metrics" => WordList(&["exact_match", "json_fields"]),
-        "export.merged_dtype" => Words(&["bf16", "fp16"]),
+        "export.merged_dtype" => Words(&["bf16", "fp16", "fp32"]),
         "export.gguf" => WordList(&["f16", "q8_0"]),
         "export.max_merge_loss_delta" => NonNegativeNumber,
         _ => return None,

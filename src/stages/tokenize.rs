@@ -271,6 +271,15 @@ impl Stage for Tokenize {
             }
         }
 
+        // The raw eval rows, in split order: the evaluate stage renders their prompts and
+        // compares generations with their responses.
+        let eval_rows: String = eval
+            .iter()
+            .filter_map(|r| r.fields.as_ref().ok())
+            .map(|f| format!("{}\n", serde_json::Value::Object(f.clone())))
+            .collect();
+        util::write_atomic(&dir.join("eval_rows.jsonl"), eval_rows.as_bytes())?;
+
         let shared = Shared { ctx, dir, fp, renderer, tok };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().context("cannot start worker threads")?;
         let bar = crate::util::progress(jobs.len() as u64, "tokenize");
@@ -341,6 +350,7 @@ impl Stage for Tokenize {
         let mut artifacts: Vec<PathBuf> = infos.iter().map(|i| PathBuf::from(&i.file)).collect();
         artifacts.push("stats.json".into());
         artifacts.push("shards.json".into());
+        artifacts.push("eval_rows.jsonl".into());
         Ok(artifacts)
     }
 }

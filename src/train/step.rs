@@ -63,14 +63,22 @@ fn batch_of(mb: &MicroBatch, o: &StepOptions) -> (Batch, Tensor) {
     (batch, labels)
 }
 
+/// Flattened next-token targets (position t predicts labels[t+1]; the last position
+/// predicts nothing) and the indices of the positions that are trained.
+fn shifted_targets(labels: &Tensor) -> (Tensor, Tensor) {
+    let (b, t) = labels.size2().unwrap_or((1, 1));
+    let pad = Tensor::full([b, 1], -100, (Kind::Int64, labels.device()));
+    let targets = Tensor::cat(&[labels.narrow(1, 1, t - 1), pad], 1).flatten(0, 1);
+    let keep = targets.ne(-100).nonzero().squeeze_dim(1);
+    (targets, keep)
+}
+
 /// Cross-entropy over the trained positions of `h_normed` `[B,T,H]` (graph
 /// root), chunked; backpropagates `scale · Σ nll / denom` into `h_normed`.
 /// Returns the summed NLL (unscaled) as f64.
 pub fn chunked_ce_backward(model: &dyn CausalLm, h_normed: &Tensor, labels: &Tensor, denom: f64, scale: f64) -> f64 {
     let (b, t, hdim) = h_normed.size3().unwrap_or((1, 1, 1));
-    // Position t predicts labels[t+1].
-    let targets = Tensor::cat(&[labels.narrow(1, 1, t - 1), Tensor::full([b, 1], -100, (Kind::Int64, labels.device()))], 1).flatten(0, 1);
-    let keep = targets.ne(-100).nonzero().squeeze_dim(1);
+    let (targets, keep) = shifted_targets(labels);
     let n = keep.size()[0];
     if n == 0 {
         return 0.0;
@@ -151,9 +159,7 @@ pub fn eval_nll(model: &dyn CausalLm, mb: &MicroBatch, o: &StepOptions) -> (f64,
         h = model.layer(l, &h, &batch, false);
     }
     let hn = model.norm(&h);
-    let (b, t, _) = hn.size3().unwrap_or((1, 1, 1));
-    let targets = Tensor::cat(&[labels.narrow(1, 1, t - 1), Tensor::full([b, 1], -100, (Kind::Int64, labels.device()))], 1).flatten(0, 1);
-    let keep = targets.ne(-100).nonzero().squeeze_dim(1);
+    let (targets, keep) = shifted_targets(&labels);
     let n = keep.size()[0];
     let flat = hn.flatten(0, 1);
     let rows = ce_chunk_rows(model.lm_head_weight().size()[0]);

@@ -1,0 +1,367 @@
+//! Request bodies of the three generation endpoints, parsed and checked by hand so
+//! that every error names its field: `{"error": {"message", "type", "param"}}`, the
+//! shape OpenAI's API uses.
+//!
+//! Rules: `null` means absent; unknown fields are refused (400, naming them); OpenAI
+//! fields this server does not implement are accepted only at their default value
+//! (`n: 1`, `echo: false`, `presence_penalty: 0`, …); `max_new_tokens`/`max_tokens`
+//! over `--max-new-tokens-cap` is refused (400), never clamped. Defaults: `/generate`
+//! is greedy with 256 new tokens; `/v1/completions` samples at temperature 1 with 16
+//! new tokens; `/v1/chat/completions` samples at temperature 1 up to the cap. Every
+//! limit is also lowered to what the model's context leaves after the prompt.
+
+use crate::data::template::Message;
+use crate::generate::SamplingParams;
+use crate::serve::queue::{Prompt, Request};
+use serde_json::{Map, Value};
+
+/// An HTTP error answered as `{"error": {"message", "type", "param"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// The error `type` (OpenAI's names where one fits).
+    pub kind: &'static str,
+    /// What is wrong, for a person.
+    pub message: String,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+    /// Seconds for a `Retry-After` header (503 only).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, kind, message: message.into(), param: None, retry_after: None }
+    }
+
+    /// 400 about one field.
+    pub fn field(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError { param: Some(param.to_string()), ..ApiError::new(400, "invalid_request_error", message) }
+    }
+
+    /// 400 about the request as a whole.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "invalid_request_error", message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(404, "not_found_error", message)
+    }
+
+    /// 405.
+    pub fn method_not_allowed(message: impl Into<String>) -> ApiError {
+        ApiError::new(405, "method_not_allowed", message)
+    }
+
+    /// 413.
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(413, "request_too_large", message)
+    }
+
+    /// 503 with `Retry-After: seconds`.
+    pub fn busy(message: impl Into<String>, seconds: u64) -> ApiError {
+        ApiError { retry_after: Some(seconds), ..ApiError::new(503, "server_overloaded", message) }
+    }
+
+    /// 500.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(500, "server_error", message)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        serde_json::json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}})
+    }
+}
+
+/// Which endpoint a body was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /generate`.
+    Generate,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/chat/completions`.
+    Chat,
+}
+
+/// A parsed body: the request for the worker and how to answer.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// Prompt and sampling.
+    pub request: Request,
+    /// Answer with Server-Sent Events.
+    pub stream: bool,
+    /// OpenAI `stream_options.include_usage`: one more chunk with token counts.
+    pub include_usage: bool,
+}
+
+/// Server-wide limits that parsing enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The most new tokens one request may ask for.
+    pub max_new_tokens_cap: usize,
+}
+
+const GENERATE_FIELDS: &[&str] =
+    &["prompt", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream"];
+const OPENAI_FIELDS: &[&str] = &[
+    "model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream",
+    "stream_options", "n", "user", "echo", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+    "best_of", "suffix", "logit_bias",
+];
+const MAX_STOP: usize = 16;
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The body's fields, read one by one; `null` counts as absent.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&'a str>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(ApiError::field(key, format!("`{key}` must be a string (found {})", type_name(v)))),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(ApiError::field(key, format!("`{key}` must be a boolean (found {})", type_name(v)))),
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<Option<f64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| ApiError::field(key, format!("`{key}` must be a finite number"))),
+            Some(v) => Err(ApiError::field(key, format!("`{key}` must be a number (found {})", type_name(v)))),
+        }
+    }
+
+    /// A non-negative integer; negative integers are refused with the value named.
+    fn uint(&self, key: &str) -> Result<Option<u64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                (Some(x), _) => Ok(Some(x)),
+                (None, Some(x)) => Err(ApiError::field(key, format!("`{key}` must be ≥ 0 (found {x})"))),
+                _ => Err(ApiError::field(key, format!("`{key}` must be an integer (found {n})"))),
+            },
+            Some(v) => Err(ApiError::field(key, format!("`{key}` must be an integer (found {})", type_name(v)))),
+        }
+    }
+
+    /// `stop`: a string or a list of strings.
+    fn stop(&self) -> Result<Vec<String>, ApiError> {
+        let list = match self.get("stop") {
+            None => return Ok(Vec::new()),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    v => Err(ApiError::field("stop", format!("`stop[{i}]` must be a string (found {})", type_name(v)))),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(v) => return Err(ApiError::field("stop", format!("`stop` must be a string or a list of strings (found {})", type_name(v)))),
+        };
+        if list.len() > MAX_STOP {
+            return Err(ApiError::field("stop", format!("`stop` has {} entries; at most {MAX_STOP} are allowed", list.len())));
+        }
+        if list.iter().any(String::is_empty) {
+            return Err(ApiError::field("stop", "`stop` strings must not be empty"));
+        }
+        Ok(list)
+    }
+
+    /// An OpenAI field this server does not implement: accepted only at `default`.
+    fn only_default(&self, key: &str, is_default: impl Fn(&Value) -> bool, default: &str) -> Result<(), ApiError> {
+        match self.get(key) {
+            Some(v) if !is_default(v) => Err(ApiError::field(key, format!("`{key}` is not supported by this server (only {default})"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn as_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    match v {
+        Value::Object(o) => Ok(o),
+        v => Err(ApiError::invalid(format!("the body must be a JSON object (found {})", type_name(&v)))),
+    }
+}
+
+fn check_known(obj: &Map<String, Value>, extra: &[&str], known: &[&str]) -> Result<(), ApiError> {
+    for key in obj.keys() {
+        if !known.contains(&key.as_str()) && !extra.contains(&key.as_str()) {
+            let mut all: Vec<&str> = extra.iter().chain(known).copied().collect();
+            all.sort_unstable();
+            return Err(ApiError::field(key, format!("unknown field `{key}`; this endpoint takes: {}", all.join(", "))));
+        }
+    }
+    Ok(())
+}
+
+fn prompt_text(f: &Fields, endpoint: Endpoint) -> Result<String, ApiError> {
+    match f.get("prompt") {
+        None => Err(ApiError::field("prompt", "missing field `prompt`")),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(a)) if endpoint == Endpoint::Completions => match a.as_slice() {
+            [Value::String(s)] => Ok(s.clone()),
+            [_] => Err(ApiError::field("prompt", "`prompt` must be a string (token-id prompts are not supported)")),
+            _ => Err(ApiError::field("prompt", format!("`prompt` holds {} prompts; this server takes one per request", a.len()))),
+        },
+        Some(v) => Err(ApiError::field("prompt", format!("`prompt` must be a string (found {})", type_name(v)))),
+    }
+}
+
+fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
+    let at = format!("messages[{i}]");
+    let Value::Object(m) = v else {
+        return Err(ApiError::field("messages", format!("`{at}` must be an object (found {})", type_name(v))));
+    };
+    if let Some(k) = m.keys().find(|k| !["role", "content", "name"].contains(&k.as_str())) {
+        return Err(ApiError::field("messages", format!("unknown field `{at}.{k}`; a message takes role, content and name")));
+    }
+    let role = match m.get("role") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err(ApiError::field("messages", format!("`{at}.role` is empty"))),
+        None | Some(Value::Null) => return Err(ApiError::field("messages", format!("missing field `{at}.role`"))),
+        Some(v) => return Err(ApiError::field("messages", format!("`{at}.role` must be a string (found {})", type_name(v)))),
+    };
+    let content = match m.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => String::new(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => return Err(ApiError::field("messages", format!("`{at}.content[{j}]` must be {{\"type\": \"text\", \"text\": …}} (only text is supported)"))),
+                }
+            }
+            text
+        }
+        Some(v) => return Err(ApiError::field("messages", format!("`{at}.content` must be a string or a list of text parts (found {})", type_name(v)))),
+    };
+    Ok(Message { role, content })
+}
+
+fn messages(f: &Fields) -> Result<Vec<Message>, ApiError> {
+    match f.get("messages") {
+        None => Err(ApiError::field("messages", "missing field `messages`")),
+        Some(Value::Array(a)) if a.is_empty() => Err(ApiError::field("messages", "`messages` is empty")),
+        Some(Value::Array(a)) => a.iter().enumerate().map(|(i, v)| message(i, v)).collect(),
+        Some(v) => Err(ApiError::field("messages", format!("`messages` must be a list of messages (found {})", type_name(v)))),
+    }
+}
+
+/// The fields OpenAI clients send that this server only takes at their defaults.
+fn openai_defaults(f: &Fields) -> Result<(), ApiError> {
+    let is = |x: f64| move |v: &Value| v.as_f64() == Some(x);
+    f.only_default("n", is(1.0), "n = 1")?;
+    f.only_default("best_of", is(1.0), "best_of = 1")?;
+    f.only_default("presence_penalty", is(0.0), "0")?;
+    f.only_default("frequency_penalty", is(0.0), "0")?;
+    f.only_default("echo", |v| v == &Value::Bool(false), "false")?;
+    f.only_default("logprobs", |v| v == &Value::Bool(false) || v.as_f64() == Some(0.0), "false, 0 or null")?;
+    f.only_default("top_logprobs", is(0.0), "0 or null")?;
+    f.only_default("suffix", |v| v.as_str() == Some(""), "null")?;
+    f.only_default("logit_bias", |v| v.as_object().is_some_and(Map::is_empty), "{} or null")?;
+    f.str("model")?;
+    f.str("user")?;
+    Ok(())
+}
+
+/// The sampling fields common to every endpoint; `max_key` names the length field.
+fn sampling(f: &Fields, max_key: &str, default_max: usize, default_temperature: f64, limits: &Limits, seed: u64) -> Result<SamplingParams, ApiError> {
+    let cap = limits.max_new_tokens_cap;
+    let max_new_tokens = match f.uint(max_key)? {
+        None => default_max.min(cap),
+        Some(0) => return Err(ApiError::field(max_key, format!("`{max_key}` must be at least 1"))),
+        Some(n) if n > cap as u64 => {
+            return Err(ApiError::field(max_key, format!("`{max_key}` is {n}, over this server's cap of {cap} (--max-new-tokens-cap); the request is refused, not clamped")))
+        }
+        Some(n) => n as usize,
+    };
+    let temperature = f.number("temperature")?.unwrap_or(default_temperature);
+    if temperature < 0.0 {
+        return Err(ApiError::field("temperature", format!("`temperature` must be ≥ 0 (found {temperature})")));
+    }
+    let top_p = f.number("top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::field("top_p", format!("`top_p` must be in (0, 1] (found {top_p})")));
+    }
+    let top_k = f.uint("top_k")?.unwrap_or(0) as usize;
+    let repetition_penalty = f.number("repetition_penalty")?.unwrap_or(1.0);
+    if repetition_penalty <= 0.0 {
+        return Err(ApiError::field("repetition_penalty", format!("`repetition_penalty` must be > 0 (found {repetition_penalty})")));
+    }
+    let seed = match f.get("seed") {
+        Some(Value::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => n.as_u64().or(n.as_i64().map(|x| x as u64)).unwrap_or(seed),
+        Some(v) => return Err(ApiError::field("seed", format!("`seed` must be an integer (found {})", type_name(v)))),
+        None => seed,
+    };
+    let mut p = SamplingParams::default();
+    (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed) = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed);
+    p.stop = f.stop()?;
+    Ok(p)
+}
+
+/// Parse and check a body for `endpoint`. `seed` is used when the body gives none.
+pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits, seed: u64) -> Result<Parsed, ApiError> {
+    let obj = as_object(body)?;
+    let f = Fields { obj: &obj };
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let (prompt, sampling) = match endpoint {
+        Endpoint::Generate => {
+            check_known(&obj, &[], GENERATE_FIELDS)?;
+            let default = SamplingParams::default();
+            let s = sampling(&f, "max_new_tokens", default.max_new_tokens, default.temperature, limits, default.seed)?;
+            (Prompt::Text(prompt_text(&f, endpoint)?), s)
+        }
+        Endpoint::Completions => {
+            check_known(&obj, &["prompt"], OPENAI_FIELDS)?;
+            openai_defaults(&f)?;
+            (Prompt::Text(prompt_text(&f, endpoint)?), sampling(&f, "max_tokens", 16, 1.0, limits, seed)?)
+        }
+        Endpoint::Chat => {
+            check_known(&obj, &["messages", "max_completion_tokens"], OPENAI_FIELDS)?;
+            openai_defaults(&f)?;
+            let key = if f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
+            (Prompt::Chat(messages(&f)?), sampling(&f, key, limits.max_new_tokens_cap, 1.0, limits, seed)?)
+        }
+    };
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) if endpoint != Endpoint::Generate => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(ApiError::field("stream_options", format!("`stream_options.include_usage` must be a boolean (found {})", type_name(v)))),
+        },
+        Some(v) => return Err(ApiError::field("stream_options", format!("`stream_options` must be an object (found {})", type_name(v)))),
+    };
+    Ok(Parsed { request: Request { prompt, sampling }, stream, include_usage })
+}

@@ -1,0 +1,229 @@
+//! Evaluate stage: the base model (before) and base + trained adapter (after),
+//! on the same eval tokens and the same eval prompts.
+//!
+//! - Eval loss and perplexity over the eval split's trained tokens (the same
+//!   token-sum normalisation as training).
+//! - Generations on the eval prompts, rendered with the recipe's template
+//!   (greedy unless `[eval] temperature` > 0).
+//! - Task metrics from `[eval] metrics`: `exact_match` (trimmed text equality)
+//!   and `json_fields` (the fraction of the expected JSON object's key/values
+//!   that the generated object has, 0 when it does not parse).
+//!
+//! Writes `report.json` (`{"before": {...}, "after": {...}, ...}`) and
+//! `report.md` (a before/after table, samples side by side, the loss curve).
+
+use crate::data::template::Renderer;
+use crate::data::tokenizer::Tok;
+use crate::generate::{Generator, SamplingParams};
+use crate::model::{CausalLm, Weight};
+use crate::pipeline::{self, RunContext, Stage};
+use crate::train::{data, step};
+use crate::util;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+
+/// The evaluate stage.
+pub struct Evaluate;
+
+/// The first JSON object in `text` (from the first `{` to its matching `}`), parsed.
+pub fn first_json_object(text: &str) -> Option<Map<String, Value>> {
+    let start = text.find('{')?;
+    let (mut depth, mut in_str, mut esc) = (0i32, false, false);
+    for (i, c) in text[start..].char_indices() {
+        match c {
+            _ if esc => esc = false,
+            '\\' if in_str => esc = true,
+            '"' => in_str = !in_str,
+            '{' if !in_str => depth += 1,
+            '}' if !in_str => {
+                depth -= 1;
+                if depth == 0 {
+                    return serde_json::from_str::<Value>(&text[start..start + i + 1]).ok()?.as_object().cloned();
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The fraction of `expected`'s key/values that `generated` reproduces (0 when it has no JSON object).
+pub fn json_fields(generated: &str, expected: &str) -> Option<f64> {
+    let want = first_json_object(expected)?;
+    if want.is_empty() {
+        return None;
+    }
+    let got = first_json_object(generated).unwrap_or_default();
+    Some(want.iter().filter(|(k, v)| got.get(*k) == Some(v)).count() as f64 / want.len() as f64)
+}
+
+/// Trimmed equality.
+pub fn exact_match(generated: &str, expected: &str) -> f64 {
+    f64::from(generated.trim() == expected.trim())
+}
+
+/// Replace every 4-bit weight by its dequantized copy: the same numbers as
+/// dequantizing at every forward, without paying for it per generated token.
+fn dequantize_in_place(model: &mut dyn CausalLm, kind: tch::Kind) {
+    for (_, lin) in model.linears_mut() {
+        if let Weight::Quant(q) = &lin.weight {
+            lin.weight = Weight::Dense(q.dequantize(kind));
+        }
+    }
+}
+
+/// Summed NLL and trained-token count over the eval examples, in shard order, batched.
+fn eval_loss(model: &dyn CausalLm, examples: &[crate::data::shards::Example], batch: usize, o: &step::StepOptions) -> (f64, i64) {
+    let (mut nll, mut n) = (0.0, 0i64);
+    for chunk in examples.chunks(batch.max(1)) {
+        let mb = data::MicroBatch {
+            input_ids: chunk.iter().map(|e| e.input_ids.iter().map(|x| *x as i64).collect()).collect(),
+            labels: chunk.iter().map(|e| e.labels.iter().map(|x| *x as i64).collect()).collect(),
+            seq_ids: None,
+        };
+        let (s, k) = step::eval_nll(model, &mb, o);
+        nll += s;
+        n += k;
+    }
+    (nll, n)
+}
+
+struct Sample {
+    prompt: String,
+    expected: String,
+}
+
+fn metrics_of(names: &[String], outputs: &[String], samples: &[Sample]) -> Map<String, Value> {
+    let mut m = Map::new();
+    for name in names {
+        let scores: Vec<f64> = outputs
+            .iter()
+            .zip(samples)
+            .filter_map(|(g, s)| match name.as_str() {
+                "exact_match" => Some(exact_match(g, &s.expected)),
+                "json_fields" => json_fields(g, &s.expected),
+                _ => None,
+            })
+            .collect();
+        let mean = if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 };
+        m.insert(name.clone(), json!(mean));
+    }
+    m
+}
+
+impl Stage for Evaluate {
+    fn name(&self) -> &'static str {
+        "evaluate"
+    }
+
+    fn inputs(&self, ctx: &RunContext) -> Result<Value> {
+        let r = &ctx.recipe.recipe;
+        Ok(json!({ "eval": r.eval, "prompt": r.prompt, "dtype": r.model.dtype, "device": r.train.device }))
+    }
+
+    fn run(&self, ctx: &RunContext, dir: &Path, _fp: &str) -> Result<Vec<PathBuf>> {
+        let r = &ctx.recipe.recipe;
+        let e = &r.eval;
+        let tok_dir = ctx.stage_dir("tokenize");
+        let examples = crate::train::read_split(&tok_dir, "eval")?;
+        if examples.is_empty() {
+            bail!("there is no eval split to evaluate on; set dataset.eval_ratio or dataset.eval_source");
+        }
+        let model_rec = crate::stages::fetch::model_record(ctx)?;
+        let device = crate::train::device_of(&r.train.device)?;
+        let kind = crate::train::kind_of(r.model.dtype, device);
+        let tok = Tok::load(&model_rec.dir)?;
+        let pad_id = tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64);
+        let renderer = Renderer::new(&r.prompt, tok.chat_template.as_deref(), &tok.bos_token, &tok.eos_token).map_err(|m| anyhow::anyhow!(m))?;
+        let rows: Vec<Map<String, Value>> = std::fs::read_to_string(tok_dir.join("eval_rows.jsonl"))
+            .context("tokenize/eval_rows.jsonl is missing; run again with --from tokenize")?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.as_object().cloned())
+            .collect();
+        let samples: Vec<Sample> = rows
+            .iter()
+            .filter_map(|row| renderer.prompt_text(row).ok())
+            .take(e.max_samples as usize)
+            .map(|(prompt, expected)| Sample { prompt, expected })
+            .collect();
+
+        let mut model = crate::train::load_model(&model_rec.dir, r, device)?;
+        dequantize_in_place(model.as_mut(), kind);
+        let o = step::StepOptions { checkpointing: false, pad_id, pad_multiple: 1, device, seed: r.run.seed, loss_scale: 1.0 };
+        let params = SamplingParams {
+            max_new_tokens: e.max_new_tokens as usize,
+            temperature: e.temperature,
+            seed: r.run.seed,
+            ..SamplingParams::default()
+        };
+        let bar = util::progress(2 * samples.len() as u64, "evaluate");
+        let mut generator = Generator::from_parts(model, tok, device);
+        let mut results = Map::new();
+        let mut outputs: Vec<Vec<String>> = vec![];
+        for phase in ["before", "after"] {
+            if phase == "after" {
+                crate::score::apply_adapter(generator.model.as_mut(), &ctx.stage_dir("train").join("adapter"))?;
+            }
+            let (nll, n) = eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o);
+            let loss = nll / n.max(1) as f64;
+            let mut texts = vec![];
+            for chunk in samples.chunks(e.batch_size.max(1) as usize) {
+                ctx.check_interrupted("evaluate stopped")?;
+                let prompts: Vec<String> = chunk.iter().map(|s| s.prompt.clone()).collect();
+                let done = generator.generate(&prompts, &params, &mut |_, _| true)?;
+                texts.extend(done.into_iter().map(|c| c.text));
+                bar.inc(chunk.len() as u64);
+            }
+            let mut m = metrics_of(&e.metrics, &texts, &samples);
+            m.insert("eval_loss".into(), json!(loss));
+            m.insert("perplexity".into(), json!(loss.exp()));
+            eprintln!("evaluate: {phase}: eval loss {loss:.4}{}", m.iter().filter(|(k, _)| !k.starts_with("eval") && *k != "perplexity").map(|(k, v)| format!(", {k} {:.3}", v.as_f64().unwrap_or(0.0))).collect::<String>());
+            results.insert(phase.into(), Value::Object(m));
+            outputs.push(texts);
+        }
+        bar.finish_and_clear();
+        let shown: Vec<Value> = samples
+            .iter()
+            .zip(outputs[0].iter().zip(&outputs[1]))
+            .take(5)
+            .map(|(s, (b, a))| json!({"prompt": s.prompt, "expected": s.expected, "before": b, "after": a}))
+            .collect();
+        let tokens: i64 = examples.iter().map(|x| x.labels.iter().skip(1).filter(|l| **l != -100).count() as i64).sum();
+        results.insert("eval_rows".into(), json!(examples.len()));
+        results.insert("eval_tokens".into(), json!(tokens));
+        results.insert("generation_samples".into(), json!(samples.len()));
+        results.insert("samples".into(), json!(shown));
+        util::write_json_atomic(&dir.join("report.json"), &Value::Object(results.clone()))?;
+
+        let mut files = vec![dir.join("report.json"), dir.join("report.md")];
+        let curve = ctx.stage_dir("train").join("loss.png");
+        if curve.is_file() {
+            std::fs::copy(&curve, dir.join("loss.png"))?;
+            files.push(dir.join("loss.png"));
+        }
+        util::write_atomic(&dir.join("report.md"), report_md(r, &results, curve.is_file()).as_bytes())?;
+        pipeline::record(&ctx.run_dir, "evaluate", json!({ "before": results["before"], "after": results["after"] }))?;
+        Ok(files)
+    }
+}
+
+fn report_md(r: &crate::recipe::Recipe, res: &Map<String, Value>, curve: bool) -> String {
+    let mut s = format!("# Evaluation: {}\n\n", r.run.name);
+    s.push_str(&format!("Base model `{}`, {} eval rows ({} trained tokens), {} prompts generated.\n\n", r.model.source, res["eval_rows"], res["eval_tokens"], res["generation_samples"]));
+    s.push_str("| metric | before (base) | after (tuned) |\n|---|---|---|\n");
+    if let (Some(b), Some(a)) = (res["before"].as_object(), res["after"].as_object()) {
+        for (k, v) in b {
+            s.push_str(&format!("| {k} | {:.4} | {:.4} |\n", v.as_f64().unwrap_or(f64::NAN), a.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN)));
+        }
+    }
+    if curve {
+        s.push_str("\n![train loss](loss.png)\n");
+    }
+    s.push_str("\n## Samples\n");
+    for (i, x) in res["samples"].as_array().into_iter().flatten().enumerate() {
+        let block = |v: &Value| format!("```\n{}\n```\n", v.as_str().unwrap_or("").trim_end());
+        s.push_str(&format!("\n### {}\n\nPrompt:\n{}\nExpected:\n{}\nBefore:\n{}\nAfter:\n{}", i + 1, block(&x["prompt"]), block(&x["expected"]), block(&x["before"]), block(&x["after"])));
+    }
+    s
+}

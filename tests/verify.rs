@@ -1,0 +1,40 @@
+//! Expectation files: --write-expected records a run, --verify and `tuner verify`
+//! accept the same results and report drift with exit code 1.
+
+use crate::common::*;
+use serde_json::Value;
+
+#[test]
+fn expected_results_are_recorded_verified_and_drift_is_reported() {
+    let d = tmp();
+    let r = train_recipe(d.path(), "");
+    let rs = r.to_str().unwrap();
+    let (code, _, err) = run(&["run", rs, "--until", "train", "--write-expected"]);
+    assert_eq!(code, 0, "{err}");
+    let exp_path = d.path().join("recipe.expected.json");
+    let exp: Value = serde_json::from_str(&std::fs::read_to_string(&exp_path).unwrap()).unwrap();
+    assert_eq!(exp["device"], "cpu");
+    assert_eq!(exp["adapter_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(exp["train_steps"], 6);
+
+    // The same run verifies, through `run --verify` and `tuner verify RUN_DIR`.
+    let (code, _, err) = run(&["run", rs, "--until", "train", "--verify"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("reproduces"), "{err}");
+    let rd = d.path().join("runs/t");
+    let (code, _, err) = run(&["verify", rd.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+
+    // A silently changed training result fails until it is deliberately re-recorded.
+    let (code, _, err) = run(&["run", rs, "--until", "train", "--verify", "--set", "train.learning_rate=1e-3"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not reproduce") && err.contains("adapter_sha256: expected"), "{err}");
+    assert!(err.contains("train_final_loss: expected"), "{err}");
+
+    // A different training run from a fresh, identical recipe reproduces bit for bit.
+    let d2 = tmp();
+    let r2 = train_recipe(d2.path(), "");
+    std::fs::copy(&exp_path, d2.path().join("recipe.expected.json")).unwrap();
+    let (code, _, err) = run(&["run", r2.to_str().unwrap(), "--until", "train", "--verify"]);
+    assert_eq!(code, 0, "{err}");
+}
