@@ -8,6 +8,7 @@ pub mod tokenizer;
 
 /// SplitMix64: a tiny, fully specified generator, so shuffles are the same on
 /// every platform and version (no dependency on a crate's algorithm choice).
+#[derive(Debug, Clone)]
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
@@ -18,6 +19,11 @@ impl SplitMix64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// Uniform in 0..n (n > 0), by rejection so there is no modulo bias.

@@ -134,26 +134,18 @@ fn draw(probs: &[f32], u: f64) -> usize {
 
 /// SplitMix64 (Steele et al. 2014): a small seedable generator, one per sequence.
 #[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
+pub(crate) struct Rng(crate::data::SplitMix64);
 
 impl Rng {
     /// The stream of sequence `index` under `seed`.
     pub fn new(seed: u64, index: usize) -> Rng {
-        let mut r = Rng(seed ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        r.next();
-        r
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        let mut r = crate::data::SplitMix64(seed ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        r.next_u64();
+        Rng(r)
     }
 
     /// Uniform in [0, 1) with 53 random bits.
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.0.unit()
     }
 }

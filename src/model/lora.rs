@@ -78,7 +78,7 @@ pub fn attach(model: &mut dyn CausalLm, spec: &LoraSpec, seed: i64) -> Result<Ve
             paths.first().map(String::as_str).unwrap_or("")
         );
     }
-    let mut rng = SplitMix64(seed as u64);
+    let mut rng = crate::data::SplitMix64(seed as u64);
     let scale = spec.scale();
     let mut names = Vec::new();
     for (path, linear) in model.linears_mut() {
@@ -174,22 +174,4 @@ fn matcher(targets: &Targets) -> Result<Matcher> {
             Box::new(move |p: &str| re.is_match(p))
         }
     })
-}
-
-/// SplitMix64: a small, fast, seedable generator (Steele et al. 2014).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
 }
