@@ -1,4 +1,4 @@
-//! The command line: `tuner run | validate | status`. Parses arguments with clap,
+//! The command line: `tuner run | validate | status | plan | score | generate | serve | verify`. Parses arguments with clap,
 //! sets up logging and Ctrl-C, calls into the library, prints the error chain
 //! and returns the exit code.
 

@@ -94,11 +94,6 @@ pub fn fingerprint(stage: &str, inputs: &serde_json::Value, upstream: Option<&st
     util::sha256_bytes(v.to_string().as_bytes())
 }
 
-/// A run that stopped because a stage does not exist yet: never a success.
-#[derive(Debug, thiserror::Error)]
-#[error("run incomplete: stage `{0}` is not implemented yet; finished stages are kept (use --until to stop earlier)")]
-pub struct Incomplete(pub String);
-
 /// Options for one `tuner run`.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -173,15 +168,7 @@ pub fn run(ctx: &RunContext, opts: &RunOptions) -> Result<()> {
         lock.set_stage(name)?;
         eprintln!("{name}: running");
         let t0 = std::time::Instant::now();
-        let files = match stage.run(ctx, &dir, &fp) {
-            Ok(files) => files,
-            Err(e) if e.is::<Incomplete>() => {
-                std::fs::remove_dir(&dir).ok();
-                lock.set_stage("")?;
-                return Err(e);
-            }
-            Err(e) => return Err(e.context(format!("stage `{name}` failed"))),
-        };
+        let files = stage.run(ctx, &dir, &fp).with_context(|| format!("stage `{name}` failed"))?;
         let manifest = Manifest {
             stage: name.to_string(),
             format_version: FORMAT_VERSION,
