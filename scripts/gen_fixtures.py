@@ -12,8 +12,10 @@ What it writes (see the generated tests/fixtures/README.md for the full descript
                                    plus reference.safetensors / reference.json / score.json computed by
                                    HF transformers in fp32 with attn_implementation="eager"
     models/<family>/generate.json  HF greedy `generate` tokens on a left-padded batch of two prompts (llama, llama-tied,
-                                   mistral, qwen2, qwen3), written after README.md
+                                   mistral, qwen2, qwen3, gemma2, gemma3, gemma3n), written after README.md
     models/llama-bnb4/             the `llama` model saved by transformers as a bitsandbytes NF4 double-quant checkpoint
+    models/gemma3n-bnb4/           the `gemma3n` model quantized the same way, in Gemma3nForConditionalGeneration's
+                                   multimodal key layout (written last)
     bnb/quant.safetensors          bitsandbytes.functional.quantize_4bit / dequantize_4bit cases
     score/texts.jsonl              the texts scored in every models/<family>/score.json
 
@@ -1340,6 +1342,8 @@ def generate(out: Path) -> list[dict]:
     write_readme(out, summary, bnb_report, merges, toks)
     print("[gen_fixtures] generation references ...", flush=True)
     gen_generation(out, toks)
+    print("[gen_fixtures] gemma3n-bnb4 ...", flush=True)
+    summary.append(gen_gemma3n_bnb(out, toks))
     return summary
 
 
@@ -1348,7 +1352,7 @@ def generate(out: Path) -> list[dict]:
 # above stays byte-identical; `tuner generate` must reproduce these greedy tokens exactly.
 # ---------------------------------------------------------------------------
 
-GEN_FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"]
+GEN_FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3n"]
 GEN_PROMPTS = [
     "The model reads the text and predicts",
     "When the model is right the loss is small; when it is wrong the loss is large.",
@@ -1388,10 +1392,17 @@ def gen_generation(out: Path, toks: dict) -> None:
         ids = token_ids(tok, variant)
         folder = out / "models" / name
         model = load_eager(folder)
+        if name == "gemma3n":
+            # Greedy picks can land in [vocab_size_per_layer_input, vocab_size), which Gemma3nForCausalLM cannot
+            # look up in its per-layer table; map them to row 0 as Gemma3nModel (the multimodal model) does.
+            text = model.model
+            orig = text.get_per_layer_inputs
+            vp = model.config.vocab_size_per_layer_input
+            text.get_per_layer_inputs = lambda ids: orig(torch.where((ids >= 0) & (ids < vp), ids, torch.zeros_like(ids)))
         rows = [tok.encode(p, add_special_tokens=True).ids for p in GEN_PROMPTS]
         assert len(rows[0]) != len(rows[1]), "the batch must need padding"
-        window = model.config.sliding_window if name == "mistral" else None
-        assert window is None or min(len(r) for r in rows) > window, "mistral prompts must be longer than the window"
+        window = model.config.sliding_window if name == "mistral" or name.startswith("gemma") else None
+        assert window is None or min(len(r) for r in rows) > window, "prompts must be longer than the sliding window"
         assert max(len(r) for r in rows) + GEN_NEW_TOKENS <= model.config.max_position_embeddings
         batched = hf_greedy(model, rows, ids["pad"])
         single = [hf_greedy(model, [r], ids["pad"])[0] for r in rows]
@@ -1411,6 +1422,110 @@ def gen_generation(out: Path, toks: dict) -> None:
             "repetition_penalty": {"penalty": GEN_REPETITION_PENALTY, "prompt": 0, "generated": penalty},
         }
         write_text(folder / "generate.json", dumps(info))
+
+
+# ---------------------------------------------------------------------------
+# models/gemma3n-bnb4: the `gemma3n` model quantized by transformers + bitsandbytes and laid out as a
+# Gemma3nForConditionalGeneration checkpoint (the layout of unsloth/gemma-3n-e4b-it-bnb-4bit). Written last so
+# that everything above stays byte-identical.
+# ---------------------------------------------------------------------------
+
+GEMMA3N_BNB_README = """
+### `models/gemma3n-bnb4/` (written after the table above)
+
+The `gemma3n` model loaded with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)` on CPU (no skip list, so the tiny AltUp
+linears `prediction_coefs` [16, 4], `correction_coefs` [4, 4] and `modality_router` are quantized too) and saved by
+`save_pretrained`; then laid out as `Gemma3nForConditionalGeneration` saves it: every key `model.X` becomes
+`model.language_model.X`, config.json becomes `{"model_type": "gemma3n", "text_config": {...}, "quantization_config":
+{...}}`, and two stand-in tower tensors are added (`model.vision_tower.timm_model.conv_stem.conv.weight`, and a
+4-bit `model.audio_tower.conformer.0.ffw_layer_start.ffw_layer_1` with its quant_state keys) that a text decoder must
+skip (transformers cannot build the real vision tower here: it needs timm). Reference logits: every quantized weight
+dequantized with `bitsandbytes.functional.dequantize_4bit` into a plain fp32 `Gemma3nForCausalLM`, eager attention.
+"""
+
+
+def gen_gemma3n_bnb(out: Path, toks: dict) -> dict:
+    src = out / "models" / "gemma3n"
+    folder = out / "models" / "gemma3n-bnb4"
+    folder.mkdir(parents=True, exist_ok=True)
+    fam = FAMILY_BY_NAME["gemma3n"]
+    variant = fam["tokenizer"]
+    tok = toks[variant]
+    ids = token_ids(tok, variant)
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    qmodel = AutoModelForCausalLM.from_pretrained(
+        str(src), quantization_config=qcfg, device_map="cpu", dtype=torch.float32, attn_implementation="eager"
+    )
+    with tempfile.TemporaryDirectory() as td:
+        qmodel.save_pretrained(td, safe_serialization=True)
+        del qmodel
+        sd, quantized, layout = dequantized_state_dict(Path(td))
+        raw = load_file(str(Path(td) / "model.safetensors"))
+        text_cfg = json.loads((Path(td) / "config.json").read_text())
+    # Re-key to the multimodal layout and add stand-in tower tensors.
+    mm = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else k: v for k, v in raw.items()}
+    g = gen("gemma3n-bnb4", "towers")
+    mm["model.vision_tower.timm_model.conv_stem.conv.weight"] = torch.randn(8, 3, 3, 3, generator=g)
+    aud = "model.audio_tower.conformer.0.ffw_layer_start.ffw_layer_1.weight"
+    donor = "model.layers.0.mlp.gate_proj.weight"
+    for k, v in raw.items():
+        if k == donor or k.startswith(donor + "."):
+            mm[aud + k[len(donor):]] = v.clone()
+    save_file(dict(sorted(mm.items())), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    qc = text_cfg.pop("quantization_config")
+    text_cfg.pop("architectures", None)
+    wrapper = {
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "model_type": "gemma3n",
+        "text_config": text_cfg,
+        "quantization_config": qc,
+        "vision_config": {"model_type": "gemma3n_vision", "note": "stand-in: tower not built (needs timm)"},
+        "audio_config": {"model_type": "gemma3n_audio", "note": "stand-in: tower not built"},
+        "eos_token_id": text_cfg.get("eos_token_id"),
+        "pad_token_id": text_cfg.get("pad_token_id"),
+        "bos_token_id": text_cfg.get("bos_token_id"),
+        "transformers_version": text_cfg.get("transformers_version"),
+    }
+    write_text(folder / "config.json", json.dumps(wrapper, indent=2, sort_keys=True) + "\n")
+    shutil.copy(src / "generation_config.json", folder / "generation_config.json")
+    write_tokenizer_files(folder, variant, tok)
+
+    cfg = AutoConfig.from_pretrained(str(src))
+    plain = transformers.Gemma3nForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    assert list(missing) == ["lm_head.weight"] and not unexpected, (missing, unexpected)
+    plain.tie_weights()
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    plain.eval()
+    x, m = reference_batch(tok, ids["pad"])
+    ref = compute_reference(plain, x, m)
+    base = load_file(str(src / "reference.safetensors"))["logits"]
+    score = compute_score(plain, tok)
+    write_text(folder / "score.json", dumps(score))
+    extra = {
+        "architecture": "Gemma3nForConditionalGeneration (text tower, bnb nf4)",
+        "config_style": "multimodal wrapper with text_config",
+        "exercises": "pre-quantized NF4 + double-quant Gemma 3n in the multimodal key layout (model.language_model.*), "
+        "quantized AltUp coefficient linears, tower tensors to skip",
+        "num_params_dequantized": num_params(plain),
+        "tokenizer_variant": variant,
+        "special_token_ids": ids,
+        "quantization_config": qc,
+        "quantized_tensors": ["model.language_model." + k[len("model."):] for k in quantized],
+        "quantized_layout": layout,
+        "feature_checks_rel_logit_change": {"quantization_error_vs_gemma3n": rel_change(base, ref["logits"])},
+        "safetensors_keys": sorted(mm.keys()),
+    }
+    info = write_reference(folder, "gemma3n-bnb4", ref, tok, extra)
+    with open(out / "README.md", "a", encoding="utf-8") as f:
+        f.write(GEMMA3N_BNB_README)
+    return {"family": "gemma3n-bnb4", "params": info["num_params_dequantized"], "loss": info["loss"], "score_mean_loss": score["mean_loss"]}
 
 
 def compare_trees(a: Path, b: Path) -> list[str]:

@@ -54,11 +54,18 @@ enum Command {
         /// After the run, record the recipe's `<name>.expected.json`.
         #[arg(long)]
         write_expected: bool,
+        /// The expectation file for --verify/--write-expected (default: `<recipe dir>/<name>.expected.json`),
+        /// e.g. one recorded for a CI-sized `--set` variant of the recipe.
+        #[arg(long, value_name = "FILE")]
+        expected: Option<PathBuf>,
     },
     /// Compare a finished run with its recipe's expectation file.
     Verify {
         /// The run dir.
         run_dir: PathBuf,
+        /// The expectation file (default: the run's recipe's `<name>.expected.json`).
+        #[arg(long, value_name = "FILE")]
+        expected: Option<PathBuf>,
     },
     /// Estimate memory per component before anything is allocated.
     Plan {
@@ -199,7 +206,7 @@ fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -
 
 fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
-        Command::Run { recipe: ra, run_dir, until, from, threads, dry_run, verify, write_expected } => {
+        Command::Run { recipe: ra, run_dir, until, from, threads, dry_run, verify, write_expected, expected } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
             let ctx = context(r, run_dir, threads, interrupted)?;
             if dry_run {
@@ -208,21 +215,23 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             }
             pipeline::run(&ctx, &RunOptions { from, until })?;
             let device = device_name(&ctx.recipe.recipe.train.device)?;
+            let expected = expected.unwrap_or_else(|| crate::verify::expected_path(&ra.recipe));
             if write_expected {
-                let p = crate::verify::write_expected(&ra.recipe, &ctx.run_dir, &device)?;
-                eprintln!("wrote {}", p.display());
+                crate::verify::write_expected(&expected, &ra.set, &ctx.run_dir, &device)?;
+                eprintln!("wrote {}", expected.display());
             }
             if verify {
-                crate::verify::verify(&ra.recipe, &ctx.run_dir, &device)?;
+                crate::verify::verify(&expected, &ra.set, &ctx.run_dir, &device)?;
             }
             Ok(())
         }
-        Command::Verify { run_dir } => {
+        Command::Verify { run_dir, expected } => {
             let rec: pipeline::RunRecord = crate::util::read_json(&run_dir.join("tuner.lock.json"))
                 .map_err(|e| Failure::Usage(format!("{} is not a run dir: {e}", run_dir.display())))?;
             let recipe_path = PathBuf::from(&rec.recipe_path);
-            let r = recipe::load(&recipe_path, &[])?;
-            crate::verify::verify(&recipe_path, &run_dir, &device_name(&r.recipe.train.device)?)
+            let r = recipe::load(&recipe_path, &rec.overrides)?;
+            let expected = expected.unwrap_or_else(|| crate::verify::expected_path(&recipe_path));
+            crate::verify::verify(&expected, &rec.overrides, &run_dir, &device_name(&r.recipe.train.device)?)
         }
         Command::Plan { recipe: ra, run_dir, json } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;

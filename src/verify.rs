@@ -4,7 +4,9 @@
 //! versions and device they hold for. `tuner run RECIPE --write-expected`
 //! records it; `tuner run RECIPE --verify` and `tuner verify RUN_DIR` compare a
 //! run with it: on the CPU the adapter must be bit-identical, elsewhere the
-//! metrics must agree within the tolerances stored in the file.
+//! metrics must agree within the tolerances stored in the file. A file may be recorded for a
+//! `--set` variant of the recipe (e.g. a CI-sized evaluation): it stores those overrides, and a
+//! run with other overrides is refused rather than compared.
 
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -37,17 +39,17 @@ pub fn results(run_dir: &Path, device: &str) -> Result<Value> {
     }))
 }
 
-/// Write the expectation file for a finished run (atomically), with default tolerances.
-pub fn write_expected(recipe: &Path, run_dir: &Path, device: &str) -> Result<PathBuf> {
+/// Write the expectation file `path` for a finished run made with the `--set` overrides `set`
+/// (atomically), with default tolerances.
+pub fn write_expected(path: &Path, set: &[String], run_dir: &Path, device: &str) -> Result<()> {
     let mut v = results(run_dir, device)?;
+    v["set"] = json!(set);
     v["tolerance"] = json!({
         "cpu": "adapter bit-identical; metrics equal",
         "relative_loss": 0.02,
         "absolute_metric": 0.05,
     });
-    let path = expected_path(recipe);
-    util::write_json_atomic(&path, &v)?;
-    Ok(path)
+    util::write_json_atomic(path, &v)
 }
 
 fn num(v: &Value) -> Option<f64> {
@@ -92,10 +94,20 @@ pub fn compare(expected: &Value, got: &Value) -> Vec<String> {
     drift
 }
 
-/// Verify a run against its recipe's expectation file; Err lists every drift.
-pub fn verify(recipe: &Path, run_dir: &Path, device: &str) -> Result<()> {
-    let path = expected_path(recipe);
-    let expected: Value = util::read_json(&path).with_context(|| format!("no expectation file for {}; record one with --write-expected", recipe.display()))?;
+/// Verify a run made with the `--set` overrides `set` against the expectation file `path`;
+/// Err lists every drift.
+pub fn verify(path: &Path, set: &[String], run_dir: &Path, device: &str) -> Result<()> {
+    let expected: Value = util::read_json(path)
+        .with_context(|| format!("cannot read the expectation file {}; record one with --write-expected", path.display()))?;
+    let want: Vec<String> = expected["set"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
+    if want != set {
+        bail!(
+            "{} was recorded with --set {:?} but this run used --set {:?}; run with the same overrides, or pass the matching --expected FILE",
+            path.display(),
+            want,
+            set
+        );
+    }
     let got = results(run_dir, device)?;
     let drift = compare(&expected, &got);
     if drift.is_empty() {

@@ -3,6 +3,7 @@ mod common;
 mod evaluate;
 mod executor;
 mod export;
+mod gemma;
 mod gguf;
 mod hub;
 mod model;

@@ -16,7 +16,7 @@ use tuner::model::{self, Batch, CausalLm, Config, KvCache, LoadOptions, Linear};
 
 use crate::common::{repo, run, tmp, tuner};
 
-const FAMILIES: [&str; 5] = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"];
+const FAMILIES: [&str; 8] = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3n"];
 
 fn fixture(name: &str) -> PathBuf {
     repo().join("tests/fixtures/models").join(name)
@@ -159,7 +159,7 @@ fn check_cache_equals_recompute(name: &str, m: &dyn CausalLm) {
         r["prompt_ids"].as_array().unwrap().iter().map(|p| ids(p).into_iter().map(i64::from).collect()).collect();
     let (input, mask, pos) = left_padded(&rows);
     let mut cache = KvCache::new(m.num_layers());
-    let batch = Batch { input_ids: input.shallow_clone(), attention_mask: Some(mask.shallow_clone()), position_ids: pos.shallow_clone(), seq_ids: None };
+    let batch = Batch::at(input.shallow_clone(), Some(mask.shallow_clone()), pos.shallow_clone());
     let cached = m.forward_cached(&batch, &mut cache);
     let full = m.forward(&batch);
     let real = mask.ne(0).unsqueeze(-1).expand_as(&full);
@@ -176,16 +176,11 @@ fn check_cache_equals_recompute(name: &str, m: &dyn CausalLm) {
         }
         mask = Tensor::cat(&[&mask, &mask.ones_like().narrow(1, 0, 1)], 1);
         let pos = mask.cumsum(1, Kind::Int64).narrow(1, mask.size()[1] - 1, 1) - 1;
-        let step_batch = Batch {
-            input_ids: Tensor::from_slice(&next).view([-1, 1]),
-            attention_mask: Some(mask.shallow_clone()),
-            position_ids: pos,
-            seq_ids: None,
-        };
+        let step_batch = Batch::at(Tensor::from_slice(&next).view([-1, 1]), Some(mask.shallow_clone()), pos);
         let got = m.forward_cached(&step_batch, &mut cache).select(1, 0);
         let (input, full_mask, full_pos) = left_padded(&rows);
         assert!(full_mask.equal(&mask));
-        let want = m.forward(&Batch { input_ids: input, attention_mask: Some(full_mask), position_ids: full_pos, seq_ids: None }).select(1, -1);
+        let want = m.forward(&Batch::at(input, Some(full_mask), full_pos)).select(1, -1);
         let err = rel(&got, &want);
         worst = worst.max(err);
         assert!(err <= 1e-5, "{name}: step {step} rel err {err:e}");
@@ -211,7 +206,7 @@ fn long_prefill_through_sdpa_then_steps_match_recomputation() {
             let next = last.argmax(-1, false).int64_value(&[0]);
             ids.push(next);
             let n = ids.len() as i64;
-            let step = Batch { input_ids: Tensor::from_slice(&[next]).view([1, 1]), attention_mask: None, position_ids: Tensor::from_slice(&[n - 1]).view([1, 1]), seq_ids: None };
+            let step = Batch::at(Tensor::from_slice(&[next]).view([1, 1]), None, Tensor::from_slice(&[n - 1]).view([1, 1]));
             let got = m.forward_cached(&step, &mut cache).select(1, 0);
             let want = m.forward(&Batch::new(Tensor::from_slice(&ids).view([1, -1]), None)).select(1, -1);
             let err = rel(&got, &want);

@@ -98,6 +98,75 @@ fn qwen3_matches_hf() {
 }
 
 #[test]
+fn gemma2_matches_hf() {
+    check_parity("gemma2");
+}
+
+#[test]
+fn gemma3_matches_hf() {
+    check_parity("gemma3");
+}
+
+#[test]
+fn gemma3n_matches_hf() {
+    check_parity("gemma3n");
+}
+
+#[test]
+fn gemma3n_bnb4_in_the_multimodal_layout_loads_quantized_and_matches_hf() {
+    let dir = fixture("gemma3n-bnb4");
+    let w = Weights::open(&dir).unwrap();
+    let m = model::load(&dir, &cpu_f32()).unwrap();
+    assert!(m.config().is_bnb_4bit());
+    assert_eq!(m.config().model_type, "gemma3n_text", "read through text_config");
+    let names: Vec<String> = m.linears().into_iter().map(|(n, _)| n).collect();
+    for (path, lin) in m.linears() {
+        assert!(path.starts_with("model.language_model.layers."), "{path}: module paths keep the multimodal prefix");
+        let stored = w.contains(&format!("{path}.weight.quant_state.bitsandbytes__nf4"));
+        assert!(stored && lin.is_quantized(), "{path}: stored 4-bit {stored}, in memory {}", lin.is_quantized());
+    }
+    // KV-shared layers (3, 4, 5 of 6) have no k/v projections to adapt.
+    for i in 0..6 {
+        let has_k = names.contains(&format!("model.language_model.layers.{i}.self_attn.k_proj"));
+        assert_eq!(has_k, i < 3, "layer {i}: k_proj listed {has_k}");
+        assert!(names.contains(&format!("model.language_model.layers.{i}.self_attn.q_proj")));
+    }
+    assert_eq!(names.len(), 6 * 7 - 3 * 2);
+    check_parity("gemma3n-bnb4");
+}
+
+#[test]
+fn gemma_configs_are_read_and_bad_ones_named() {
+    let dir = fixture("gemma3");
+    let c = Config::from_dir(&dir).unwrap();
+    assert_eq!(c.layer_sliding, vec![true, true, false, true]);
+    assert_eq!(c.rope_local_theta, Some(10000.0));
+    assert_eq!(c.rope_theta, 1e6);
+    assert_eq!(c.rope_scaling, model::RopeScaling::Linear { factor: 8.0 });
+    assert_eq!(c.query_pre_attn_scalar, Some(32.0));
+    let c = Config::from_dir(&fixture("gemma2")).unwrap();
+    assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (Some(50.0), Some(30.0)));
+    assert_eq!(c.layer_sliding, vec![true, false, true, false]);
+    let c = Config::from_dir(&fixture("gemma3n")).unwrap();
+    assert_eq!(c.intermediate_sizes, vec![96, 96, 128, 64, 96, 128]);
+    assert_eq!(c.gemma3n.as_ref().unwrap().num_kv_shared_layers, 3);
+    assert_eq!(c.final_logit_softcapping, Some(30.0));
+    // Without layer_types, Gemma 3 falls back to sliding_window_pattern.
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("gemma3").join("config.json")).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("layer_types");
+    v["sliding_window_pattern"] = 2.into();
+    let c = Config::from_json(&v.to_string()).unwrap();
+    assert_eq!(c.layer_sliding, vec![true, false, true, false]);
+    // A per-layer width list of the wrong length, and a multimodal config without its text_config.
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("gemma3n").join("config.json")).unwrap()).unwrap();
+    v["intermediate_size"] = serde_json::json!([96, 96]);
+    let e = format!("{:#}", Config::from_json(&v.to_string()).unwrap_err());
+    assert!(e.contains("intermediate_size is a list of 2 entries; expected 6"), "{e}");
+    let e = format!("{:#}", Config::from_json(r#"{"model_type": "gemma3n"}"#).unwrap_err());
+    assert!(e.contains("needs a `text_config`"), "{e}");
+}
+
+#[test]
 fn llama_bnb4_loads_quantized_and_matches_hf() {
     let dir = fixture("llama-bnb4");
     let w = Weights::open(&dir).unwrap();
@@ -284,7 +353,7 @@ fn packing_equals_separate_documents_and_left_padding_has_no_nan() {
         let padded = Tensor::cat(&[&Tensor::zeros([1, 3], (Kind::Int64, Device::Cpu)), &b], 1);
         let mask = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1, 1]).unsqueeze(0);
         let pos = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 2, 3]).unsqueeze(0);
-        let batch = Batch { input_ids: padded, attention_mask: Some(mask), position_ids: pos, seq_ids: None };
+        let batch = Batch::at(padded, Some(mask), pos);
         let out = m.forward(&batch);
         assert!(out.isfinite().all().int64_value(&[]) == 1, "{ty}: NaN with left padding");
         assert!(out.narrow(1, 3, 4).allclose(&lb, 1e-5, 1e-5, false), "{ty}: left padding leaks");

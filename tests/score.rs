@@ -14,7 +14,7 @@ fn score(model: &std::path::Path, extra: &[&str]) -> Value {
 
 #[test]
 fn score_matches_hf_for_every_family() {
-    for family in ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama-bnb4"] {
+    for family in ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama-bnb4", "gemma2", "gemma3", "gemma3n", "gemma3n-bnb4"] {
         let dir = repo().join("tests/fixtures/models").join(family);
         let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("score.json")).unwrap()).unwrap();
         let got = score(&dir, &[]);

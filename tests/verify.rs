@@ -25,11 +25,36 @@ fn expected_results_are_recorded_verified_and_drift_is_reported() {
     let (code, _, err) = run(&["verify", rd.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
 
-    // A silently changed training result fails until it is deliberately re-recorded.
+    // An expectation recorded without overrides is not compared with a `--set` variant.
     let (code, _, err) = run(&["run", rs, "--until", "train", "--verify", "--set", "train.learning_rate=1e-3"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("was recorded with --set []") && err.contains("--expected FILE"), "{err}");
+
+    // A CI-sized variant gets its own file (--expected) that records its overrides; `tuner
+    // verify` reads them back from the run dir.
+    let var = d.path().join("variant.expected.json");
+    let vs = var.to_str().unwrap();
+    let (code, _, err) =
+        run(&["run", rs, "--until", "train", "--write-expected", "--expected", vs, "--set", "train.learning_rate=1e-3"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&var).unwrap()).unwrap();
+    assert_eq!(v["set"], serde_json::json!(["train.learning_rate=1e-3"]));
+    assert_ne!(v["adapter_sha256"], exp["adapter_sha256"], "the variant trains differently");
+    let (code, _, err) = run(&["verify", rd.to_str().unwrap(), "--expected", vs]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&["verify", rd.to_str().unwrap()]);
+    assert_eq!(code, 1, "the run dir now holds the variant: {err}");
+
+    // A silently changed training result fails until it is deliberately re-recorded.
+    let mut tampered = exp.clone();
+    tampered["adapter_sha256"] = Value::from("0".repeat(64));
+    tampered["train_final_loss"] = Value::from(exp["train_final_loss"].as_f64().unwrap() * 1.5);
+    std::fs::write(&exp_path, tampered.to_string()).unwrap();
+    let (code, _, err) = run(&["run", rs, "--until", "train", "--verify"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("does not reproduce") && err.contains("adapter_sha256: expected"), "{err}");
     assert!(err.contains("train_final_loss: expected"), "{err}");
+    std::fs::write(&exp_path, exp.to_string()).unwrap();
 
     // A different training run from a fresh, identical recipe reproduces bit for bit.
     let d2 = tmp();

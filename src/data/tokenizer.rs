@@ -64,6 +64,22 @@ impl Tok {
         self.tokenizer.encode(text, special).map(|e| e.get_ids().to_vec()).map_err(|e| format!("tokenizer failed: {e}"))
     }
 
+    /// The ids of the start of a sequence: `encode(text, true)`, except that text already starting
+    /// with the BOS token's text (a rendered chat template: Gemma, Llama 3) gets no second BOS —
+    /// what transformers does by tokenizing `apply_chat_template` output without special tokens.
+    pub fn encode_start(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut ids = self.encode(text, true)?;
+        let bos = self.bos_token.as_str();
+        if !bos.is_empty() && text.starts_with(bos) {
+            if let Some(id) = self.tokenizer.token_to_id(bos) {
+                if ids.len() >= 2 && ids[0] == id && ids[1] == id {
+                    ids.remove(0);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Decode ids to text, keeping special tokens visible.
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, false).unwrap_or_default()

@@ -123,16 +123,7 @@ impl Generator {
     /// Token ids of a prompt: `encode(text, add_special_tokens=true)`, except that a prompt
     /// that already starts with the BOS token's text (a rendered chat template) gets no second BOS.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.tok.encode(text, true).map_err(|e| anyhow!(e))?;
-        let bos = &self.tok.bos_token;
-        if !bos.is_empty() && text.starts_with(bos.as_str()) {
-            if let Some(id) = self.tok.tokenizer.token_to_id(bos) {
-                if ids.len() >= 2 && ids[0] == id && ids[1] == id {
-                    ids.remove(0);
-                }
-            }
-        }
-        Ok(ids)
+        self.tok.encode_start(text).map_err(|e| anyhow!(e))
     }
 
     /// Render messages with the model's chat template, `add_generation_prompt = true`.
@@ -231,7 +222,7 @@ impl Generator {
             .then(|| Tensor::zeros([n, vocab], (Kind::Bool, dev)).scatter_value(1, &input, 1));
         let mut cache = KvCache::new(self.model.num_layers());
         let mut active: Vec<usize> = (0..prompts.len()).collect();
-        let prefill = Batch { input_ids: input, attention_mask: mask.as_ref().map(Tensor::shallow_clone), position_ids: positions, seq_ids: None };
+        let prefill = Batch::at(input, mask.as_ref().map(Tensor::shallow_clone), positions);
         let mut logits = self.next_logits(&prefill, &mut cache);
         loop {
             let processed = sampling::process(&logits, seen.as_ref(), p);
@@ -262,7 +253,7 @@ impl Generator {
             }
             mask = mask.map(|m| Tensor::cat(&[&m, &m.ones_like().narrow(1, 0, 1)], 1));
             last_pos = &last_pos + 1; // not `+=`: last_pos is a view of the prefill positions, which a cache may hold
-            let batch = Batch { input_ids: next_t, attention_mask: mask.as_ref().map(Tensor::shallow_clone), position_ids: last_pos.shallow_clone(), seq_ids: None };
+            let batch = Batch::at(next_t, mask.as_ref().map(Tensor::shallow_clone), last_pos.shallow_clone());
             logits = self.next_logits(&batch, &mut cache);
         }
     }

@@ -24,8 +24,11 @@ pub(crate) struct Loader<'a> {
     pub weights: &'a Weights,
     /// Target dtype, device and load-time quantization.
     pub opts: &'a LoadOptions,
-    /// Module paths stored bnb-4bit (those with `<path>.weight.quant_state.*`).
+    /// Module paths stored bnb-4bit (those with `<path>.weight.quant_state.*`), as checkpoint keys.
     bnb: HashSet<String>,
+    /// `(module prefix, checkpoint prefix)`: names starting with the first are read from keys
+    /// starting with the second (e.g. `model.language_model.` from `language_model.model.`).
+    alias: Option<(String, String)>,
 }
 
 impl<'a> Loader<'a> {
@@ -36,19 +39,40 @@ impl<'a> Loader<'a> {
             .iter()
             .filter_map(|n| n.split_once(".weight.quant_state.").map(|(p, _)| p.to_string()))
             .collect();
-        Loader { weights, opts, bnb }
+        Loader { weights, opts, bnb, alias: None }
+    }
+
+    /// Read module paths under `module` from checkpoint keys under `checkpoint` instead.
+    pub fn with_alias(mut self, module: &str, checkpoint: &str) -> Loader<'a> {
+        if module != checkpoint {
+            self.alias = Some((module.to_string(), checkpoint.to_string()));
+        }
+        self
+    }
+
+    /// The checkpoint key of module path `name`.
+    pub fn key(&self, name: &str) -> String {
+        match &self.alias {
+            Some((m, c)) if name.starts_with(m.as_str()) => format!("{c}{}", &name[m.len()..]),
+            _ => name.to_string(),
+        }
+    }
+
+    /// Whether `<prefix>.weight` is stored bnb-4bit.
+    pub fn is_bnb(&self, prefix: &str) -> bool {
+        self.bnb.contains(&self.key(prefix))
     }
 
     /// A frozen dense tensor in the compute dtype on the target device.
     pub fn dense(&self, name: &str) -> Result<Tensor> {
-        let t = self.weights.get(name)?;
+        let t = self.weights.get(&self.key(name))?;
         Ok(t.to_device(self.opts.device).to_kind(self.opts.dtype).set_requires_grad(false))
     }
 
     /// A 4-bit weight from its bnb tensors, on the target device.
     fn bnb_weight(&self, prefix: &str) -> Result<QuantTensor> {
         let get = |n: &str| self.weights.try_get(n).ok().flatten();
-        let q = QuantTensor::from_bnb(prefix, &get)
+        let q = QuantTensor::from_bnb(&self.key(prefix), &get)
             .with_context(|| format!("cannot read the bnb-4bit weight of `{prefix}`"))?
             .with_context(|| format!("`{prefix}` has a quant_state but no readable bnb-4bit weight"))?;
         Ok(q.to_device(self.opts.device))
@@ -56,16 +80,23 @@ impl<'a> Loader<'a> {
 
     /// A dense `[out, in]` weight for `<prefix>.weight`, dequantized when stored 4-bit.
     pub fn dense_weight(&self, prefix: &str) -> Result<Tensor> {
-        if self.bnb.contains(prefix) {
+        if self.is_bnb(prefix) {
             return Ok(self.bnb_weight(prefix)?.dequantize(self.opts.dtype));
         }
         self.dense(&format!("{prefix}.weight"))
     }
 
+    /// A frozen linear that is never a LoRA target: bnb-4bit when stored so, else dense in the
+    /// compute dtype (never quantized at load).
+    pub fn frozen_linear(&self, prefix: &str) -> Result<Linear> {
+        let weight = if self.is_bnb(prefix) { Weight::Quant(self.bnb_weight(prefix)?) } else { Weight::Dense(self.dense(&format!("{prefix}.weight"))?) };
+        Ok(Linear { weight, bias: None, lora: None })
+    }
+
     /// A decoder linear: bnb-4bit when stored so; else dense, quantized now when
     /// `opts.quantize` asks for it. `bias` reads `<prefix>.bias`.
     pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        let weight = if self.bnb.contains(prefix) {
+        let weight = if self.is_bnb(prefix) {
             Weight::Quant(self.bnb_weight(prefix)?)
         } else {
             let w = self.dense(&format!("{prefix}.weight"))?;
@@ -236,12 +267,18 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, 
 /// (true = attend, `None`: all keys). Returns `[B, T, nh·d]`. Used for decoding steps, where
 /// S grows by one per call: fused SDPA backends that plan per shape (cuDNN) would re-plan
 /// every step.
-pub(crate) fn attend_eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
+///
+/// `softcap` (Gemma 2's `attn_logit_softcapping`) bounds the scores to `tanh(s/c)·c` before the
+/// mask, as HF's eager path does; SDPA has no such step, so softcapped families always come here.
+pub(crate) fn attend_eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Tensor {
     let (b, nh, t, d) = q.size4().unwrap_or_default();
     let (nkv, s) = (k.size()[1], k.size()[2]);
     let g = nh / nkv;
     let qg = q.reshape([b, nkv, g * t, d]); // query head h = kv head h / g, row (h % g)·T + t
     let mut scores = qg.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) * scale; // (B, nkv, g·T, S)
+    if let Some(c) = softcap {
+        scores = (scores / c).tanh() * c;
+    }
     if let Some(m) = mask {
         let hidden = m.logical_not().unsqueeze(2); // (B, 1, 1, T, S)
         scores = scores.view([b, nkv, g, t, s]).masked_fill(&hidden, f64::NEG_INFINITY).view([b, nkv, g * t, s]);

@@ -1,9 +1,10 @@
 //! HF `config.json` → a normalized [`Config`] for the decoder families we run.
 //!
-//! Reference: transformers `configuration_{llama,mistral,qwen2,qwen3}.py` and
-//! `modeling_rope_utils.py` (arch-spec §3). Field names equal the config.json keys.
-//! Both the classic layout (`rope_theta` + `rope_scaling`) and the transformers-5
-//! layout (`rope_parameters: {rope_theta, rope_type, …}`) are read.
+//! Reference: transformers `configuration_{llama,mistral,qwen2,qwen3,gemma2,gemma3,gemma3n}.py`
+//! and `modeling_rope_utils.py` (arch-spec §1–3). Field names equal the config.json keys.
+//! Both the classic layout (`rope_theta` + `rope_scaling`, Gemma's `rope_local_base_freq`) and
+//! the transformers-5 layout (`rope_parameters: {rope_theta, rope_type, …}`, or one such table
+//! per layer type) are read. A multimodal Gemma 3 / 3n config is read through its `text_config`.
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// Model families this module can build, by their `model_type`.
-pub const SUPPORTED: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED: [&str; 7] = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3n_text"];
 
 /// How RoPE frequencies are rescaled (`rope_scaling.rope_type`).
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +94,47 @@ pub struct Config {
     pub max_position_embeddings: i64,
     /// Present for pre-quantized checkpoints.
     pub quantization_config: Option<QuantizationConfig>,
+    /// `hidden_act` / `hidden_activation`: `silu` or `gelu_pytorch_tanh`.
+    pub hidden_act: String,
+    /// Per layer: true for a sliding-window layer (`layer_types`); empty for the families whose
+    /// window (if any) applies to every layer.
+    pub layer_sliding: Vec<bool>,
+    /// RoPE base of sliding layers (`rope_local_base_freq`, or `rope_parameters.sliding_attention`);
+    /// their rope type is the default one.
+    pub rope_local_theta: Option<f64>,
+    /// Gemma 2 `attn_logit_softcapping`: scores become `tanh(s/c)·c`.
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma `final_logit_softcapping`: logits become `tanh(l/c)·c`.
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 2/3 `query_pre_attn_scalar`: attention scale `s^-0.5`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// MLP width per layer (Gemma 3n may give a list; else `intermediate_size` repeated).
+    pub intermediate_sizes: Vec<i64>,
+    /// Gemma 3n's extra fields.
+    pub gemma3n: Option<Gemma3nConfig>,
+}
+
+/// The Gemma 3n text fields (arch-spec §1.1).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gemma3nConfig {
+    /// Width of one layer's per-layer input (P, 256 for E4B).
+    pub hidden_size_per_layer_input: i64,
+    /// Rows of `embed_tokens_per_layer`.
+    pub vocab_size_per_layer_input: i64,
+    /// The last this-many layers reuse an earlier layer's K/V.
+    pub num_kv_shared_layers: i64,
+    /// Per layer: the Gaussian top-k sparsity target of the MLP gate (0 = off).
+    pub activation_sparsity_pattern: Vec<f64>,
+    /// AltUp streams (4).
+    pub altup_num_inputs: i64,
+    /// The stream the layer computes on (0).
+    pub altup_active_idx: i64,
+    /// Clamp of the AltUp coefficient weights.
+    pub altup_coef_clip: Option<f64>,
+    /// Scale the corrected active stream by `correct_output_scale`.
+    pub altup_correct_scale: bool,
+    /// LAuReL rank.
+    pub laurel_rank: i64,
 }
 
 #[derive(Deserialize)]
@@ -102,7 +144,7 @@ struct Raw {
     num_attention_heads: i64,
     num_key_value_heads: Option<i64>,
     head_dim: Option<i64>,
-    intermediate_size: i64,
+    intermediate_size: Value,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
@@ -113,6 +155,13 @@ struct Raw {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<i64>,
+    rope_local_base_freq: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    query_pre_attn_scalar: Option<f64>,
     vocab_size: i64,
     bos_token_id: Option<i64>,
     eos_token_id: Option<Value>,
@@ -131,17 +180,41 @@ impl Config {
 
     /// Normalize the text of a config.json.
     pub fn from_json(text: &str) -> Result<Config> {
-        let value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
-        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        let mut value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let mut model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        // Multimodal Gemma 3 / 3n: the decoder is described by `text_config`.
+        if model_type == "gemma3" || model_type == "gemma3n" {
+            let mut tc = value.get("text_config").cloned().filter(Value::is_object).with_context(|| {
+                format!("model type `{model_type}` needs a `text_config` object (the text decoder's config)")
+            })?;
+            let top = value.as_object().cloned().unwrap_or_default();
+            let obj = tc.as_object_mut().expect("checked above");
+            for key in ["quantization_config", "eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings"] {
+                if let Some(v) = top.get(key) {
+                    obj.entry(key).or_insert_with(|| v.clone());
+                }
+            }
+            model_type = format!("{model_type}_text");
+            obj.insert("model_type".into(), Value::from(model_type.clone()));
+            value = tc;
+        }
         if !SUPPORTED.contains(&model_type.as_str()) {
             bail!("model type `{model_type}` is not supported; supported: {}", SUPPORTED.join(", "));
         }
+        let gemma3n: Option<Gemma3nConfig> = if model_type == "gemma3n_text" {
+            Some(serde_json::from_value(value.clone()).context("config.json misses a Gemma 3n field")?)
+        } else {
+            None
+        };
         let raw: Raw = serde_json::from_value(value).context("config.json misses a required field")?;
         let family = model_type.clone();
         let t = family.as_str();
-        let act = raw.hidden_act.as_deref().unwrap_or("silu");
-        if act != "silu" {
-            bail!("hidden_act `{act}` is not supported for {t} (expected `silu`)");
+        let gemma = t.starts_with("gemma");
+        // Gemma reads `hidden_activation` (its `hidden_act` is a legacy field HF ignores).
+        let act = if gemma { raw.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh") } else { raw.hidden_act.as_deref().unwrap_or("silu") };
+        let want = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+        if act != want {
+            bail!("hidden_act `{act}` is not supported for {t} (expected `{want}`)");
         }
         if raw.num_attention_heads <= 0 || (raw.head_dim.is_none() && raw.hidden_size % raw.num_attention_heads != 0) {
             bail!(
@@ -157,19 +230,90 @@ impl Config {
                 raw.num_attention_heads
             );
         }
+        let n = raw.num_hidden_layers;
         let rope_params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
+        // transformers 5 may give one rope table per layer type.
+        let per_type = rope_params.filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+        let full_params = match per_type {
+            Some(p) => p.get("full_attention").filter(|v| v.is_object()),
+            None => rope_params,
+        };
+        let default_theta = match t {
+            "qwen2" | "qwen3" | "gemma3_text" | "gemma3n_text" => 1e6,
+            _ => 1e4,
+        };
         let rope_theta = raw
             .rope_theta
-            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(if t == "qwen2" || t == "qwen3" { 1e6 } else { 1e4 });
-        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref().or(rope_params))?;
+            .or_else(|| full_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(default_theta);
+        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(full_params))?;
+        let rope_local_theta = match t {
+            "gemma3_text" | "gemma3n_text" => {
+                let local = per_type.and_then(|p| p.get("sliding_attention")).filter(|v| v.is_object());
+                if let Some(l) = local {
+                    if parse_rope_scaling(Some(l))? != RopeScaling::None {
+                        bail!("rope_parameters.sliding_attention: only the default rope type is supported on sliding layers");
+                    }
+                }
+                Some(raw.rope_local_base_freq.or_else(|| local.and_then(|l| l.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(1e4))
+            }
+            _ => None,
+        };
         let sliding_window = match t {
-            "mistral" => raw.sliding_window,
+            "mistral" | "gemma2" | "gemma3_text" | "gemma3n_text" => raw.sliding_window,
             "qwen2" | "qwen3" if raw.use_sliding_window == Some(true) => {
                 bail!("use_sliding_window = true is not supported for {t}")
             }
             _ => None,
         };
+        let layer_sliding: Vec<bool> = if gemma {
+            match &raw.layer_types {
+                Some(types) => {
+                    if types.len() as i64 != n {
+                        bail!("layer_types has {} entries but num_hidden_layers is {n}", types.len());
+                    }
+                    types
+                        .iter()
+                        .map(|s| match s.as_str() {
+                            "sliding_attention" => Ok(true),
+                            "full_attention" => Ok(false),
+                            other => bail!("layer_types: `{other}` is not supported (expected sliding_attention or full_attention)"),
+                        })
+                        .collect::<Result<_>>()?
+                }
+                None => {
+                    let pattern = match t {
+                        "gemma2" => 2,
+                        "gemma3n_text" => 5,
+                        _ => raw.sliding_window_pattern.unwrap_or(6),
+                    };
+                    (0..n).map(|i| (i + 1) % pattern != 0).collect()
+                }
+            }
+        } else {
+            vec![]
+        };
+        let intermediate_sizes: Vec<i64> = match &raw.intermediate_size {
+            Value::Array(items) => {
+                let v: Vec<i64> = items.iter().filter_map(Value::as_i64).collect();
+                if v.len() != items.len() || v.len() as i64 != n {
+                    bail!("intermediate_size is a list of {} entries; expected {n} integers (one per layer)", items.len());
+                }
+                v
+            }
+            v => vec![v.as_i64().context("intermediate_size must be an integer or a list of integers")?; n as usize],
+        };
+        if let Some(g) = &gemma3n {
+            if g.activation_sparsity_pattern.len() as i64 != n {
+                bail!("activation_sparsity_pattern has {} entries; expected {n}", g.activation_sparsity_pattern.len());
+            }
+            if g.altup_num_inputs < 2 || g.altup_active_idx != 0 {
+                bail!("altup_num_inputs {} / altup_active_idx {}: only ≥ 2 streams with active index 0 are supported", g.altup_num_inputs, g.altup_active_idx);
+            }
+            if g.num_kv_shared_layers < 0 || g.num_kv_shared_layers >= n {
+                bail!("num_kv_shared_layers {} must be below num_hidden_layers {n}", g.num_kv_shared_layers);
+            }
+        }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match t {
             "qwen2" => (true, false),
@@ -181,19 +325,25 @@ impl Config {
             Some(Value::Array(items)) => items.iter().filter_map(Value::as_i64).collect(),
             Some(v) => v.as_i64().into_iter().collect(),
         };
+        let (attn_softcap, final_softcap) = match t {
+            "gemma2" => (raw.attn_logit_softcapping, raw.final_logit_softcapping),
+            "gemma3_text" => (raw.attn_logit_softcapping, raw.final_logit_softcapping),
+            "gemma3n_text" => (None, raw.final_logit_softcapping),
+            _ => (None, None),
+        };
         Ok(Config {
             model_type,
             hidden_size: raw.hidden_size,
-            num_hidden_layers: raw.num_hidden_layers,
+            num_hidden_layers: n,
             num_attention_heads: raw.num_attention_heads,
             num_key_value_heads,
             head_dim: raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads),
-            intermediate_size: raw.intermediate_size,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(if t == "qwen2" || t == "qwen3" { 1e-6 } else { 1e-5 }),
+            intermediate_size: intermediate_sizes.iter().copied().max().unwrap_or(0),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(if t == "qwen2" || t == "qwen3" || gemma { 1e-6 } else { 1e-5 }),
             rope_theta,
             rope_scaling,
             sliding_window,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias,
             o_bias,
             mlp_bias: t == "llama" && raw.mlp_bias.unwrap_or(false),
@@ -203,7 +353,24 @@ impl Config {
             pad_token_id: raw.pad_token_id,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             quantization_config: raw.quantization_config,
+            hidden_act: act.to_string(),
+            layer_sliding,
+            rope_local_theta,
+            attn_logit_softcapping: attn_softcap,
+            final_logit_softcapping: final_softcap,
+            query_pre_attn_scalar: if gemma && t != "gemma3n_text" { Some(raw.query_pre_attn_scalar.unwrap_or(256.0)) } else { None },
+            intermediate_sizes,
+            gemma3n,
         })
+    }
+
+    /// Whether layer `i` attends through a sliding window (per `layer_types`, or every layer
+    /// when the family's window is global).
+    pub fn is_sliding(&self, i: usize) -> bool {
+        match self.layer_sliding.get(i) {
+            Some(&s) => s && self.sliding_window.is_some(),
+            None => self.sliding_window.is_some(),
+        }
     }
 
     /// True when the checkpoint carries bitsandbytes 4-bit weights.

@@ -42,7 +42,7 @@ pub(crate) trait Attention {
         // each time (~50 ms per call on an H200).
         let o = if t == 1 || b * nh * t * s <= EAGER_MAX_SCORES {
             let causal = (mask.is_none() && t > 1).then(|| cached_attention_mask(None, b, t, s, None, x.device()));
-            attend_eager(&q, &k, &v, mask.or(causal.as_ref()), self.scale())
+            attend_eager(&q, &k, &v, mask.or(causal.as_ref()), self.scale(), None)
         } else {
             attend_kv(&q, &k, &v, mask, t > 1, self.scale())
         };

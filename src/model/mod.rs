@@ -1,14 +1,16 @@
 //! Decoder-only language models on libtorch, built layer by layer so the trainer can
 //! checkpoint activations per layer.
 //!
-//! Reference: HF transformers `modeling_{llama,mistral,qwen2,qwen3}.py` (arch-spec §0, §3),
+//! Reference: HF transformers `modeling_{llama,mistral,qwen2,qwen3,gemma2,gemma3,gemma3n}.py`
+//! (arch-spec §0–3),
 //! PEFT LoRA (§5), bitsandbytes 4-bit checkpoints (§4). Module paths and tensor names equal
 //! the HF checkpoint keys (`model.layers.0.self_attn.q_proj`), so load, LoRA injection,
 //! merge and export map name to name.
 //!
 //! Files: [`config`] (config.json), [`weights`] (safetensors), [`linear`] (dense/4-bit linear +
 //! LoRA), `blocks` (norm, MLP, RoPE, masks, attention core), `decoder` (the shared model
-//! skeleton), one file per family (`llama`, `mistral`, `qwen2`, `qwen3`), [`lora`], and
+//! skeleton), one file per family (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3`,
+//! `gemma3n`), [`lora`], and
 //! [`kv_cache`] (the per-layer K/V cache for generation).
 
 pub mod config;
@@ -19,6 +21,9 @@ pub mod weights;
 
 mod blocks;
 mod decoder;
+mod gemma2;
+mod gemma3;
+mod gemma3n;
 mod llama;
 mod mistral;
 mod qwen2;
@@ -56,6 +61,9 @@ pub struct Batch {
     pub position_ids: Tensor,
     /// `[B, T]` document id for packing: attention stays within a document.
     pub seq_ids: Option<Tensor>,
+    /// Per-batch constants a family derives from the ids once and reuses in every layer (and
+    /// in every recomputation under checkpointing): Gemma 3n's per-layer inputs `[B, T, L, P]`.
+    pub per_layer_inputs: std::cell::OnceCell<Tensor>,
 }
 
 impl Batch {
@@ -64,7 +72,12 @@ impl Batch {
     pub fn new(input_ids: Tensor, attention_mask: Option<Tensor>) -> Batch {
         let (b, t) = input_ids.size2().unwrap_or((1, input_ids.size()[0]));
         let position_ids = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], true);
-        Batch { input_ids, attention_mask, position_ids, seq_ids: None }
+        Batch::at(input_ids, attention_mask, position_ids)
+    }
+
+    /// A padded batch with explicit RoPE positions `[B, T]` (e.g. new tokens after a KV cache).
+    pub fn at(input_ids: Tensor, attention_mask: Option<Tensor>, position_ids: Tensor) -> Batch {
+        Batch { input_ids, attention_mask, position_ids, seq_ids: None, per_layer_inputs: Default::default() }
     }
 
     /// A packed batch: `seq_ids` `[B, T]` gives each token its document (one id per document,
@@ -78,7 +91,7 @@ impl Batch {
         let _ = starts.narrow(1, 0, 1).fill_(1);
         let start_idx = idx.where_self(&starts, &idx.zeros_like()).cummax(1).0;
         let position_ids = &idx - start_idx;
-        Batch { input_ids, attention_mask: None, position_ids, seq_ids: Some(seq_ids) }
+        Batch { input_ids, attention_mask: None, position_ids, seq_ids: Some(seq_ids), per_layer_inputs: Default::default() }
     }
 }
 
@@ -120,12 +133,11 @@ pub trait CausalLm {
         let positions = batch.position_ids.to_device(device);
         let (h_all, pos_all) = cache.append(i, h, &positions, 1);
         let s = h_all.size()[1];
-        let full = Batch {
-            input_ids: Tensor::zeros([b, s], (Kind::Int64, device)),
-            attention_mask: batch.attention_mask.as_ref().map(Tensor::shallow_clone),
-            position_ids: pos_all,
-            seq_ids: None,
-        };
+        let full = Batch::at(
+            Tensor::zeros([b, s], (Kind::Int64, device)),
+            batch.attention_mask.as_ref().map(Tensor::shallow_clone),
+            pos_all,
+        );
         self.layer(i, &h_all, &full, false).narrow(1, s - t, t)
     }
     /// Embed → layers with the cache ([`CausalLm::layer_cached`]) → norm → logits of the new
@@ -157,8 +169,21 @@ fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
         "mistral" => Box::new(mistral::load(config, &weights, opts)?),
         "qwen2" => Box::new(qwen2::load(config, &weights, opts)?),
         "qwen3" => Box::new(qwen3::load(config, &weights, opts)?),
+        "gemma2" => Box::new(gemma2::load(config, &weights, opts)?),
+        "gemma3_text" => Box::new(gemma3::load(config, &weights, opts)?),
+        "gemma3n_text" => Box::new(gemma3n::load(config, &weights, opts)?),
         other => anyhow::bail!("model type `{other}` is not supported; supported: {}", config::SUPPORTED.join(", ")),
     };
+    // A multimodal checkpoint's other towers are not read by the text decoder.
+    let (_, stored) = gemma2::decoder_prefix(&weights);
+    let towers = weights
+        .names()
+        .into_iter()
+        .filter(|n| !n.starts_with(&format!("{stored}.")) && !n.starts_with("lm_head.") && weights.ignore(n))
+        .count();
+    if towers > 0 {
+        log::info!("{towers} tensors outside the text decoder (vision/audio towers) were skipped");
+    }
     let tied = model.config().tie_word_embeddings;
     let expected_unused = |n: &str| n.ends_with("rotary_emb.inv_freq") || (tied && n == "lm_head.weight");
     let unused: Vec<String> = weights.unused().into_iter().filter(|n| !expected_unused(n)).collect();

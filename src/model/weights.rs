@@ -108,6 +108,16 @@ impl Weights {
         Ok(Some(t))
     }
 
+    /// Mark `name` as deliberately not read (e.g. a tower the text decoder does not use, or
+    /// weights the family recomputes); returns whether the checkpoint holds it.
+    pub fn ignore(&self, name: &str) -> bool {
+        let held = self.index.contains_key(name);
+        if held {
+            self.used.borrow_mut().insert(name.to_string());
+        }
+        held
+    }
+
     /// Names never read through [`Weights::get`]/[`Weights::try_get`], sorted.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();

@@ -109,6 +109,9 @@ pub struct RunRecord {
     pub libtorch_version: String,
     /// Per stage: what it recorded (model revision and hashes, data hashes, tokenizer hash…).
     pub stages: serde_json::Map<String, serde_json::Value>,
+    /// The `--set` overrides of the last `tuner run` on this dir.
+    #[serde(default)]
+    pub overrides: Vec<String>,
 }
 
 /// Merge `value` under `stage` into the run record (atomically rewritten).
@@ -139,6 +142,7 @@ pub fn run(ctx: &RunContext, opts: &RunOptions) -> Result<()> {
     let mut rec: RunRecord = util::read_json(&rec_path).unwrap_or_default();
     rec.recipe_path = std::fs::canonicalize(&ctx.recipe.path).unwrap_or(ctx.recipe.path.clone()).display().to_string();
     rec.tuner_version = env!("CARGO_PKG_VERSION").into();
+    rec.overrides = ctx.recipe.overrides.clone();
     rec.libtorch_version = libtorch_version();
     util::write_json_atomic(&rec_path, &rec)?;
     log::info!("run dir: {}", ctx.run_dir.display());

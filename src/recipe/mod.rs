@@ -22,6 +22,8 @@ pub struct Loaded {
     pub path: PathBuf,
     /// The folder relative paths resolve against.
     pub dir: PathBuf,
+    /// The `--set KEY=VALUE` overrides applied on top of the file, in order.
+    pub overrides: Vec<String>,
 }
 
 impl Loaded {
@@ -156,7 +158,7 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
     if !diags.is_empty() {
         return Err(Failure::Usage(RecipeErrors(diags).to_string().trim_end().to_string()).into());
     }
-    Ok(Loaded { recipe, path: path.to_path_buf(), dir })
+    Ok(Loaded { recipe, path: path.to_path_buf(), dir, overrides: overrides.to_vec() })
 }
 
 impl Recipe {

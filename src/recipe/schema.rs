@@ -154,7 +154,8 @@ pub struct PromptSection {
     pub system: String,
     /// Mask prompt tokens out of the loss (labels -100).
     pub train_on_responses_only: bool,
-    /// Append EOS (or the end-of-turn token) to every response, trained.
+    /// Append EOS to every response, trained. Chat templates ("chat", "chatml") end responses
+    /// with their own end-of-turn token instead, which is trained either way.
     pub add_eos: bool,
 }
 

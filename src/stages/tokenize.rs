@@ -45,7 +45,7 @@ pub struct ShardInfo {
 }
 
 /// Encode one row into an example: template segments tokenized one by one,
-/// EOS appended, prompt labels masked, truncated. Ok(None) when nothing is trained.
+/// EOS appended (not after a chat template's end-of-turn marker), prompt labels masked, truncated. Ok(None) when nothing is trained.
 pub fn encode_row(
     fields: &serde_json::Map<String, serde_json::Value>,
     renderer: &Renderer,
@@ -58,13 +58,15 @@ pub fn encode_row(
     let mut ids: Vec<i32> = vec![];
     let mut labels: Vec<i32> = vec![];
     for (i, seg) in segs.iter().enumerate() {
-        let part = tok.encode(&seg.text, i == 0)?;
+        let part = if i == 0 { tok.encode_start(&seg.text)? } else { tok.encode(&seg.text, false)? };
         for t in part {
             ids.push(t as i32);
             labels.push(if seg.trained || !responses_only { t as i32 } else { -100 });
         }
     }
-    if add_eos && ids.last() != Some(&(tok.eos_id as i32)) {
+    // Chat templates end each response with their own end-of-turn marker (`<|im_end|>`,
+    // `<end_of_turn>`, `<|eot_id|>`), which is trained and stops generation: nothing is appended.
+    if add_eos && !renderer.is_chat() && ids.last() != Some(&(tok.eos_id as i32)) {
         ids.push(tok.eos_id as i32);
         labels.push(tok.eos_id as i32);
     }

@@ -1,0 +1,162 @@
+//! Gemma 3n training: checkpointed gradients through KV sharing and AltUp equal plain autograd
+//! and finite differences, a pre-quantized multimodal-layout checkpoint trains on the CPU with
+//! PEFT keys under `model.language_model`, and Gemma's chat template trains `<end_of_turn>`,
+//! which also stops generation. (HF logit parity of the Gemma families lives in `model`,
+//! `score` and `generate`.)
+
+use crate::common::*;
+use serde_json::Value;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+use tuner::model::{self, lora, CausalLm};
+use tuner::train::{data, step};
+
+fn load_gemma3n(quantize: bool) -> Box<dyn CausalLm> {
+    let quantize = quantize.then_some((tuner::quant::QuantType::Nf4, 64, true));
+    let mut m = model::load(
+        &repo().join("tests/fixtures/models/gemma3n"),
+        &model::LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize },
+    )
+    .unwrap();
+    let spec = lora::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: lora::Targets::AllLinear };
+    lora::attach(m.as_mut(), &spec, 5).unwrap();
+    tch::manual_seed(3);
+    let _g = tch::no_grad_guard();
+    for p in lora::trainable_parameters(m.as_ref()) {
+        if p.size()[1] == 4 {
+            let mut p = p;
+            let _ = p.copy_(&(Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.1));
+        }
+    }
+    m
+}
+
+/// Two rows longer than the sliding window (4), of different lengths (padding), ids < 296.
+fn batch() -> Vec<data::MicroBatch> {
+    let rows: Vec<Vec<i64>> = vec![(0..14).map(|k| (k * 29 + 5) % 290).collect(), (0..10).map(|k| (k * 17 + 40) % 290).collect()];
+    let labels = rows.iter().map(|r| r.iter().enumerate().map(|(k, x)| if k < 3 { -100 } else { *x }).collect()).collect();
+    vec![data::MicroBatch { input_ids: rows, labels, seq_ids: None }]
+}
+
+fn grads(m: &dyn CausalLm, checkpointing: bool) -> (f64, Vec<(String, Tensor)>) {
+    for (_, p) in named_params(m) {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0 };
+    let r = step::forward_backward(m, &batch(), 0, &o);
+    (r.loss, named_params(m).into_iter().map(|(n, p)| (n, p.grad().copy())).collect())
+}
+
+fn named_params(m: &dyn CausalLm) -> Vec<(String, Tensor)> {
+    let mut out = vec![];
+    for (name, lin) in m.linears() {
+        if let Some(l) = &lin.lora {
+            out.push((format!("{name}.lora_A"), l.a.shallow_clone()));
+            out.push((format!("{name}.lora_B"), l.b.shallow_clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn gemma3n_checkpointed_gradients_equal_autograd_and_reach_the_kv_producers() {
+    for quantize in [false, true] {
+        let m = load_gemma3n(quantize);
+        let (l_plain, g_plain) = grads(m.as_ref(), false);
+        let (l_ck, g_ck) = grads(m.as_ref(), true);
+        assert!((l_plain - l_ck).abs() < 1e-5 * l_plain, "loss {l_plain} vs {l_ck}");
+        for ((n, a), (_, b)) in g_plain.iter().zip(&g_ck) {
+            let scale = a.abs().max().double_value(&[]);
+            assert!(scale > 0.0, "{n}: no gradient");
+            let e = (a - b).abs().max().double_value(&[]) / scale;
+            assert!(e < 1e-4, "{n} (nf4 {quantize}): checkpointed gradient differs by {e:.2e} relative");
+        }
+    }
+    // Finite differences along the gradient of the sliding producer's k_proj (layer 1; layers 3
+    // and 4 read its K): the analytic gradient must include the sharers' paths.
+    let m = load_gemma3n(false);
+    let (loss, g) = grads(m.as_ref(), true);
+    let (name, grad) = g.iter().find(|(n, _)| n == "model.layers.1.self_attn.k_proj.lora_B").unwrap();
+    let norm = grad.norm().double_value(&[]);
+    let dir = grad / norm;
+    let param = named_params(m.as_ref()).into_iter().find(|(n, _)| n == name).unwrap().1;
+    let eps = 1e-2;
+    let eval = |delta: f64| {
+        let _g = tch::no_grad_guard();
+        let mut p = param.shallow_clone();
+        let _ = p.g_add_(&(&dir * delta));
+        let o = step::StepOptions { checkpointing: false, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0 };
+        let (nll, n) = step::eval_nll(m.as_ref(), &batch()[0], &o);
+        let _ = p.g_add_(&(&dir * -delta));
+        nll / n as f64
+    };
+    let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+    assert!((eval(0.0) - loss).abs() < 1e-5 * loss);
+    assert!((fd - norm).abs() < 0.02 * norm, "finite difference {fd:.6} vs analytic {norm:.6}");
+}
+
+fn metrics(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("train/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn a_bnb_gemma3n_checkpoint_in_the_multimodal_layout_trains_on_cpu() {
+    let d = tmp();
+    let model = fixture_model("gemma3n-bnb4", &d.path().join("model"));
+    let chat = repo().join("datasets/chat/train.jsonl");
+    let extra = "micro_batch_size = 4\ngradient_accumulation_steps = 2\nlearning_rate = 1e-2\nwarmup_steps = 1\n\n[prompt]\ntemplate = \"chat\"\n\n[lora]\nr = 8\nalpha = 16\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n";
+    let r = tiny_recipe(d.path(), &model, &chat, extra);
+    let text = std::fs::read_to_string(&r).unwrap().replace("max_seq_length = 1024", "max_seq_length = 128").replace("max_steps = 2", "max_steps = 16");
+    std::fs::write(&r, text).unwrap();
+    let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train"]);
+    assert_eq!(code, 0, "{err}");
+    let rd = d.path().join("runs/t");
+    let m = metrics(&rd);
+    let mean = |s: &[Value]| s.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&m[..3]), mean(&m[13..]));
+    assert!(last < 0.8 * first, "loss {first:.3} → {last:.3}");
+    let tensors = Tensor::read_safetensors(rd.join("train/adapter/adapter_model.safetensors")).unwrap();
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"), "{names:?}");
+    assert!(names.contains(&"base_model.model.model.language_model.layers.2.self_attn.v_proj.lora_B.weight"));
+    assert!(!names.iter().any(|n| n.contains("layers.3.self_attn.k_proj") || n.contains("layers.5.self_attn.v_proj")), "no LoRA on KV-shared k/v");
+    assert_eq!(names.len(), 2 * (6 * 7 - 3 * 2));
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(rd.join("train/adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 8);
+}
+
+#[test]
+fn gemma_chat_template_trains_end_of_turn_and_generation_stops_on_it() {
+    let d = tmp();
+    let model = fixture_model("gemma3n", &d.path().join("model"));
+    let chat = repo().join("datasets/chat/train.jsonl");
+    let r = tiny_recipe(d.path(), &model, &chat, "\n[prompt]\ntemplate = \"chat\"\n");
+    let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "tokenize"]);
+    assert_eq!(code, 0, "{err}");
+    let tok = tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+    let ex = &tuner::data::shards::read(&d.path().join("runs/t/tokenize/train-00000.arrow")).unwrap()[0];
+    let decode = |ids: &[i32]| tok.decode(&ids.iter().map(|t| *t as u32).collect::<Vec<_>>(), false).unwrap();
+    assert!(decode(&ex.input_ids).starts_with("<bos><start_of_turn>user\n"), "{}", decode(&ex.input_ids));
+    let mut runs = vec![];
+    let mut cur = vec![];
+    for (t, l) in ex.input_ids.iter().zip(&ex.labels) {
+        if *l != -100 {
+            cur.push(*t);
+        } else if !cur.is_empty() {
+            runs.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        runs.push(cur);
+    }
+    assert!(runs.len() >= 2, "two assistant turns");
+    for run in &runs {
+        let text = decode(run);
+        assert!(text.ends_with("<end_of_turn>") && !text.contains("<start_of_turn>") && !text.contains("user"), "{text:?}");
+    }
+    let g = tuner::generate::Generator::load(&model, None, tuner::recipe::Dtype::Fp32, Device::Cpu, &d.path().join("cache")).unwrap();
+    assert!(g.eos_ids.contains(&tok.token_to_id("<end_of_turn>").unwrap()), "{:?}", g.eos_ids);
+}
