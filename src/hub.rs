@@ -1251,7 +1251,23 @@ pub fn select_split_files<S: AsRef<str>>(names: &[S], config: Option<&str>, spli
             return v;
         }
     }
-    fuzzy(None)
+    let v = fuzzy(None);
+    if !v.is_empty() || split != "train" || config.is_some() {
+        return v;
+    }
+    // A repo whose only data file carries no split name (yahma/alpaca-cleaned's
+    // `alpaca_data_cleaned.json`) is one `train` split, as `datasets` reads it.
+    let data: Vec<String> = names
+        .iter()
+        .map(|n| n.as_ref())
+        .filter(|n| !n.starts_with('.') && [".json", ".jsonl", ".parquet", ".csv"].iter().any(|e| n.ends_with(e)))
+        .map(str::to_string)
+        .collect();
+    if data.len() == 1 {
+        data
+    } else {
+        vec![]
+    }
 }
 
 /// The files of `split` in the hub's parquet conversion (`refs/convert/parquet`), sorted.

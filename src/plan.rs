@@ -8,7 +8,10 @@
 //! gradients and optimizer states, the per-layer inputs kept by activation
 //! checkpointing (or every layer's activations without it), the working set of
 //! one layer during recompute and backward (attention scores included), one
-//! dequantized weight, the cross-entropy chunk, and the runtime itself.
+//! dequantized weight, the cross-entropy chunk, and the runtime itself. For Gemma 3n also the
+//! AltUp/LAuReL/per-layer-input weights, the N-stream layer inputs (plus the carried shared K/V),
+//! the per-batch per-layer inputs, and the per-layer embedding table, which stays in host
+//! memory (listed apart from a GPU's total).
 
 use crate::recipe::{Loaded, QuantMethod, Source};
 use crate::train::optim::AdamW;
@@ -27,6 +30,12 @@ pub struct Shape {
     pub head_dim: i64,
     pub vocab: i64,
     pub tied: bool,
+    /// AltUp streams carried between layers (Gemma 3n: 4; else 1).
+    #[serde(default)]
+    pub streams: i64,
+    /// Gemma 3n: (vocab_size_per_layer_input, hidden_size_per_layer_input, laurel_rank, KV-shared layers).
+    #[serde(default)]
+    pub gemma3n: Option<(i64, i64, i64, i64)>,
 }
 
 impl Shape {
@@ -42,6 +51,8 @@ impl Shape {
             head_dim: c.head_dim,
             vocab: c.vocab_size,
             tied: c.tie_word_embeddings,
+            streams: c.gemma3n.as_ref().map_or(1, |g| g.altup_num_inputs),
+            gemma3n: c.gemma3n.as_ref().map(|g| (g.vocab_size_per_layer_input, g.hidden_size_per_layer_input, g.laurel_rank, g.num_kv_shared_layers)),
         })
     }
 
@@ -58,6 +69,8 @@ impl Shape {
             head_dim: p.head_dim as i64,
             vocab: p.vocab_size as i64,
             tied: p.tie_word_embeddings,
+            streams: 1,
+            gemma3n: None,
         })
     }
 
@@ -86,6 +99,8 @@ pub struct Plan {
     pub items: Vec<Item>,
     /// Resident only while loading (on top of the runtime and the base weights).
     pub load_items: Vec<Item>,
+    /// In host memory while the model trains on a GPU (not part of the GPU total).
+    pub host_items: Vec<Item>,
     pub train_bytes: u64,
     pub load_bytes: u64,
     /// max(train, load): the expected peak.
@@ -150,6 +165,19 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let emb = s.vocab * s.hidden * dt * if s.tied { 1 } else { 2 };
     add("embeddings + lm_head", emb, if s.tied { "tied".into() } else { "untied".into() });
     add("norms", (2 * s.layers + 1) * s.hidden * dt, String::new());
+    let mut host_items = vec![];
+    if let Some((vp, p, rank, _)) = s.gemma3n {
+        let n = s.streams;
+        let extras = 2 * (n - 1) * s.hidden * s.hidden + s.hidden * s.layers * p + s.layers * (2 * s.hidden * rank + 2 * s.hidden * p + n * n * n + s.hidden * n + 6 * s.hidden);
+        add("Gemma 3n AltUp, LAuReL, per-layer projections", extras * dt, format!("{extras} params, dense"));
+        add("per-layer inputs of a batch", tokens * s.layers * p * dt * 2, format!("{b}×{seq}×{}×{p}: table rows + projection", s.layers));
+        let table = Item { component: "per-layer embedding table".into(), bytes: (vp * s.layers * p * dt) as u64, note: format!("{vp} × {} in host memory, rows gathered per batch", s.layers * p) };
+        if device.is_cuda() {
+            host_items.push(table);
+        } else {
+            add(&table.component, table.bytes as i64, table.note);
+        }
+    }
 
     // Adapters, gradients, optimizer.
     let spec = crate::train::lora_spec(r);
@@ -173,12 +201,15 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let q = s.heads * s.head_dim;
     let kv = s.kv_heads * s.head_dim;
     let scores = b * s.heads * seq * seq * 4 * 2; // scores and probabilities, f32
-    let layer_ws = tokens * dt * (4 * s.hidden + 2 * q + 4 * kv + 4 * s.intermediate) + scores;
+    let width = s.streams.max(1) * s.hidden;
+    let layer_ws = tokens * dt * (4 * width + 2 * q + 4 * kv + 4 * s.intermediate) + scores;
+    // Gemma 3n carries the producers' K and V (two layer types) past them to the shared layers.
+    let carried = s.gemma3n.map_or(0, |(_, _, _, shared)| (shared + 2) * tokens * 4 * kv * dt);
     if t.gradient_checkpointing {
-        add("checkpointed layer inputs", s.layers * tokens * s.hidden * dt, format!("{} layers × {b}×{seq}×{}", s.layers, s.hidden));
+        add("checkpointed layer inputs", s.layers * tokens * width * dt + carried, format!("{} layers × {b}×{seq}×{width}", s.layers));
         add("one layer, recompute + backward", 2 * layer_ws, "activations and their gradients".into());
     } else {
-        add("all layer activations", s.layers * layer_ws + layer_ws, "no checkpointing".into());
+        add("all layer activations", s.layers * layer_ws + layer_ws + carried, "no checkpointing".into());
     }
     let widest = s.linears().iter().map(|(_, i, o)| i * o).max().unwrap_or(0);
     add("dequantized weight (transient)", 2 * widest * dt, "largest linear, forward and backward".into());
@@ -201,7 +232,7 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     if train_bytes == 0 {
         bail!("empty estimate");
     }
-    Ok(Plan { device: format!("{device:?}"), shape, items, load_items, train_bytes, load_bytes, total_bytes: train_bytes.max(load_bytes) })
+    Ok(Plan { device: format!("{device:?}"), shape, items, load_items, host_items, train_bytes, load_bytes, total_bytes: train_bytes.max(load_bytes) })
 }
 
 /// The estimate as a table.
@@ -220,5 +251,8 @@ pub fn render(p: &Plan) -> String {
     }
     s.push_str(&format!("  {:<40} {:>9.3} GiB  (runtime + base weights + the above)\n", "while loading", gib(p.load_bytes)));
     s.push_str(&format!("  {:<40} {:>9.3} GiB\n", "expected peak", gib(p.total_bytes)));
+    for i in &p.host_items {
+        s.push_str(&format!("  {:<40} {:>9.3} GiB  {}\n", format!("host: {}", i.component), gib(i.bytes), i.note));
+    }
     s
 }
