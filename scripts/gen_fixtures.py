@@ -1096,6 +1096,19 @@ def gen_family(out: Path, fam: dict, toks: dict) -> dict:
     return {"family": fam["name"], "params": info["num_params"], "loss": info["loss"], "score_mean_loss": score["mean_loss"]}
 
 
+def load_bnb4(src: Path):
+    """`src` loaded by transformers as a bitsandbytes NF4 + double-quant model (fp32 compute, CPU)."""
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        str(src), quantization_config=qcfg, device_map="cpu", dtype=torch.float32, attn_implementation="eager"
+    )
+
+
 def gen_bnb_model(out: Path, toks: dict) -> dict:
     src = out / "models" / "llama"
     folder = out / "models" / "llama-bnb4"
@@ -1104,15 +1117,7 @@ def gen_bnb_model(out: Path, toks: dict) -> dict:
     variant = fam["tokenizer"]
     tok = toks[variant]
     ids = token_ids(tok, variant)
-    qcfg = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    qmodel = AutoModelForCausalLM.from_pretrained(
-        str(src), quantization_config=qcfg, device_map="cpu", dtype=torch.float32, attn_implementation="eager"
-    )
+    qmodel = load_bnb4(src)
     qmodel.save_pretrained(str(folder), safe_serialization=True)
     write_tokenizer_files(folder, variant, tok)
     del qmodel
@@ -1453,15 +1458,7 @@ def gen_gemma3n_bnb(out: Path, toks: dict) -> dict:
     variant = fam["tokenizer"]
     tok = toks[variant]
     ids = token_ids(tok, variant)
-    qcfg = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    qmodel = AutoModelForCausalLM.from_pretrained(
-        str(src), quantization_config=qcfg, device_map="cpu", dtype=torch.float32, attn_implementation="eager"
-    )
+    qmodel = load_bnb4(src)
     with tempfile.TemporaryDirectory() as td:
         qmodel.save_pretrained(td, safe_serialization=True)
         del qmodel

@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 SECTIONS=${SECTIONS:-123}
 if [[ $SECTIONS == *1* ]]; then
 echo "== 1. tuner score: CPU fp32 vs CUDA fp32 / bf16 on every fixture family"
-for f in llama llama-tied mistral qwen2 qwen3 llama-bnb4; do
+for f in llama llama-tied mistral qwen2 qwen3 llama-bnb4 gemma2 gemma3 gemma3n gemma3n-bnb4; do
   for cfg in "cpu fp32" "cuda fp32" "cuda bf16"; do
     set -- $cfg
     "$T" score --model tests/fixtures/models/$f --data tests/fixtures/score/texts.jsonl --json --device $1 --dtype $2 > "$OUT/score-$f-$1-$2.json" 2>"$OUT/score-$f-$1-$2.err" || echo "score $f $cfg FAILED: $(tail -3 "$OUT/score-$f-$1-$2.err")"
@@ -27,7 +27,7 @@ python3 - "$OUT" <<'PY'
 import json, sys, os
 out = sys.argv[1]
 print(f"{'family':<12} {'HF fp32':>10} {'cpu fp32':>10} {'cuda fp32':>10} {'cuda bf16':>10}  max rel (fp32) / (bf16)")
-for f in ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama-bnb4"]:
+for f in ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama-bnb4", "gemma2", "gemma3", "gemma3n", "gemma3n-bnb4"]:
     ref = json.load(open(f"tests/fixtures/models/{f}/score.json"))["mean_loss"]
     r = {}
     for k in ["cpu-fp32", "cuda-fp32", "cuda-bf16"]:

@@ -213,7 +213,7 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     }
     let widest = s.linears().iter().map(|(_, i, o)| i * o).max().unwrap_or(0);
     add("dequantized weight (transient)", 2 * widest * dt, "largest linear, forward and backward".into());
-    let rows = crate::train::step::ce_chunk_rows(s.vocab).min(tokens);
+    let rows = crate::train::step::ce_chunk_rows(s.vocab, device).min(tokens);
     add("cross-entropy chunk", 3 * rows * s.vocab * 4 + 2 * tokens * s.hidden * dt, format!("{rows} rows × {} vocab in fp32", s.vocab));
     if device.is_cuda() {
         add("CUDA context (outside the allocator)", 600 << 20, "typical; not in allocator statistics".into());

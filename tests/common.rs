@@ -204,3 +204,30 @@ keep_checkpoints = 2
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// The runs of consecutive trained tokens (label ≠ −100) of an example.
+pub fn trained_runs(ids: &[i32], labels: &[i32]) -> Vec<Vec<i32>> {
+    let mut runs = vec![];
+    let mut cur = vec![];
+    for (t, l) in ids.iter().zip(labels) {
+        if *l != -100 {
+            cur.push(*t);
+        } else if !cur.is_empty() {
+            runs.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        runs.push(cur);
+    }
+    runs
+}
+
+/// The pinned Python of scripts/bootstrap (transformers, peft, bitsandbytes).
+pub fn python() -> PathBuf {
+    let home = std::env::var("TUNER_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/tuner"));
+    let p = home.join("venv/bin/python");
+    assert!(p.is_file(), "{} is missing: run scripts/bootstrap", p.display());
+    p
+}

@@ -28,15 +28,6 @@ enum Base {
     Tied,
 }
 
-fn python() -> PathBuf {
-    let home = std::env::var("TUNER_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/tuner"));
-    let p = home.join("venv/bin/python");
-    assert!(p.is_file(), "{} is missing: run scripts/bootstrap", p.display());
-    p
-}
-
 fn copy_tree(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
     for e in std::fs::read_dir(src).unwrap().flatten() {

@@ -1,7 +1,8 @@
 //! Gemma 3n training: checkpointed gradients through KV sharing and AltUp equal plain autograd
 //! and finite differences, a pre-quantized multimodal-layout checkpoint trains on the CPU with
 //! PEFT keys under `model.language_model`, and Gemma's chat template trains `<end_of_turn>`,
-//! which also stops generation. (HF logit parity of the Gemma families lives in `model`,
+//! which also stops generation; its adapter and merged export load in transformers + peft with
+//! tuner's logits. (HF logit parity of the Gemma families lives in `model`,
 //! `score` and `generate`.)
 
 use crate::common::*;
@@ -140,18 +141,7 @@ fn gemma_chat_template_trains_end_of_turn_and_generation_stops_on_it() {
     let ex = &tuner::data::shards::read(&d.path().join("runs/t/tokenize/train-00000.arrow")).unwrap()[0];
     let decode = |ids: &[i32]| tok.decode(&ids.iter().map(|t| *t as u32).collect::<Vec<_>>(), false).unwrap();
     assert!(decode(&ex.input_ids).starts_with("<bos><start_of_turn>user\n"), "{}", decode(&ex.input_ids));
-    let mut runs = vec![];
-    let mut cur = vec![];
-    for (t, l) in ex.input_ids.iter().zip(&ex.labels) {
-        if *l != -100 {
-            cur.push(*t);
-        } else if !cur.is_empty() {
-            runs.push(std::mem::take(&mut cur));
-        }
-    }
-    if !cur.is_empty() {
-        runs.push(cur);
-    }
+    let runs = trained_runs(&ex.input_ids, &ex.labels);
     assert!(runs.len() >= 2, "two assistant turns");
     for run in &runs {
         let text = decode(run);
@@ -159,4 +149,56 @@ fn gemma_chat_template_trains_end_of_turn_and_generation_stops_on_it() {
     }
     let g = tuner::generate::Generator::load(&model, None, tuner::recipe::Dtype::Fp32, Device::Cpu, &d.path().join("cache")).unwrap();
     assert!(g.eos_ids.contains(&tok.token_to_id("<end_of_turn>").unwrap()), "{:?}", g.eos_ids);
+}
+
+#[test]
+fn a_gemma3n_adapter_and_merged_export_load_in_transformers_and_peft_with_the_same_logits() {
+    let d = tmp();
+    let model = fixture_model("gemma3n", &d.path().join("model"));
+    let chat = repo().join("datasets/chat/train.jsonl");
+    let extra = "learning_rate = 1e-2\nwarmup_steps = 1\n\n[prompt]\ntemplate = \"chat\"\n\n[lora]\nr = 4\nalpha = 8\n\n[eval]\nmax_samples = 2\nmax_new_tokens = 4\n\n[export]\nadapter = true\nmerged = true\nmerged_dtype = \"fp32\"\n";
+    let r = tiny_recipe(d.path(), &model, &chat, extra);
+    let text = std::fs::read_to_string(&r).unwrap().replace("max_seq_length = 1024", "max_seq_length = 96").replace("max_steps = 2", "max_steps = 4");
+    std::fs::write(&r, text).unwrap();
+    let (code, _, err) = run(&["run", r.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let ex = d.path().join("runs/t/export");
+    let ids: Vec<Vec<i64>> = vec![(0..12).map(|k| (k * 23 + 7) % 290).collect(), (0..12).map(|k| (k * 11 + 100) % 290).collect()];
+    let out = d.path().join("hf.safetensors");
+    let o = std::process::Command::new(python())
+        .arg(repo().join("scripts/check_export.py"))
+        .args(["--base", model.to_str().unwrap(), "--adapter", ex.join("adapter").to_str().unwrap(), "--merged", ex.join("merged").to_str().unwrap()])
+        .args(["--ids", &serde_json::to_string(&ids).unwrap(), "--out", out.to_str().unwrap()])
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "check_export.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["peft"]["lora_modules"], 6 * 7 - 3 * 2, "{report}");
+    for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
+        let v = &report["merged"][k];
+        assert!(v.is_null() || v.as_array().is_some_and(|a| a.is_empty()), "merged {k}: {v}");
+    }
+    let ts = Tensor::read_safetensors(&out).unwrap();
+    let get = |n: &str| ts.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let flat: Vec<i64> = ids.concat();
+    let batch = || model::Batch::new(Tensor::from_slice(&flat).view([2, 12]), None);
+    let opts = model::LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None };
+    let rel = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);
+    // PEFT puts the adapter on the dense base: tuner's dense base + adapter.
+    let mut dense = model::load(&model, &opts).unwrap();
+    tuner::score::apply_adapter(dense.as_mut(), &ex.join("adapter")).unwrap();
+    let want_dense = tch::no_grad(|| dense.forward(&batch()));
+    // The recipe trained QLoRA: the merged export is the dequantized NF4 base + adapter.
+    let nf4 = model::LoadOptions { quantize: Some((tuner::quant::QuantType::Nf4, 64, true)), ..opts };
+    let mut qlora = model::load(&model, &nf4).unwrap();
+    tuner::score::apply_adapter(qlora.as_mut(), &ex.join("adapter")).unwrap();
+    let want = tch::no_grad(|| qlora.forward(&batch()));
+    let base = tch::no_grad(|| model::load(&model, &opts).unwrap().forward(&batch()));
+    let (peft, merged, effect) = (rel(&get("peft_logits"), &want_dense), rel(&get("merged_logits"), &want), rel(&base, &want_dense));
+    eprintln!("gemma3n export: PEFT vs tuner {peft:.2e}, HF merged vs tuner QLoRA {merged:.2e}, adapter effect {effect:.2e}");
+    assert!(peft <= 1e-4 && merged <= 1e-4, "PEFT {peft:e}, merged {merged:e}");
+    assert!(effect > 1e-3, "the adapter changes the logits by only {effect:e}");
 }

@@ -112,18 +112,7 @@ fn chat_template_and_chatml_agree_and_mask_user_turns() {
     assert_eq!(ids[0], ids[1], "the ChatML Jinja template and the built-in chatml give the same tokens");
     // In a multi-turn row, every trained run ends with <|im_end|> and no user text is trained.
     let multi = ids[0].iter().find(|e| decode(&e.input_ids).matches("<|im_start|>assistant").count() >= 2).unwrap();
-    let mut runs = vec![];
-    let mut cur = vec![];
-    for (t, l) in multi.input_ids.iter().zip(&multi.labels) {
-        if *l != -100 {
-            cur.push(*t);
-        } else if !cur.is_empty() {
-            runs.push(std::mem::take(&mut cur));
-        }
-    }
-    if !cur.is_empty() {
-        runs.push(cur);
-    }
+    let runs = trained_runs(&multi.input_ids, &multi.labels);
     assert!(runs.len() >= 2);
     for run in &runs {
         let text = decode(run);

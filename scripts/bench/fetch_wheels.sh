@@ -13,8 +13,8 @@
 #           import-time dependencies: unsloth_zoo, trl, datasets, torchao, ...).
 # extras/ : import-time dependencies of datasets/unsloth_zoo that a plain torch+transformers+peft
 #           venv lacks (pyarrow, pandas, xxhash, requests, pillow, ...). install.sh installs each
-#           one only where the GPU python cannot already import it, so a newer system copy is
-#           never shadowed.
+#           one only where the GPU python cannot already import it (at datasets' minimum
+#           version), so a system copy that works is never shadowed.
 # Trimmed: unsloth -> unsloth/, unsloth_cli/ (its studio/ web app is 26 MB); bitsandbytes -> only
 # the CPU and CUDA 13.0 libraries (torch cu130); pyarrow -> no flight/S3/headers/sources/tests;
 # pandas -> no tests; pillow -> no AVIF; torchao -> no top-level test/ package. Large compiled
@@ -40,17 +40,18 @@ CORE=(
   tyro==1.0.17 docstring_parser==0.18.0 shtab==1.13.0 typeguard==4.6.1
   msgspec==0.22.0 json5==0.17.3 nest_asyncio==1.6.0 structlog==26.1.0
 )
-# distribution==version  import-name  (install.sh skips the ones the GPU python already imports)
+# distribution==version  import-name  minimum version (install.sh skips a wheel whose module the
+# GPU python already imports at that version or newer; the minimums are datasets 4.8.5's)
 EXTRA_LIST=(
-  "pyarrow==26.0.1 pyarrow"
-  "pandas==3.1.1 pandas"
-  "xxhash==4.1.0 xxhash"
-  "requests==2.34.2 requests"
-  "urllib3==2.8.0 urllib3"
-  "charset_normalizer==3.5.3 charset_normalizer"
-  "python_dateutil==4.0.0 dateutil"
-  "six==1.17.0 six"
-  "pillow==13.0.0 PIL"
+  "pyarrow==26.0.1 pyarrow 21.0.0"
+  "pandas==3.1.1 pandas 0"
+  "xxhash==4.1.0 xxhash 0"
+  "requests==2.34.2 requests 2.32.2"
+  "urllib3==2.8.0 urllib3 1.26"
+  "charset_normalizer==3.5.3 charset_normalizer 2"
+  "python_dateutil==4.0.0 dateutil 2.8.2"
+  "six==1.17.0 six 0"
+  "pillow==13.0.0 PIL 0"
 )
 
 download() { # specs...
@@ -105,7 +106,7 @@ done
 if [ "$EXTRAS" = 1 ]; then
   : > "$DEST.tmp/extras/modules.txt"
   for e in "${EXTRA_LIST[@]}"; do
-    s=${e%% *} mod=${e##* }
+    read -r s mod minv <<< "$e"
     f=$(whl "$s")
     case ${s%%==*} in
       pyarrow)
@@ -119,7 +120,7 @@ if [ "$EXTRAS" = 1 ]; then
       pillow) $REPACK "$f" "$DEST.tmp/extras" --lzma --drop 'PIL/_avif*' --drop 'pillow.libs/libavif*' ;;
       *) cp "$f" "$DEST.tmp/extras/" ;;
     esac
-    echo "$(basename "$f") $mod" >> "$DEST.tmp/extras/modules.txt"
+    echo "$(basename "$f") $mod $minv" >> "$DEST.tmp/extras/modules.txt"
   done
 fi
 rm -rf "$DEST"

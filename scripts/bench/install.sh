@@ -5,20 +5,21 @@
 #   bash scripts/bench/install.sh          # -> .device/pysite; use with PYTHONPATH=.device/pysite
 #
 # Idempotent: a stamp of the wheel set skips a second install. Core wheels are always installed;
-# each wheel under extras/ only when the GPU python cannot already import its module (so a copy
-# that the image has is never shadowed). No network: pip runs with --no-index --no-deps (or, if
+# each wheel under extras/ only when the GPU python cannot already import its module at the
+# minimum version listed in extras/modules.txt (so a working copy that the image has is never shadowed). No network: pip runs with --no-index --no-deps (or, if
 # that python has no pip, the wheels are unpacked directly: they are plain zips).
 # Env: PYTHON (python3), BENCH_WHEELS (.device/wheels), BENCH_SITE (.device/pysite), FORCE=1.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-python3}
-WHEELS=${BENCH_WHEELS:-$ROOT/.device/wheels}
-SITE=${BENCH_SITE:-$ROOT/.device/pysite}
+WHEELS=$(realpath -m "${BENCH_WHEELS:-$ROOT/.device/wheels}")
+SITE=$(realpath -m "${BENCH_SITE:-$ROOT/.device/pysite}")
+# Work from a scratch folder: the repo's datasets/ and kernels/ folders would otherwise shadow
+# the `datasets` and `kernels` packages for `python -c`.
+cd "$(mktemp -d)"
 
 check() {
   echo "== import check (PYTHONPATH=$SITE)"
-  # From a scratch folder: the repo's kernels/ folder would otherwise shadow the `kernels` package.
-  cd "$(mktemp -d)"
   PYTHONPATH=$SITE "$PY" - <<'PY' || true
 import importlib, importlib.util, os
 for m in ["bitsandbytes", "trl", "datasets", "pyarrow", "pandas", "torchao", "unsloth_zoo"]:
@@ -53,14 +54,23 @@ fi
 
 wheels=("$WHEELS"/*.whl)
 if [ -f "$WHEELS/extras/modules.txt" ]; then
-  while read -r w mod; do
+  while read -r w mod minv; do
     [ -n "$w" ] || continue
-    if PYTHONPATH= "$PY" -c "import $mod" 2>/dev/null; then
-      v=$(PYTHONPATH= "$PY" -c "import $mod;print(getattr($mod,'__version__','?'))" 2>/dev/null || echo '?')
-      echo "install: $mod $v is already importable; not installing $w"
-    else
-      wheels+=("$WHEELS/extras/$w")
-    fi
+    # "ok VERSION" when the GPU python imports $mod at >= minv, else why not
+    have=$(PYTHONPATH='' "$PY" - "$mod" "${minv:-0}" 2>/dev/null <<'PY' || echo "not importable"
+import importlib, sys
+from packaging.version import Version
+m = importlib.import_module(sys.argv[1])
+v = getattr(m, "__version__", None) or getattr(m, "VERSION", None) or "0"
+if not isinstance(v, str):
+    v = ".".join(map(str, v))
+print(("ok " if Version(v) >= Version(sys.argv[2]) else "too old: ") + v)
+PY
+)
+    case $have in
+      ok*) echo "install: the image has $mod ${have#ok }; not installing $w" ;;
+      *) echo "install: $mod: $have; installing $w"; wheels+=("$WHEELS/extras/$w") ;;
+    esac
   done < "$WHEELS/extras/modules.txt"
 fi
 

@@ -116,9 +116,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut g = self.gate_proj.forward(x, train);
         if self.sparsity > 0.0 {
-            // Φ⁻¹(sparsity) in f32 (torch.distributions.Normal(0, 1).icdf), cast to the dtype.
-            let p = Tensor::from(self.sparsity as f32);
-            let mult = ((p * 2.0 - 1.0).erfinv() * std::f64::consts::SQRT_2).to_kind(g.kind()).to_device(g.device());
+            let mult = std_multiplier(self.sparsity, g.kind());
             let mean = g.mean_dim(-1, true, g.kind());
             let std = g.std_correction(&[-1i64][..], 0, true);
             g = (&g - (mean + std * mult)).relu();
@@ -126,6 +124,13 @@ impl Mlp {
         let a = g.gelu("tanh") * self.up_proj.forward(x, train);
         self.down_proj.forward(&a, train)
     }
+}
+
+/// Φ⁻¹(sparsity) computed in f32 as `torch.distributions.Normal(0, 1).icdf` does, rounded to
+/// `kind` (bf16: 0.95 → 1.6484375), as a host scalar (no device round trip).
+fn std_multiplier(sparsity: f64, kind: Kind) -> f64 {
+    let p = Tensor::from(sparsity as f32);
+    ((p * 2.0 - 1.0).erfinv() * std::f64::consts::SQRT_2).to_kind(kind).to_kind(Kind::Double).double_value(&[])
 }
 
 /// `altup`: the router and the prediction/correction coefficients.

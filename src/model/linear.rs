@@ -3,7 +3,8 @@
 //!
 //! Reference: PEFT `tuners/lora/layer.py::Linear.forward` (arch-spec §5):
 //! `y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scaling`, with x cast to the adapter dtype (f32)
-//! and the sum cast back to the base output dtype; bitsandbytes `Linear4bit.forward`
+//! and the sum cast back to the base output dtype (on a GPU in bf16/fp16 the adapter matmuls
+//! run in the compute dtype instead, as under autocast); bitsandbytes `Linear4bit.forward`
 //! (dequantize, then a plain matmul).
 
 use tch::{Device, Kind, Tensor};
@@ -60,6 +61,13 @@ impl Linear {
             }
         };
         let Some(lora) = &self.lora else { return y };
+        if matches!(kind, Kind::BFloat16 | Kind::Half) && x.device().is_cuda() {
+            // Mixed precision on a GPU, as under autocast (HF Trainer with bf16/fp16): the adapter
+            // matmuls run in the compute dtype; A and B and their gradients stay f32.
+            let xa = if train && lora.dropout > 0.0 { x.dropout(lora.dropout, true) } else { x.shallow_clone() };
+            let delta = xa.linear::<Tensor>(&lora.a.to_kind(kind), None).linear::<Tensor>(&lora.b.to_kind(kind), None) * lora.scale;
+            return y + delta;
+        }
         let mut xa = x.to_kind(lora.a.kind());
         if train && lora.dropout > 0.0 {
             xa = xa.dropout(lora.dropout, true);

@@ -147,8 +147,10 @@ pub(crate) fn dequantize_nested(
 pub(crate) fn dequantize_4bit(codes: &Tensor, quant_map: &Tensor, absmax: &Tensor, blocksize: i64, n: i64) -> Tensor {
     // pair_table[b] = (map[b >> 4], map[b & 15]): one gather per byte yields both elements.
     let device = quant_map.device();
-    let hi = Tensor::from_slice(&(0..256i64).map(|b| b >> 4).collect::<Vec<_>>()).to_device(device);
-    let lo = Tensor::from_slice(&(0..256i64).map(|b| b & 15).collect::<Vec<_>>()).to_device(device);
+    // Built on the device: a host-to-device copy here would stall the GPU queue on every use.
+    let bytes = Tensor::arange(256, (Kind::Int64, device));
+    let hi = bytes.divide_scalar_mode(16, "floor");
+    let lo = bytes.remainder(16);
     let pair_table = Tensor::stack(&[quant_map.index_select(0, &hi), quant_map.index_select(0, &lo)], 1);
     let vals = pair_table.index_select(0, &codes.to_kind(Kind::Int)).view([-1]);
     let vals = if vals.size()[0] == n {

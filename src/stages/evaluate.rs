@@ -165,8 +165,10 @@ impl Stage for Evaluate {
             if phase == "after" {
                 crate::score::apply_adapter(generator.model.as_mut(), &ctx.stage_dir("train").join("adapter"))?;
             }
+            let t_loss = std::time::Instant::now();
             let (nll, n) = eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o);
             let loss = nll / n.max(1) as f64;
+            let (loss_s, t_gen) = (t_loss.elapsed().as_secs_f64(), std::time::Instant::now());
             let mut texts = vec![];
             for chunk in samples.chunks(e.batch_size.max(1) as usize) {
                 ctx.check_interrupted("evaluate stopped")?;
@@ -178,7 +180,12 @@ impl Stage for Evaluate {
             let mut m = metrics_of(&e.metrics, &texts, &samples);
             m.insert("eval_loss".into(), json!(loss));
             m.insert("perplexity".into(), json!(loss.exp()));
-            eprintln!("evaluate: {phase}: eval loss {loss:.4}{}", m.iter().filter(|(k, _)| !k.starts_with("eval") && *k != "perplexity").map(|(k, v)| format!(", {k} {:.3}", v.as_f64().unwrap_or(0.0))).collect::<String>());
+            eprintln!(
+                "evaluate: {phase}: eval loss {loss:.4}{} (loss {loss_s:.1}s over {n} tokens, generation {:.1}s for {} prompts)",
+                m.iter().filter(|(k, _)| !k.starts_with("eval") && *k != "perplexity").map(|(k, v)| format!(", {k} {:.3}", v.as_f64().unwrap_or(0.0))).collect::<String>(),
+                t_gen.elapsed().as_secs_f64(),
+                samples.len()
+            );
             results.insert(phase.into(), Value::Object(m));
             outputs.push(texts);
         }

@@ -40,9 +40,11 @@ pub struct StepResult {
     pub tokens: i64,
 }
 
-/// Logit rows per cross-entropy chunk: at most ~64 MiB of fp32 logits per chunk.
-pub fn ce_chunk_rows(vocab: i64) -> i64 {
-    ((64 << 20) / (4 * vocab.max(1))).clamp(16, 8192)
+/// Logit rows per cross-entropy chunk: at most ~64 MiB of fp32 logits per chunk on the CPU,
+/// ~256 MiB on a GPU (fewer, larger launches; a 262k vocabulary still gets 255-row chunks).
+pub fn ce_chunk_rows(vocab: i64, device: Device) -> i64 {
+    let budget: i64 = if device.is_cuda() { 256 << 20 } else { 64 << 20 };
+    (budget / (4 * vocab.max(1))).clamp(16, 8192)
 }
 
 fn layer_seed(seed: u64, step: u64, micro: usize, layer: usize) -> i64 {
@@ -52,13 +54,19 @@ fn layer_seed(seed: u64, step: u64, micro: usize, layer: usize) -> i64 {
 
 fn batch_of(mb: &MicroBatch, o: &StepOptions) -> (Batch, Tensor) {
     let (ids, labels, mask, seq) = mb.tensors(o.pad_id, o.pad_multiple, o.device);
+    // Masks only where they change something, so unpadded single-document rows take the
+    // attention kernels' plain causal path (no [T × T] mask is built).
+    let t = ids.size()[1];
+    let padded = mb.input_ids.iter().any(|r| r.len() as i64 != t);
+    let several_docs = mb.seq_ids.as_ref().is_some_and(|s| s.iter().any(|r| r.windows(2).any(|w| w[0] != w[1])));
+    let mask = padded.then_some(mask);
     let batch = match seq {
-        Some(seq_ids) => {
+        Some(seq_ids) if several_docs => {
             let mut b = Batch::packed(ids, seq_ids);
-            b.attention_mask = Some(mask);
+            b.attention_mask = mask;
             b
         }
-        None => Batch::new(ids, Some(mask)),
+        _ => Batch::new(ids, mask),
     };
     (batch, labels)
 }
@@ -84,21 +92,22 @@ pub fn chunked_ce_backward(model: &dyn CausalLm, h_normed: &Tensor, labels: &Ten
         return 0.0;
     }
     let leaf = h_normed.detach().flatten(0, 1).set_requires_grad(true);
-    let rows = ce_chunk_rows(model.lm_head_weight().size()[0]);
-    let mut total = 0.0;
+    let rows = ce_chunk_rows(model.lm_head_weight().size()[0], h_normed.device());
+    // Summed on the device: reading each chunk's loss back would stall the GPU queue per chunk.
+    let mut total = Tensor::zeros([], (Kind::Double, h_normed.device()));
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
         let idx = keep.narrow(0, start, len);
         let logits = model.logits(&leaf.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
         let nll = logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0);
-        total += nll.double_value(&[]);
+        total += nll.detach().to_kind(Kind::Double);
         (nll * (scale / denom)).backward();
         start += len;
     }
     let grad = leaf.grad().view([b, t, hdim]);
     (h_normed * grad.to_kind(h_normed.kind())).sum(Kind::Float).backward();
-    total
+    total.double_value(&[])
 }
 
 /// Forward and backward over the micro-batches of one optimizer step; the LoRA
@@ -162,15 +171,15 @@ pub fn eval_nll(model: &dyn CausalLm, mb: &MicroBatch, o: &StepOptions) -> (f64,
     let (targets, keep) = shifted_targets(&labels);
     let n = keep.size()[0];
     let flat = hn.flatten(0, 1);
-    let rows = ce_chunk_rows(model.lm_head_weight().size()[0]);
-    let mut total = 0.0;
+    let rows = ce_chunk_rows(model.lm_head_weight().size()[0], flat.device());
+    let mut total = Tensor::zeros([], (Kind::Double, flat.device()));
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
         let idx = keep.narrow(0, start, len);
         let logits = model.logits(&flat.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
-        total += logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0).double_value(&[]);
+        total += logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0).to_kind(Kind::Double);
         start += len;
     }
-    (total, n)
+    (total.double_value(&[]), n)
 }
