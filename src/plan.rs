@@ -36,6 +36,9 @@ pub struct Shape {
     /// Gemma 3n: (vocab_size_per_layer_input, hidden_size_per_layer_input, laurel_rank, KV-shared layers).
     #[serde(default)]
     pub gemma3n: Option<(i64, i64, i64, i64)>,
+    /// Attention scores are written out (Gemma 2's softcap), even where SDPA's fused kernels exist.
+    #[serde(default)]
+    pub eager_attention: bool,
 }
 
 impl Shape {
@@ -53,6 +56,7 @@ impl Shape {
             tied: c.tie_word_embeddings,
             streams: c.gemma3n.as_ref().map_or(1, |g| g.altup_num_inputs),
             gemma3n: c.gemma3n.as_ref().map(|g| (g.vocab_size_per_layer_input, g.hidden_size_per_layer_input, g.laurel_rank, g.num_kv_shared_layers)),
+            eager_attention: c.attn_logit_softcapping.is_some(),
         })
     }
 
@@ -71,6 +75,7 @@ impl Shape {
             tied: p.tie_word_embeddings,
             streams: 1,
             gemma3n: None,
+            eager_attention: false,
         })
     }
 
@@ -200,7 +205,9 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     // Activations.
     let q = s.heads * s.head_dim;
     let kv = s.kv_heads * s.head_dim;
-    let scores = b * s.heads * seq * seq * 4 * 2; // scores and probabilities, f32
+    // Scores and probabilities in f32, where they exist: on a GPU SDPA's fused kernels keep only
+    // per-row statistics, unless the family writes attention out (a softcap).
+    let scores = if device.is_cuda() && !s.eager_attention { 0 } else { b * s.heads * seq * seq * 4 * 2 };
     let width = s.streams.max(1) * s.hidden;
     let layer_ws = tokens * dt * (4 * width + 2 * q + 4 * kv + 4 * s.intermediate) + scores;
     // Gemma 3n carries the producers' K and V (two layer types) past them to the shared layers.

@@ -451,7 +451,9 @@ fn dataset_repo(id: &str, files: Vec<FakeFile>) -> FakeRepo {
 fn dataset_repos() -> Vec<FakeRepo> {
     let pq = |name: &str, seed: u64| lfs(name, noise(700, seed));
     let mut csv =
-        dataset_repo("tiny-org/ds-csv", vec![small("README.md", "csv data"), small("data.csv", "a,b\n1,2\n")]);
+        // A loading script and raw text: nothing `datasets` reads without running code, so the
+        // parquet conversion branch is the way in.
+        dataset_repo("tiny-org/ds-csv", vec![small("README.md", "csv data"), small("ds-csv.py", "# loader\n"), small("raw/data.txt", "a,b\n1,2\n")]);
     csv.refs.push(("refs/convert/parquet".into(), conversion_commit()));
     csv.commits.insert(
         conversion_commit(),
@@ -898,7 +900,7 @@ fn dataset_splits_follow_the_common_layouts() {
     assert_eq!(server.requests(), before);
 
     let text = err_text(&hub.fetch_dataset_split(ds, "main", None, "nosuch").unwrap_err());
-    assert!(text.contains("split `nosuch`") && text.contains(ds) && text.contains("data.csv"), "{text}");
+    assert!(text.contains("split `nosuch`") && text.contains(ds) && text.contains("raw/data.txt"), "{text}");
 }
 
 #[test]

@@ -36,3 +36,28 @@ fn the_memory_plan_is_within_20_percent_of_measured_peak_rss() {
     assert!(err.contains("expected peak") && err.contains("checkpointed layer inputs"), "{err}");
     assert!(!d.path().join("dry/fetch").exists());
 }
+
+/// Gemma 3n: the per-layer embedding table is host memory on a GPU (listed apart from the GPU
+/// total) and part of the total on the CPU; the AltUp streams widen the checkpointed inputs.
+#[test]
+fn the_gemma3n_plan_keeps_the_per_layer_table_on_the_host() {
+    let d = tmp();
+    let model = fixture_model("gemma3n", &d.path().join("model"));
+    let r = tiny_recipe(d.path(), &model, &repo().join("datasets/chat/train.jsonl"), "micro_batch_size = 2\n");
+    let plan = |device: &str| -> Value {
+        let (code, out, err) = run(&["plan", r.to_str().unwrap(), "--json", "--set", &format!("train.device=\"{device}\"")]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let item = |p: &Value, list: &str, name: &str| p[list].as_array().unwrap().iter().find(|i| i["component"] == name).map(|i| i["bytes"].as_u64().unwrap());
+    let table = "per-layer embedding table";
+    let cpu = plan("cpu");
+    assert_eq!(item(&cpu, "items", table), Some(320 * 6 * 16 * 4), "fp32 on the CPU, in the total");
+    assert!(cpu["host_items"].as_array().unwrap().is_empty());
+    // 6 layers × 2×1024 tokens × 4 streams × 64 wide × 4 bytes, plus the carried K/V.
+    assert!(item(&cpu, "items", "checkpointed layer inputs").unwrap() > 6 * 2 * 1024 * 4 * 64 * 4, "{cpu}");
+    assert!(item(&cpu, "items", "Gemma 3n AltUp, LAuReL, per-layer projections").unwrap() > 0);
+    let gpu = plan("cuda");
+    assert_eq!(item(&gpu, "host_items", table), Some(320 * 6 * 16 * 2), "bf16 in host memory");
+    assert_eq!(item(&gpu, "items", table), None, "not counted against the GPU");
+}
