@@ -634,3 +634,17 @@ fn adapter_tensors_have_peft_names_and_round_trip() {
         "{err}"
     );
 }
+
+#[test]
+fn a_mapped_tensor_reads_the_file_in_place_and_equals_a_copy() {
+    let w = Weights::open(&fixture("gemma3n")).unwrap();
+    let name = "model.embed_tokens_per_layer.weight";
+    let m = w.mapped(name, Kind::Float).expect("stored f32 and aligned");
+    assert!(m.tensor.equal(&w.get(name).unwrap()));
+    assert_eq!(m.tensor.size(), [320, 96]);
+    assert!(w.mapped(name, Kind::BFloat16).is_none(), "another dtype is not lent in place");
+    assert!(w.mapped("no.such.tensor", Kind::Float).is_none());
+    drop(w);
+    assert_eq!(m.tensor.size(), [320, 96], "the mapping outlives the Weights it came from");
+    let _ = m.tensor.sum(Kind::Float).double_value(&[]);
+}

@@ -17,8 +17,10 @@
 //! backward. Generation keeps only the streams and reads the producer's [`KvCache`] instead.
 //!
 //! Memory. The per-layer embedding table `[vocab_per_layer, L·P]` (4.7 GB in bf16 for E4B)
-//! stays in host memory whatever the device: each batch gathers its rows there and moves only
-//! those (`[B, T, L·P]`), once per batch ([`Batch::per_layer_inputs`]).
+//! stays in host memory whatever the device, read in place from the memory-mapped checkpoint
+//! when stored in the compute dtype (no copy, pages loaded as rows are used): each batch
+//! gathers its rows there and moves only those (`[B, T, L·P]`), once per batch
+//! ([`Batch::per_layer_inputs`]).
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -194,8 +196,10 @@ pub(crate) struct Gemma3n {
     g: Gemma3nConfig,
     prefix: String,
     embed_tokens: Tensor,
-    /// `[vocab_per_layer, L·P]` in host memory.
+    /// `[vocab_per_layer, L·P]` in host memory: read in place from the mapped checkpoint when it
+    /// is stored in the compute dtype, else a copy (`table_map` keeps the mapping alive).
     embed_tokens_per_layer: Tensor,
+    _table_map: Option<super::weights::MappedTensor>,
     per_layer_model_projection: Linear,
     per_layer_projection_norm: Norm,
     altup_projections: Vec<Linear>,
@@ -250,7 +254,12 @@ impl Gemma3n {
         let embed_tokens = l.dense(&format!("{prefix}.embed_tokens.weight"))?;
         // The per-layer table stays on the host in the compute dtype.
         let ple_name = l.key(&format!("{prefix}.embed_tokens_per_layer.weight"));
-        let embed_tokens_per_layer = weights.get(&ple_name)?.to_kind(opts.dtype).set_requires_grad(false);
+        let table_map = weights.mapped(&ple_name, opts.dtype);
+        let embed_tokens_per_layer = match &table_map {
+            Some(m) => m.tensor.shallow_clone(),
+            None => weights.get(&ple_name)?.to_kind(opts.dtype),
+        }
+        .set_requires_grad(false);
         let want = [g.vocab_size_per_layer_input, config.num_hidden_layers * p_in];
         if embed_tokens_per_layer.size() != want {
             bail!("`{ple_name}` has shape {:?}, expected {:?} (vocab_size_per_layer_input, num_hidden_layers · hidden_size_per_layer_input)", embed_tokens_per_layer.size(), want);
@@ -337,6 +346,7 @@ impl Gemma3n {
             prefix: prefix.to_string(),
             embed_tokens,
             embed_tokens_per_layer,
+            _table_map: table_map,
             layers,
             kv,
             inv_freq: inv,

@@ -4,11 +4,14 @@
 //! Reference: the safetensors format (8-byte header length, JSON header, raw
 //! little-endian data) as read by `transformers.modeling_utils`. Files are memory-mapped
 //! and a tensor is copied out only when asked for, so loading peaks at about one
-//! tensor above the final model size. bitsandbytes U8 tensors come back as they are.
+//! tensor above the final model size; [`Weights::mapped`] lends a tensor that reads the
+//! mapped file itself (no copy; for large host-side tables). bitsandbytes U8 tensors come
+//! back as they are.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
@@ -19,8 +22,16 @@ use tch::{Kind, Tensor};
 /// One mapped safetensors file.
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
     data_start: usize,
+}
+
+/// A tensor that reads a memory-mapped checkpoint file in place; the mapping lives as long as
+/// this value. Read-only: the pages are mapped without write access.
+pub struct MappedTensor {
+    /// The tensor over the mapped bytes (CPU).
+    pub tensor: Tensor,
+    _map: Arc<Mmap>,
 }
 
 /// The tensors of a model folder, by checkpoint name.
@@ -62,7 +73,7 @@ impl Weights {
             for (name, info) in meta.tensors() {
                 index.insert(name, (shards.len(), info.clone()));
             }
-            shards.push(Shard { path, map, data_start: 8 + header_len });
+            shards.push(Shard { path, map: Arc::new(map), data_start: 8 + header_len });
         }
         Ok(Weights { dir: dir.to_path_buf(), shards, index, used: RefCell::new(HashSet::new()) })
     }
@@ -106,6 +117,28 @@ impl Weights {
             .with_context(|| format!("cannot read tensor `{name}` from {}", shard.path.display()))?;
         self.used.borrow_mut().insert(name.to_string());
         Ok(Some(t))
+    }
+
+    /// The tensor `name` read in place from the mapped file (no copy), when it is stored as
+    /// `kind` and suitably aligned; `None` otherwise (then use [`Weights::get`]).
+    pub fn mapped(&self, name: &str, kind: Kind) -> Option<MappedTensor> {
+        let (shard, info) = self.index.get(name)?;
+        let shard = &self.shards[*shard];
+        if kind_of(info.dtype) != Some(kind) {
+            return None;
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = shard.map.get(shard.data_start + start..shard.data_start + end)?;
+        let elem = kind.elt_size_in_bytes();
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if (bytes.as_ptr() as usize) % elem != 0 || shape.iter().product::<i64>() as usize * elem != bytes.len() {
+            return None;
+        }
+        // SAFETY: the bytes stay mapped while `_map` lives (the Arc is held next to the tensor),
+        // they hold `shape` elements of `kind` (checked above), and nothing writes through it.
+        let tensor = unsafe { Tensor::from_blob(bytes.as_ptr(), &shape, &[], kind, tch::Device::Cpu) };
+        self.used.borrow_mut().insert(name.to_string());
+        Some(MappedTensor { tensor, _map: shard.map.clone() })
     }
 
     /// Mark `name` as deliberately not read (e.g. a tower the text decoder does not use, or
