@@ -231,3 +231,47 @@ pub fn python() -> PathBuf {
     assert!(p.is_file(), "{} is missing: run scripts/bootstrap", p.display());
     p
 }
+
+/// Run scripts/check_export.py (transformers, peft, bitsandbytes) with `args` and `--out`;
+/// returns its JSON report and the tensors it wrote.
+pub fn check_script(args: &[String]) -> (serde_json::Value, Vec<(String, tch::Tensor)>) {
+    let out = tmp();
+    let file = out.path().join("out.safetensors");
+    let o = std::process::Command::new(python())
+        .arg(repo().join("scripts/check_export.py"))
+        .args(args)
+        .arg("--out")
+        .arg(&file)
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "check_export.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    (report, tch::Tensor::read_safetensors(&file).unwrap())
+}
+
+/// A fixture model (fp32, CPU; NF4 when `quantize`) with LoRA r4/alpha 8 on every linear
+/// (init seed `init_seed`) and B drawn from N(0, 0.1²) with seed `b_seed`, so that gradients
+/// reach A too.
+pub fn lora_fixture(name: &str, quantize: bool, init_seed: i64, b_seed: i64) -> Box<dyn tuner::model::CausalLm> {
+    use tuner::model::{self, lora};
+    let quantize = quantize.then_some((tuner::quant::QuantType::Nf4, 64, true));
+    let mut m = model::load(
+        &repo().join("tests/fixtures/models").join(name),
+        &model::LoadOptions { dtype: tch::Kind::Float, device: tch::Device::Cpu, quantize },
+    )
+    .unwrap();
+    let spec = lora::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: lora::Targets::AllLinear };
+    lora::attach(m.as_mut(), &spec, init_seed).unwrap();
+    tch::manual_seed(b_seed);
+    let _g = tch::no_grad_guard();
+    for p in lora::trainable_parameters(m.as_ref()) {
+        if p.size()[1] == 4 {
+            let mut p = p;
+            let _ = p.copy_(&(tch::Tensor::randn(p.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.1));
+        }
+    }
+    m
+}

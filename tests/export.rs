@@ -125,23 +125,6 @@ fn json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
 
-fn check_script(args: &[String]) -> (Value, Vec<(String, Tensor)>) {
-    let out = tmp();
-    let file = out.path().join("out.safetensors");
-    let o = std::process::Command::new(python())
-        .arg(repo().join("scripts/check_export.py"))
-        .args(args)
-        .arg("--out")
-        .arg(&file)
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "check_export.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"));
-    (report, Tensor::read_safetensors(&file).unwrap())
-}
 
 fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
     &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no `{name}` from check_export.py")).1

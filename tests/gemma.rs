@@ -9,27 +9,11 @@ use crate::common::*;
 use serde_json::Value;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use tuner::model::{self, lora, CausalLm};
+use tuner::model::{self, CausalLm};
 use tuner::train::{data, step};
 
 fn load_gemma3n(quantize: bool) -> Box<dyn CausalLm> {
-    let quantize = quantize.then_some((tuner::quant::QuantType::Nf4, 64, true));
-    let mut m = model::load(
-        &repo().join("tests/fixtures/models/gemma3n"),
-        &model::LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize },
-    )
-    .unwrap();
-    let spec = lora::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: lora::Targets::AllLinear };
-    lora::attach(m.as_mut(), &spec, 5).unwrap();
-    tch::manual_seed(3);
-    let _g = tch::no_grad_guard();
-    for p in lora::trainable_parameters(m.as_ref()) {
-        if p.size()[1] == 4 {
-            let mut p = p;
-            let _ = p.copy_(&(Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.1));
-        }
-    }
-    m
+    lora_fixture("gemma3n", quantize, 5, 3)
 }
 
 /// Two rows longer than the sliding window (4), of different lengths (padding), ids < 296.
@@ -164,24 +148,22 @@ fn a_gemma3n_adapter_and_merged_export_load_in_transformers_and_peft_with_the_sa
     assert_eq!(code, 0, "{err}");
     let ex = d.path().join("runs/t/export");
     let ids: Vec<Vec<i64>> = vec![(0..12).map(|k| (k * 23 + 7) % 290).collect(), (0..12).map(|k| (k * 11 + 100) % 290).collect()];
-    let out = d.path().join("hf.safetensors");
-    let o = std::process::Command::new(python())
-        .arg(repo().join("scripts/check_export.py"))
-        .args(["--base", model.to_str().unwrap(), "--adapter", ex.join("adapter").to_str().unwrap(), "--merged", ex.join("merged").to_str().unwrap()])
-        .args(["--ids", &serde_json::to_string(&ids).unwrap(), "--out", out.to_str().unwrap()])
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "check_export.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let path = |p: &Path| p.display().to_string();
+    let (report, ts) = check_script(&[
+        "--base".into(),
+        path(&model),
+        "--adapter".into(),
+        path(&ex.join("adapter")),
+        "--merged".into(),
+        path(&ex.join("merged")),
+        "--ids".into(),
+        serde_json::to_string(&ids).unwrap(),
+    ]);
     assert_eq!(report["peft"]["lora_modules"], 6 * 7 - 3 * 2, "{report}");
     for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
         let v = &report["merged"][k];
         assert!(v.is_null() || v.as_array().is_some_and(|a| a.is_empty()), "merged {k}: {v}");
     }
-    let ts = Tensor::read_safetensors(&out).unwrap();
     let get = |n: &str| ts.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
     let flat: Vec<i64> = ids.concat();
     let batch = || model::Batch::new(Tensor::from_slice(&flat).view([2, 12]), None);

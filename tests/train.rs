@@ -6,7 +6,7 @@ use crate::common::*;
 use serde_json::Value;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use tuner::model::{self, lora, CausalLm};
+use tuner::model::{lora, CausalLm};
 use tuner::train::{data, optim, step};
 
 fn metrics(run_dir: &Path) -> Vec<Value> {
@@ -49,24 +49,7 @@ fn training_lowers_the_loss_and_writes_a_peft_adapter() {
 }
 
 fn load_tiny(quantize: bool) -> Box<dyn CausalLm> {
-    let quantize = quantize.then_some((tuner::quant::QuantType::Nf4, 64, true));
-    let mut m = model::load(
-        &repo().join("tests/fixtures/models/llama"),
-        &model::LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize },
-    )
-    .unwrap();
-    let spec = lora::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: lora::Targets::AllLinear };
-    lora::attach(m.as_mut(), &spec, 3).unwrap();
-    // Non-zero B so that gradients reach A too.
-    tch::manual_seed(11);
-    let _g = tch::no_grad_guard();
-    for p in lora::trainable_parameters(m.as_ref()) {
-        if p.size()[1] == 4 {
-            let mut p = p;
-            let _ = p.copy_(&(Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.1));
-        }
-    }
-    m
+    lora_fixture("llama", quantize, 3, 11)
 }
 
 fn examples(n: usize) -> Vec<tuner::data::shards::Example> {

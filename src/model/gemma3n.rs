@@ -272,6 +272,7 @@ impl Gemma3n {
                 None => w,
             })
         };
+        let names = weights.names();
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let p = format!("{prefix}.layers.{i}");
@@ -280,8 +281,9 @@ impl Gemma3n {
             if shared {
                 // transformers ≥ 5 never builds them; Google's release ships them unused.
                 for n in ["k_proj", "v_proj", "k_norm"] {
-                    for key in weights.names().into_iter().filter(|k| k.starts_with(&l.key(&format!("{a}.{n}.")))) {
-                        weights.ignore(&key);
+                    let stored = l.key(&format!("{a}.{n}."));
+                    for key in names.iter().filter(|k| k.starts_with(&stored)) {
+                        weights.ignore(key);
                     }
                 }
             }
