@@ -10,7 +10,8 @@
 #      EXTRAS=0 (leave out the extras), LIMIT_MIB (56: fail above it; the tree, ~8 MB, travels too).
 #
 # core/   : what the peers import that the GPU venv lacks for sure (bitsandbytes; Unsloth and its
-#           import-time dependencies: unsloth_zoo, trl, datasets, torchao, ...).
+#           import-time dependencies: unsloth_zoo, trl, datasets, torchao, ...; gguf, pure Python,
+#           for transformers' GGUF import in quality.sh).
 # extras/ : import-time dependencies of datasets/unsloth_zoo that a plain torch+transformers+peft
 #           venv lacks (pyarrow, pandas, xxhash, requests, pillow, ...). install.sh installs each
 #           one only where the GPU python cannot already import it (at datasets' minimum
@@ -39,6 +40,7 @@ CORE=(
   dill==0.4.1 multiprocess==0.70.19
   tyro==1.0.17 docstring_parser==0.18.0 shtab==1.13.0 typeguard==4.6.1
   msgspec==0.22.0 json5==0.17.3 nest_asyncio==1.6.0 structlog==26.1.0
+  gguf==0.17.1
 )
 # distribution==version  import-name  minimum version (install.sh skips a wheel whose module the
 # GPU python already imports at that version or newer; the minimums are datasets 4.8.5's)

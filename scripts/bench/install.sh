@@ -22,7 +22,7 @@ check() {
   echo "== import check (PYTHONPATH=$SITE)"
   PYTHONPATH=$SITE "$PY" - <<'PY' || true
 import importlib, importlib.util, os
-for m in ["bitsandbytes", "trl", "datasets", "pyarrow", "pandas", "torchao", "unsloth_zoo"]:
+for m in ["bitsandbytes", "trl", "datasets", "pyarrow", "pandas", "torchao", "unsloth_zoo", "gguf"]:
     if importlib.util.find_spec(m) is None:
         print(f"  {m:14s} MISSING")
         continue

@@ -36,6 +36,12 @@ def main():
     import torch
     from safetensors import safe_open
 
+    try:  # no per-tensor progress bars in the logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
     rep = {"gguf": os.path.abspath(a.gguf), "tuner_model": os.path.abspath(a.tuner_model), "out_dir": os.path.abspath(a.out_dir)}
     t0 = time.time()
     try:

@@ -124,6 +124,12 @@ def run(a, rep):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from peft import LoraConfig, get_peft_model
 
+    try:  # no per-tensor progress bars in the logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
     t_start = time.time()
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
