@@ -1,8 +1,10 @@
 //! Build script:
 //! - link `torch_cuda` even though nothing references it by symbol
 //!   (../shared/GPU.md: without `--no-as-needed` tch reports no CUDA on a GPU machine);
-//! - compile kernels/alloc_stats.cpp (CUDA allocator statistics) when libtorch has CUDA,
-//!   and say so with the `tuner_cuda_stats` cfg;
+//! - compile the host shims kernels/alloc_stats.cpp (CUDA allocator statistics) and
+//!   kernels/torch_stream.cpp (libtorch's current stream, for the NVRTC kernels) and
+//!   kernels/side_stream.cpp (side-stream copies for activation offload) when libtorch
+//!   has CUDA, and say so with the `tuner_cuda_shim` cfg;
 //! - record libtorch's folder as an rpath so tests and the binary find it without
 //!   LD_LIBRARY_PATH on the machine that built them.
 use std::path::PathBuf;
@@ -10,7 +12,9 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=kernels/alloc_stats.cpp");
-    println!("cargo::rustc-check-cfg=cfg(tuner_cuda_stats)");
+    println!("cargo:rerun-if-changed=kernels/torch_stream.cpp");
+    println!("cargo:rerun-if-changed=kernels/side_stream.cpp");
+    println!("cargo::rustc-check-cfg=cfg(tuner_cuda_shim)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
     let root = PathBuf::from(&libtorch);
     let lib = root.join("lib");
@@ -25,6 +29,9 @@ fn main() {
         cc::Build::new()
             .cpp(true)
             .file("kernels/alloc_stats.cpp")
+            .file("kernels/torch_stream.cpp")
+            .file("kernels/side_stream.cpp")
+            .include(root.join("include/torch/csrc/api/include"))
             .include(root.join("include"))
             .include(&cuda_headers)
             .include(&crt_headers)
@@ -32,7 +39,7 @@ fn main() {
             .define("_GLIBCXX_USE_CXX11_ABI", "1")
             .warnings(false)
             .compile("tuner_alloc_stats");
-        println!("cargo:rustc-cfg=tuner_cuda_stats");
+        println!("cargo:rustc-cfg=tuner_cuda_shim");
     }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-search=native={}", lib.display());

@@ -6,6 +6,7 @@ use crate::error::{exit_code, Failure};
 use crate::pipeline::{self, RunContext, RunOptions};
 use crate::recipe;
 use anyhow::Result;
+use tch::Device;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,6 +103,15 @@ enum Command {
         /// auto | cpu | cuda | cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+    },
+    /// Check tuner's CUDA kernels (kernels/*.cu) against their CPU references on a GPU;
+    /// `--bench` also times each against the card's copy bandwidth. Exits non-zero on a mismatch.
+    Kernels {
+        /// cuda | cuda:N.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long)]
+        bench: bool,
     },
     /// Generate text: `--prompt` prints one completion (streamed); without it, chat on the
     /// terminal (one message per line; /reset, /exit; end of input quits).
@@ -222,6 +232,24 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             }
             if verify {
                 crate::verify::verify(&expected, &ra.set, &ctx.run_dir, &device)?;
+            }
+            Ok(())
+        }
+        Command::Kernels { device, bench } => {
+            let device = crate::train::device_of(&device)?;
+            let Device::Cuda(ordinal) = device else {
+                return Err(Failure::Usage("tuner kernels needs a CUDA device (--device cuda[:N])".into()).into());
+            };
+            if !tch::Cuda::is_available() {
+                return Err(Failure::Usage("no CUDA device is visible to libtorch".into()).into());
+            }
+            let k = crate::kernels::Kernels::compile(ordinal)?;
+            let rows = crate::kernels::check::run(&k, device, bench, 0);
+            let bw = bench.then(|| crate::kernels::check::copy_bandwidth(device));
+            print!("{}", crate::kernels::check::table(&rows, bw));
+            let bad: Vec<&str> = rows.iter().filter(|r| !r.ok()).map(|r| r.name.as_str()).collect();
+            if !bad.is_empty() {
+                anyhow::bail!("{} kernel(s) differ from their reference: {}", bad.len(), bad.join(", "));
             }
             Ok(())
         }

@@ -11,7 +11,7 @@ pub struct CudaMem {
     pub peak_reserved: i64,
 }
 
-#[cfg(tuner_cuda_stats)]
+#[cfg(tuner_cuda_shim)]
 extern "C" {
     fn tuner_cuda_mem_stats(device: i32, out: *mut i64) -> i32;
     fn tuner_cuda_reset_peak(device: i32) -> i32;
@@ -19,7 +19,7 @@ extern "C" {
 
 /// The allocator statistics of CUDA device `device`, or None without CUDA.
 pub fn cuda(device: usize) -> Option<CudaMem> {
-    #[cfg(tuner_cuda_stats)]
+    #[cfg(tuner_cuda_shim)]
     {
         if !tch::Cuda::is_available() {
             return None;
@@ -29,20 +29,30 @@ pub fn cuda(device: usize) -> Option<CudaMem> {
         let rc = unsafe { tuner_cuda_mem_stats(device as i32, out.as_mut_ptr()) };
         (rc == 0).then_some(CudaMem { allocated: out[0], peak_allocated: out[1], reserved: out[2], peak_reserved: out[3] })
     }
-    #[cfg(not(tuner_cuda_stats))]
+    #[cfg(not(tuner_cuda_shim))]
     {
         let _ = device;
         None
     }
 }
 
+/// Total memory of CUDA device `device` in bytes (driver API), or None.
+pub fn cuda_total_bytes(device: usize) -> Option<u64> {
+    if !tch::Cuda::is_available() {
+        return None;
+    }
+    let ctx = cudarc::driver::CudaContext::new(device).ok()?;
+    ctx.bind_to_thread().ok()?;
+    cudarc::driver::result::mem_get_info().ok().map(|(_free, total)| total as u64)
+}
+
 /// Reset the peak counters of CUDA device `device` (no-op without CUDA).
 pub fn reset_cuda_peak(device: usize) {
-    #[cfg(tuner_cuda_stats)]
+    #[cfg(tuner_cuda_shim)]
     if tch::Cuda::is_available() {
         // SAFETY: plain call into the shim, which catches every C++ exception.
         unsafe { tuner_cuda_reset_peak(device as i32) };
     }
-    #[cfg(not(tuner_cuda_stats))]
+    #[cfg(not(tuner_cuda_shim))]
     let _ = device;
 }

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_import;
 pub mod hub;
+pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod plan;

@@ -139,7 +139,7 @@ pub fn run(a: &ScoreArgs) -> Result<Score> {
     let device = crate::train::device_of(a.device)?;
     let tok = Tok::load(&dir)?;
     let rows = encode_rows(a.data, &tok)?;
-    let opts = model::LoadOptions { dtype: crate::train::kind_of(a.dtype, device), device, quantize: None };
+    let opts = model::LoadOptions { dtype: crate::train::kind_of(a.dtype, device), device, quantize: None, cuda_kernels: true };
     let mut m = model::load(&dir, &opts)?;
     if let Some(ad) = a.adapter {
         apply_adapter(m.as_mut(), ad)?;

@@ -6,6 +6,7 @@ mod export;
 mod gemma;
 mod gguf;
 mod hub;
+mod kernels;
 mod model;
 mod quant;
 mod plan;

@@ -7,7 +7,8 @@ use std::process::{Command, Output};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // TUNER_TEST_REPO: the checkout when the test binary runs elsewhere (the GPU machine).
+    std::env::var_os("TUNER_TEST_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// A `tuner` command with logging quiet unless asked for.
@@ -256,11 +257,21 @@ pub fn check_script(args: &[String]) -> (serde_json::Value, Vec<(String, tch::Te
 /// (init seed `init_seed`) and B drawn from N(0, 0.1²) with seed `b_seed`, so that gradients
 /// reach A too.
 pub fn lora_fixture(name: &str, quantize: bool, init_seed: i64, b_seed: i64) -> Box<dyn tuner::model::CausalLm> {
+    lora_fixture_seeded(name, quantize, init_seed, b_seed, tch::Device::Cpu, tch::Kind::Float)
+}
+
+/// [`lora_fixture`] (seeds 3 and 11) on `device` in `dtype`.
+#[allow(dead_code)]
+pub fn lora_fixture_on(name: &str, quantize: bool, device: tch::Device, dtype: tch::Kind) -> Box<dyn tuner::model::CausalLm> {
+    lora_fixture_seeded(name, quantize, 3, 11, device, dtype)
+}
+
+fn lora_fixture_seeded(name: &str, quantize: bool, init_seed: i64, b_seed: i64, device: tch::Device, dtype: tch::Kind) -> Box<dyn tuner::model::CausalLm> {
     use tuner::model::{self, lora};
     let quantize = quantize.then_some((tuner::quant::QuantType::Nf4, 64, true));
     let mut m = model::load(
         &repo().join("tests/fixtures/models").join(name),
-        &model::LoadOptions { dtype: tch::Kind::Float, device: tch::Device::Cpu, quantize },
+        &model::LoadOptions { dtype, device, quantize, cuda_kernels: true },
     )
     .unwrap();
     let spec = lora::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: lora::Targets::AllLinear };
@@ -270,7 +281,7 @@ pub fn lora_fixture(name: &str, quantize: bool, init_seed: i64, b_seed: i64) -> 
     for p in lora::trainable_parameters(m.as_ref()) {
         if p.size()[1] == 4 {
             let mut p = p;
-            let _ = p.copy_(&(tch::Tensor::randn(p.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.1));
+            let _ = p.copy_(&(tch::Tensor::randn(p.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.1).to_device(device));
         }
     }
     m

@@ -103,7 +103,7 @@ fn export_run(root: &Path, sets: &[&str]) -> (RunContext, anyhow::Result<Vec<Pat
 }
 
 fn load(dir: &Path) -> Box<dyn CausalLm> {
-    model::load(dir, &LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None }).unwrap()
+    model::load(dir, &LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None, cuda_kernels: true }).unwrap()
 }
 
 /// Two rows of 12 fixture tokens (the second ends in pad tokens, scored as tokens).

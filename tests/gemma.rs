@@ -30,7 +30,7 @@ fn grads(m: &dyn CausalLm, checkpointing: bool) -> (f64, Vec<(String, Tensor)>) 
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0 };
+    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false };
     let r = step::forward_backward(m, &batch(), 0, &o);
     (r.loss, named_params(m).into_iter().map(|(n, p)| (n, p.grad().copy())).collect())
 }
@@ -73,7 +73,7 @@ fn gemma3n_checkpointed_gradients_equal_autograd_and_reach_the_kv_producers() {
         let _g = tch::no_grad_guard();
         let mut p = param.shallow_clone();
         let _ = p.g_add_(&(&dir * delta));
-        let o = step::StepOptions { checkpointing: false, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0 };
+        let o = step::StepOptions { checkpointing: false, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false };
         let (nll, n) = step::eval_nll(m.as_ref(), &batch()[0], &o);
         let _ = p.g_add_(&(&dir * -delta));
         nll / n as f64
@@ -167,7 +167,7 @@ fn a_gemma3n_adapter_and_merged_export_load_in_transformers_and_peft_with_the_sa
     let get = |n: &str| ts.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
     let flat: Vec<i64> = ids.concat();
     let batch = || model::Batch::new(Tensor::from_slice(&flat).view([2, 12]), None);
-    let opts = model::LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None };
+    let opts = model::LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None, cuda_kernels: true };
     let rel = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);
     // PEFT puts the adapter on the dense base: tuner's dense base + adapter.
     let mut dense = model::load(&model, &opts).unwrap();

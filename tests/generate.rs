@@ -23,7 +23,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load_model(name: &str) -> Box<dyn CausalLm> {
-    let opts = LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None };
+    let opts = LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None, cuda_kernels: true };
     model::load(&fixture(name), &opts).unwrap()
 }
 

@@ -12,7 +12,7 @@ use tuner::quant::QuantType;
 use crate::common::{repo, tmp};
 
 fn cpu_f32() -> LoadOptions {
-    LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None }
+    LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None, cuda_kernels: true }
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -449,11 +449,24 @@ fn lora_gradients_match_the_closed_form_and_finite_differences() {
         weight: model::Weight::Dense(Tensor::randn([5, 8], o)),
         bias: None,
         lora: Some(Lora { a: a.shallow_clone(), b: b.shallow_clone(), scale: s, dropout: 0.0 }),
+        kernels: None,
     };
     let loss = |lin: &model::Linear| (lin.forward(&x, true) * &g).sum(Kind::Double);
     loss(&lin).backward();
     let want_b = g.tr().matmul(&x.matmul(&a.tr())) * s;
     let want_a = g.matmul(&b).tr().matmul(&x) * s;
+    assert!(b.grad().allclose(&want_b.detach(), 1e-10, 1e-10, false));
+    assert!(a.grad().allclose(&want_a.detach(), 1e-10, 1e-10, false));
+    // The hand-written backward (the CUDA fast path's) gives the same dx and adds the same grads.
+    let x_leaf = x.copy().set_requires_grad(true);
+    (lin.forward(&x_leaf, true) * &g).sum(Kind::Double).backward(); // grads now 2× the closed form
+    let (y, z) = lin.forward_saving(&x);
+    assert!(y.allclose(&lin.forward(&x, false).detach(), 1e-12, 1e-12, false));
+    let dx = lin.backward(&x, z.as_ref(), &g); // 3×
+    assert!(dx.allclose(&x_leaf.grad(), 1e-10, 1e-10, false), "dx {}", (&dx - x_leaf.grad()).abs().max());
+    assert!(b.grad().allclose(&(&want_b * 3.0).detach(), 1e-10, 1e-10, false));
+    assert!(a.grad().allclose(&(&want_a * 3.0).detach(), 1e-10, 1e-10, false));
+    let _ = lin.backward(&x, None, &(-&g * 2.0)); // back to 1×, z recomputed
     assert!(b.grad().allclose(&want_b.detach(), 1e-10, 1e-10, false));
     assert!(a.grad().allclose(&want_a.detach(), 1e-10, 1e-10, false));
     // Central differences on a few entries of A and B.

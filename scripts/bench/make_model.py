@@ -3,9 +3,13 @@
 config, generation config, a tokenizer), for the peer benchmarks.
 
     make_model.py SHAPE OUTDIR [--tiny] [--device cuda|cpu] [--force]
+    make_model.py SHAPE-bnb4 OUTDIR ...     # the same model saved pre-quantized by bitsandbytes
 
 SHAPE: llama-1b (Llama-3.2-1B), llama-8b (Llama-3.1-8B), qwen2.5-7b (Qwen2.5-7B),
 gemma3n-e4b (Gemma3nForCausalLM with the default Gemma3nTextConfig: the E4B text decoder).
+SHAPE-bnb4 (e.g. gemma3n-e4b-bnb4) saves the model as transformers + bitsandbytes write a
+pre-quantized checkpoint (NF4, double quant, bf16 compute; the small AltUp modules and lm_head
+left unquantized, as in unsloth/gemma-3n-e4b-it-bnb-4bit): needs bitsandbytes and a GPU.
 --tiny keeps the structure (GQA ratio, rope scaling, tying, layer types) at toy size, for CPU tests.
 
 The weights are initialised on the target device in bf16 (fast on the GPU). Any tokenizer works
@@ -95,7 +99,7 @@ def build_config(shape, tiny):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("shape", choices=sorted(SHAPES))
+    ap.add_argument("shape", choices=sorted(SHAPES) + [k + "-bnb4" for k in sorted(SHAPES)])
     ap.add_argument("outdir")
     ap.add_argument("--tiny", action="store_true", help="toy size of the same structure (CPU tests)")
     ap.add_argument("--device", default=None, help="where to initialise (default: cuda if available)")
@@ -106,6 +110,9 @@ def main():
     import torch
     import transformers
 
+    bnb = a.shape.endswith("-bnb4")
+    shape = a.shape[: -len("-bnb4")] if bnb else a.shape
+
     stamp = {"shape": a.shape, "tiny": a.tiny, "seed": a.seed, "transformers": transformers.__version__}
     stamp_path = os.path.join(a.outdir, "bench_shape.json")
     if not a.force and os.path.exists(stamp_path):
@@ -115,7 +122,7 @@ def main():
             return
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, arch = build_config(a.shape, a.tiny)
+    cfg, arch = build_config(shape, a.tiny)
     cfg.architectures = [arch]
     t0 = time.perf_counter()
     torch.manual_seed(a.seed)
@@ -131,7 +138,17 @@ def main():
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="5GB")
     del model
-    tok_dir = os.path.join(ROOT, SHAPES[a.shape]["tokenizer"])
+    if bnb:
+        # Reload through bitsandbytes and save the quantized state dict in its place.
+        qc = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=["lm_head", "prediction_coefs", "correction_coefs", "modality_router"])
+        q = cls.from_pretrained(tmp, quantization_config=qc, dtype=torch.bfloat16, device_map={"": device})
+        shutil.rmtree(tmp)
+        q.save_pretrained(tmp, max_shard_size="5GB")
+        del q
+    tok_dir = os.path.join(ROOT, SHAPES[shape]["tokenizer"])
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tok_dir, f), tmp)
     tc_path = os.path.join(tmp, "tokenizer_config.json")

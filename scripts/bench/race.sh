@@ -13,6 +13,7 @@
 # Needs: .device/tuner (stripped release binary), the peers' wheels installed by install.sh into
 # .device/pysite (race.sh runs install.sh itself when .device/wheels is there but not installed).
 #
+# Peers: tuner, tuner-ref (cuda_kernels = false), tuner-offload (offload_activations = "on"), hf, unsloth.
 # Env (defaults): PEERS="tuner hf unsloth"  STEPS=7 (warm-up included)  WARMUP=1  SEQ=2048  BATCH=2
 #   OUT=${OUT:-/tmp/bench-out}  SCRATCH=/tmp/bench  BUDGET_S=570  KEEP_MODELS=0 (1 keeps them for a later call)
 #   T_MODEL=300 T_TUNER=420 T_HF=420 T_UNSLOTH=540 (per-step timeouts, cut to what the budget has left)
@@ -37,7 +38,7 @@ TINY=${TINY:-0}
 [ $# -ge 1 ] || { sed -n 2,8p "$0"; exit 2; }
 case $TUNER_BIN in /*) ;; *) TUNER_BIN=$ROOT/$TUNER_BIN ;; esac
 for shape in "$@"; do
-  case $shape in llama-1b|llama-8b|qwen2.5-7b|gemma3n-e4b) ;; *) echo "race: unknown shape $shape (llama-1b llama-8b qwen2.5-7b gemma3n-e4b)" >&2; exit 2 ;; esac
+  case $shape in llama-1b|llama-8b|qwen2.5-7b|gemma3n-e4b|*-bnb4) ;; *) echo "race: unknown shape $shape (llama-1b llama-8b qwen2.5-7b gemma3n-e4b, or one of them + -bnb4: saved pre-quantized)" >&2; exit 2 ;; esac
 done
 
 mkdir -p "$OUT" "$SCRATCH"
@@ -145,7 +146,7 @@ for shape in "$@"; do
     J=$D/$p.json L=$D/$p.log
     rm -f "$J"
     case $p in
-      tuner) lim=$(limit "$T_TUNER") ;;
+      tuner|tuner-ref|tuner-offload) lim=$(limit "$T_TUNER") ;;
       hf) lim=$(limit "$T_HF") ;;
       unsloth) lim=$(limit "$T_UNSLOTH") ;;
       *) skip "$J" "$p" "$shape" "unknown peer $p"; continue ;;
@@ -156,12 +157,17 @@ for shape in "$@"; do
     fi
     say "$shape: $p (limit ${lim}s)"
     case $p in
-      tuner)
-        if [ ! -x "$TUNER_BIN" ]; then skip "$J" tuner "$shape" "no tuner binary at $TUNER_BIN"; continue; fi
-        "$PY" "$HERE/tuner_recipe.py" "$shape" "$M" "$W/tuner" --steps "$STEPS" --seq "$SEQ" --batch "$BATCH" --device "$DEVICE" > "$L" 2>&1
-        (cd "$W" && LD_LIBRARY_PATH=$TL timeout -k 10 "$lim" "$TUNER_BIN" run "$W/tuner/recipe.toml" --run-dir "$W/tuner/run" --until train) >> "$L" 2>&1
+      tuner|tuner-ref|tuner-offload)
+        # tuner-ref: the same run on the reference path (no CUDA kernels, autograd backward);
+        # tuner-offload: with the checkpointed layer inputs in pinned host memory.
+        set_ref=()
+        [ "$p" = tuner-ref ] && set_ref=(--set train.cuda_kernels=false)
+        [ "$p" = tuner-offload ] && set_ref=(--set train.offload_activations=on)
+        if [ ! -x "$TUNER_BIN" ]; then skip "$J" "$p" "$shape" "no tuner binary at $TUNER_BIN"; continue; fi
+        "$PY" "$HERE/tuner_recipe.py" "$shape" "$M" "$W/$p" --steps "$STEPS" --seq "$SEQ" --batch "$BATCH" --device "$DEVICE" > "$L" 2>&1
+        (cd "$W" && LD_LIBRARY_PATH=$TL timeout -k 10 "$lim" "$TUNER_BIN" run "$W/$p/recipe.toml" "${set_ref[@]}" --run-dir "$W/$p/run" --until train) >> "$L" 2>&1
         rc=$?
-        "$PY" "$HERE/summarize_tuner.py" "$W/tuner/run" "$L" --out "$J" --warmup "$WARMUP" --model-dir "$M" >> "$L" 2>&1
+        "$PY" "$HERE/summarize_tuner.py" "$W/$p/run" "$L" --out "$J" --warmup "$WARMUP" --model-dir "$M" >> "$L" 2>&1
         ;;
       hf)
         (cd "$W" && timeout -k 10 "$lim" "$PY" "$HERE/peer_hf.py" "$M" --out "$J" --steps "$STEPS" --warmup "$WARMUP" \

@@ -223,7 +223,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             ctx.check_interrupted("export stopped")?;
             // The gate: the files just written, loaded back, against base + adapter.
             let (examples, source) = gate_examples(ctx)?;
-            let merged_model = crate::model::load(stage.path(), &crate::model::LoadOptions { dtype: compute, device, quantize: None })?;
+            let merged_model = crate::model::load(stage.path(), &crate::model::LoadOptions { dtype: compute, device, quantize: None, cuda_kernels: true })?;
             let m = check::measure(trained.as_ref(), merged_model.as_ref(), &examples, device);
             drop(merged_model);
             drop(trained);

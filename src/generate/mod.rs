@@ -83,7 +83,7 @@ impl Generator {
     pub fn load(model: &Path, adapter: Option<&Path>, dtype: crate::recipe::Dtype, device: Device, cache: &Path) -> Result<Generator> {
         let dir = crate::score::model_dir(model, cache)?;
         let tok = Tok::load(&dir)?;
-        let opts = model::LoadOptions { dtype: crate::train::kind_of(dtype, device), device, quantize: None };
+        let opts = model::LoadOptions { dtype: crate::train::kind_of(dtype, device), device, quantize: None, cuda_kernels: true };
         let mut m = model::load(&dir, &opts)?;
         if let Some(a) = adapter {
             crate::score::apply_adapter(m.as_mut(), a).with_context(|| format!("cannot apply the adapter {}", a.display()))?;

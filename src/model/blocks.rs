@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::f64::consts::PI;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -16,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::{Config, RopeScaling};
 use super::linear::{Linear, Weight};
 use super::{Batch, LoadOptions, Weights};
+use crate::kernels::{glu, rms_norm, rope, Kernels};
 use crate::quant::QuantTensor;
 
 /// Reads checkpoint tensors into the compute dtype and device of [`LoadOptions`].
@@ -29,6 +31,8 @@ pub(crate) struct Loader<'a> {
     /// `(module prefix, checkpoint prefix)`: names starting with the first are read from keys
     /// starting with the second (e.g. `model.language_model.` from `language_model.model.`).
     alias: Option<(String, String)>,
+    /// The CUDA kernels the loaded blocks use (`None`: reference paths).
+    pub kernels: Option<Arc<Kernels>>,
 }
 
 impl<'a> Loader<'a> {
@@ -39,7 +43,7 @@ impl<'a> Loader<'a> {
             .iter()
             .filter_map(|n| n.split_once(".weight.quant_state.").map(|(p, _)| p.to_string()))
             .collect();
-        Loader { weights, opts, bnb, alias: None }
+        Loader { weights, opts, bnb, alias: None, kernels: Kernels::for_device(opts.device, opts.cuda_kernels) }
     }
 
     /// Read module paths under `module` from checkpoint keys under `checkpoint` instead.
@@ -90,7 +94,7 @@ impl<'a> Loader<'a> {
     /// compute dtype (never quantized at load).
     pub fn frozen_linear(&self, prefix: &str) -> Result<Linear> {
         let weight = if self.is_bnb(prefix) { Weight::Quant(self.bnb_weight(prefix)?) } else { Weight::Dense(self.dense(&format!("{prefix}.weight"))?) };
-        Ok(Linear { weight, bias: None, lora: None })
+        Ok(Linear { weight, bias: None, lora: None, kernels: self.kernels.clone() })
     }
 
     /// A decoder linear: bnb-4bit when stored so; else dense, quantized now when
@@ -112,7 +116,7 @@ impl<'a> Loader<'a> {
             }
         };
         let bias = if bias { Some(self.dense(&format!("{prefix}.bias"))?) } else { None };
-        Ok(Linear { weight, bias, lora: None })
+        Ok(Linear { weight, bias, lora: None, kernels: self.kernels.clone() })
     }
 }
 
@@ -122,20 +126,29 @@ pub(crate) struct RmsNorm {
     pub weight: Tensor,
     /// `rms_norm_eps`.
     pub eps: f64,
+    /// CUDA kernels (kernels/rms_norm.cu) when loaded on a GPU.
+    pub kernels: Option<Arc<Kernels>>,
 }
 
 impl RmsNorm {
     /// Read `<prefix>.weight`.
     pub fn load(l: &Loader, prefix: &str, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: l.dense(&format!("{prefix}.weight"))?, eps })
+        Ok(RmsNorm { weight: l.dense(&format!("{prefix}.weight"))?, eps, kernels: l.kernels.clone() })
     }
 
-    /// Normalize over the last dimension.
+    /// Normalize over the last dimension (the fused kernel when no gradient is needed on a GPU).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let xf = x.to_kind(Kind::Float);
-        let var = xf.square().mean_dim(-1, true, Kind::Float);
-        let y = (xf * (var + self.eps).rsqrt()).to_kind(x.kind());
-        &self.weight * y
+        rms_norm::forward(x, Some(&self.weight), self.eps, rms_norm::Mode::Llama, self.kernels.as_deref())
+    }
+
+    /// The output and f32 `1/rms` per row, for [`RmsNorm::backward`]; no graph.
+    pub fn forward_with_rstd(&self, x: &Tensor) -> (Tensor, Tensor) {
+        rms_norm::forward_with_rstd(x, Some(&self.weight), self.eps, rms_norm::Mode::Llama, self.kernels.as_deref())
+    }
+
+    /// `dx` for upstream `dy` (the weight is frozen).
+    pub fn backward(&self, dy: &Tensor, x: &Tensor, rstd: &Tensor) -> Tensor {
+        rms_norm::backward(dy, x, Some(&self.weight), rstd, rms_norm::Mode::Llama, self.kernels.as_deref())
     }
 }
 
@@ -161,9 +174,24 @@ impl Mlp {
 
     /// `[B, T, H]` → `[B, T, H]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let g = self.gate_proj.forward(x, train).silu();
+        let g = self.gate_proj.forward(x, train);
         let u = self.up_proj.forward(x, train);
-        self.down_proj.forward(&(g * u), train)
+        self.down_proj.forward(&glu::forward(&g, &u, glu::Act::Silu, self.gate_proj.kernels.as_deref()), train)
+    }
+
+    /// The hand-written backward of [`Mlp::forward`] (no LoRA dropout): recomputes the forward
+    /// without a graph from the input `x`, accumulates the adapters' gradients and returns `dx`.
+    pub fn backward(&self, x: &Tensor, dy: &Tensor) -> Tensor {
+        let k = self.gate_proj.kernels.as_deref();
+        let (g, g_saved) = self.gate_proj.forward_saving(x);
+        let (u, u_saved) = self.up_proj.forward_saving(x);
+        let act = glu::forward(&g, &u, glu::Act::Silu, k);
+        let d_act = self.down_proj.backward(&act, None, dy);
+        drop(act);
+        let (dg, du) = glu::backward(&d_act, &g, &u, glu::Act::Silu, k);
+        drop((g, u, d_act));
+        let dx = self.gate_proj.backward(x, g_saved.as_ref(), &dg);
+        dx + self.up_proj.backward(x, u_saved.as_ref(), &du)
     }
 
     /// The three linears by leaf name, in module order.
@@ -205,6 +233,8 @@ pub(crate) struct Rope {
     pub cos: Tensor,
     /// `sin(pos · inv_freq)` duplicated over both halves.
     pub sin: Tensor,
+    /// CUDA kernels (kernels/rope.cu) for [`Rope::apply_bthd`].
+    pub kernels: Option<Arc<Kernels>>,
 }
 
 impl Rope {
@@ -213,7 +243,25 @@ impl Rope {
         let inv = inv_freq.to_device(position_ids.device());
         let freqs = position_ids.to_kind(Kind::Float).unsqueeze(-1) * inv; // (B, T, d/2)
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind), kernels: None }
+    }
+
+    /// These tables, applied with `kernels` where they can be.
+    pub fn with_kernels(mut self, kernels: Option<Arc<Kernels>>) -> Rope {
+        self.kernels = kernels;
+        self
+    }
+
+    /// RoPE on `x` `[B, T, heads, d]` (the projection's own layout; no transposes): the fused
+    /// kernel, in place, when `x` needs no gradient on a GPU, else [`Rope::apply`]'s math.
+    pub fn apply_bthd(&self, x: Tensor) -> Tensor {
+        rope::apply(x, &self.cos, &self.sin, false, self.kernels.as_deref())
+    }
+
+    /// The backward of [`Rope::apply_bthd`] for upstream `dy` `[B, T, heads, d]` (in place on it
+    /// with the kernel).
+    pub fn backward_bthd(&self, dy: Tensor) -> Tensor {
+        rope::apply(dy.contiguous(), &self.cos, &self.sin, true, self.kernels.as_deref())
     }
 
     /// `x·cos + rotate_half(x)·sin` for `x` `[B, heads, T, d]`.

@@ -48,10 +48,32 @@ pub(crate) trait Attention {
         };
         self.out(&o, false)
     }
+    /// [`Attention::forward`] for the hand-written backward (training, no adapter dropout):
+    /// the output and what [`Attention::backward`] needs. `None` when the family has no
+    /// hand-written backward; autograd then runs over its forward.
+    fn forward_saving(&self, _x: &Tensor, _rope: &Rope, _mask: Option<&Tensor>) -> Option<(Tensor, AttnSaved)> {
+        None
+    }
+    /// The hand-written backward for input `x` and upstream `dy`: accumulates the adapters'
+    /// gradients and returns `dx`.
+    fn backward(&self, _x: &Tensor, _rope: &Rope, _saved: AttnSaved, _dy: &Tensor) -> Tensor {
+        unreachable!("backward without forward_saving")
+    }
     /// Its linears by leaf name, in module order.
     fn linears(&self) -> Vec<(&'static str, &Linear)>;
     /// Its linears by leaf name, in module order, mutably.
     fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)>;
+}
+
+/// What a hand-written attention backward keeps from its forward.
+pub(crate) struct AttnSaved {
+    /// The q, k, v projections' rank-r adapter activations ([`Linear::forward_saving`]).
+    pub z: [Option<Tensor>; 3],
+    /// Post-RoPE q `[B, nh, T, d]`, k and v `[B, n_kv, T, d]`: autograd leaves.
+    pub leaves: [Tensor; 3],
+    /// The attention core's output `[B, T, nh·d]`, with a graph back to `leaves` (SDPA's own
+    /// backward differentiates it).
+    pub core: Tensor,
 }
 
 /// One pre-norm decoder layer: `h += attn(norm(h)); h += mlp(norm(h))`.
@@ -74,6 +96,43 @@ impl<A: Attention> DecoderLayer<A> {
         h + m
     }
 
+    /// The hand-written backward of [`DecoderLayer::forward`] for input `h` and upstream `dy`
+    /// (fused kernels on a GPU): recomputes what it needs from `h`, accumulates the adapters'
+    /// gradients, returns `dh`. The attention half goes through autograd when the family has no
+    /// hand-written attention backward.
+    pub fn backward(&self, h: &Tensor, rope: &Rope, mask: Option<&Tensor>, dy: &Tensor) -> Tensor {
+        let (ln1, ln2) = (&self.input_layernorm, &self.post_attention_layernorm);
+        let (n1, rstd1) = ln1.forward_with_rstd(h);
+        let saved = self.self_attn.forward_saving(&n1, rope, mask);
+        // Without a hand-written attention backward, the attention half keeps a graph.
+        let (a, rest) = match saved {
+            Some((a, saved)) => (a, Ok(saved)),
+            None => {
+                let hg = h.detach().set_requires_grad(true);
+                let a = tch::with_grad(|| self.self_attn.forward(&ln1.forward(&hg), rope, mask, true));
+                (a.detach(), Err((hg, a)))
+            }
+        };
+        let h2 = h + &a;
+        drop(a);
+        let (n2, rstd2) = ln2.forward_with_rstd(&h2);
+        let dn2 = self.mlp.backward(&n2, dy);
+        drop(n2);
+        let dh2 = dy + ln2.backward(&dn2, &h2, &rstd2);
+        drop((dn2, h2));
+        match rest {
+            Ok(saved) => {
+                let dn1 = self.self_attn.backward(&n1, rope, saved, &dh2);
+                drop(n1);
+                &dh2 + ln1.backward(&dn1, h, &rstd1)
+            }
+            Err((hg, a)) => {
+                tch::with_grad(|| (a * &dh2).sum(tch::Kind::Float).backward());
+                dh2 + hg.grad()
+            }
+        }
+    }
+
     fn forward_cached(&self, h: &Tensor, rope: &Rope, mask: Option<&Tensor>, i: usize, cache: &mut KvCache) -> Tensor {
         let a = self.self_attn.forward_cached(&self.input_layernorm.forward(h), rope, mask, i, cache);
         let h = h + a;
@@ -91,6 +150,7 @@ pub(crate) struct Decoder<A> {
     /// `None` when tied to `embed_tokens`.
     lm_head: Option<Tensor>,
     inv_freq: Tensor,
+    kernels: Option<std::sync::Arc<crate::kernels::Kernels>>,
 }
 
 impl<A: Attention> Decoder<A> {
@@ -120,7 +180,7 @@ impl<A: Attention> Decoder<A> {
         let norm = RmsNorm::load(l, "model.norm", eps)?;
         let lm_head = if config.tie_word_embeddings { None } else { Some(l.dense_weight("lm_head")?) };
         let inv_freq = inv_freq(&config).to_device(l.opts.device);
-        Ok(Decoder { config, embed_tokens, layers, norm, lm_head, inv_freq })
+        Ok(Decoder { config, embed_tokens, layers, norm, lm_head, inv_freq, kernels: l.kernels.clone() })
     }
 }
 
@@ -140,15 +200,27 @@ impl<A: Attention> CausalLm for Decoder<A> {
 
     fn layer(&self, i: usize, h: &Tensor, batch: &Batch, train: bool) -> Tensor {
         let device = h.device();
-        let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind());
+        let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind()).with_kernels(self.kernels.clone());
         let mask = attention_mask(batch, self.config.sliding_window, device);
         self.layers[i].forward(h, &rope, mask.as_ref(), train)
+    }
+
+    fn layer_backward(&self, i: usize, h: &Tensor, batch: &Batch, dy: &Tensor) -> Option<Tensor> {
+        let layer = &self.layers[i];
+        let lins = layer.self_attn.linears().into_iter().chain(layer.mlp.linears());
+        if lins.into_iter().any(|(_, l)| l.lora.as_ref().is_some_and(|a| a.dropout > 0.0)) {
+            return None;
+        }
+        let device = h.device();
+        let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind()).with_kernels(self.kernels.clone());
+        let mask = attention_mask(batch, self.config.sliding_window, device);
+        Some(layer.backward(h, &rope, mask.as_ref(), dy))
     }
 
     fn layer_cached(&self, i: usize, h: &Tensor, batch: &Batch, cache: &mut KvCache) -> Tensor {
         let device = h.device();
         let (b, t) = (h.size()[0], h.size()[1]);
-        let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind());
+        let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind()).with_kernels(self.kernels.clone());
         let past = cache.len(i);
         let s = past + t;
         let window = self.config.sliding_window.filter(|&w| w < s);

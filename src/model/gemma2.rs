@@ -21,6 +21,7 @@ pub(crate) struct GemmaRmsNorm {
     /// `1 + weight`, f32.
     scale: Tensor,
     eps: f64,
+    kernels: Option<std::sync::Arc<crate::kernels::Kernels>>,
 }
 
 impl GemmaRmsNorm {
@@ -28,14 +29,12 @@ impl GemmaRmsNorm {
     pub fn load(l: &Loader, prefix: &str, eps: f64) -> Result<GemmaRmsNorm> {
         let name = format!("{prefix}.weight");
         let w = l.weights.get(&l.key(&name))?.to_device(l.opts.device).to_kind(Kind::Float);
-        Ok(GemmaRmsNorm { scale: (w + 1.0).set_requires_grad(false), eps })
+        Ok(GemmaRmsNorm { scale: (w + 1.0).set_requires_grad(false), eps, kernels: l.kernels.clone() })
     }
 
-    /// Normalize over the last dimension.
+    /// Normalize over the last dimension (the fused kernel when no gradient is needed on a GPU).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let xf = x.to_kind(Kind::Float);
-        let var = xf.square().mean_dim(-1, true, Kind::Float);
-        (xf * (var + self.eps).rsqrt() * &self.scale).to_kind(x.kind())
+        crate::kernels::rms_norm::forward(x, Some(&self.scale), self.eps, crate::kernels::rms_norm::Mode::Scale, self.kernels.as_deref())
     }
 }
 
@@ -56,8 +55,10 @@ impl GegluMlp {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let g = self.gate_proj.forward(x, train).gelu("tanh");
-        self.down_proj.forward(&(g * self.up_proj.forward(x, train)), train)
+        let g = self.gate_proj.forward(x, train);
+        let u = self.up_proj.forward(x, train);
+        let k = self.gate_proj.kernels.as_deref();
+        self.down_proj.forward(&crate::kernels::glu::forward(&g, &u, crate::kernels::glu::Act::GeluTanh, k), train)
     }
 }
 

@@ -37,23 +37,19 @@ struct Norm {
     /// `weight`, f32; `None` for the scale-free variant.
     weight: Option<Tensor>,
     eps: f64,
+    kernels: Option<std::sync::Arc<crate::kernels::Kernels>>,
 }
 
 impl Norm {
     fn load(l: &Loader, prefix: &str, eps: f64) -> Result<Norm> {
         let name = format!("{prefix}.weight");
         let w = l.weights.get(&l.key(&name))?.to_device(l.opts.device).to_kind(Kind::Float);
-        Ok(Norm { weight: Some(w.set_requires_grad(false)), eps })
+        Ok(Norm { weight: Some(w.set_requires_grad(false)), eps, kernels: l.kernels.clone() })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let xf = x.to_kind(Kind::Float);
-        let ms = xf.square().mean_dim(-1, true, Kind::Float) + self.eps;
-        let y = xf * ms.rsqrt();
-        match &self.weight {
-            Some(w) => (y * w).to_kind(x.kind()),
-            None => y.to_kind(x.kind()),
-        }
+        use crate::kernels::rms_norm::{forward, Mode};
+        forward(x, self.weight.as_ref(), self.eps, Mode::Scale, self.kernels.as_deref())
     }
 }
 
@@ -123,7 +119,8 @@ impl Mlp {
             let std = g.std_correction(&[-1i64][..], 0, true);
             g = (&g - (mean + std * mult)).relu();
         }
-        let a = g.gelu("tanh") * self.up_proj.forward(x, train);
+        let u = self.up_proj.forward(x, train);
+        let a = crate::kernels::glu::forward(&g, &u, crate::kernels::glu::Act::GeluTanh, self.gate_proj.kernels.as_deref());
         self.down_proj.forward(&a, train)
     }
 }
@@ -297,7 +294,7 @@ impl Gemma3n {
                         o_proj: l.linear(&format!("{a}.o_proj"), false)?,
                         q_norm: Norm::load(&l, &format!("{a}.q_norm"), eps)?,
                         k_norm: if shared { None } else { Some(Norm::load(&l, &format!("{a}.k_norm"), eps)?) },
-                        v_norm: Norm { weight: None, eps },
+                        v_norm: Norm { weight: None, eps, kernels: l.kernels.clone() },
                         num_heads: config.num_attention_heads,
                         num_kv_heads: config.num_key_value_heads,
                         head_dim: config.head_dim,

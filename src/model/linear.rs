@@ -7,8 +7,11 @@
 //! run in the compute dtype instead, as under autocast); bitsandbytes `Linear4bit.forward`
 //! (dequantize, then a plain matmul).
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
+use crate::kernels::{dequant_4bit, Kernels};
 use crate::quant::QuantTensor;
 
 /// A frozen base weight `[out, in]`.
@@ -39,12 +42,14 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Trainable adapter, when attached.
     pub lora: Option<Lora>,
+    /// CUDA kernels (4-bit dequantize) when loaded on a GPU.
+    pub kernels: Option<Arc<Kernels>>,
 }
 
 impl Linear {
     /// A dense linear without adapter.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear { weight: Weight::Dense(weight), bias, lora: None }
+        Linear { weight: Weight::Dense(weight), bias, lora: None, kernels: None }
     }
 
     /// y = x·Wᵀ (+b) + (dropout(x)·Aᵀ·Bᵀ)·scale. W is dequantized into x's dtype and dropped
@@ -56,7 +61,7 @@ impl Linear {
         let y = match &self.weight {
             Weight::Dense(w) => x.linear(&cast(w, kind), bias.as_ref()),
             Weight::Quant(q) => {
-                let w = q.dequantize(kind);
+                let w = dequant_4bit::dequantize(q, kind, self.kernels.as_deref());
                 x.linear(&w, bias.as_ref())
             }
         };
@@ -118,8 +123,83 @@ impl Linear {
     pub fn dense_weight(&self, kind: Kind) -> Tensor {
         match &self.weight {
             Weight::Dense(w) => w.to_kind(kind),
-            Weight::Quant(q) => q.dequantize(kind),
+            Weight::Quant(q) => dequant_4bit::dequantize(q, kind, self.kernels.as_deref()),
         }
+    }
+
+    /// The dtype the adapter computes in for input dtype `kind` on `device` (see `forward`):
+    /// the compute dtype under GPU mixed precision, the adapter's own (f32) otherwise.
+    fn adapter_kind(&self, kind: Kind, device: Device) -> Kind {
+        match &self.lora {
+            Some(_) if matches!(kind, Kind::BFloat16 | Kind::Half) && device.is_cuda() => kind,
+            Some(l) => l.a.kind(),
+            None => kind,
+        }
+    }
+
+    /// [`Linear::forward`] without a graph and without adapter dropout, also returning the
+    /// adapter's rank-r activation `z = x·Aᵀ` (in the adapter's compute dtype) for
+    /// [`Linear::backward`].
+    pub fn forward_saving(&self, x: &Tensor) -> (Tensor, Option<Tensor>) {
+        tch::no_grad(|| {
+            let kind = x.kind();
+            let bias = self.bias.as_ref().map(|b| cast(b, kind));
+            let y = x.linear(&self.dense_weight(kind), bias.as_ref());
+            let Some(lora) = &self.lora else { return (y, None) };
+            let ak = self.adapter_kind(kind, x.device());
+            let z = cast(x, ak).linear::<Tensor>(&cast(&lora.a, ak), None);
+            let delta = z.linear::<Tensor>(&cast(&lora.b, ak), None) * lora.scale;
+            let y = if ak == kind { y + delta } else { (y.to_kind(ak) + delta).to_kind(kind) };
+            (y, Some(z))
+        })
+    }
+
+    /// The hand-written backward of [`Linear::forward`] (no adapter dropout) for input `x` and
+    /// upstream `dy`: returns `dx = dy·W + s·(dy·B)·A`, and adds `dB = s·dyᵀ·z` and
+    /// `dA = s·(dy·B)ᵀ·x` to the adapter's gradients. `W` is dequantized again here and freed on
+    /// return (nothing of it is kept from the forward); `z = x·Aᵀ` comes from
+    /// [`Linear::forward_saving`] or is recomputed. Checked against autograd by the tests.
+    pub fn backward(&self, x: &Tensor, z: Option<&Tensor>, dy: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let kind = x.kind();
+            let dy = cast(dy, kind);
+            let dx = dy.matmul(&self.dense_weight(kind));
+            let Some(lora) = &self.lora else { return dx };
+            let ak = self.adapter_kind(kind, x.device());
+            let (a, b) = (cast(&lora.a, ak), cast(&lora.b, ak));
+            let xa = cast(x, ak);
+            let z = match z {
+                Some(z) => z.shallow_clone(),
+                None => xa.linear::<Tensor>(&a, None),
+            };
+            let dys = cast(&dy, ak) * lora.scale; // [.., out]
+            let dz = dys.matmul(&b); // [.., r]
+            let (r, out_f, in_f) = (a.size()[0], b.size()[0], a.size()[1]);
+            let db = dys.reshape([-1, out_f]).transpose(0, 1).matmul(&z.reshape([-1, r]));
+            let da = dz.reshape([-1, r]).transpose(0, 1).matmul(&xa.reshape([-1, in_f]));
+            accumulate_grad(&lora.a, &da);
+            accumulate_grad(&lora.b, &db);
+            let dx_lora = dz.matmul(&a);
+            if ak == kind {
+                dx + dx_lora
+            } else {
+                (dx.to_kind(ak) + dx_lora).to_kind(kind)
+            }
+        })
+    }
+}
+
+/// `p.grad += g` (in `p`'s dtype). The first time, when `p` has no gradient yet, autograd
+/// allocates it through a one-op graph; afterwards it is an in-place add (the optimizer zeroes
+/// gradients in place, so they stay allocated).
+pub fn accumulate_grad(p: &Tensor, g: &Tensor) {
+    let mut cur = p.grad();
+    if cur.defined() {
+        tch::no_grad(|| {
+            cur += g.to_kind(cur.kind());
+        });
+    } else {
+        tch::with_grad(|| (p * g.to_kind(p.kind()).detach()).sum(Kind::Float).backward());
     }
 }
 

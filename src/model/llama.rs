@@ -9,7 +9,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::blocks::{attend, Loader, Rope};
-use super::decoder::{Attention, Decoder};
+use super::decoder::{Attention, AttnSaved, Decoder};
 use super::linear::Linear;
 use super::{Config, LoadOptions, Weights};
 
@@ -48,14 +48,47 @@ impl Attention for LlamaAttention {
     fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // (B, n, T, d)
-        let q = rope.apply(&heads(self.q_proj.forward(x, train), self.num_heads));
-        let k = rope.apply(&heads(self.k_proj.forward(x, train), self.num_kv_heads));
+        let q = rope.apply_bthd(self.q_proj.forward(x, train).view([b, t, self.num_heads, self.head_dim])).transpose(1, 2);
+        let k = rope.apply_bthd(self.k_proj.forward(x, train).view([b, t, self.num_kv_heads, self.head_dim])).transpose(1, 2);
         let v = heads(self.v_proj.forward(x, train), self.num_kv_heads);
         (q, k, v)
     }
 
     fn out(&self, o: &Tensor, train: bool) -> Tensor {
         self.o_proj.forward(o, train)
+    }
+
+    fn forward_saving(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Option<(Tensor, AttnSaved)> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (q, zq) = self.q_proj.forward_saving(x);
+        let (k, zk) = self.k_proj.forward_saving(x);
+        let (v, zv) = self.v_proj.forward_saving(x);
+        // RoPE in the projections' [B, T, n, d] layout (in place with the kernel), then leaves.
+        let q = rope.apply_bthd(q.view([b, t, self.num_heads, self.head_dim])).transpose(1, 2).set_requires_grad(true);
+        let k = rope.apply_bthd(k.view([b, t, self.num_kv_heads, self.head_dim])).transpose(1, 2).set_requires_grad(true);
+        let v = v.view([b, t, self.num_kv_heads, self.head_dim]).transpose(1, 2).set_requires_grad(true);
+        let core = tch::with_grad(|| attend(&q, &k, &v, mask, self.scale()));
+        let (a, _) = self.o_proj.forward_saving(&core.detach());
+        Some((a, AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core }))
+    }
+
+    fn backward(&self, x: &Tensor, rope: &Rope, saved: AttnSaved, dy: &Tensor) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core } = saved;
+        let d_core = self.o_proj.backward(&core.detach(), None, dy);
+        tch::with_grad(|| (core * d_core).sum(tch::Kind::Float).backward());
+        // Leaf gradients [B, n, T, d] → [B, T, n, d], RoPE undone, → [B, T, n·d].
+        let back = |g: Tensor, n: i64, rotate: bool| {
+            let g = g.transpose(1, 2).contiguous();
+            let g = if rotate { rope.backward_bthd(g) } else { g };
+            g.reshape([b, t, n * self.head_dim])
+        };
+        let dq = back(q.grad(), self.num_heads, true);
+        let dk = back(k.grad(), self.num_kv_heads, true);
+        let dv = back(v.grad(), self.num_kv_heads, false);
+        drop((q, k, v));
+        let dx = self.q_proj.backward(x, zq.as_ref(), &dq);
+        dx + self.k_proj.backward(x, zk.as_ref(), &dk) + self.v_proj.backward(x, zv.as_ref(), &dv)
     }
 
     fn scale(&self) -> f64 {

@@ -36,7 +36,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use config::{Config, RopeScaling};
 pub use kv_cache::KvCache;
-pub use linear::{Linear, Lora, Weight};
+pub use linear::{accumulate_grad, Linear, Lora, Weight};
 pub use weights::Weights;
 
 /// How a checkpoint is placed in memory.
@@ -49,6 +49,8 @@ pub struct LoadOptions {
     /// Quantize the decoder linears (q,k,v,o,gate,up,down) at load: (type, blocksize, double quant).
     /// Embeddings, norms and lm_head stay dense. Pre-quantized (bnb) layers stay as stored.
     pub quantize: Option<(crate::quant::QuantType, i64, bool)>,
+    /// Use the CUDA kernels of `kernels/` on a CUDA device (their reference paths otherwise).
+    pub cuda_kernels: bool,
 }
 
 /// Position/mask information for one batch, built once and shared by all layers.
@@ -105,6 +107,13 @@ pub trait CausalLm {
     fn num_layers(&self) -> usize;
     /// Decoder layer `i`: `[B, T, H]` → `[B, T, H]`. `train` enables LoRA dropout.
     fn layer(&self, i: usize, h: &Tensor, batch: &Batch, train: bool) -> Tensor;
+    /// The hand-written backward of [`CausalLm::layer`] in training for input `h` and upstream
+    /// gradient `dy`: accumulates the adapters' gradients and returns `dh`, recomputing what it
+    /// needs from `h`. `None` when the family has none or it does not apply (adapter dropout);
+    /// the caller then differentiates [`CausalLm::layer`] with autograd.
+    fn layer_backward(&self, _i: usize, _h: &Tensor, _batch: &Batch, _dy: &Tensor) -> Option<Tensor> {
+        None
+    }
     /// The final norm.
     fn norm(&self, h: &Tensor) -> Tensor;
     /// The output projection `[V, H]` (the embedding table when tied).

@@ -271,6 +271,14 @@ pub struct TrainSection {
     pub pad_to_multiple_of: u64,
     /// "auto", "cpu" or "cuda[:N]".
     pub device: String,
+    /// On a CUDA device, the fast path: the kernels of `kernels/` (4-bit dequantize, RMSNorm,
+    /// RoPE, gated activations) and the hand-written layer backward. `false` runs the
+    /// reference (torch-op, autograd) path, as on a CPU.
+    pub cuda_kernels: bool,
+    /// Keep the checkpointed layer inputs in pinned host memory during a step (CUDA, with
+    /// gradient checkpointing): "on", "off", or "auto" (on when `tuner plan`'s estimate exceeds
+    /// 90% of the device's memory).
+    pub offload_activations: String,
 }
 
 impl Default for TrainSection {
@@ -295,6 +303,8 @@ impl Default for TrainSection {
             packing: false,
             pad_to_multiple_of: 1,
             device: "auto".into(),
+            cuda_kernels: true,
+            offload_activations: "auto".into(),
         }
     }
 }

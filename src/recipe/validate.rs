@@ -468,4 +468,8 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
     if !dev_ok {
         err("train.device", format!("expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", found {dev:?}"));
     }
+    let off = r.train.offload_activations.as_str();
+    if !matches!(off, "auto" | "on" | "off") {
+        err("train.offload_activations", format!("expected \"auto\", \"on\" or \"off\", found {off:?}"));
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod offload;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
@@ -63,7 +64,35 @@ pub fn load_model(dir: &Path, r: &Recipe, device: Device) -> Result<Box<dyn Caus
         QuantMethod::Nf4 => Some((crate::quant::QuantType::Nf4, r.quantization.block_size as i64, r.quantization.double_quant)),
         QuantMethod::Fp4 => Some((crate::quant::QuantType::Fp4, r.quantization.block_size as i64, r.quantization.double_quant)),
     };
-    model::load(dir, &model::LoadOptions { dtype: kind_of(r.model.dtype, device), device, quantize })
+    model::load(dir, &model::LoadOptions { dtype: kind_of(r.model.dtype, device), device, quantize, cuda_kernels: r.train.cuda_kernels })
+}
+
+/// Whether to offload the checkpointed layer inputs (`train.offload_activations`): "on" and
+/// "auto" apply only on CUDA with gradient checkpointing; "auto" when `tuner plan`'s estimate
+/// exceeds 90% of the device's memory. Says what it decided.
+fn offload_activations(ctx: &RunContext, dir: &Path, device: Device) -> Result<bool> {
+    let t = &ctx.recipe.recipe.train;
+    let possible = device.is_cuda() && t.gradient_checkpointing;
+    let on = match t.offload_activations.as_str() {
+        "off" => false,
+        "on" if !possible => {
+            log::warn!("train.offload_activations = \"on\" needs a CUDA device and gradient checkpointing; not offloading");
+            false
+        }
+        "on" => true,
+        _ if !possible => false,
+        _ => {
+            let Device::Cuda(i) = device else { return Ok(false) };
+            let planned = crate::plan::estimate(&ctx.recipe, dir).map(|p| p.total_bytes).unwrap_or(0);
+            let total = crate::device_mem::cuda_total_bytes(i).unwrap_or(u64::MAX);
+            planned as f64 > 0.9 * total as f64
+        }
+    };
+    if on {
+        crate::train::offload::Offloader::new(device, 1)?;
+        eprintln!("train: offloading the checkpointed layer inputs to pinned host memory (train.offload_activations)");
+    }
+    Ok(on)
 }
 
 /// Peak and current resident memory of this process in bytes (CPU), from /proc.
@@ -205,6 +234,8 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         device,
         seed: r.run.seed,
         loss_scale,
+        hand_backward: device.is_cuda() && t.cuda_kernels,
+        offload: offload_activations(ctx, dir, device)?,
     };
     let bar = util::progress(total, "train");
     bar.set_position(start);

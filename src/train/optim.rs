@@ -98,12 +98,28 @@ impl Default for AdamWConfig {
     }
 }
 
+/// Parameters that share a state kind and a weight-decay flag, stepped together: their values,
+/// gradients and moments live in flat f32 buffers, each parameter a view of a segment padded to
+/// a whole number of [`STATE_BLOCK`]s. So one step is a handful of kernels over the buffers
+/// rather than a few dozen per parameter (hundreds of adapters on an 8B model), and, because the
+/// segments keep each parameter's 8-bit blocks, the arithmetic is exactly the per-parameter one.
+struct Group {
+    /// Indices into `AdamW::params`.
+    members: Vec<usize>,
+    /// Start of each member's segment.
+    offsets: Vec<i64>,
+    /// f32 `[len]`: the parameters' storage.
+    p: Tensor,
+    /// f32 `[len]`: the gradients' storage, once [`AdamW::flatten_grads`] has moved them there.
+    g: Tensor,
+    decay: bool,
+    state: State,
+}
+
 /// AdamW over a fixed list of parameters (fp32 leaf tensors with gradients).
 pub struct AdamW {
     params: Vec<Tensor>,
-    /// Whether each parameter gets weight decay (matrices yes; biases and norms no).
-    decay: Vec<bool>,
-    states: Vec<State>,
+    groups: Vec<Group>,
     cfg: AdamWConfig,
     /// Optimizer steps taken.
     pub step: u64,
@@ -111,39 +127,92 @@ pub struct AdamW {
     unsigned: Option<Tables>,
 }
 
+fn padded(n: i64) -> i64 {
+    (n + STATE_BLOCK - 1) / STATE_BLOCK * STATE_BLOCK
+}
+
 impl AdamW {
-    /// A new optimizer; `kind` picks fp32 or 8-bit states.
-    pub fn new(params: Vec<Tensor>, kind: Optimizer, cfg: AdamWConfig) -> AdamW {
+    /// A new optimizer; `kind` picks fp32 or 8-bit states. The parameters' storage moves into the
+    /// optimizer's flat buffers (their values are kept; every other handle on them, such as the
+    /// model's adapters, sees the same tensors).
+    pub fn new(mut params: Vec<Tensor>, kind: Optimizer, cfg: AdamWConfig) -> AdamW {
         let device = params.first().map(|p| p.device()).unwrap_or(tch::Device::Cpu);
         let eight = kind == Optimizer::Adamw8bit;
         let (signed, unsigned) = if eight { (Some(Tables::new(true, device)), Some(Tables::new(false, device))) } else { (None, None) };
-        let states = params
-            .iter()
-            .map(|p| {
-                let z = p.zeros_like().to_kind(Kind::Float);
-                match (&signed, &unsigned) {
-                    (Some(s), Some(u)) if p.numel() as i64 >= MIN_8BIT_SIZE => State::Int8 { m: s.quantize(&z), v: u.quantize(&z) },
-                    _ => State::Fp32 { m: z.copy(), v: z },
+        let mut keys: Vec<(bool, bool)> = Vec::new(); // (8-bit state, weight decay), in first-seen order
+        let mut members: Vec<Vec<usize>> = Vec::new();
+        for (i, p) in params.iter().enumerate() {
+            let key = (eight && p.numel() as i64 >= MIN_8BIT_SIZE, p.dim() >= 2);
+            match keys.iter().position(|k| *k == key) {
+                Some(j) => members[j].push(i),
+                None => {
+                    keys.push(key);
+                    members.push(vec![i]);
                 }
-            })
-            .collect();
-        let decay = params.iter().map(|p| p.dim() >= 2).collect();
-        AdamW { params, decay, states, cfg, step: 0, signed, unsigned }
+            }
+        }
+        let mut groups = Vec::new();
+        for ((int8, decay), idx) in keys.into_iter().zip(members) {
+            let mut offsets = Vec::with_capacity(idx.len());
+            let mut len = 0;
+            for &i in &idx {
+                offsets.push(len);
+                len += padded(params[i].numel() as i64);
+            }
+            let p = Tensor::zeros([len], (Kind::Float, device));
+            tch::no_grad(|| {
+                for (&i, &off) in idx.iter().zip(&offsets) {
+                    let n = params[i].numel() as i64;
+                    let view = p.narrow(0, off, n).view(params[i].size().as_slice());
+                    view.shallow_clone().copy_(&params[i].to_kind(Kind::Float));
+                    params[i].set_data(&view);
+                }
+            });
+            let z = Tensor::zeros([len], (Kind::Float, device));
+            let state = match (&signed, &unsigned) {
+                (Some(s), Some(u)) if int8 => State::Int8 { m: s.quantize(&z), v: u.quantize(&z) },
+                _ => State::Fp32 { m: z.copy(), v: z.copy() },
+            };
+            groups.push(Group { members: idx, offsets, p, g: z, decay, state });
+        }
+        AdamW { params, groups, cfg, step: 0, signed, unsigned }
     }
 
-    /// Zero every gradient.
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
+    /// Move every gradient into its group's flat buffer (a no-op once done: autograd and the
+    /// hand-written backward then accumulate in place there). A parameter without a gradient
+    /// yet counts as a zero gradient.
+    fn flatten_grads(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for grp in &self.groups {
+            for (&i, &off) in grp.members.iter().zip(&grp.offsets) {
+                let p = &self.params[i];
+                let n = p.numel() as i64;
+                let view = grp.g.narrow(0, off, n).view(p.size().as_slice());
+                if !p.grad().defined() {
+                    crate::model::accumulate_grad(p, &view.zeros_like());
+                }
+                let mut g = p.grad();
+                if g.data_ptr() != view.data_ptr() {
+                    view.shallow_clone().copy_(&g);
+                    g.set_data(&view);
+                }
             }
+        }
+    }
+
+    /// Zero every gradient (the flat buffers, in place).
+    pub fn zero_grad(&mut self) {
+        self.flatten_grads();
+        for grp in &mut self.groups {
+            let _ = grp.g.zero_();
         }
     }
 
     /// The global L2 norm of the gradients; scaled down to `max_norm` when above it (0 = no clipping).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        self.flatten_grads();
         let _guard = tch::no_grad_guard();
+        // Per parameter, then summed: the same reduction order as a per-tensor loop.
         let sq: Vec<Tensor> = self.params.iter().map(|p| p.grad()).filter(|g| g.defined()).map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
         if sq.is_empty() {
             return 0.0;
@@ -151,11 +220,8 @@ impl AdamW {
         let total = Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[]);
         if max_norm > 0.0 && total > max_norm {
             let coef = max_norm / (total + 1e-6);
-            for p in &self.params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.g_mul_scalar_(coef);
-                }
+            for grp in &mut self.groups {
+                let _ = grp.g.g_mul_scalar_(coef);
             }
         }
         total
@@ -163,44 +229,39 @@ impl AdamW {
 
     /// Multiply every gradient by `f` (fp16 loss-scale removal).
     pub fn scale_grads(&mut self, f: f64) {
+        self.flatten_grads();
         let _guard = tch::no_grad_guard();
-        for p in &self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.g_mul_scalar_(f);
-            }
+        for grp in &mut self.groups {
+            let _ = grp.g.g_mul_scalar_(f);
         }
     }
 
     /// One AdamW step at learning rate `lr`.
     pub fn step(&mut self, lr: f64) {
+        self.flatten_grads();
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for ((p, state), decay) in self.params.iter_mut().zip(self.states.iter_mut()).zip(&self.decay) {
-            let g = p.grad();
-            if !g.defined() {
-                continue;
+        for grp in &mut self.groups {
+            let g = &grp.g;
+            if grp.decay && c.weight_decay > 0.0 {
+                let _ = grp.p.g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
-            let g = g.to_kind(Kind::Float);
-            if *decay && c.weight_decay > 0.0 {
-                let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
-            }
-            let shape = p.size();
-            let (mut m, mut v) = match state {
+            let shape = g.size();
+            let (mut m, mut v) = match &grp.state {
                 State::Fp32 { m, v } => (m.shallow_clone(), v.shallow_clone()),
                 State::Int8 { m, v } => {
                     (self.signed.as_ref().map(|t| t.dequantize(m, &shape)).unwrap_or_else(|| g.zeros_like()), self.unsigned.as_ref().map(|t| t.dequantize(v, &shape)).unwrap_or_else(|| g.zeros_like()))
                 }
             };
-            let _ = m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
+            let _ = m.g_mul_scalar_(c.beta1).g_add_(&(g * (1.0 - c.beta1)));
             let _ = v.g_mul_scalar_(c.beta2).g_add_(&(g.square() * (1.0 - c.beta2)));
             let denom = v.sqrt() / bc2.sqrt() + c.eps;
             let update = (&m / denom) * (lr / bc1);
-            let _ = p.g_sub_(&update.to_kind(p.kind()));
-            if let State::Int8 { m: qm, v: qv } = state {
+            let _ = grp.p.g_sub_(&update);
+            if let State::Int8 { m: qm, v: qv } = &mut grp.state {
                 if let (Some(s), Some(u)) = (&self.signed, &self.unsigned) {
                     *qm = s.quantize(&m);
                     *qv = u.quantize(&v);
@@ -209,20 +270,31 @@ impl AdamW {
         }
     }
 
-    /// The optimizer state as named tensors, for checkpoints.
+    /// Each parameter's index, group and segment offset, in parameter order.
+    fn segments(&self) -> Vec<(usize, &Group, i64)> {
+        let mut out: Vec<(usize, &Group, i64)> =
+            self.groups.iter().flat_map(|g| g.members.iter().zip(&g.offsets).map(move |(&i, &off)| (i, g, off))).collect();
+        out.sort_by_key(|(i, _, _)| *i);
+        out
+    }
+
+    /// The optimizer state as named tensors, for checkpoints (per parameter: views of the flat
+    /// buffers, the layout a per-parameter optimizer would save).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![];
-        for (i, s) in self.states.iter().enumerate() {
-            match s {
+        for (i, grp, off) in self.segments() {
+            let n = self.params[i].numel() as i64;
+            match &grp.state {
                 State::Fp32 { m, v } => {
-                    out.push((format!("{i}.m"), m.shallow_clone()));
-                    out.push((format!("{i}.v"), v.shallow_clone()));
+                    out.push((format!("{i}.m"), m.narrow(0, off, n).view(self.params[i].size().as_slice())));
+                    out.push((format!("{i}.v"), v.narrow(0, off, n).view(self.params[i].size().as_slice())));
                 }
                 State::Int8 { m, v } => {
-                    out.push((format!("{i}.m.codes"), m.codes.shallow_clone()));
-                    out.push((format!("{i}.m.absmax"), m.absmax.shallow_clone()));
-                    out.push((format!("{i}.v.codes"), v.codes.shallow_clone()));
-                    out.push((format!("{i}.v.absmax"), v.absmax.shallow_clone()));
+                    let (len, nb) = (padded(n), padded(n) / STATE_BLOCK);
+                    out.push((format!("{i}.m.codes"), m.codes.narrow(0, off, len)));
+                    out.push((format!("{i}.m.absmax"), m.absmax.narrow(0, off / STATE_BLOCK, nb)));
+                    out.push((format!("{i}.v.codes"), v.codes.narrow(0, off, len)));
+                    out.push((format!("{i}.v.absmax"), v.absmax.narrow(0, off / STATE_BLOCK, nb)));
                 }
             }
         }
@@ -231,27 +303,20 @@ impl AdamW {
 
     /// Restore a state saved by [`AdamW::state_tensors`] (same parameters, same kind).
     pub fn load_state(&mut self, tensors: &[(String, Tensor)], step: u64) -> Result<()> {
-        let get = |name: String| -> Result<Tensor> {
+        let get = |name: String, want: &Tensor| -> Result<Tensor> {
             match tensors.iter().find(|(n, _)| *n == name) {
-                Some((_, t)) => Ok(t.shallow_clone()),
+                Some((_, t)) if t.size() == want.size() => Ok(t.shallow_clone()),
+                Some((_, t)) => bail!("optimizer state `{name}` has shape {:?}, expected {:?}", t.size(), want.size()),
                 None => bail!("optimizer state `{name}` is missing from the checkpoint"),
             }
         };
-        let device = self.params.first().map(|p| p.device()).unwrap_or(tch::Device::Cpu);
-        for (i, s) in self.states.iter_mut().enumerate() {
-            match s {
-                State::Fp32 { m, v } => {
-                    m.copy_(&get(format!("{i}.m"))?.to_device(device));
-                    v.copy_(&get(format!("{i}.v"))?.to_device(device));
-                }
-                State::Int8 { m, v } => {
-                    m.codes = get(format!("{i}.m.codes"))?.to_device(device);
-                    m.absmax = get(format!("{i}.m.absmax"))?.to_device(device);
-                    v.codes = get(format!("{i}.v.codes"))?.to_device(device);
-                    v.absmax = get(format!("{i}.v.absmax"))?.to_device(device);
-                }
+        tch::no_grad(|| -> Result<()> {
+            for (name, mut dst) in self.state_tensors() {
+                let src = get(name, &dst)?;
+                dst.copy_(&src.to_device(dst.device()));
             }
-        }
+            Ok(())
+        })?;
         self.step = step;
         Ok(())
     }

@@ -7,7 +7,10 @@
 //! - Layer-wise activation checkpointing: the forward keeps only each decoder
 //!   layer's input (no graph); the backward recomputes one layer at a time with
 //!   a graph and pushes the incoming gradient through it with
-//!   `(y · g).sum().backward()`, which also accumulates the LoRA gradients.
+//!   `(y · g).sum().backward()`, which also accumulates the LoRA gradients. On the CUDA fast
+//!   path a family's hand-written layer backward (`CausalLm::layer_backward`: fused kernels,
+//!   4-bit weights dequantized again and freed, SDPA's own backward for the attention core)
+//!   replaces the autograd pass.
 //! - Chunked cross-entropy: logits are built only for trained positions, a
 //!   chunk at a time, and each chunk is backpropagated at once, so the full
 //!   [tokens × vocab] fp32 logits never exist.
@@ -29,6 +32,12 @@ pub struct StepOptions {
     pub seed: u64,
     /// Multiply the loss by this before backward (fp16 loss scaling; 1 otherwise).
     pub loss_scale: f64,
+    /// Use the model's hand-written layer backward where it has one (the CUDA fast path);
+    /// autograd over the recomputed layer otherwise.
+    pub hand_backward: bool,
+    /// With checkpointing on CUDA: keep the layer inputs in pinned host memory
+    /// ([`super::offload::Offloader`]).
+    pub offload: bool,
 }
 
 /// What one step produced.
@@ -69,6 +78,49 @@ fn batch_of(mb: &MicroBatch, o: &StepOptions) -> (Batch, Tensor) {
         _ => Batch::new(ids, mask),
     };
     (batch, labels)
+}
+
+/// Wall time per phase of a step (forward, loss, backward), synchronising a CUDA device at each
+/// lap; only when `tuner::train::step` logs at debug level (`RUST_LOG=tuner::train::step=debug`),
+/// since the synchronisations cost throughput.
+struct PhaseClock {
+    on: bool,
+    device: Device,
+    last: std::time::Instant,
+    laps: Vec<(&'static str, f64)>,
+}
+
+impl PhaseClock {
+    fn new(device: Device) -> PhaseClock {
+        let on = log::log_enabled!(log::Level::Debug);
+        let mut c = PhaseClock { on, device, last: std::time::Instant::now(), laps: Vec::new() };
+        c.sync();
+        c.last = std::time::Instant::now();
+        c
+    }
+
+    fn sync(&self) {
+        if let (true, Device::Cuda(i)) = (self.on, self.device) {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    fn lap(&mut self, name: &'static str) {
+        if !self.on {
+            return;
+        }
+        self.sync();
+        let now = std::time::Instant::now();
+        self.laps.push((name, (now - self.last).as_secs_f64()));
+        self.last = now;
+    }
+
+    fn report(&self) {
+        if self.on && !self.laps.is_empty() {
+            let parts: Vec<String> = self.laps.iter().map(|(n, t)| format!("{n} {:.1} ms", t * 1e3)).collect();
+            log::debug!("step phases: {}", parts.join(", "));
+        }
+    }
 }
 
 /// Flattened next-token targets (position t predicts labels[t+1]; the last position
@@ -115,34 +167,60 @@ pub fn chunked_ce_backward(model: &dyn CausalLm, h_normed: &Tensor, labels: &Ten
 pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o: &StepOptions) -> StepResult {
     let denom: i64 = micro.iter().map(MicroBatch::trained_tokens).sum();
     let mut nll = 0.0;
+    let mut clock = PhaseClock::new(o.device);
     for (m, mb) in micro.iter().enumerate() {
         let (batch, labels) = batch_of(mb, o);
         let n_layers = model.num_layers();
         if o.checkpointing {
             let mut inputs = Vec::with_capacity(n_layers);
+            let mut offload = o.offload.then(|| super::offload::Offloader::new(o.device, n_layers).expect("activation offload"));
             let h = {
                 let _g = tch::no_grad_guard();
                 let mut h = model.embed(&batch);
                 for l in 0..n_layers {
-                    inputs.push(h.shallow_clone());
+                    match offload.as_mut() {
+                        Some(off) => off.store(l, &h),
+                        None => inputs.push(h.shallow_clone()),
+                    }
                     tch::manual_seed(layer_seed(o.seed, step, m, l));
                     h = model.layer(l, &h, &batch, true);
                 }
                 h
             };
+            clock.lap("forward");
+            if let Some(off) = offload.as_mut() {
+                off.prefetch(n_layers - 1);
+            }
             let top = h.detach().set_requires_grad(true);
             nll += chunked_ce_backward(model, &model.norm(&top), &labels, denom.max(1) as f64, o.loss_scale);
+            clock.lap("loss");
             let mut grad = top.grad();
             for l in (0..n_layers).rev() {
-                let x = inputs[l].detach().set_requires_grad(l > 0);
+                let input = match offload.as_mut() {
+                    Some(off) => {
+                        let x = off.take(l);
+                        if l > 0 {
+                            off.prefetch(l - 1);
+                        }
+                        x
+                    }
+                    None => std::mem::replace(&mut inputs[l], Tensor::new()),
+                };
                 tch::manual_seed(layer_seed(o.seed, step, m, l));
+                if o.hand_backward {
+                    if let Some(dx) = model.layer_backward(l, &input, &batch, &grad) {
+                        grad = dx;
+                        continue;
+                    }
+                }
+                let x = input.detach().set_requires_grad(l > 0);
                 let y = model.layer(l, &x, &batch, true);
                 (&y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
                 if l > 0 {
                     grad = x.grad();
                 }
-                inputs[l] = Tensor::new();
             }
+            clock.lap("backward");
         } else {
             let mut h = model.embed(&batch);
             for l in 0..n_layers {
@@ -152,6 +230,7 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
             nll += chunked_ce_backward(model, &model.norm(&h), &labels, denom.max(1) as f64, o.loss_scale);
         }
     }
+    clock.report();
     StepResult {
         loss: nll / denom.max(1) as f64,
         trained_tokens: denom,

@@ -1,0 +1,63 @@
+// 4-bit (NF4/FP4) blockwise dequantization, bitsandbytes layout, straight into the compute
+// dtype. CPU reference: src/quant/blockwise.rs `dequantize_4bit` (then a cast), wrapped in
+// src/kernels/dequant_4bit.rs; bitsandbytes `kDequantizeBlockwise` semantics (arch-spec §4):
+//   w[e] = table[nibble(e)] · absmax[e / blocksize]   in f32, then rounded to the dtype,
+// nibble(e): byte e/2, high nibble for even e. With double quantization
+//   absmax[j] = code[qabsmax[j]] · nested_absmax[j / nested_blocksize] + offset.
+//
+// Each thread turns 4 packed bytes into 8 values (one 16-byte store in bf16/fp16); blocksize
+// must be a multiple of 8 (bitsandbytes' are 32…4096), so the 8 values share one absmax.
+
+__device__ __forceinline__ float block_absmax(long long j, const float* absmax, const unsigned char* qabsmax,
+                                              const float* code, const float* nested_absmax,
+                                              int nested_blocksize, float offset) {
+  if (qabsmax == nullptr) return absmax[j];
+  // _rn: no fused multiply-add, so the result equals the reference's separate f32 ops bit for bit.
+  return __fadd_rn(__fmul_rn(code[qabsmax[j]], nested_absmax[j / nested_blocksize]), offset);
+}
+
+extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes, long long n, int blocksize,
+                                        const float* __restrict__ absmax, const unsigned char* __restrict__ qabsmax,
+                                        const float* __restrict__ code, const float* __restrict__ nested_absmax,
+                                        int nested_blocksize, float offset, const float* __restrict__ table,
+                                        void* __restrict__ out, int dt) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+  const long long groups = (n + 7) / 8;  // 8 values = 4 bytes each
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
+    const long long e0 = g * 8;
+    const float scale = block_absmax(e0 / blocksize, absmax, qabsmax, code, nested_absmax, nested_blocksize, offset);
+    float v[8];
+    if (e0 + 8 <= n) {
+      const unsigned int packed = ((const unsigned int*)codes)[g];  // bytes 4g..4g+3, little endian
+#pragma unroll
+      for (int k = 0; k < 4; k++) {
+        const unsigned int byte = (packed >> (8 * k)) & 0xffu;
+        v[2 * k] = lut[byte >> 4] * scale;
+        v[2 * k + 1] = lut[byte & 15u] * scale;
+      }
+      if (dt == DT_F32) {
+        float4* o = (float4*)((float*)out + e0);
+        o[0] = make_float4(v[0], v[1], v[2], v[3]);
+        o[1] = make_float4(v[4], v[5], v[6], v[7]);
+      } else {
+        unsigned int w[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+          const unsigned short lo = dt == DT_BF16 ? f32_to_bf16(v[2 * k]) : f32_to_f16(v[2 * k]);
+          const unsigned short hi = dt == DT_BF16 ? f32_to_bf16(v[2 * k + 1]) : f32_to_f16(v[2 * k + 1]);
+          w[k] = (unsigned int)lo | ((unsigned int)hi << 16);
+        }
+        *(uint4*)((unsigned short*)out + e0) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    } else {
+      for (long long e = e0; e < n; e++) {
+        const unsigned int byte = codes[e / 2];
+        const unsigned int nib = (e & 1) ? (byte & 15u) : (byte >> 4);
+        st(out, e, lut[nib] * scale, dt);
+      }
+    }
+  }
+}

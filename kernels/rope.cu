@@ -1,0 +1,24 @@
+// Rotary position embedding applied in place to q or k laid out [B, T, heads, d] (contiguous),
+// with cos/sin tables [B, T, d] built from position ids (so packed rows restart their
+// positions). Forward: x·cos + rotate_half(x)·sin; backward: the same with −sin (the
+// transpose of the rotation), since both halves of the tables are equal.
+// CPU reference: src/kernels/rope.rs (`reference`), which is transformers'
+// `apply_rotary_pos_emb` (arch-spec §0); f32 math, one rounding per output.
+
+extern "C" __global__ void rope(void* __restrict__ x, const void* __restrict__ cos, const void* __restrict__ sin,
+                                long long bt, int heads, int d, float sign, int dt) {
+  const int half = d / 2;
+  const long long total = bt * heads * half;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+    const int i = idx % half;
+    const long long row = idx / half;  // (b·T + t)·heads + head
+    const long long pos = row / heads;  // b·T + t
+    const long long base = row * d;
+    const float c = ld(cos, pos * d + i, dt);
+    const float s = sign * ld(sin, pos * d + i, dt);
+    const float x1 = ld(x, base + i, dt), x2 = ld(x, base + i + half, dt);
+    st(x, base + i, x1 * c - x2 * s, dt);
+    st(x, base + i + half, x2 * c + x1 * s, dt);
+  }
+}

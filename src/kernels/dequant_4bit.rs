@@ -1,0 +1,69 @@
+//! Launcher and CPU reference of kernels/dequant_4bit.cu: a bitsandbytes 4-bit weight (NF4 or
+//! FP4, plain or double-quantized absmax) dequantized straight into the compute dtype.
+//!
+//! Reference: [`reference`] = `blockwise::dequantize_4bit` in f32, then a cast (bitsandbytes
+//! `dequantize_4bit`, arch-spec §4). The kernel does the same f32 products and one
+//! round-to-nearest-even cast, so its output is bit-identical to the reference.
+
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+use super::{dtype_code, Args, Kernels};
+use crate::quant::{Absmax, QuantTensor};
+
+/// `q` as a dense tensor of `kind`, shaped like the original weight: the kernel when `kernels`
+/// is given and handles the tensor, else [`reference`].
+pub fn dequantize(q: &QuantTensor, kind: Kind, kernels: Option<&Kernels>) -> Tensor {
+    match kernels {
+        Some(k) if supported(q, kind, k) => cuda(q, kind, k).unwrap_or_else(|e| panic!("CUDA 4-bit dequantize failed: {e:#}")),
+        _ => reference(q, kind),
+    }
+}
+
+/// The CPU reference (also the fallback on any device).
+pub fn reference(q: &QuantTensor, kind: Kind) -> Tensor {
+    q.dequantize(kind)
+}
+
+fn supported(q: &QuantTensor, kind: Kind, k: &Kernels) -> bool {
+    super::usable(Some(k), &[&q.quant_map]).is_some()
+        && q.codes.device() == q.quant_map.device()
+        && q.codes.is_contiguous()
+        && q.codes.data_ptr() as usize % 4 == 0
+        && q.blocksize % 8 == 0
+        && dtype_code(kind).is_some()
+}
+
+/// The kernel. Temporaries made here (f32 copies of the tables) may be freed right after the
+/// launch is queued: libtorch's caching allocator hands their memory only to later work on the
+/// same stream.
+pub fn cuda(q: &QuantTensor, kind: Kind, k: &Kernels) -> Result<Tensor> {
+    let Some(dt) = dtype_code(kind) else { bail!("no 4-bit dequantize kernel for {kind:?}") };
+    let n = q.numel();
+    let out = Tensor::empty(q.shape.as_slice(), (kind, q.device()));
+    let table = q.quant_map.to_kind(Kind::Float).contiguous();
+    let f32c = |t: &Tensor| t.to_kind(Kind::Float).contiguous();
+    // (plain absmax, nested codes, code table, nested absmax, nested blocksize, offset)
+    let (plain, qcodes, code, nested, nested_bs, offset) = match &q.absmax {
+        Absmax::Plain(a) => (Some(f32c(a)), None, None, None, 1, 0.0),
+        Absmax::Nested { codes, code, absmax, offset, blocksize } => {
+            (None, Some(codes.contiguous()), Some(f32c(code)), Some(f32c(absmax)), *blocksize, f64::from(*offset))
+        }
+    };
+    let args = Args::default()
+        .ptr(&q.codes)
+        .i64(n)
+        .i32(q.blocksize)
+        .ptr_opt(plain.as_ref())
+        .ptr_opt(qcodes.as_ref())
+        .ptr_opt(code.as_ref())
+        .ptr_opt(nested.as_ref())
+        .i32(nested_bs)
+        .f32(offset)
+        .ptr(&table)
+        .ptr(&out)
+        .i32(dt);
+    let block = 256;
+    k.launch("dequant_4bit", k.grid_for((n + 7) / 8, block), block, args)?;
+    Ok(out)
+}

@@ -1,0 +1,113 @@
+//! Launcher and CPU reference of kernels/glu.cu: the gated activation `act(g) · u` of the MLP
+//! (SwiGLU: SiLU; GeGLU: tanh-approximated GELU), forward and backward, the backward
+//! recomputing `act(g)` from `g`.
+//!
+//! Reference: transformers `LlamaMLP` (`act_fn(gate_proj(x)) * up_proj(x)`, SiLU) and
+//! `Gemma2MLP`/`Gemma3nTextMLP` (`gelu_pytorch_tanh`), arch-spec §0–2. The backward is the
+//! product rule with `silu' = σ(1 + g(1 − σ))` and the tanh-GELU derivative; the tests check
+//! it against autograd.
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::{dtype_code, usable, Args, Kernels};
+
+/// The activation on the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// SiLU (SwiGLU).
+    Silu,
+    /// GELU, tanh approximation (GeGLU).
+    GeluTanh,
+}
+
+impl Act {
+    fn code(self) -> i64 {
+        match self {
+            Act::Silu => 0,
+            Act::GeluTanh => 1,
+        }
+    }
+
+    /// `act(g)` with torch's ops (differentiable).
+    pub fn apply(self, g: &Tensor) -> Tensor {
+        match self {
+            Act::Silu => g.silu(),
+            Act::GeluTanh => g.gelu("tanh"),
+        }
+    }
+}
+
+/// `act(g) · u`: the kernel when it applies and no gradient is needed, else the reference.
+pub fn forward(g: &Tensor, u: &Tensor, act: Act, kernels: Option<&Kernels>) -> Tensor {
+    let grad = g.requires_grad() || u.requires_grad();
+    match usable(kernels, &[g, u]) {
+        Some(k) if !grad && same(g, u) => {
+            let h = g.empty_like();
+            let n = g.numel() as i64;
+            let args = Args::default().ptr(g).ptr(u).ptr(&h).i64(n).i32(act.code()).i32(dtype_code(g.kind()).unwrap_or(0));
+            let block = 256;
+            k.launch("glu_fwd", k.grid_for(n, block), block, args).unwrap_or_else(|e| panic!("CUDA GLU failed: {e:#}"));
+            h
+        }
+        _ => forward_reference(g, u, act),
+    }
+}
+
+/// `(dg, du)` for upstream `dh`: the kernel when it applies, else the reference.
+pub fn backward(dh: &Tensor, g: &Tensor, u: &Tensor, act: Act, kernels: Option<&Kernels>) -> (Tensor, Tensor) {
+    let dh = dh.contiguous();
+    match usable(kernels, &[&dh, g, u]) {
+        Some(k) if same(g, u) && same(g, &dh) => cuda_backward(&dh, g, u, act, k).unwrap_or_else(|e| panic!("CUDA GLU backward failed: {e:#}")),
+        _ => backward_reference(&dh, g, u, act),
+    }
+}
+
+/// The reference forward (differentiable), as the model code writes it.
+pub fn forward_reference(g: &Tensor, u: &Tensor, act: Act) -> Tensor {
+    act.apply(g) * u
+}
+
+/// The reference backward in f32: `du = dh · act(g)` (act rounded to the dtype, as in the
+/// forward), `dg = dh · u · act'(g)`.
+pub fn backward_reference(dh: &Tensor, g: &Tensor, u: &Tensor, act: Act) -> (Tensor, Tensor) {
+    let kind = g.kind();
+    let gf = g.to_kind(Kind::Float);
+    let a = act.apply(g).to_kind(Kind::Float);
+    let d = dh.to_kind(Kind::Float);
+    let grad: Tensor = match act {
+        Act::Silu => {
+            let s = gf.sigmoid();
+            &s * (&gf * (1.0 - &s) + 1.0)
+        }
+        Act::GeluTanh => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let t = ((&gf + gf.pow_tensor_scalar(3) * 0.044715) * k).tanh();
+            (&t + 1.0) * 0.5 + &gf * 0.5 * (1.0 - t.square()) * k * (gf.square() * (3.0 * 0.044715) + 1.0)
+        }
+    };
+    let du = (&d * a).to_kind(kind);
+    let dg = (&d * u.to_kind(Kind::Float) * grad).to_kind(kind);
+    (dg, du)
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.kind() == b.kind()
+}
+
+fn cuda_backward(dh: &Tensor, g: &Tensor, u: &Tensor, act: Act, k: &Kernels) -> Result<(Tensor, Tensor)> {
+    let (dg, du) = (g.empty_like(), u.empty_like());
+    let n = g.numel() as i64;
+    let args = Args::default()
+        .ptr(dh)
+        .ptr(g)
+        .ptr(u)
+        .ptr(&dg)
+        .ptr(&du)
+        .i64(n)
+        .i32(act.code())
+        .i32(dtype_code(g.kind()).unwrap_or(0));
+    let block = 256;
+    k.launch("glu_bwd", k.grid_for(n, block), block, args)?;
+    Ok((dg, du))
+}

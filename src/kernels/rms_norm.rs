@@ -1,0 +1,158 @@
+//! Launcher and CPU reference of kernels/rms_norm.cu: RMSNorm over the last dimension,
+//! forward (optionally returning the per-row 1/rms for the backward) and the backward for a
+//! frozen weight.
+//!
+//! Reference: transformers `LlamaRMSNorm` (`w · (x_f32 · rsqrt(mean(x²) + eps)).to(D)`),
+//! `Gemma2RMSNorm` / `Gemma3nRMSNorm` (`(x_f32 · rsqrt(…) · s_f32).to(D)` with s = 1 + w or
+//! w) and the weightless norm, arch-spec §0–2. The backward is the derivative of those
+//! formulas with the weight held fixed; the tests check it against autograd.
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::{dtype_code, usable, Args, Kernels};
+
+/// How the weight enters (the kernel's `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Llama: `w · round(xn)`, w in the compute dtype.
+    Llama,
+    /// Gemma: `round(xn · s)`, s an f32 scale (`1 + w`, or Gemma 3n's `w`).
+    Scale,
+    /// No weight: `round(xn)`.
+    Plain,
+}
+
+impl Mode {
+    fn code(self) -> i64 {
+        match self {
+            Mode::Llama => 0,
+            Mode::Scale => 1,
+            Mode::Plain => 2,
+        }
+    }
+}
+
+/// The normalized `x`: the kernel when it applies and no gradient is needed, else the reference.
+pub fn forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> Tensor {
+    let grad = x.requires_grad() || w.is_some_and(Tensor::requires_grad);
+    match kernel_for(x, w, kernels) {
+        Some(k) if !grad => cuda_forward(x, w, eps, mode, false, k).0,
+        _ => forward_reference(x, w, eps, mode),
+    }
+}
+
+/// The normalized `x` and f32 `1/rms` per row `[rows]` (for [`backward`]); no graph.
+pub fn forward_with_rstd(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> (Tensor, Tensor) {
+    match kernel_for(x, w, kernels) {
+        Some(k) => {
+            let (y, r) = cuda_forward(x, w, eps, mode, true, k);
+            (y, r.expect("rstd requested"))
+        }
+        None => tch::no_grad(|| (forward_reference(x, w, eps, mode), rstd_reference(x, eps))),
+    }
+}
+
+/// `dx` for upstream `dy`, the input `x` and its `rstd` from [`forward_with_rstd`] (weight frozen).
+pub fn backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, kernels: Option<&Kernels>) -> Tensor {
+    let dy = dy.contiguous();
+    match kernel_for(x, w, kernels).filter(|_| dy.kind() == x.kind() && dy.device() == x.device()) {
+        Some(k) => cuda_backward(&dy, x, w, rstd, mode, k).unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")),
+        None => backward_reference(&dy, x, w, rstd, mode),
+    }
+}
+
+/// The reference forward (differentiable).
+pub fn forward_reference(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode) -> Tensor {
+    let xf = x.to_kind(Kind::Float);
+    let var = xf.square().mean_dim(-1, true, Kind::Float);
+    let xn = xf * (var + eps).rsqrt();
+    match (mode, w) {
+        (Mode::Llama, Some(w)) => w * xn.to_kind(x.kind()),
+        (Mode::Scale, Some(s)) => (xn * s.to_kind(Kind::Float)).to_kind(x.kind()),
+        _ => xn.to_kind(x.kind()),
+    }
+}
+
+/// Reference `1/rms` per row, f32 `[rows]`.
+pub fn rstd_reference(x: &Tensor, eps: f64) -> Tensor {
+    let h = *x.size().last().unwrap_or(&1);
+    let xf = x.to_kind(Kind::Float).reshape([-1, h]);
+    (xf.square().mean_dim(-1, false, Kind::Float) + eps).rsqrt()
+}
+
+/// Reference backward: `dx = rstd · (dxn − xn · mean(dxn · xn))`, `dxn = dy · s`, in f32.
+pub fn backward_reference(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode) -> Tensor {
+    let h = *x.size().last().unwrap_or(&1);
+    let r = rstd.to_kind(Kind::Float).reshape([-1, 1]);
+    let xn = x.to_kind(Kind::Float).reshape([-1, h]) * &r;
+    let mut dxn = dy.to_kind(Kind::Float).reshape([-1, h]);
+    if let (Mode::Llama | Mode::Scale, Some(w)) = (mode, w) {
+        dxn = dxn * w.to_kind(Kind::Float);
+    }
+    let mean = (&dxn * &xn).mean_dim(-1, true, Kind::Float);
+    (r * (dxn - xn * mean)).to_kind(x.kind()).view(x.size().as_slice())
+}
+
+fn kernel_for<'a>(x: &Tensor, w: Option<&Tensor>, kernels: Option<&'a Kernels>) -> Option<&'a Kernels> {
+    let k = usable(kernels, &[x])?;
+    match w {
+        Some(w) => usable(Some(k), &[w]).filter(|_| w.dim() == 1 && w.size()[0] == *x.size().last().unwrap_or(&0)),
+        None => Some(k),
+    }
+}
+
+fn block_for(h: i64) -> u32 {
+    match h {
+        ..=256 => 64,
+        ..=1024 => 128,
+        ..=4096 => 256,
+        _ => 512,
+    }
+}
+
+fn cuda_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels) -> (Tensor, Option<Tensor>) {
+    let h = *x.size().last().unwrap_or(&1);
+    let rows = x.numel() as i64 / h.max(1);
+    let y = x.empty_like();
+    let rstd = want_rstd.then(|| Tensor::empty([rows], (Kind::Float, x.device())));
+    let mode = if w.is_none() { Mode::Plain } else { mode };
+    let wdt = w.and_then(|w| dtype_code(w.kind())).unwrap_or(0);
+    let args = Args::default()
+        .ptr(x)
+        .ptr_opt(w)
+        .ptr(&y)
+        .ptr_opt(rstd.as_ref())
+        .i32(h)
+        .f32(eps)
+        .i32(mode.code())
+        .i32(dtype_code(x.kind()).unwrap_or(0))
+        .i32(wdt);
+    if rows > 0 {
+        k.launch("rms_norm_fwd", rows as u32, block_for(h), args).unwrap_or_else(|e| panic!("CUDA RMSNorm failed: {e:#}"));
+    }
+    (y, rstd)
+}
+
+fn cuda_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels) -> Result<Tensor> {
+    let h = *x.size().last().unwrap_or(&1);
+    let rows = x.numel() as i64 / h.max(1);
+    let dx = x.empty_like();
+    let mode = if w.is_none() { Mode::Plain } else { mode };
+    let rstd = rstd.to_kind(Kind::Float).contiguous();
+    let wdt = w.and_then(|w| dtype_code(w.kind())).unwrap_or(0);
+    let args = Args::default()
+        .ptr(dy)
+        .ptr(x)
+        .ptr_opt(w)
+        .ptr(&rstd)
+        .ptr(&dx)
+        .i32(h)
+        .i32(mode.code())
+        .i32(dtype_code(x.kind()).unwrap_or(0))
+        .i32(wdt);
+    if rows > 0 {
+        k.launch("rms_norm_bwd", rows as u32, block_for(h), args)?;
+    }
+    Ok(dx)
+}

@@ -1,0 +1,49 @@
+//! Launcher and CPU reference of kernels/rope.cu: rotary embedding of q or k laid out
+//! `[B, T, heads, d]`, with cos/sin tables `[B, T, d]` (built from position ids, so packed
+//! documents restart their positions).
+//!
+//! Reference: transformers `apply_rotary_pos_emb` (`x·cos + rotate_half(x)·sin`, arch-spec
+//! §0). The backward is the transposed rotation (`sin` → `−sin`), valid because both halves of
+//! the tables are equal; the tests check it against autograd.
+
+use tch::Tensor;
+
+use super::{dtype_code, usable, Args, Kernels};
+
+/// `x·cos + rotate_half(x)·sin` for `x` `[B, T, heads, d]`; with `inverse`, the backward
+/// (`x·cos − rotate_half(x)·sin`). Takes the kernel, in place on `x`'s storage when `x` is
+/// contiguous and needs no gradient; returns the result either way.
+pub fn apply(x: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool, kernels: Option<&Kernels>) -> Tensor {
+    let shapes_ok = x.dim() == 4 && cos.size() == [x.size()[0], x.size()[1], x.size()[3]] && cos.size() == sin.size();
+    match usable(kernels, &[&x, cos, sin]) {
+        Some(k) if shapes_ok && !x.requires_grad() && cos.kind() == x.kind() && sin.kind() == x.kind() => {
+            let (b, t, heads, d) = x.size4().unwrap_or_default();
+            let args = Args::default()
+                .ptr(&x)
+                .ptr(cos)
+                .ptr(sin)
+                .i64(b * t)
+                .i32(heads)
+                .i32(d)
+                .f32(if inverse { -1.0 } else { 1.0 })
+                .i32(dtype_code(x.kind()).unwrap_or(0));
+            let block = 256;
+            k.launch("rope", k.grid_for(b * t * heads * (d / 2), block), block, args)
+                .unwrap_or_else(|e| panic!("CUDA RoPE failed: {e:#}"));
+            x
+        }
+        _ => reference(&x, cos, sin, inverse),
+    }
+}
+
+/// The reference (differentiable): `x·cos ± rotate_half(x)·sin`, x `[B, T, heads, d]`.
+pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Tensor {
+    let half = x.size()[3] / 2;
+    let rotated = Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3);
+    let (c, s) = (cos.unsqueeze(2), sin.unsqueeze(2));
+    if inverse {
+        x * c - rotated * s
+    } else {
+        x * c + rotated * s
+    }
+}

@@ -1,0 +1,147 @@
+//! The CUDA fast path: each kernel's CPU reference backward against autograd, the hand-written
+//! layer backward against autograd (CPU, every Llama-like family, dense and NF4), and on a GPU
+//! every kernel against its reference plus the hand-written backward against autograd there.
+
+use tch::{Device, Kind, Tensor};
+use tuner::kernels::{glu, rms_norm, rope};
+use tuner::model::{lora, CausalLm};
+use tuner::train::{data, step};
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (&a - &b).abs().max().double_value(&[]) / (b.abs().max().double_value(&[]) + 1e-12)
+}
+
+#[test]
+fn rms_norm_reference_backward_matches_autograd() {
+    tch::manual_seed(0);
+    for mode in [rms_norm::Mode::Llama, rms_norm::Mode::Scale, rms_norm::Mode::Plain] {
+        let x = (Tensor::randn([5, 3, 48], (Kind::Float, Device::Cpu)) * 2.0).set_requires_grad(true);
+        let w = match mode {
+            rms_norm::Mode::Plain => None,
+            _ => Some(Tensor::rand([48], (Kind::Float, Device::Cpu)) + 0.5),
+        };
+        let dy = Tensor::randn([5, 3, 48], (Kind::Float, Device::Cpu));
+        let y = rms_norm::forward_reference(&x, w.as_ref(), 1e-6, mode);
+        (&y * &dy).sum(Kind::Float).backward();
+        let (y2, rstd) = rms_norm::forward_with_rstd(&x.detach(), w.as_ref(), 1e-6, mode, None);
+        assert!(max_rel(&y2, &y) < 1e-7, "{mode:?} forward");
+        assert_eq!(rstd.size(), [15]);
+        let dx = rms_norm::backward(&dy, &x.detach(), w.as_ref(), &rstd, mode, None);
+        let e = max_rel(&dx, &x.grad());
+        assert!(e < 1e-5, "{mode:?}: dx differs from autograd by {e:.2e}");
+        assert!(x.grad().abs().max().double_value(&[]) > 1e-3);
+    }
+}
+
+#[test]
+fn glu_reference_backward_matches_autograd() {
+    tch::manual_seed(1);
+    for act in [glu::Act::Silu, glu::Act::GeluTanh] {
+        let g = (Tensor::randn([7, 33], (Kind::Float, Device::Cpu)) * 3.0).set_requires_grad(true);
+        let u = Tensor::randn([7, 33], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let dh = Tensor::randn([7, 33], (Kind::Float, Device::Cpu));
+        (glu::forward_reference(&g, &u, act) * &dh).sum(Kind::Float).backward();
+        let (dg, du) = glu::backward(&dh, &g.detach(), &u.detach(), act, None);
+        let (eg, eu) = (max_rel(&dg, &g.grad()), max_rel(&du, &u.grad()));
+        assert!(eg < 1e-5 && eu < 1e-6, "{act:?}: dg {eg:.2e}, du {eu:.2e}");
+        let h = glu::forward(&g.detach(), &u.detach(), act, None);
+        assert!(max_rel(&h, &glu::forward_reference(&g, &u, act)) == 0.0);
+    }
+}
+
+#[test]
+fn rope_inverse_is_the_backward_of_rope() {
+    tch::manual_seed(2);
+    let (b, t, heads, d) = (2, 9, 3, 16);
+    let x = Tensor::randn([b, t, heads, d], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    // Positions restarting mid-row (a packed row).
+    let pos = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3, 4]).unsqueeze(0).repeat([b, 1]);
+    let inv = Tensor::from_slice(&[1.0f32, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003]);
+    let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * inv;
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    let (cos, sin) = (emb.cos(), emb.sin());
+    let dy = Tensor::randn([b, t, heads, d], (Kind::Float, Device::Cpu));
+    let y = rope::apply(x.shallow_clone(), &cos, &sin, false, None);
+    (&y * &dy).sum(Kind::Float).backward();
+    let dx = rope::apply(dy.copy(), &cos, &sin, true, None);
+    let e = max_rel(&dx, &x.grad());
+    assert!(e < 1e-6, "rope backward differs from autograd by {e:.2e}");
+    // And it is a rotation: the inverse undoes the forward.
+    let back = rope::apply(y.detach(), &cos, &sin, true, None);
+    assert!(max_rel(&back, &x.detach()) < 1e-5);
+}
+
+fn examples(n: usize) -> Vec<tuner::data::shards::Example> {
+    (0..n)
+        .map(|i| {
+            let ids: Vec<i32> = (0..(9 + 5 * i as i32)).map(|k| (k * 7 + i as i32 * 13) % 290).collect();
+            let labels = ids.iter().enumerate().map(|(k, x)| if k < 4 { -100 } else { *x }).collect();
+            tuner::data::shards::Example { input_ids: ids, labels }
+        })
+        .collect()
+}
+
+/// (loss, adapter gradients) of one step over `micro`, hand-written backward or autograd.
+fn grads(m: &dyn CausalLm, micro: &[data::MicroBatch], hand: bool, offload: bool, device: Device) -> (f64, Vec<Tensor>) {
+    let params = lora::trainable_parameters(m);
+    for p in &params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    let o = step::StepOptions { checkpointing: true, pad_id: 0, pad_multiple: 1, device, seed: 1, loss_scale: 1.0, hand_backward: hand, offload };
+    let r = step::forward_backward(m, micro, 0, &o);
+    (r.loss, params.iter().map(|p| p.grad().to_device(Device::Cpu).copy()).collect())
+}
+
+fn worst(a: &[Tensor], b: &[Tensor]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| max_rel(x, y)).fold(0.0, f64::max)
+}
+
+#[test]
+fn hand_written_layer_backward_matches_autograd() {
+    // Padded rows (a mask), several lengths; Mistral's window is shorter than the rows.
+    let loader = data::Loader::new(examples(3), 3, 0, false, 64);
+    let micro = vec![loader.next(&mut data::Cursor::default())];
+    for name in ["llama", "mistral", "qwen2", "qwen3"] {
+        for quantize in [false, true] {
+            let m = crate::common::lora_fixture(name, quantize, 3, 11);
+            let (l_auto, g_auto) = grads(m.as_ref(), &micro, false, false, Device::Cpu);
+            let (l_hand, g_hand) = grads(m.as_ref(), &micro, true, false, Device::Cpu);
+            assert!(g_auto.iter().all(|g| g.abs().max().double_value(&[]) > 0.0), "{name}: every adapter gets a gradient");
+            assert!((l_hand - l_auto).abs() < 1e-6 * l_auto, "{name} nf4 {quantize}: loss {l_hand} vs {l_auto}");
+            let e = worst(&g_hand, &g_auto);
+            assert!(e < 1e-4, "{name} nf4 {quantize}: hand-written gradients differ from autograd by {e:.2e}");
+        }
+    }
+}
+
+#[test]
+fn cuda_kernels_match_their_references_on_a_gpu() {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: the kernel checks run on a GPU machine (scripts/gpu_check.sh)");
+        return;
+    }
+    let k = tuner::kernels::Kernels::compile(0).expect("NVRTC compiles every kernel");
+    let rows = tuner::kernels::check::run(&k, Device::Cuda(0), false, 0);
+    let bad: Vec<String> = rows.iter().filter(|r| !r.ok()).map(|r| format!("{} ({:.2e} > {:.1e})", r.name, r.err, r.tol)).collect();
+    assert!(rows.len() > 30 && bad.is_empty(), "kernels differ from their references: {bad:?}");
+
+    // The hand-written backward with kernels against autograd without, on the GPU (fp32).
+    let loader = data::Loader::new(examples(3), 3, 0, false, 64);
+    let micro = vec![loader.next(&mut data::Cursor::default())];
+    for quantize in [false, true] {
+        let m = crate::common::lora_fixture_on("llama", quantize, Device::Cuda(0), Kind::Float);
+        let (l_auto, g_auto) = grads(m.as_ref(), &micro, false, false, Device::Cuda(0));
+        let (l_hand, g_hand) = grads(m.as_ref(), &micro, true, false, Device::Cuda(0));
+        assert!((l_hand - l_auto).abs() < 1e-5 * l_auto, "cuda nf4 {quantize}: loss {l_hand} vs {l_auto}");
+        let e = worst(&g_hand, &g_auto);
+        assert!(e < 1e-3, "cuda nf4 {quantize}: hand-written gradients differ from autograd by {e:.2e}");
+        // Offloading the layer inputs to pinned host memory changes nothing.
+        let (l_off, g_off) = grads(m.as_ref(), &micro, true, true, Device::Cuda(0));
+        assert_eq!(l_off, l_hand, "cuda nf4 {quantize}: offload changed the loss");
+        assert!(g_off.iter().zip(&g_hand).all(|(a, b)| a.equal(b)), "cuda nf4 {quantize}: offload changed the gradients");
+    }
+}
