@@ -119,6 +119,20 @@ fn hand_written_layer_backward_matches_autograd() {
 }
 
 #[test]
+fn every_kernel_compiles_with_nvrtc() {
+    // NVRTC needs no GPU: each kernels/*.cu (with the prelude) compiles for sm_90 and its PTX
+    // holds every entry point the launchers use.
+    let ptx = tuner::kernels::compile_ptx(9, 0).expect("libnvrtc from the PyPI torch install");
+    assert_eq!(ptx.len(), 4);
+    for (file, p, names) in ptx {
+        let text = p.to_src();
+        for n in names {
+            assert!(text.contains(&format!(".entry {n}(")), "{file}: no entry `{n}` in the PTX");
+        }
+    }
+}
+
+#[test]
 fn cuda_kernels_match_their_references_on_a_gpu() {
     if !tch::Cuda::is_available() {
         eprintln!("no CUDA device: the kernel checks run on a GPU machine (scripts/gpu_check.sh)");

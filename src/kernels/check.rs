@@ -97,7 +97,7 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
     };
 
     // 4-bit dequantize: bit-exact in every dtype, plain and double-quantized absmax, a tail.
-    for (shape, double, big) in [([14336i64, 4096i64], true, true), ([4096, 4096], false, false), ([7, 37], true, false)] {
+    for (shape, double, big) in [([14336i64, 4096i64], true, true), ([4096, 4096], false, false), ([7, 37], true, false), ([5, 24], false, false)] {
         let w = Tensor::randn(shape, (Kind::Float, device)) * 0.02;
         let q = QuantTensor::quantize(&w, QuantType::Nf4, 64, double).expect("quantize");
         for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
@@ -189,9 +189,9 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
     }
 
     // Gated activations, forward and backward.
-    for kind in [Kind::BFloat16, Kind::Float] {
+    // The 8-wide kernels (bf16, a multiple of 8) and the scalar ones (odd sizes, f32).
+    for (kind, shape) in [(Kind::BFloat16, [4096i64, 14336i64]), (Kind::BFloat16, [3, 333]), (Kind::Float, [16, 1001])] {
         for (act, label) in [(glu::Act::Silu, "swiglu"), (glu::Act::GeluTanh, "geglu")] {
-            let shape: [i64; 2] = if kind == Kind::BFloat16 { [4096, 14336] } else { [16, 1001] };
             let g = (Tensor::randn(shape, (Kind::Float, device)) * 2.0).to_kind(kind);
             let u = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
             let dh = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
@@ -202,7 +202,7 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
             let (dg_ref, du_ref) = glu::backward_reference(&dh, &g, &u, act);
             let errb = rel_err(&dg, &dg_ref).max(rel_err(&du, &du_ref));
             let dims = format!("{:?}", shape);
-            if kind == Kind::BFloat16 {
+            if shape[0] == 4096 {
                 timed(&mut rows, format!("glu_fwd {label} {} {dims}", name(kind)), err, tol(kind), 3.0 * n, &mut || {
                     let _ = glu::forward(&g, &u, act, Some(k));
                 });

@@ -45,9 +45,11 @@ pub fn forward(g: &Tensor, u: &Tensor, act: Act, kernels: Option<&Kernels>) -> T
         Some(k) if !grad && same(g, u) => {
             let h = g.empty_like();
             let n = g.numel() as i64;
-            let args = Args::default().ptr(g).ptr(u).ptr(&h).i64(n).i32(act.code()).i32(dtype_code(g.kind()).unwrap_or(0));
+            let dt = dtype_code(g.kind()).unwrap_or(0);
             let block = 256;
-            k.launch("glu_fwd", k.grid_for(n, block), block, args).unwrap_or_else(|e| panic!("CUDA GLU failed: {e:#}"));
+            let (name, items) = if wide(&[g, u, &h]) { ("glu_fwd_x8", n / 8) } else { ("glu_fwd", n) };
+            let args = Args::default().ptr(g).ptr(u).ptr(&h).i64(items).i32(act.code()).i32(dt);
+            k.launch(name, k.grid_for(items, block), block, args).unwrap_or_else(|e| panic!("CUDA GLU failed: {e:#}"));
             h
         }
         _ => forward_reference(g, u, act),
@@ -98,16 +100,22 @@ fn same(a: &Tensor, b: &Tensor) -> bool {
 fn cuda_backward(dh: &Tensor, g: &Tensor, u: &Tensor, act: Act, k: &Kernels) -> Result<(Tensor, Tensor)> {
     let (dg, du) = (g.empty_like(), u.empty_like());
     let n = g.numel() as i64;
+    let (name, items) = if wide(&[dh, g, u, &dg, &du]) { ("glu_bwd_x8", n / 8) } else { ("glu_bwd", n) };
     let args = Args::default()
         .ptr(dh)
         .ptr(g)
         .ptr(u)
         .ptr(&dg)
         .ptr(&du)
-        .i64(n)
+        .i64(items)
         .i32(act.code())
         .i32(dtype_code(g.kind()).unwrap_or(0));
     let block = 256;
-    k.launch("glu_bwd", k.grid_for(n, block), block, args)?;
+    k.launch(name, k.grid_for(items, block), block, args)?;
     Ok((dg, du))
+}
+
+/// Whether the 8-wide kernels apply: 2-byte elements, a multiple of 8 of them, 16-byte aligned.
+fn wide(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.kind().elt_size_in_bytes() == 2 && t.numel() % 8 == 0 && t.data_ptr() as usize % 16 == 0)
 }

@@ -31,10 +31,10 @@ use tch::{Device, Kind, Tensor};
 /// (file, source, kernel names) of every kernel source; each is compiled with
 /// kernels/prelude.cuh in front.
 const SOURCES: [(&str, &str, &[&str]); 4] = [
-    ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit"]),
+    ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit", "dequant_4bit_x32"]),
     ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu"), &["rms_norm_fwd", "rms_norm_bwd"]),
     ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope"]),
-    ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd"]),
+    ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),
 ];
 const PRELUDE: &str = include_str!("../../kernels/prelude.cuh");
 
@@ -83,14 +83,7 @@ impl Kernels {
         let (major, minor) = ctx.compute_capability()?;
         let sm_count = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let mut funcs = HashMap::new();
-        for (file, src, names) in SOURCES {
-            let opts = cudarc::nvrtc::CompileOptions {
-                options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "--std=c++17".into()],
-                name: Some(file.to_string()),
-                ..Default::default()
-            };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(format!("{PRELUDE}\n{src}"), opts)
-                .map_err(|e| anyhow!("NVRTC cannot compile kernels/{file}: {e:?}"))?;
+        for (file, ptx, names) in compile_ptx(major, minor)? {
             let module = ctx.load_module(ptx).with_context(|| format!("cannot load kernels/{file}"))?;
             for &name in names {
                 funcs.insert(name, module.load_function(name).with_context(|| format!("no `{name}` in kernels/{file}"))?);
@@ -122,6 +115,24 @@ impl Kernels {
         let want = (n.max(1) as u64).div_ceil(block as u64);
         want.min(self.sm_count as u64 * 16).max(1) as u32
     }
+}
+
+/// Every kernel source compiled to PTX for compute capability `major.minor` by NVRTC (no GPU
+/// needed: the tests compile them on a CPU machine too), as (file, PTX, kernel names).
+pub fn compile_ptx(major: i32, minor: i32) -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx, &'static [&'static str])>> {
+    preload_nvrtc()?;
+    let mut out = Vec::new();
+    for (file, src, names) in SOURCES {
+        let opts = cudarc::nvrtc::CompileOptions {
+            options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "--std=c++17".into()],
+            name: Some(file.to_string()),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(format!("{PRELUDE}\n{src}"), opts)
+            .map_err(|e| anyhow!("NVRTC cannot compile kernels/{file}: {e:?}"))?;
+        out.push((file, ptx, names));
+    }
+    Ok(out)
 }
 
 /// Kernel arguments in order, each in an 8-byte slot.
@@ -216,6 +227,17 @@ fn preload_nvrtc() -> Result<()> {
         // SAFETY: dlopen of a shared library by path; the handle is kept for the process's life.
         let h = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
         if !h.is_null() {
+            // NVRTC opens its builtins library by name when it first compiles; map the one beside
+            // it now, so that name resolves without LD_LIBRARY_PATH.
+            let dir = c.parent().unwrap_or(std::path::Path::new("."));
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("libnvrtc-builtins.so") {
+                    let p = std::ffi::CString::new(entry.path().to_string_lossy().as_bytes())?;
+                    // SAFETY: as above.
+                    unsafe { libc::dlopen(p.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+                }
+            }
             return Ok(());
         }
     }
