@@ -2,7 +2,7 @@
 //! host, like torchrun's local launcher (torch/distributed/run.py): each worker is this
 //! same binary with the same arguments and torchrun's variables (`RANK`, `WORLD_SIZE`,
 //! `LOCAL_RANK`, `LOCAL_WORLD_SIZE`) plus `TUNER_DIST_STORE=file:<run dir>/.dist/store-PID`,
-//! the rendezvous file. The launcher trains nothing; it watches the workers. When one
+//! the rendezvous file, and `OMP_NUM_THREADS` = cores / N unless set. The launcher trains nothing; it watches the workers. When one
 //! fails or dies, it stops the others (SIGTERM, then SIGKILL after a grace period), says
 //! which rank died and how, and exits non-zero; the next `tuner run` resumes from the
 //! newest checkpoint that rank 0 wrote.
@@ -57,10 +57,15 @@ pub fn run(n: usize, run_dir: &Path) -> Result<()> {
     let store = dist_dir.join(format!("store-{}", std::process::id()));
     std::fs::remove_file(&store).ok();
     eprintln!("launch: {n} worker processes (one per GPU), rendezvous file {}", store.display());
+    // torchrun's rule against oversubscription: unless OMP_NUM_THREADS is set, each worker
+    // gets its share of the cores for libtorch's CPU threads.
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let omp = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / n).max(1).to_string());
     let mut children: Vec<(usize, Child)> = vec![];
     for rank in 0..n {
         let child = Command::new(&exe)
             .args(&args)
+            .env("OMP_NUM_THREADS", &omp)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", n.to_string())
             .env("LOCAL_RANK", rank.to_string())

@@ -331,7 +331,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             }
             bar.set_message(msg);
         }
-        if t.memory_log_steps > 0 && done % t.memory_log_steps == 0 {
+        if leader && t.memory_log_steps > 0 && done % t.memory_log_steps == 0 {
             let gib = |b: i64| b as f64 / 1073741824.0;
             match gpu {
                 Some(g) => eprintln!(
