@@ -17,6 +17,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <c10/cuda/CUDAFunctions.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -52,8 +54,9 @@ extern "C" {
 
 void tuner_c10d_free(void* p) { free(p); }
 
-// rank 0 serves (is_server); every rank waits for `world` clients.
-TunerStore* tuner_c10d_tcp_store(const char* host, int port, int is_server, int world, int64_t timeout_ms, char** err) {
+// is_server: this process serves the store (rank 0, unless torchrun's agent already does);
+// every key is put under `prefix` (torchrun's restart attempt).
+TunerStore* tuner_c10d_tcp_store(const char* host, int port, int is_server, int world, int64_t timeout_ms, const char* prefix, char** err) {
   TUNER_TRY(nullptr, {
     c10d::TCPStoreOptions o;
     o.port = static_cast<uint16_t>(port);
@@ -61,7 +64,8 @@ TunerStore* tuner_c10d_tcp_store(const char* host, int port, int is_server, int 
     o.numWorkers = static_cast<size_t>(world);
     o.waitWorkers = true;
     o.timeout = std::chrono::milliseconds(timeout_ms);
-    return new TunerStore{c10::make_intrusive<c10d::TCPStore>(std::string(host), o)};
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
+    return new TunerStore{c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp)};
   })
 }
 
@@ -105,6 +109,15 @@ int tuner_c10d_store_check(TunerStore* s, const char* key, int* present, char** 
 int tuner_c10d_store_add(TunerStore* s, const char* key, int64_t delta, int64_t* value, char** err) {
   TUNER_TRY(1, {
     *value = s->store->add(std::string(key), delta);
+    return 0;
+  })
+}
+
+// Make `device` this process's current CUDA device (as torch.cuda.set_device(LOCAL_RANK)):
+// anything that launches on the current device, and NCCL's communicator, use it.
+int tuner_c10d_set_cuda_device(int device, char** err) {
+  TUNER_TRY(1, {
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
     return 0;
   })
 }

@@ -257,7 +257,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
                         return crate::dist::follow(&ctx);
                     }
                     let res = lead(&ctx, &ra, from, until, verify, write_expected, expected);
-                    let told = d.announce(if res.is_ok() { "exit ok" } else { "exit error" });
+                    let told = d.finish(res.is_ok());
                     return res.and(told);
                 }
             }

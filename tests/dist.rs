@@ -26,7 +26,7 @@ fn torchrun_slurm_and_launcher_variables_give_the_world() {
     let w = from_env(env_of(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "n0"), ("MASTER_PORT", "29501")])).unwrap();
     assert_eq!(
         w,
-        Some(WorldEnv { rank: 3, world_size: 8, local_rank: 1, local_world_size: 2, rendezvous: Rendezvous::Tcp { host: "n0".into(), port: 29501 }, launcher: "torchrun" })
+        Some(WorldEnv { rank: 3, world_size: 8, local_rank: 1, local_world_size: 2, rendezvous: Rendezvous::Tcp { host: "n0".into(), port: 29501, serve: false, prefix: "tuner/0/".into() }, launcher: "torchrun" })
     );
     let w = from_env(env_of(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("TUNER_DIST_STORE", "file:/r/.dist/store-9")])).unwrap().unwrap();
     assert_eq!(w.rendezvous, Rendezvous::File(PathBuf::from("/r/.dist/store-9")));
@@ -36,7 +36,15 @@ fn torchrun_slurm_and_launcher_variables_give_the_world() {
         .unwrap();
     assert_eq!(
         w,
-        WorldEnv { rank: 5, world_size: 8, local_rank: 1, local_world_size: 4, rendezvous: Rendezvous::Tcp { host: "gpu07".into(), port: 29500 }, launcher: "slurm" }
+        WorldEnv { rank: 5, world_size: 8, local_rank: 1, local_world_size: 4, rendezvous: Rendezvous::Tcp { host: "gpu07".into(), port: 29500, serve: false, prefix: "tuner/0/".into() }, launcher: "slurm" }
+    );
+    // Rank 0 serves the store, unless torchrun's elastic agent already does; restarts get their own keys.
+    let base = [("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "7")];
+    let tcp = |extra: &[(&str, &str)]| from_env(env_of(&[&base[..], extra].concat())).unwrap().unwrap().rendezvous;
+    assert_eq!(tcp(&[("RANK", "0")]), Rendezvous::Tcp { host: "h".into(), port: 7, serve: true, prefix: "tuner/0/".into() });
+    assert_eq!(
+        tcp(&[("RANK", "0"), ("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "2")]),
+        Rendezvous::Tcp { host: "h".into(), port: 7, serve: false, prefix: "tuner/2/".into() }
     );
     // torchrun's variables win over Slurm's (torchrun inside an allocation).
     let w = from_env(env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"), ("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")])).unwrap().unwrap();
@@ -270,4 +278,37 @@ fn a_killed_worker_stops_the_run_and_the_rerun_resumes_on_the_same_world_size() 
     let m = metrics(&d2.path().join("runs/t"));
     assert_eq!(m.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
     assert_eq!(adapter_bytes(&d2.path().join("runs/t")), reference, "resumed two-process adapter differs from the uninterrupted one");
+}
+
+#[test]
+fn torchrun_style_workers_meet_on_a_tcp_store_and_train_like_the_launcher() {
+    // Reference: `--gpus 2` (FileStore in the run dir).
+    let d1 = tmp();
+    let r1 = cpu_recipe(d1.path(), "");
+    let (code, _, err) = run(&["run", r1.to_str().unwrap(), "--until", "train", "--gpus", "2"]);
+    assert_eq!(code, 0, "{err}");
+    // Two plain `tuner run`s with torchrun's variables, meeting on a TCPStore served by rank 0.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let d2 = tmp();
+    let r2 = cpu_recipe(d2.path(), "");
+    let workers: Vec<std::process::Child> = (0..2)
+        .map(|rank| {
+            tuner()
+                .args(["run", r2.to_str().unwrap(), "--until", "train"])
+                .envs([("RANK", rank.to_string()), ("WORLD_SIZE", "2".into()), ("LOCAL_RANK", rank.to_string()), ("LOCAL_WORLD_SIZE", "2".into())])
+                .envs([("MASTER_ADDR", "127.0.0.1".to_string()), ("MASTER_PORT", port.to_string()), ("OMP_NUM_THREADS", "1".into())])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<std::process::Output> = workers.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let err0 = String::from_utf8_lossy(&outs[0].stderr);
+    let err1 = String::from_utf8_lossy(&outs[1].stderr);
+    assert_eq!(outs[0].status.code(), Some(0), "{err0}");
+    assert_eq!(outs[1].status.code(), Some(0), "{err1}");
+    assert!(err0.contains(&format!("dist: rank 0 of 2 (local rank 0 of 2, launched by torchrun), gloo on Cpu, rendezvous tcp://127.0.0.1:{port} (serving)")), "{err0}");
+    assert!(err0.contains("fetch: running") && !err1.contains("fetch: running"), "fetch and tokenize run once, on rank 0: {err1}");
+    assert!(!err1.contains("train: step"), "rank 1 logs nothing of the loop: {err1}");
+    assert_eq!(adapter_bytes(&d2.path().join("runs/t")), adapter_bytes(&d1.path().join("runs/t")));
 }

@@ -13,13 +13,14 @@ mod ffi {
     use std::os::raw::{c_char, c_int, c_void};
     extern "C" {
         pub fn tuner_c10d_free(p: *mut c_void);
-        pub fn tuner_c10d_tcp_store(host: *const c_char, port: c_int, is_server: c_int, world: c_int, timeout_ms: i64, err: *mut *mut c_char) -> *mut c_void;
+        pub fn tuner_c10d_tcp_store(host: *const c_char, port: c_int, is_server: c_int, world: c_int, timeout_ms: i64, prefix: *const c_char, err: *mut *mut c_char) -> *mut c_void;
         pub fn tuner_c10d_file_store(path: *const c_char, world: c_int, timeout_ms: i64, err: *mut *mut c_char) -> *mut c_void;
         pub fn tuner_c10d_store_free(s: *mut c_void);
         pub fn tuner_c10d_store_set(s: *mut c_void, key: *const c_char, data: *const u8, len: usize, err: *mut *mut c_char) -> c_int;
         pub fn tuner_c10d_store_get(s: *mut c_void, key: *const c_char, timeout_ms: i64, out: *mut *mut u8, len: *mut usize, err: *mut *mut c_char) -> c_int;
         pub fn tuner_c10d_store_check(s: *mut c_void, key: *const c_char, present: *mut c_int, err: *mut *mut c_char) -> c_int;
         pub fn tuner_c10d_store_add(s: *mut c_void, key: *const c_char, delta: i64, value: *mut i64, err: *mut *mut c_char) -> c_int;
+        pub fn tuner_c10d_set_cuda_device(device: c_int, err: *mut *mut c_char) -> c_int;
         pub fn tuner_c10d_group(s: *mut c_void, rank: c_int, world: c_int, nccl: c_int, timeout_ms: i64, err: *mut *mut c_char) -> *mut c_void;
         pub fn tuner_c10d_group_free(g: *mut c_void);
         pub fn tuner_c10d_allreduce_sum(g: *mut c_void, tensors: *const *mut c_void, n: c_int, err: *mut *mut c_char) -> c_int;
@@ -79,6 +80,19 @@ fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
+/// Make `index` this process's current CUDA device (`torch.cuda.set_device`).
+#[cfg_attr(not(tuner_c10d), allow(unused_variables))]
+pub fn set_cuda_device(index: usize) -> Result<()> {
+    #[cfg(tuner_c10d)]
+    {
+        let mut err = std::ptr::null_mut();
+        let rc = unsafe { ffi::tuner_c10d_set_cuda_device(index as i32, &mut err) };
+        check(rc, err, &format!("cannot make cuda:{index} the current device"))
+    }
+    #[cfg(not(tuner_c10d))]
+    unavailable()
+}
+
 /// A c10d key-value store shared by every rank.
 pub struct Store {
     #[cfg_attr(not(tuner_c10d), allow(dead_code))]
@@ -86,14 +100,15 @@ pub struct Store {
 }
 
 impl Store {
-    /// A TCPStore on `host:port`; rank 0 serves it. Waits up to `timeout` for all `world` ranks.
+    /// A TCPStore on `host:port`, served by this process when `is_server`; keys go under
+    /// `prefix`. The server waits up to `timeout` for all `world` ranks.
     #[cfg_attr(not(tuner_c10d), allow(unused_variables))]
-    pub fn tcp(host: &str, port: u16, is_server: bool, world: usize, timeout: Duration) -> Result<Store> {
+    pub fn tcp(host: &str, port: u16, is_server: bool, world: usize, timeout: Duration, prefix: &str) -> Result<Store> {
         #[cfg(tuner_c10d)]
         {
             let mut err = std::ptr::null_mut();
-            let h = cstr(host)?;
-            let ptr = unsafe { ffi::tuner_c10d_tcp_store(h.as_ptr(), port as i32, is_server as i32, world as i32, ms(timeout), &mut err) };
+            let (h, pre) = (cstr(host)?, cstr(prefix)?);
+            let ptr = unsafe { ffi::tuner_c10d_tcp_store(h.as_ptr(), port as i32, is_server as i32, world as i32, ms(timeout), pre.as_ptr(), &mut err) };
             if ptr.is_null() {
                 bail!("rendezvous on {host}:{port} (TCPStore, {}) failed: {}", if is_server { "serving" } else { "client" }, take_err(err));
             }

@@ -3,7 +3,9 @@
 //! `MASTER_ADDR`, `MASTER_PORT`), Slurm's `srun` (`SLURM_PROCID`, `SLURM_NTASKS`,
 //! `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE`, the master from `MASTER_ADDR` or the first host
 //! of `SLURM_JOB_NODELIST`), and `tuner run --gpus N`, which sets torchrun's variables plus
-//! `TUNER_DIST_STORE=file:PATH` (a FileStore in the run dir instead of a TCP port).
+//! `TUNER_DIST_STORE=file:PATH` (a FileStore in the run dir instead of a TCP port). Under
+//! torchrun's elastic agent (`TORCHELASTIC_USE_AGENT_STORE=True`) the agent already serves
+//! the store on MASTER_PORT and every rank connects as a client, as torch.distributed does.
 //!
 //! A pure function of a variable lookup, so the CLI reads the real environment once and
 //! tests pass maps.
@@ -14,8 +16,11 @@ use std::path::PathBuf;
 /// How the ranks find each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rendezvous {
-    /// c10d TCPStore on `host:port`, served by rank 0.
-    Tcp { host: String, port: u16 },
+    /// c10d TCPStore on `host:port`, served by rank 0 (`serve` on rank 0), or by torchrun's
+    /// agent when it says so (`TORCHELASTIC_USE_AGENT_STORE=True`: every rank is a client).
+    /// Keys go under `prefix` (`tuner/<TORCHELASTIC_RESTART_COUNT>/`), so a restarted attempt
+    /// never reads the last one's.
+    Tcp { host: String, port: u16, serve: bool, prefix: String },
     /// c10d FileStore at this path (one host).
     File(PathBuf),
 }
@@ -92,7 +97,9 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<WorldEnv>
             None => {
                 let host = req("MASTER_ADDR", &why)?;
                 let port: u16 = parse("MASTER_PORT", &req("MASTER_PORT", &why)?)?;
-                (Rendezvous::Tcp { host, port }, "torchrun")
+                let agent = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+                let attempt = get("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
+                (Rendezvous::Tcp { host, port, serve: rank == 0 && !agent, prefix: format!("tuner/{}/", attempt.trim()) }, "torchrun")
             }
         };
         return check(WorldEnv { rank, world_size, local_rank, local_world_size, rendezvous, launcher }).map(Some);
@@ -120,7 +127,8 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<WorldEnv>
             Some(v) => parse("MASTER_PORT", &v)?,
             None => DEFAULT_PORT,
         };
-        return check(WorldEnv { rank, world_size, local_rank, local_world_size, rendezvous: Rendezvous::Tcp { host, port }, launcher: "slurm" }).map(Some);
+        let rendezvous = Rendezvous::Tcp { host, port, serve: rank == 0, prefix: "tuner/0/".into() };
+        return check(WorldEnv { rank, world_size, local_rank, local_world_size, rendezvous, launcher: "slurm" }).map(Some);
     }
     Ok(None)
 }

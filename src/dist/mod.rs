@@ -93,14 +93,17 @@ impl Dist {
     /// Rendezvous and join the process group; collectives time out after `timeout`.
     pub fn connect(world: WorldEnv, device_setting: &str, timeout: Duration) -> Result<Dist> {
         let (device, backend) = device_for(device_setting, world.local_rank)?;
+        if let Device::Cuda(i) = device {
+            c10d::set_cuda_device(i)?;
+        }
         let store = match &world.rendezvous {
             Rendezvous::File(p) => Store::file(p, world.world_size, timeout)?,
-            Rendezvous::Tcp { host, port } => Store::tcp(host, *port, world.rank == 0, world.world_size, timeout)?,
+            Rendezvous::Tcp { host, port, serve, prefix } => Store::tcp(host, *port, *serve, world.world_size, timeout, prefix)?,
         };
         let group = ProcessGroup::new(&store, world.rank, world.world_size, backend, timeout)?;
         let where_ = match &world.rendezvous {
             Rendezvous::File(p) => format!("file {}", p.display()),
-            Rendezvous::Tcp { host, port } => format!("tcp://{host}:{port}"),
+            Rendezvous::Tcp { host, port, serve, .. } => format!("tcp://{host}:{port}{}", if *serve { " (serving)" } else { "" }),
         };
         eprintln!(
             "dist: rank {} of {} (local rank {} of {}, launched by {}), {} on {:?}, rendezvous {where_}, collective timeout {}s",
@@ -171,6 +174,25 @@ impl Dist {
     pub fn announce(&self, command: &str) -> Result<()> {
         let n = self.cmd.fetch_add(1, Ordering::SeqCst);
         self.store.set(&format!("cmd/{n}"), command.as_bytes())
+    }
+
+    /// Leader: tell the other ranks the run is over (`ok` or not). After a success, wait
+    /// (up to the collective timeout) until each has read it: a TCPStore lives in rank 0's
+    /// process, so rank 0 must not exit before the others are told. After a failure, do
+    /// not wait: the others may be inside a collective, which fails once rank 0 is gone.
+    pub fn finish(&self, ok: bool) -> Result<()> {
+        self.announce(if ok { "exit ok" } else { "exit error" })?;
+        if !ok {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        while self.store.add("exit-ack", 0)? < self.world.world_size as i64 - 1 {
+            if t0.elapsed() > self.timeout() {
+                bail!("not every rank confirmed the end of the run within {}s", self.timeout().as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Follower: wait for the leader's next command, however long fetch and tokenize take
@@ -282,8 +304,14 @@ pub fn follow(ctx: &crate::pipeline::RunContext) -> Result<()> {
             "evaluate" => {
                 crate::stages::evaluate::Evaluate.run(ctx, &ctx.stage_dir("evaluate"), arg)?;
             }
-            "exit" if arg == "ok" => return Ok(()),
-            "exit" => bail!("rank 0 failed (see its messages); rank {} stops too", d.world.rank),
+            "exit" if arg == "ok" => {
+                d.store.add("exit-ack", 1)?;
+                return Ok(());
+            }
+            "exit" => {
+                d.store.add("exit-ack", 1)?;
+                bail!("rank 0 failed (see its messages); rank {} stops too", d.world.rank)
+            }
             other => bail!("unexpected command {other:?} from rank 0"),
         }
     }
