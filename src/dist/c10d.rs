@@ -49,7 +49,7 @@ impl Backend {
 
 #[cfg(not(tuner_c10d))]
 fn unavailable<T>() -> Result<T> {
-    bail!("this tuner was built against a libtorch without CUDA, so it has no c10d (NCCL/gloo): multi-process training is unavailable")
+    bail!("this tuner was built without c10d (its libtorch has no CUDA, or the wheel's NCCL headers were missing at build time): multi-process training is unavailable")
 }
 
 #[cfg(tuner_c10d)]

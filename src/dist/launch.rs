@@ -96,10 +96,8 @@ pub fn run(n: usize, run_dir: &Path) -> Result<()> {
         // all-reduced), rank 0 checkpoints, all exit 130. Those are waited for, not stopped.
         let failed = |d: &Option<ExitStatus>| d.is_some_and(|s| !s.success() && s.code() != Some(130));
         if done.iter().any(failed) {
-            // Let the others settle a moment, then name the cause: a killed worker first,
-            // else the lowest failed rank (a follower fails after rank 0 has).
-            std::thread::sleep(Duration::from_millis(300));
-            poll(&mut children, &mut done)?;
+            // Name the cause among the failures seen first: a killed worker before one that
+            // exited with an error (a follower fails after rank 0 has), then the lowest rank.
             let mut bad: Vec<usize> = (0..n).filter(|&i| failed(&done[i])).collect();
             bad.sort_by_key(|&i| (done[i].and_then(|s| s.signal()).is_none(), i));
             let i = bad[0];

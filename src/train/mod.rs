@@ -146,7 +146,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         Some(d) => d.device,
         None => device_of(&t.device)?,
     };
-    let batching = crate::recipe::batching(t, world).map_err(|m| Failure::Usage(m))?;
+    let batching = crate::recipe::batching(t, world).map_err(Failure::Usage)?;
     let t_load = std::time::Instant::now();
     let mut model = load_model(&model_rec.dir, r, device)?;
     let names = lora::attach(model.as_mut(), &lora_spec(r), r.run.seed as i64)?;
@@ -154,10 +154,10 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     let n_params: i64 = params.iter().map(|p| p.numel() as i64).sum();
     let dist_params: Vec<tch::Tensor> = if dist.is_some() { params.iter().map(|p| p.shallow_clone()).collect() } else { vec![] };
     if leader {
-    eprintln!(
-        "train: {} on {:?} ({:?}), LoRA r={} on {} modules ({} trainable parameters), loaded in {:.1}s",
-        model_rec.model_type, device, kind_of(r.model.dtype, device), r.lora.r, names.len(), n_params, t_load.elapsed().as_secs_f64()
-    );
+        eprintln!(
+            "train: {} on {:?} ({:?}), LoRA r={} on {} modules ({} trainable parameters), loaded in {:.1}s",
+            model_rec.model_type, device, kind_of(r.model.dtype, device), r.lora.r, names.len(), n_params, t_load.elapsed().as_secs_f64()
+        );
     }
     let mut opt = optim::AdamW::new(params, t.optimizer, optim::AdamWConfig { weight_decay: t.weight_decay, ..Default::default() });
     let loader = data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
@@ -306,14 +306,13 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             peak = g.peak_allocated as u64;
         }
         let epoch = (cursor.epoch as f64 + cursor.index as f64 / epoch_len).min(cursor.epoch as f64 + 1.0);
-        let row = json!({
+        let mut row = json!({
             "step": done, "epoch": (epoch * 1000.0).round() / 1000.0, "loss": res.loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": res.tokens, "trained_tokens": res.trained_tokens, "tokens_per_s": res.tokens as f64 / secs.max(1e-9),
             "step_s": secs, "peak_mem_bytes": peak,
             "mem_source": if gpu.is_some() { "cuda_allocator_peak" } else { "rss_peak" },
             "loss_scale": loss_scale,
         });
-        let mut row = row;
         if world > 1 {
             row["world_size"] = json!(world);
             row["effective_batch"] = json!(batching.effective_batch());
