@@ -1,10 +1,13 @@
 //! Build script:
 //! - link `torch_cuda` even though nothing references it by symbol
 //!   (../shared/GPU.md: without `--no-as-needed` tch reports no CUDA on a GPU machine);
-//! - compile the host shims kernels/alloc_stats.cpp (CUDA allocator statistics) and
+//! - compile the host shims kernels/alloc_stats.cpp (CUDA allocator statistics),
 //!   kernels/torch_stream.cpp (libtorch's current stream, for the NVRTC kernels) and
 //!   kernels/side_stream.cpp (side-stream copies for activation offload) when libtorch
 //!   has CUDA, and say so with the `tuner_cuda_shim` cfg;
+//! - compile kernels/c10d.cpp (libtorch's c10d stores, NCCL and gloo process groups for
+//!   src/dist/) when libtorch has CUDA and the wheel's NCCL headers are there, and say so
+//!   with the `tuner_c10d` cfg;
 //! - record libtorch's folder as an rpath so tests and the binary find it without
 //!   LD_LIBRARY_PATH on the machine that built them.
 use std::path::PathBuf;
@@ -40,6 +43,37 @@ fn main() {
             .warnings(false)
             .compile("tuner_alloc_stats");
         println!("cargo:rustc-cfg=tuner_cuda_shim");
+    }
+    // Data parallel (src/dist/): libtorch's own c10d, through kernels/c10d.cpp. The wheel
+    // lacks gloo's headers and CCCL's <nv/target>; kernels/c10d_stub/ declares what the
+    // c10d headers name (see its README).
+    println!("cargo:rerun-if-changed=kernels/c10d.cpp");
+    println!("cargo:rerun-if-changed=kernels/c10d_stub");
+    println!("cargo::rustc-check-cfg=cfg(tuner_c10d)");
+    let nccl_headers = root.join("../nvidia/nccl/include");
+    if lib.join("libtorch_cuda.so").exists()
+        && cuda_headers.join("cuda_runtime_api.h").exists()
+        && crt_headers.join("crt/host_config.h").exists()
+        && nccl_headers.join("nccl.h").exists()
+    {
+        cc::Build::new()
+            .cpp(true)
+            .file("kernels/c10d.cpp")
+            .include("kernels/c10d_stub")
+            .include(root.join("include"))
+            .include(root.join("include/torch/csrc/api/include"))
+            .include(&cuda_headers)
+            .include(&crt_headers)
+            .include(&nccl_headers)
+            .flag("-std=c++17")
+            .flag("-Wno-interference-size")
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            .define("USE_C10D_GLOO", None)
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .warnings(false)
+            .compile("tuner_c10d");
+        println!("cargo:rustc-cfg=tuner_c10d");
     }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-search=native={}", lib.display());

@@ -59,6 +59,10 @@ enum Command {
         /// e.g. one recorded for a CI-sized `--set` variant of the recipe.
         #[arg(long, value_name = "FILE")]
         expected: Option<PathBuf>,
+        /// Train and evaluate on N GPUs of this host, one worker process each (data parallel,
+        /// NCCL); overrides `[train] gpus`. torchrun/Slurm variables, when set, take precedence.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        gpus: Option<u64>,
     },
     /// Compare a finished run with its recipe's expectation file.
     Verify {
@@ -176,7 +180,7 @@ enum Command {
 fn context(r: recipe::Loaded, run_dir: Option<PathBuf>, threads: Option<usize>, interrupted: Arc<AtomicBool>) -> Result<RunContext> {
     let run_dir = run_dir.unwrap_or_else(|| r.default_run_dir());
     let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    Ok(RunContext { recipe: r, run_dir, threads, interrupted, hub: crate::hub::HubConfig::from_env()? })
+    Ok(RunContext { recipe: r, run_dir, threads, interrupted, hub: crate::hub::HubConfig::from_env()?, dist: None })
 }
 
 /// "cpu" or "cuda": where a recipe's training ran (what an expectation file is valid for).
@@ -214,26 +218,60 @@ fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -
     Ok(())
 }
 
+/// `tuner run` in this process (one process, or rank 0 of several): the pipeline, then
+/// --write-expected / --verify.
+fn lead(ctx: &RunContext, ra: &RecipeArgs, from: Option<String>, until: Option<String>, verify: bool, write_expected: bool, expected: Option<PathBuf>) -> Result<()> {
+    pipeline::run(ctx, &RunOptions { from, until })?;
+    let device = device_name(&ctx.recipe.recipe.train.device)?;
+    let expected = expected.unwrap_or_else(|| crate::verify::expected_path(&ra.recipe));
+    if write_expected {
+        crate::verify::write_expected(&expected, &ra.set, &ctx.run_dir, &device)?;
+        eprintln!("wrote {}", expected.display());
+    }
+    if verify {
+        crate::verify::verify(&expected, &ra.set, &ctx.run_dir, &device)?;
+    }
+    Ok(())
+}
+
 fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
-        Command::Run { recipe: ra, run_dir, until, from, threads, dry_run, verify, write_expected, expected } => {
+        Command::Run { recipe: ra, run_dir, until, from, threads, dry_run, verify, write_expected, expected, gpus } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
-            let ctx = context(r, run_dir, threads, interrupted)?;
+            let mut ctx = context(r, run_dir, threads, interrupted)?;
             if dry_run {
                 eprint!("{}", crate::plan::render(&crate::plan::estimate(&ctx.recipe, &ctx.run_dir)?));
                 return Ok(());
             }
-            pipeline::run(&ctx, &RunOptions { from, until })?;
-            let device = device_name(&ctx.recipe.recipe.train.device)?;
-            let expected = expected.unwrap_or_else(|| crate::verify::expected_path(&ra.recipe));
-            if write_expected {
-                crate::verify::write_expected(&expected, &ra.set, &ctx.run_dir, &device)?;
-                eprintln!("wrote {}", expected.display());
+            // Several processes: launch them (`--gpus N`), or be one of them (torchrun, Slurm,
+            // or our own launcher's variables). See crate::dist.
+            let t = &ctx.recipe.recipe.train;
+            let world = crate::dist::env::from_env(|k| std::env::var(k).ok()).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+            let gpus = gpus.unwrap_or(t.gpus) as usize;
+            match world {
+                None if gpus > 1 => {
+                    if let Some(why) = recipe::effective_batch_problem(t, gpus) {
+                        return Err(Failure::Usage(why).into());
+                    }
+                    if t.device.starts_with("cuda:") {
+                        return Err(Failure::Usage(format!("--gpus {gpus} starts one process per GPU (each on cuda:LOCAL_RANK), but train.device = {:?} names one GPU; set it to \"auto\" or \"cuda\"", t.device)).into());
+                    }
+                    return crate::dist::launch::run(gpus, &ctx.run_dir);
+                }
+                None => {}
+                Some(w) => {
+                    let timeout = std::time::Duration::from_secs(t.collective_timeout_s);
+                    ctx.dist = Some(crate::dist::Dist::connect(w, &t.device, timeout)?);
+                    let d = ctx.dist.as_ref().expect("just set");
+                    if !d.is_leader() {
+                        return crate::dist::follow(&ctx);
+                    }
+                    let res = lead(&ctx, &ra, from, until, verify, write_expected, expected);
+                    let told = d.finish(res.is_ok());
+                    return res.and(told);
+                }
             }
-            if verify {
-                crate::verify::verify(&expected, &ra.set, &ctx.run_dir, &device)?;
-            }
-            Ok(())
+            lead(&ctx, &ra, from, until, verify, write_expected, expected)
         }
         Command::Kernels { device, bench } => {
             let device = crate::train::device_of(&device)?;

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod data;
 pub mod device_mem;
+pub mod dist;
 pub mod error;
 pub mod export;
 pub mod generate;

@@ -90,6 +90,7 @@ fn context(root: &Path, sets: &[&str]) -> RunContext {
         threads: 1,
         interrupted: Arc::new(AtomicBool::new(false)),
         hub: tuner::hub::HubConfig::new(root.join(".hub")),
+        dist: None,
     }
 }
 

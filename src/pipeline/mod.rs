@@ -30,6 +30,9 @@ pub struct RunContext {
     pub interrupted: Arc<AtomicBool>,
     /// Hub endpoint, token, cache and offline mode.
     pub hub: HubConfig,
+    /// The process group when this process is one rank of several (data parallel train
+    /// and evaluate); None for a single process.
+    pub dist: Option<crate::dist::Dist>,
 }
 
 impl RunContext {

@@ -168,3 +168,46 @@ impl Recipe {
         Recipe::deserialize(toml::Value::Table(t)).map_err(|e| e.message().to_string())
     }
 }
+
+/// How one optimizer step's micro-batches are split over the processes of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub micro_batch_size: usize,
+    /// Micro-batches each process accumulates per optimizer step.
+    pub accum_per_rank: usize,
+    pub world_size: usize,
+}
+
+impl Batching {
+    /// Examples (or packed rows) per optimizer step: micro × accumulation × processes.
+    pub fn effective_batch(&self) -> usize {
+        self.micro_batch_size * self.accum_per_rank * self.world_size
+    }
+
+    /// Micro-batches per optimizer step over all processes.
+    pub fn micro_per_step(&self) -> usize {
+        self.accum_per_rank * self.world_size
+    }
+}
+
+/// The batching of `[train]` on `world_size` processes; Err names the keys at fault.
+pub fn batching(t: &TrainSection, world_size: usize) -> Result<Batching, String> {
+    let world_size = world_size.max(1);
+    let ga = t.gradient_accumulation_steps as usize;
+    let accum_per_rank = if t.keep_effective_batch && world_size > 1 {
+        if ga % world_size != 0 {
+            return Err(format!(
+                "train.keep_effective_batch = true needs train.gradient_accumulation_steps ({ga}) to be a multiple of the number of processes ({world_size})"
+            ));
+        }
+        ga / world_size
+    } else {
+        ga
+    };
+    Ok(Batching { micro_batch_size: t.micro_batch_size as usize, accum_per_rank, world_size })
+}
+
+/// Why `[train]` cannot run on `world_size` processes, if it cannot.
+pub fn effective_batch_problem(t: &TrainSection, world_size: usize) -> Option<String> {
+    batching(t, world_size).err()
+}

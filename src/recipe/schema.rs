@@ -279,6 +279,17 @@ pub struct TrainSection {
     /// gradient checkpointing): "on", "off", or "auto" (on when `tuner plan`'s estimate exceeds
     /// 90% of the device's memory).
     pub offload_activations: String,
+    /// Worker processes, one per GPU of this host (data parallel over NCCL; with
+    /// `device = "cpu"`, CPU processes over gloo). 1 trains in this process.
+    /// `tuner run --gpus N` overrides it; torchrun/Slurm variables take precedence.
+    pub gpus: u64,
+    /// With several processes, divide `gradient_accumulation_steps` by their number, so the
+    /// effective batch (micro_batch_size × gradient_accumulation_steps × processes) stays
+    /// what one process uses. Otherwise the effective batch grows with the processes.
+    pub keep_effective_batch: bool,
+    /// With several processes: a collective (NCCL or gloo) that waits longer than this on
+    /// the other ranks fails, and the run stops.
+    pub collective_timeout_s: u64,
 }
 
 impl Default for TrainSection {
@@ -305,6 +316,9 @@ impl Default for TrainSection {
             device: "auto".into(),
             cuda_kernels: true,
             offload_activations: "auto".into(),
+            gpus: 1,
+            keep_effective_batch: false,
+            collective_timeout_s: 600,
         }
     }
 }

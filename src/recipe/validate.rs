@@ -126,7 +126,9 @@ fn rule_for(key: &str) -> Option<Rule> {
         | "train.logging_steps"
         | "train.save_steps"
         | "train.keep_checkpoints"
-        | "train.pad_to_multiple_of" => PositiveInt,
+        | "train.pad_to_multiple_of"
+        | "train.gpus"
+        | "train.collective_timeout_s" => PositiveInt,
         "train.warmup_steps" | "train.memory_log_steps" => NonNegativeInt,
         "train.epochs" | "train.learning_rate" => PositiveNumber,
         "train.weight_decay" | "train.max_grad_norm" => NonNegativeNumber,
@@ -471,5 +473,11 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
     let off = r.train.offload_activations.as_str();
     if !matches!(off, "auto" | "on" | "off") {
         err("train.offload_activations", format!("expected \"auto\", \"on\" or \"off\", found {off:?}"));
+    }
+    if r.train.gpus > 1 && dev.starts_with("cuda:") {
+        err("train.device", format!("{dev:?} names one GPU, but train.gpus = {} starts one process per GPU (each on cuda:LOCAL_RANK); set train.device to \"auto\" or \"cuda\"", r.train.gpus));
+    }
+    if let Some(why) = crate::recipe::effective_batch_problem(&r.train, r.train.gpus as usize) {
+        err("train.keep_effective_batch", why);
     }
 }

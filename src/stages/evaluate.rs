@@ -73,10 +73,11 @@ fn dequantize_in_place(model: &mut dyn CausalLm, kind: tch::Kind) {
     }
 }
 
-/// Summed NLL and trained-token count over the eval examples, in shard order, batched.
-fn eval_loss(model: &dyn CausalLm, examples: &[crate::data::shards::Example], batch: usize, o: &step::StepOptions) -> (f64, i64) {
+/// Summed NLL and trained-token count over the eval examples, in shard order, batched;
+/// with several processes, rank r takes batches r, r + world, … (`shard` = (rank, world)).
+fn eval_loss(model: &dyn CausalLm, examples: &[crate::data::shards::Example], batch: usize, o: &step::StepOptions, shard: (usize, usize)) -> (f64, i64) {
     let (mut nll, mut n) = (0.0, 0i64);
-    for chunk in examples.chunks(batch.max(1)) {
+    for (_, chunk) in examples.chunks(batch.max(1)).enumerate().filter(|(k, _)| k % shard.1 == shard.0) {
         let mb = data::MicroBatch {
             input_ids: chunk.iter().map(|e| e.input_ids.iter().map(|x| *x as i64).collect()).collect(),
             labels: chunk.iter().map(|e| e.labels.iter().map(|x| *x as i64).collect()).collect(),
@@ -130,8 +131,20 @@ impl Stage for Evaluate {
         if examples.is_empty() {
             bail!("there is no eval split to evaluate on; set dataset.eval_ratio or dataset.eval_source");
         }
+        if let Some(d) = ctx.dist.as_ref().filter(|d| d.is_leader()) {
+            d.announce(&format!("evaluate {_fp}"))?;
+        }
+        // With several processes (crate::dist) the eval batches and the generation batches are
+        // split by rank (batch k on rank k mod world, the same batches as one process), the
+        // sums all-reduced and the texts gathered on rank 0, which alone writes the report.
+        let dist = ctx.dist.as_ref();
+        let shard = dist.map(|d| (d.world.rank, d.world.world_size)).unwrap_or((0, 1));
+        let leader = shard.0 == 0;
         let model_rec = crate::stages::fetch::model_record(ctx)?;
-        let device = crate::train::device_of(&r.train.device)?;
+        let device = match dist {
+            Some(d) => d.device,
+            None => crate::train::device_of(&r.train.device)?,
+        };
         let kind = crate::train::kind_of(r.model.dtype, device);
         let tok = Tok::load(&model_rec.dir)?;
         let pad_id = tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64);
@@ -157,7 +170,7 @@ impl Stage for Evaluate {
             seed: r.run.seed,
             ..SamplingParams::default()
         };
-        let bar = util::progress(2 * samples.len() as u64, "evaluate");
+        let bar = if leader { util::progress(2 * samples.len() as u64, "evaluate") } else { indicatif::ProgressBar::hidden() };
         let mut generator = Generator::from_parts(model, tok, device);
         let mut results = Map::new();
         let mut outputs: Vec<Vec<String>> = vec![];
@@ -166,16 +179,26 @@ impl Stage for Evaluate {
                 crate::score::apply_adapter(generator.model.as_mut(), &ctx.stage_dir("train").join("adapter"))?;
             }
             let t_loss = std::time::Instant::now();
-            let (nll, n) = eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o);
+            let (mut nll, mut n) = eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o, shard);
+            if let Some(d) = dist {
+                let mut v = [nll, n as f64];
+                d.all_reduce_f64(&mut v)?;
+                (nll, n) = (v[0], v[1] as i64);
+            }
             let loss = nll / n.max(1) as f64;
             let (loss_s, t_gen) = (t_loss.elapsed().as_secs_f64(), std::time::Instant::now());
             let mut texts = vec![];
-            for chunk in samples.chunks(e.batch_size.max(1) as usize) {
+            for (_, chunk) in samples.chunks(e.batch_size.max(1) as usize).enumerate().filter(|(k, _)| k % shard.1 == shard.0) {
                 ctx.check_interrupted("evaluate stopped")?;
                 let prompts: Vec<String> = chunk.iter().map(|s| s.prompt.clone()).collect();
                 let done = generator.generate(&prompts, &params, &mut |_, _| true)?;
                 texts.extend(done.into_iter().map(|c| c.text));
                 bar.inc(chunk.len() as u64);
+            }
+            if let Some(d) = dist {
+                let all = d.gather_json(&format!("evaluate-{phase}"), &json!(texts))?;
+                let Some(all) = all else { continue };
+                texts = interleave_batches(all.iter().map(|v| serde_json::from_value(v.clone()).unwrap_or_default()).collect(), e.batch_size.max(1) as usize);
             }
             let mut m = metrics_of(&e.metrics, &texts, &samples);
             m.insert("eval_loss".into(), json!(loss));
@@ -190,6 +213,9 @@ impl Stage for Evaluate {
             outputs.push(texts);
         }
         bar.finish_and_clear();
+        if !leader {
+            return Ok(vec![]);
+        }
         let shown: Vec<Value> = samples
             .iter()
             .zip(outputs[0].iter().zip(&outputs[1]))
@@ -213,6 +239,21 @@ impl Stage for Evaluate {
         pipeline::record(&ctx.run_dir, "evaluate", json!({ "before": results["before"], "after": results["after"] }))?;
         Ok(files)
     }
+}
+
+/// Texts generated batch-round-robin (rank r did batches r, r + world, …), back in order.
+pub fn interleave_batches(per_rank: Vec<Vec<String>>, batch: usize) -> Vec<String> {
+    let world = per_rank.len();
+    let mut chunks: Vec<std::collections::VecDeque<Vec<String>>> =
+        per_rank.into_iter().map(|v| v.chunks(batch).map(<[String]>::to_vec).collect()).collect();
+    let mut out = vec![];
+    'outer: for k in 0.. {
+        match chunks[k % world].pop_front() {
+            Some(c) => out.extend(c),
+            None => break 'outer,
+        }
+    }
+    out
 }
 
 fn report_md(r: &crate::recipe::Recipe, res: &Map<String, Value>, curve: bool) -> String {

@@ -21,6 +21,15 @@ impl Stage for Train {
             for k in ["logging_steps", "memory_log_steps", "save_steps", "keep_checkpoints"] {
                 t.remove(k);
             }
+            // The process count and the collective timeout are how, not what: they stay out
+            // too (a checkpoint refuses a resume on another world size), and so does
+            // keep_effective_batch when off, so one-process fingerprints are unchanged.
+            for k in ["gpus", "collective_timeout_s"] {
+                t.remove(k);
+            }
+            if !r.train.keep_effective_batch {
+                t.remove("keep_effective_batch");
+            }
         }
         Ok(serde_json::json!({
             "model": { "dtype": r.model.dtype },
@@ -32,6 +41,9 @@ impl Stage for Train {
     }
 
     fn run(&self, ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
+        if let Some(d) = ctx.dist.as_ref().filter(|d| d.is_leader()) {
+            d.announce(&format!("train {fp}"))?;
+        }
         crate::train::run(ctx, dir, fp)
     }
 }

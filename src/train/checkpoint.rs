@@ -28,6 +28,66 @@ pub struct Progress {
     pub optimizer_step: u64,
     /// fp16 loss scale, if used.
     pub loss_scale: f64,
+    /// Written by a multi-process run only (absent, and so unchanged, for one process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world: Option<World>,
+}
+
+/// The world a multi-process checkpoint was written by, and each rank's place in the data
+/// stream and its RNG. Every rank reads the same shared cursor (`Progress::cursor`) and
+/// trains the `rank`-th block of each step's micro-batches, so its next micro-batch is a
+/// function of the cursor; its dropout seed is derived from `run.seed` and the rank.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct World {
+    pub world_size: usize,
+    pub micro_batch_size: usize,
+    pub accum_per_rank: usize,
+    pub effective_batch: usize,
+    pub ranks: Vec<RankState>,
+}
+
+/// One rank's data position and RNG at a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RankState {
+    pub rank: usize,
+    /// The shared cursor (every rank holds the same).
+    pub cursor: Cursor,
+    /// The rank's first micro-batch within each step's `accum_per_rank × world_size`.
+    pub first_micro_in_step: usize,
+    /// The seed its dropout masks are drawn from (mixed with step, micro-batch and layer).
+    pub dropout_seed: u64,
+}
+
+impl World {
+    /// The record for a run of `world_size` processes at `cursor`.
+    pub fn of(world_size: usize, b: &crate::recipe::Batching, seed: u64, cursor: Cursor) -> World {
+        World {
+            world_size,
+            micro_batch_size: b.micro_batch_size,
+            accum_per_rank: b.accum_per_rank,
+            effective_batch: b.effective_batch(),
+            ranks: (0..world_size)
+                .map(|rank| RankState { rank, cursor, first_micro_in_step: rank * b.accum_per_rank, dropout_seed: crate::dist::dropout_seed(seed, rank) })
+                .collect(),
+        }
+    }
+}
+
+/// Refuse to resume a checkpoint written by another number of processes: the effective
+/// batch, the data split and the dropout streams would change mid-run.
+pub fn check_world(p: &Progress, path: &Path, world_size: usize, b: &crate::recipe::Batching) -> anyhow::Result<()> {
+    let theirs = p.world.as_ref().map(|w| w.world_size).unwrap_or(1);
+    if theirs != world_size {
+        let eff = p.world.as_ref().map(|w| w.effective_batch.to_string()).unwrap_or_else(|| "that of one process".into());
+        anyhow::bail!(
+            "{}: this checkpoint (step {}) was written by {theirs} process(es) (effective batch {eff}); this run has {world_size} (effective batch {}). \
+             Resume with the same number of processes (`--gpus {theirs}`), or train afresh with `--from train`",
+            path.display(),
+            p.step,
+            b.effective_batch()
+        );
+    }
+    Ok(())
 }
 
 /// The checkpoints folder of a train stage dir.

@@ -166,34 +166,76 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     if examples.is_empty() {
         bail!("the tokenize stage produced no training examples");
     }
-    let device = device_of(&t.device)?;
+    // With several processes (crate::dist) each rank trains on its own device and draws
+    // its block of every step's micro-batches; rank 0 alone writes files.
+    let dist = ctx.dist.as_ref();
+    let (rank, world) = dist.map(|d| (d.world.rank, d.world.world_size)).unwrap_or((0, 1));
+    let leader = rank == 0;
+    let device = match dist {
+        Some(d) => d.device,
+        None => device_of(&t.device)?,
+    };
+    let batching = crate::recipe::batching(t, world).map_err(Failure::Usage)?;
     let t_load = std::time::Instant::now();
     let mut model = load_model(&model_rec.dir, r, device)?;
     let names = lora::attach(model.as_mut(), &lora_spec(r), r.run.seed as i64)?;
     let params = lora::trainable_parameters(model.as_ref());
     let n_params: i64 = params.iter().map(|p| p.numel() as i64).sum();
-    eprintln!(
-        "train: {} on {:?} ({:?}), LoRA r={} on {} modules ({} trainable parameters), loaded in {:.1}s",
-        model_rec.model_type, device, kind_of(r.model.dtype, device), r.lora.r, names.len(), n_params, t_load.elapsed().as_secs_f64()
-    );
+    let dist_params: Vec<tch::Tensor> = if dist.is_some() { params.iter().map(|p| p.shallow_clone()).collect() } else { vec![] };
+    if leader {
+        eprintln!(
+            "train: {} on {:?} ({:?}), LoRA r={} on {} modules ({} trainable parameters), loaded in {:.1}s",
+            model_rec.model_type, device, kind_of(r.model.dtype, device), r.lora.r, names.len(), n_params, t_load.elapsed().as_secs_f64()
+        );
+    }
     let mut opt = optim::AdamW::new(params, t.optimizer, optim::AdamWConfig { weight_decay: t.weight_decay, ..Default::default() });
     let loader = data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
-    let ga = t.gradient_accumulation_steps as usize;
+    let ga = batching.accum_per_rank;
+    let micro_per_step = batching.micro_per_step();
     let total = match (t.max_steps, t.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) => ((e * loader.micro_batches_per_epoch() as f64) / ga as f64).ceil().max(1.0) as u64,
+        (None, Some(e)) => ((e * loader.micro_batches_per_epoch() as f64) / micro_per_step as f64).ceil().max(1.0) as u64,
         (None, None) => bail!("set train.max_steps or train.epochs"),
     };
+
+    if world > 1 && leader {
+        eprintln!(
+            "train: {world} processes; effective batch {} = micro-batch {} × accumulation {} × {world} processes{}",
+            batching.effective_batch(),
+            batching.micro_batch_size,
+            ga,
+            if t.keep_effective_batch { format!(" (train.keep_effective_batch: accumulation {} / {world})", t.gradient_accumulation_steps) } else { String::new() }
+        );
+    }
 
     // Resume from the newest checkpoint of this fingerprint; set older runs' checkpoints aside.
     let mut start = 0u64;
     let mut cursor = data::Cursor::default();
-    let ckpts = checkpoint::list(dir);
+    if let Some(d) = dist {
+        // Rank 0 decides (and sets old checkpoints aside); the others load what it names.
+        let decided = d.agree("train-resume", || resume_decision(dir, fp, world, &batching))?;
+        let step: u64 = decided.parse().unwrap_or(0);
+        if step > 0 {
+            let (p, path) = checkpoint::list(dir).into_iter().find(|(p, _)| p.step == step).with_context(|| format!("rank {rank}: checkpoint step {step} is not readable here (is the run dir shared?)"))?;
+            let (adapter, optim_state) = checkpoint::load(&path)?;
+            lora::load_adapter_tensors(model.as_mut(), &adapter)?;
+            opt.load_state(&optim_state, p.optimizer_step)?;
+            start = p.step;
+            cursor = p.cursor;
+            if leader {
+                eprintln!("train: resuming from {} (step {start} of {total})", path.display());
+            }
+        }
+        // Every rank starts from rank 0's adapter (identical by construction; made certain).
+        d.broadcast_params(&dist_params)?;
+    }
+    let ckpts = if dist.is_some() { vec![] } else { checkpoint::list(dir) };
     if ckpts.iter().any(|(p, _)| p.fingerprint != fp) {
         let aside = dir.join(format!("checkpoints.old-{}", util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()));
         std::fs::rename(checkpoint::dir(dir), &aside)?;
         eprintln!("train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})", aside.display());
     } else if let Some((p, path)) = ckpts.last() {
+        checkpoint::check_world(p, path, 1, &batching)?;
         let (adapter, optim_state) = checkpoint::load(path)?;
         lora::load_adapter_tensors(model.as_mut(), &adapter)?;
         opt.load_state(&optim_state, p.optimizer_step)?;
@@ -209,8 +251,12 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         .filter(|v| v["step"].as_u64().is_some_and(|s| s <= start))
         .collect();
     let text: String = history.iter().map(|v| format!("{v}\n")).collect();
-    util::write_atomic(&metrics_path, text.as_bytes())?;
-    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+    let mut metrics: Box<dyn Write> = if leader {
+        util::write_atomic(&metrics_path, text.as_bytes())?;
+        Box::new(std::fs::OpenOptions::new().append(true).open(&metrics_path)?)
+    } else {
+        Box::new(std::io::sink())
+    };
 
     // fp16 trains with dynamic loss scaling: start at 2^16, halve and skip the step on
     // non-finite gradients, double after 2000 good steps (torch.cuda.amp.GradScaler's rule).
@@ -232,23 +278,38 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         pad_id: tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64),
         pad_multiple: t.pad_to_multiple_of as usize,
         device,
-        seed: r.run.seed,
+        seed: crate::dist::dropout_seed(r.run.seed, rank),
         loss_scale,
         hand_backward: device.is_cuda() && t.cuda_kernels,
         offload: offload_activations(ctx, dir, device)?,
     };
-    let bar = util::progress(total, "train");
+    let bar = if leader { util::progress(total, "train") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(start);
     let epoch_len = loader.micro_batches_per_epoch().max(1) as f64;
     let t_run = std::time::Instant::now();
     let mut first_step_logged = false;
     for s in start..total {
         let t0 = std::time::Instant::now();
-        let micro: Vec<data::MicroBatch> = (0..ga).map(|_| loader.next(&mut cursor)).collect();
+        // The step's micro-batches come from one cursor shared by every rank; rank r trains
+        // the r-th block of `ga` (all of them on one process).
+        let mut micro: Vec<data::MicroBatch> = (0..micro_per_step).map(|_| loader.next(&mut cursor)).collect();
+        let micro: Vec<data::MicroBatch> = micro.drain(crate::dist::shard_range(rank, ga)).collect();
         let lr = schedule::lr_at(t.lr_scheduler, t.learning_rate, s, t.warmup_steps, total);
         opt.zero_grad();
         opts.loss_scale = loss_scale;
-        let res = step::forward_backward(model.as_ref(), &micro, s, &opts);
+        let mut res = step::forward_backward(model.as_ref(), &micro, s, &opts);
+        let mut stop_all = false;
+        if let Some(d) = dist {
+            // Σ NLL, Σ trained tokens, Σ tokens and the stop flag over the world; then the
+            // gradients, re-weighted from this rank's token count to the world's.
+            let local_trained = res.trained_tokens as f64;
+            let mut v = [res.loss * local_trained, local_trained, res.tokens as f64, ctx.interrupted.load(Ordering::SeqCst) as u8 as f64];
+            d.all_reduce_f64(&mut v).with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
+            let weight = if v[1] > 0.0 { local_trained / v[1] } else { 0.0 };
+            d.all_reduce_grads(&dist_params, weight).with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
+            res = step::StepResult { loss: v[0] / v[1].max(1.0), trained_tokens: v[1] as i64, tokens: v[2] as i64 };
+            stop_all = v[3] > 0.0;
+        }
         if !res.loss.is_finite() {
             bail!("train: the loss became {} at step {}; lower train.learning_rate or check the data", res.loss, s + 1);
         }
@@ -276,27 +337,31 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             peak = g.peak_allocated as u64;
         }
         let epoch = (cursor.epoch as f64 + cursor.index as f64 / epoch_len).min(cursor.epoch as f64 + 1.0);
-        let row = json!({
+        let mut row = json!({
             "step": done, "epoch": (epoch * 1000.0).round() / 1000.0, "loss": res.loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": res.tokens, "trained_tokens": res.trained_tokens, "tokens_per_s": res.tokens as f64 / secs.max(1e-9),
             "step_s": secs, "peak_mem_bytes": peak,
             "mem_source": if gpu.is_some() { "cuda_allocator_peak" } else { "rss_peak" },
             "loss_scale": loss_scale,
         });
+        if world > 1 {
+            row["world_size"] = json!(world);
+            row["effective_batch"] = json!(batching.effective_batch());
+        }
         writeln!(metrics, "{row}")?;
         history.push(row);
-        if !first_step_logged {
+        if !first_step_logged && leader {
             eprintln!("train: first step done {:.1}s after the start of loading", t_load.elapsed().as_secs_f64());
             first_step_logged = true;
         }
         if done % t.logging_steps == 0 || done == total {
             let msg = format!("step {done}/{total} loss {:.4} lr {:.2e} grad {:.3} {:.0} tok/s", res.loss, lr, grad_norm, res.tokens as f64 / secs.max(1e-9));
-            if bar.is_hidden() {
+            if bar.is_hidden() && leader {
                 eprintln!("train: {msg} epoch {epoch:.2}");
             }
             bar.set_message(msg);
         }
-        if t.memory_log_steps > 0 && done % t.memory_log_steps == 0 {
+        if leader && t.memory_log_steps > 0 && done % t.memory_log_steps == 0 {
             let gib = |b: i64| b as f64 / 1073741824.0;
             match gpu {
                 Some(g) => eprintln!(
@@ -307,8 +372,8 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             }
         }
         bar.set_position(done);
-        let stop = ctx.interrupted.load(Ordering::SeqCst);
-        if done % t.save_steps == 0 || done == total || stop {
+        let stop = if dist.is_some() { stop_all } else { ctx.interrupted.load(Ordering::SeqCst) };
+        if leader && (done % t.save_steps == 0 || done == total || stop) {
             let p = checkpoint::Progress {
                 step: done,
                 total_steps: total,
@@ -318,6 +383,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 seed: r.run.seed,
                 optimizer_step: opt.step,
                 loss_scale,
+                world: (world > 1).then(|| checkpoint::World::of(world, &batching, r.run.seed, cursor)),
             };
             checkpoint::save(dir, &p, &lora::adapter_tensors(model.as_ref()), &opt.state_tensors(), t.keep_checkpoints as usize)?;
         }
@@ -330,6 +396,9 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         }
     }
     bar.finish_and_clear();
+    if !leader {
+        return Ok(vec![]);
+    }
     let first = history.first().and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
     let last = history.last().and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
     eprintln!("train: {} steps in {:.1}s; loss {first:.4} → {last:.4}", total - start, t_run.elapsed().as_secs_f64());
@@ -344,4 +413,20 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     files.push(dir.join("loss.png"));
     files.push(metrics_path);
     Ok(files)
+}
+
+/// Rank 0's resume decision for a multi-process run: the step to resume from ("0": afresh,
+/// old checkpoints of another recipe set aside), or an error when the newest checkpoint was
+/// written by a different number of processes.
+fn resume_decision(dir: &Path, fp: &str, world: usize, batching: &crate::recipe::Batching) -> Result<String> {
+    let ckpts = checkpoint::list(dir);
+    if ckpts.iter().any(|(p, _)| p.fingerprint != fp) {
+        let aside = dir.join(format!("checkpoints.old-{}", util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()));
+        std::fs::rename(checkpoint::dir(dir), &aside)?;
+        eprintln!("train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})", aside.display());
+        return Ok("0".into());
+    }
+    let Some((p, path)) = ckpts.last() else { return Ok("0".into()) };
+    checkpoint::check_world(p, path, world, batching)?;
+    Ok(p.step.to_string())
 }

@@ -1,0 +1,3 @@
+// Declaration-only stand-in (see ../README.md).
+#pragma once
+#include <gloo/context.h>
