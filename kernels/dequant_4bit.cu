@@ -62,36 +62,3 @@ extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes,
   }
 }
 
-// The same, 32 values per thread: one 16-byte load of codes, one absmax lookup, four 16-byte
-// stores. For 2-byte dtypes when n is a multiple of 32, blocksize a multiple of 32, and codes
-// and out 16-byte aligned (the launcher checks); `dequant_4bit` covers everything else.
-extern "C" __global__ void dequant_4bit_x32(const unsigned char* __restrict__ codes, long long n, int blocksize,
-                                            const float* __restrict__ absmax, const unsigned char* __restrict__ qabsmax,
-                                            const float* __restrict__ code, const float* __restrict__ nested_absmax,
-                                            int nested_blocksize, float offset, const float* __restrict__ table,
-                                            void* __restrict__ out, int dt) {
-  __shared__ float lut[16];
-  if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
-  __syncthreads();
-  const long long groups = n / 32;
-  const long long stride = (long long)gridDim.x * blockDim.x;
-  for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    const uint4 packed = ((const uint4*)codes)[g];  // bytes 16g..16g+15
-    const float scale = block_absmax(g * 32 / blocksize, absmax, qabsmax, code, nested_absmax, nested_blocksize, offset);
-    const unsigned int words[4] = {packed.x, packed.y, packed.z, packed.w};
-    uint4* o = (uint4*)((unsigned short*)out + g * 32);
-#pragma unroll
-    for (int q = 0; q < 4; q++) {  // one 16-byte store of 8 values per 4 code bytes
-      unsigned int w[4];
-#pragma unroll
-      for (int k = 0; k < 4; k++) {
-        const unsigned int byte = (words[q] >> (8 * k)) & 0xffu;
-        const float hi = lut[byte >> 4] * scale, lo = lut[byte & 15u] * scale;
-        const unsigned short a = dt == DT_BF16 ? f32_to_bf16(hi) : f32_to_f16(hi);
-        const unsigned short b = dt == DT_BF16 ? f32_to_bf16(lo) : f32_to_f16(lo);
-        w[k] = (unsigned int)a | ((unsigned int)b << 16);
-      }
-      o[q] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-  }
-}

@@ -1,4 +1,4 @@
 //! The `tuner` binary: everything happens in [`tuner::cli`].
 fn main() {
-    std::process::exit(tuner::cli::main());
+    tuner::dist::exit(tuner::cli::main());
 }

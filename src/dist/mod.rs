@@ -89,9 +89,33 @@ pub fn shard_range(rank: usize, per_rank: usize) -> std::ops::Range<usize> {
     rank * per_rank..(rank + 1) * per_rank
 }
 
+/// Exit with `code`. A worker of a multi-process run (`WORLD_SIZE` or `SLURM_NTASKS` > 1) leaves without running
+/// exit-time destructors: tearing down an NCCL process group while a peer is still inside a
+/// collective can block, and the launcher must see the exit to stop the others.
+pub fn exit(code: i32) -> ! {
+    let many = |k: &str| std::env::var(k).ok().and_then(|w| w.parse::<usize>().ok()).is_some_and(|w| w > 1);
+    if many("WORLD_SIZE") || many("SLURM_NTASKS") {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: ends the process; nothing runs after it.
+        unsafe { libc::_exit(code) }
+    }
+    std::process::exit(code)
+}
+
 impl Dist {
-    /// Rendezvous and join the process group; collectives time out after `timeout`.
+    /// Rendezvous and join the process group; collectives time out after `timeout`. From here
+    /// on a panic ends the process at once (after its message), for the reason given at [`exit`].
     pub fn connect(world: WorldEnv, device_setting: &str, timeout: Duration) -> Result<Dist> {
+        if world.world_size > 1 {
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                report(info);
+                // SAFETY: ends the process; nothing runs after it.
+                unsafe { libc::_exit(101) }
+            }));
+        }
         let (device, backend) = device_for(device_setting, world.local_rank)?;
         if let Device::Cuda(i) = device {
             c10d::set_cuda_device(i)?;

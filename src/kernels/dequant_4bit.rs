@@ -64,11 +64,6 @@ pub fn cuda(q: &QuantTensor, kind: Kind, k: &Kernels) -> Result<Tensor> {
         .ptr(&out)
         .i32(dt);
     let block = 256;
-    let wide = dt != 0 && n % 32 == 0 && q.blocksize % 32 == 0 && q.codes.data_ptr() as usize % 16 == 0 && out.data_ptr() as usize % 16 == 0;
-    if wide {
-        k.launch("dequant_4bit_x32", k.grid_for(n / 32, block), block, args)?;
-    } else {
-        k.launch("dequant_4bit", k.grid_for((n + 7) / 8, block), block, args)?;
-    }
+    k.launch("dequant_4bit", k.grid_for((n + 7) / 8, block), block, args)?;
     Ok(out)
 }

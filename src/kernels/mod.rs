@@ -31,7 +31,7 @@ use tch::{Device, Kind, Tensor};
 /// (file, source, kernel names) of every kernel source; each is compiled with
 /// kernels/prelude.cuh in front.
 const SOURCES: [(&str, &str, &[&str]); 4] = [
-    ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit", "dequant_4bit_x32"]),
+    ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit"]),
     ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu"), &["rms_norm_fwd", "rms_norm_bwd"]),
     ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope"]),
     ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),
@@ -183,16 +183,18 @@ pub(crate) fn usable<'a>(kernels: Option<&'a Kernels>, ts: &[&Tensor]) -> Option
 
 #[cfg(tuner_cuda_shim)]
 extern "C" {
-    fn tuner_cuda_current_stream(device: i32) -> *mut c_void;
+    fn tuner_cuda_current_stream(device: i32, out: *mut *mut c_void) -> i32;
 }
 
 /// libtorch's current stream on device `ordinal`.
 fn current_stream(ordinal: usize) -> Result<*mut c_void> {
     #[cfg(tuner_cuda_shim)]
     {
-        // SAFETY: a plain query of libtorch's stream registry; catches every C++ exception.
-        let s = unsafe { tuner_cuda_current_stream(ordinal as i32) };
-        if s.is_null() && ordinal > 0 {
+        let mut s: *mut c_void = std::ptr::null_mut();
+        // SAFETY: a plain query of libtorch's stream registry that writes one pointer; catches
+        // every C++ exception. A null handle is the default stream, valid on any device.
+        let rc = unsafe { tuner_cuda_current_stream(ordinal as i32, &mut s) };
+        if rc != 0 {
             bail!("libtorch has no current stream for cuda:{ordinal}");
         }
         Ok(s)
