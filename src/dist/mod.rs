@@ -129,8 +129,10 @@ impl Dist {
             Rendezvous::File(p) => format!("file {}", p.display()),
             Rendezvous::Tcp { host, port, serve, .. } => format!("tcp://{host}:{port}{}", if *serve { " (serving)" } else { "" }),
         };
-        eprintln!(
-            "dist: rank {} of {} (local rank {} of {}, launched by {}), {} on {:?}, rendezvous {where_}, collective timeout {}s",
+        // One write of the whole line: the ranks share stderr, and a line written in pieces
+        // interleaves with another rank's.
+        let line = format!(
+            "dist: rank {} of {} (local rank {} of {}, launched by {}), {} on {:?}, rendezvous {where_}, collective timeout {}s\n",
             world.rank,
             world.world_size,
             world.local_rank,
@@ -140,6 +142,10 @@ impl Dist {
             device,
             timeout.as_secs()
         );
+        {
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
         Ok(Dist { world, device, store, group, seq: AtomicU64::new(0), cmd: AtomicU64::new(0) })
     }
 
