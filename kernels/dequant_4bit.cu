@@ -43,14 +43,7 @@ extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes,
         o[0] = make_float4(v[0], v[1], v[2], v[3]);
         o[1] = make_float4(v[4], v[5], v[6], v[7]);
       } else {
-        unsigned int w[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-          const unsigned short lo = dt == DT_BF16 ? f32_to_bf16(v[2 * k]) : f32_to_f16(v[2 * k]);
-          const unsigned short hi = dt == DT_BF16 ? f32_to_bf16(v[2 * k + 1]) : f32_to_f16(v[2 * k + 1]);
-          w[k] = (unsigned int)lo | ((unsigned int)hi << 16);
-        }
-        *(uint4*)((unsigned short*)out + e0) = make_uint4(w[0], w[1], w[2], w[3]);
+        *(uint4*)((unsigned short*)out + e0) = pack8(v, dt);
       }
     } else {
       for (long long e = e0; e < n; e++) {

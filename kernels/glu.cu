@@ -42,29 +42,9 @@ extern "C" __global__ void glu_bwd(const void* __restrict__ dh, const void* __re
   }
 }
 
-// 8 values per thread with 16-byte loads and stores, for 2-byte dtypes when n is a multiple of
-// 8 and the tensors are 16-byte aligned (the launcher checks); the kernels above cover the rest.
-__device__ __forceinline__ void unpack8(uint4 v, float* f, int dt) {
-  const unsigned int w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int k = 0; k < 4; k++) {
-    const unsigned short lo = w[k] & 0xffffu, hi = w[k] >> 16;
-    f[2 * k] = dt == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
-    f[2 * k + 1] = dt == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
-  }
-}
-
-__device__ __forceinline__ uint4 pack8(const float* f, int dt) {
-  unsigned int w[4];
-#pragma unroll
-  for (int k = 0; k < 4; k++) {
-    const unsigned short lo = dt == DT_BF16 ? f32_to_bf16(f[2 * k]) : f32_to_f16(f[2 * k]);
-    const unsigned short hi = dt == DT_BF16 ? f32_to_bf16(f[2 * k + 1]) : f32_to_f16(f[2 * k + 1]);
-    w[k] = (unsigned int)lo | ((unsigned int)hi << 16);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
+// 8 values per thread with 16-byte loads and stores (prelude's unpack8/pack8), for 2-byte dtypes
+// when n is a multiple of 8 and the tensors are 16-byte aligned (the launcher checks); the
+// kernels above cover the rest.
 extern "C" __global__ void glu_fwd_x8(const uint4* __restrict__ g, const uint4* __restrict__ u, uint4* __restrict__ h,
                                       long long n8, int act, int dt) {
   const long long stride = (long long)gridDim.x * blockDim.x;

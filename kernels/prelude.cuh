@@ -50,6 +50,28 @@ __device__ __forceinline__ float rnd(float v, int dt) {
   return v;
 }
 
+// Eight 2-byte elements (bf16 or fp16 per dt) of one 16-byte word, as f32, and back (rounded).
+__device__ __forceinline__ void unpack8(uint4 v, float* f, int dt) {
+  const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; k++) {
+    const unsigned short lo = w[k] & 0xffffu, hi = w[k] >> 16;
+    f[2 * k] = dt == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+    f[2 * k + 1] = dt == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float* f, int dt) {
+  unsigned int w[4];
+#pragma unroll
+  for (int k = 0; k < 4; k++) {
+    const unsigned short lo = dt == DT_BF16 ? f32_to_bf16(f[2 * k]) : f32_to_f16(f[2 * k]);
+    const unsigned short hi = dt == DT_BF16 ? f32_to_bf16(f[2 * k + 1]) : f32_to_f16(f[2 * k + 1]);
+    w[k] = (unsigned int)lo | ((unsigned int)hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // Sum of v over the thread block (blockDim.x a multiple of 32, at most 1024); every thread
 // gets the total. `scratch` holds 32 floats of shared memory.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
