@@ -2,12 +2,15 @@
 # Multi-GPU data parallel check (issue 7), for a machine with 2 (or more) GPUs; see ../shared/GPU.md.
 # All in one go (~5 minutes with the default 1B shape on 2 H200s), a short table last:
 #   A. loss curve: 1 GPU (accumulation 2) vs 2 GPUs (accumulation 1 each, keep_effective_batch)
-#      at the same effective batch and data, step by step (bf16 tolerance);
-#   B. throughput: 1 GPU vs 2 GPUs, micro-batch 2 × accumulation 1 per GPU (2 GPUs train twice
-#      the tokens per step), median tokens/s after warm-up, scaling = 2-GPU / 1-GPU;
+#      at the same effective batch and data, step by step (bf16 tolerance); the 1-GPU run is made
+#      twice, and the two give the run-to-run noise (GPU kernels are not bitwise deterministic);
+#   B. throughput: 1 GPU vs 2 GPUs (and 4, 8 where the machine has them), micro-batch 2 ×
+#      accumulation 1 per GPU (N GPUs train N times the tokens per step), median tokens/s after
+#      warm-up, scaling = N-GPU / 1-GPU (target 0.9 N, the issue's 1.8x on 2);
 #   C. a killed worker: SIGKILL rank 1 after the step-3 checkpoint; the launcher must stop rank 0
 #      and exit non-zero within seconds with a message naming the rank; a rerun must resume from
-#      the checkpoint and finish with the same losses (and adapter) as run A's uninterrupted 2-GPU run.
+#      the checkpoint and finish with the same losses as run A's uninterrupted 2-GPU run (within the
+#      bf16 tolerance; the adapters' relative difference is printed beside the noise of section A).
 #
 #   (here)  CARGO_TARGET_DIR=… cargo build --release && mkdir -p .device && cp "$CARGO_TARGET_DIR/release/tuner" .device/ && strip .device/tuner
 #   (there) bash scripts/dist_check.sh                      # SHAPE=llama-1b (default) | llama-8b | qwen2.5-7b
@@ -70,15 +73,16 @@ losses() { python3 -c "import json,sys; [print(json.loads(l)['loss']) for l in o
 
 if [[ $SECTIONS == *A* ]]; then
   say "A. loss curve, effective batch $((2 * BATCH)): 1 GPU × accumulation 2 vs 2 GPUs × accumulation 1"
-  CURVE=(--set train.max_steps=$STEPS_A --set train.learning_rate=1e-3 --set train.gradient_accumulation_steps=2 --set train.save_steps=1000)
+  CURVE=(--set train.max_steps=$STEPS_A --set train.gradient_accumulation_steps=2 --set train.save_steps=1000)
   trun a-1gpu "${CURVE[@]}"
+  trun a-1gpu-again "${CURVE[@]}"
   trun a-2gpu "${CURVE[@]}" --gpus 2 --set train.keep_effective_batch=true
   python3 - "$SCRATCH" "$RES" <<'PY'
 import json, sys
 s, res = sys.argv[1], sys.argv[2]
 m = lambda n: [json.loads(l) for l in open(f"{s}/{n}/train/metrics.jsonl")]
 try:
-    a, b = m("a-1gpu"), m("a-2gpu")
+    a, b, again = m("a-1gpu"), m("a-2gpu"), m("a-1gpu-again")
 except OSError as e:
     print(f"A: missing metrics ({e})"); open(res, "a").write("A loss curve | FAILED: no metrics\n"); sys.exit()
 print(f"{'step':>4} {'1 GPU loss':>12} {'2 GPU loss':>12} {'rel diff':>9} {'1 GPU tokens':>12} {'2 GPU tokens':>12}")
@@ -87,8 +91,9 @@ for x, y in zip(a, b):
     rel = abs(x["loss"] - y["loss"]) / abs(x["loss"])
     worst = max(worst, rel)
     print(f"{x['step']:>4} {x['loss']:>12.6f} {y['loss']:>12.6f} {rel:>9.1e} {x['trained_tokens']:>12} {y['trained_tokens']:>12}")
+noise = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, again))
 ok = len(a) == len(b) > 0 and worst < 1e-2 and all(x["trained_tokens"] == y["trained_tokens"] for x, y in zip(a, b))
-open(res, "a").write(f"A loss curve 1 vs 2 GPUs ({len(a)} steps, eff. batch {b[0].get('effective_batch', '?')}) | max rel loss diff {worst:.1e} (bf16 tol 1e-2) | {'PASS' if ok else 'FAIL'}\n")
+open(res, "a").write(f"A loss curve 1 vs 2 GPUs ({len(a)} steps, eff. batch {b[0].get('effective_batch', '?')}, loss {a[0]['loss']:.3f} -> {a[-1]['loss']:.3f}) | max rel loss diff {worst:.1e} (bf16 tol 1e-2; 1 GPU run twice: {noise:.1e}) | {'PASS' if ok else 'FAIL'}\n")
 PY
 fi
 
@@ -96,25 +101,29 @@ if [[ $SECTIONS == *B* ]]; then
   say "B. throughput: micro-batch $BATCH × accumulation 1 per GPU, $STEPS_B steps"
   TP=(--set train.max_steps=$STEPS_B --set train.gradient_accumulation_steps=1 --set train.save_steps=1000)
   trun b-1gpu "${TP[@]}"
-  trun b-2gpu "${TP[@]}" --gpus 2
-  python3 - "$SCRATCH" "$RES" <<'PY'
+  # 2 GPUs, then every power of two up to the GPUs there are (1 -> 2 -> 4 -> 8 where lent)
+  WORLDS=(1); n=2; while [ $n -le "$NGPU" ]; do WORLDS+=($n); trun b-${n}gpu "${TP[@]}" --gpus $n; n=$((n * 2)); done
+  python3 - "$SCRATCH" "$RES" "${WORLDS[@]}" <<'PY'
 import json, sys, statistics
-s, res = sys.argv[1], sys.argv[2]
+s, res, worlds = sys.argv[1], sys.argv[2], [int(w) for w in sys.argv[3:]]
 def stats(n):
     try:
-        rows = [json.loads(l) for l in open(f"{s}/{n}/train/metrics.jsonl")]
+        rows = [json.loads(l) for l in open(f"{s}/b-{n}gpu/train/metrics.jsonl")]
     except OSError:
         return None
     warm = rows[2:] if len(rows) > 4 else rows
     return dict(tps=statistics.median(r["tokens_per_s"] for r in warm), step=statistics.median(r["step_s"] for r in warm),
                 peak=max(r["peak_mem_bytes"] for r in rows) / 2**30, tokens=rows[-1]["tokens"], n=len(rows))
-one, two = stats("b-1gpu"), stats("b-2gpu")
-if not one or not two:
-    open(res, "a").write("B throughput | FAILED: no metrics\n"); sys.exit()
-for name, x in [("1 GPU", one), ("2 GPUs", two)]:
-    print(f"{name:>7}: median {x['tps']:,.0f} tok/s, {x['step']:.3f} s/step, {x['tokens']} tokens/step, rank-0 peak {x['peak']:.2f} GiB ({x['n']} steps)")
-scale = two["tps"] / one["tps"]
-open(res, "a").write(f"B throughput 1 GPU {one['tps']:,.0f} tok/s -> 2 GPUs {two['tps']:,.0f} tok/s | scaling {scale:.2f}x (target >= 1.8x) | {'PASS' if scale >= 1.8 else 'BELOW'}\n")
+st = {w: stats(w) for w in worlds}
+if any(x is None for x in st.values()):
+    open(res, "a").write(f"B throughput | FAILED: no metrics for {[w for w, x in st.items() if x is None]} GPU(s)\n"); sys.exit()
+for w, x in st.items():
+    print(f"{w:>2} GPU(s): median {x['tps']:,.0f} tok/s, {x['step']:.3f} s/step, {x['tokens']} tokens/step, rank-0 peak {x['peak']:.2f} GiB ({x['n']} steps)")
+one = st[1]["tps"]
+for w in worlds[1:]:
+    # target: >= 1.8x on 2 GPUs, i.e. 90% parallel efficiency, asked of every world size
+    scale = st[w]["tps"] / one
+    open(res, "a").write(f"B throughput 1 GPU {one:,.0f} tok/s -> {w} GPUs {st[w]['tps']:,.0f} tok/s | scaling {scale:.2f}x, efficiency {scale / w:.0%} (target >= {0.9 * w:.1f}x) | {'PASS' if scale >= 0.9 * w else 'BELOW'}\n")
 PY
   grep -h "^dist: rank 0" "$OUT/b-2gpu.log" | head -1
 fi
@@ -122,7 +131,7 @@ fi
 if [[ $SECTIONS == *C* ]]; then
   say "C. kill rank 1 after the step-3 checkpoint, then rerun"
   K=$SCRATCH/c-kill
-  KILLARGS=(--set train.max_steps=$STEPS_A --set train.learning_rate=1e-3 --set train.gradient_accumulation_steps=2 --set train.keep_effective_batch=true --set train.save_steps=3 --gpus 2)
+  KILLARGS=(--set train.max_steps=$STEPS_A --set train.gradient_accumulation_steps=2 --set train.keep_effective_batch=true --set train.save_steps=3 --gpus 2)
   "$T" run "$R/recipe.toml" --run-dir "$K" --until train "${KILLARGS[@]}" > "$OUT/c-killed.log" 2>&1 &
   L=$!
   ck=$K/train/checkpoints/step-000003/progress.json
@@ -160,8 +169,20 @@ if os.path.exists(ref_path):
     ref = [json.loads(l) for l in open(ref_path)]
     worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(ref, k))
     h = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()[:12] if os.path.exists(p) else "-"
-    ha, hk = h(f"{s}/a-2gpu/train/adapter/adapter_model.safetensors"), h(f"{s}/c-kill/train/adapter/adapter_model.safetensors")
-    line += f", vs uninterrupted: max rel loss diff {worst:.1e}, adapter {'identical' if ha == hk else f'differs ({ha} vs {hk})'}"
+    ad = lambda n: f"{s}/{n}/train/adapter/adapter_model.safetensors"
+    ha, hk = h(ad("a-2gpu")), h(ad("c-kill"))
+    def reldiff(p, q):
+        # relative L2 difference of two adapters, over all tensors together
+        try:
+            from safetensors.torch import load_file
+            x, y = load_file(p), load_file(q)
+            num = sum(float(((x[k].double() - y[k].double()) ** 2).sum()) for k in x)
+            den = sum(float((x[k].double() ** 2).sum()) for k in x)
+            return f"{(num / den) ** 0.5:.1e}"
+        except Exception as e:
+            return f"? ({type(e).__name__})"
+    same = "identical" if ha == hk else f"differs by {reldiff(ad('a-2gpu'), ad('c-kill'))} rel. L2 (the 1-GPU run twice: {reldiff(ad('a-1gpu'), ad('a-1gpu-again'))})"
+    line += f", vs uninterrupted: max rel loss diff {worst:.1e}, adapter {same}"
     ok = ok and worst < 1e-2
 open(res, "a").write(line + f" | {'PASS' if ok else 'FAIL'}\n")
 PY
