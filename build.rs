@@ -3,8 +3,9 @@
 //!   (../shared/GPU.md: without `--no-as-needed` tch reports no CUDA on a GPU machine);
 //! - compile the host shims kernels/alloc_stats.cpp (CUDA allocator statistics),
 //!   kernels/torch_stream.cpp (libtorch's current stream, for the NVRTC kernels) and
-//!   kernels/side_stream.cpp (side-stream copies for activation offload) when libtorch
-//!   has CUDA, and say so with the `tuner_cuda_shim` cfg;
+//!   kernels/side_stream.cpp (side-stream copies for activation offload) and
+//!   kernels/flash_varlen.cpp (libtorch's varlen flash attention, for packed rows) when
+//!   libtorch has CUDA, and say so with the `tuner_cuda_shim` cfg;
 //! - compile kernels/c10d.cpp (libtorch's c10d stores, NCCL and gloo process groups for
 //!   src/dist/) when libtorch has CUDA and the wheel's NCCL headers are there, and say so
 //!   with the `tuner_c10d` cfg;
@@ -17,6 +18,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/alloc_stats.cpp");
     println!("cargo:rerun-if-changed=kernels/torch_stream.cpp");
     println!("cargo:rerun-if-changed=kernels/side_stream.cpp");
+    println!("cargo:rerun-if-changed=kernels/flash_varlen.cpp");
     println!("cargo::rustc-check-cfg=cfg(tuner_cuda_shim)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
     let root = PathBuf::from(&libtorch);
@@ -34,6 +36,7 @@ fn main() {
             .file("kernels/alloc_stats.cpp")
             .file("kernels/torch_stream.cpp")
             .file("kernels/side_stream.cpp")
+            .file("kernels/flash_varlen.cpp")
             .include(root.join("include/torch/csrc/api/include"))
             .include(root.join("include"))
             .include(&cuda_headers)

@@ -1,6 +1,8 @@
 //! The CUDA fast path: each kernel's CPU reference backward against autograd, the hand-written
 //! layer backward against autograd (CPU, every Llama-like family, dense and NF4), and on a GPU
-//! every kernel against its reference plus the hand-written backward against autograd there.
+//! every kernel against its reference plus the hand-written backward against autograd there;
+//! the documents varlen attention splits a batch into, and on a GPU a packed bf16 step through
+//! it against the fp32 boolean-mask path.
 
 use tch::{Device, Kind, Tensor};
 use tuner::kernels::{glu, rms_norm, rope};
@@ -82,6 +84,18 @@ fn examples(n: usize) -> Vec<tuner::data::shards::Example> {
         .collect()
 }
 
+/// Two packed rows of several documents each, one of them padded. Lengths 9..29 (total 95) in
+/// rows of 64 make exactly two rows of at least two documents, whatever the order (no row can
+/// hold four of them).
+fn packed_micro_batch() -> data::MicroBatch {
+    let loader = data::Loader::new(examples(5), 2, 0, true, 64);
+    let mb = loader.next(&mut data::Cursor::default());
+    let seq = mb.seq_ids.as_ref().unwrap();
+    assert!(seq.len() == 2 && seq.iter().all(|r| r.windows(2).any(|w| w[0] != w[1])), "two rows of several documents: {seq:?}");
+    assert_ne!(seq[0].len(), seq[1].len(), "one row is padded");
+    mb
+}
+
 /// (loss, adapter gradients) of one step over `micro`, hand-written backward or autograd.
 fn grads(m: &dyn CausalLm, micro: &[data::MicroBatch], hand: bool, offload: bool, device: Device) -> (f64, Vec<Tensor>) {
     let params = lora::trainable_parameters(m);
@@ -116,6 +130,31 @@ fn hand_written_layer_backward_matches_autograd() {
             assert!(e < 1e-4, "{name} nf4 {quantize}: hand-written gradients differ from autograd by {e:.2e}");
         }
     }
+}
+
+#[test]
+fn varlen_documents_split_at_document_row_and_padding_boundaries() {
+    use tuner::kernels::varlen::segments;
+    use tuner::model::Batch;
+    // Two rows of 6: [a a b b b pad] [c c c c c c].
+    assert_eq!(segments(&[0, 0, 1, 1, 1, -1, 0, 0, 0, 0, 0, 0], 2, 6), (vec![0, 2, 5, 6, 12], 6));
+    // A row's last document and the next row's first never join, even with equal keys.
+    assert_eq!(segments(&[3, 3, 3, 3], 2, 2), (vec![0, 2, 4], 2));
+    // A packed batch as the loader makes it: seq ids with -1 padding, and the padding mask.
+    let rows = |v: &[i64]| Tensor::from_slice(v).view([2, 5]);
+    let mut b = Batch::packed(Tensor::zeros([2, 5], (Kind::Int64, Device::Cpu)), rows(&[0, 0, 1, 1, -1, 0, 1, 1, 1, 1]));
+    b.attention_mask = Some(rows(&[1, 1, 1, 1, 0, 1, 1, 1, 1, 1]));
+    let (cu, longest) = b.segments(Device::Cpu);
+    assert_eq!((Vec::<i32>::try_from(&cu).unwrap(), longest), (vec![0, 2, 4, 5, 6, 10], 4));
+    // A padded batch without packing: each row one document, then its padding.
+    let b = Batch::new(Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu)), Some(Tensor::from_slice(&[1i64, 1, 1, 0, 1, 1, 1, 1]).view([2, 4])));
+    let (cu, longest) = b.segments(Device::Cpu);
+    assert_eq!((Vec::<i32>::try_from(&cu).unwrap(), longest), (vec![0, 3, 4, 8], 4));
+    // The GPU test's packed batch is what it claims to be.
+    let _ = packed_micro_batch();
+    // Only a GPU in a 2-byte dtype takes it; the CPU keeps the boolean mask.
+    assert!(!tuner::kernels::varlen::supports(Device::Cpu, Kind::BFloat16, 64));
+    assert!(!tuner::kernels::varlen::supports(Device::Cuda(0), Kind::Float, 64));
 }
 
 #[test]
@@ -158,4 +197,15 @@ fn cuda_kernels_match_their_references_on_a_gpu() {
         assert_eq!(l_off, l_hand, "cuda nf4 {quantize}: offload changed the loss");
         assert!(g_off.iter().zip(&g_hand).all(|(a, b)| a.equal(b)), "cuda nf4 {quantize}: offload changed the gradients");
     }
+
+    // Packed rows of several documents, in bf16: attention goes through varlen flash. The same
+    // step in fp32 (boolean-mask SDPA) agrees to bf16 precision.
+    let micro = vec![packed_micro_batch()];
+    let m32 = crate::common::lora_fixture_on("llama", false, Device::Cuda(0), Kind::Float);
+    let (l32, g32) = grads(m32.as_ref(), &micro, true, false, Device::Cuda(0));
+    let m16 = crate::common::lora_fixture_on("llama", false, Device::Cuda(0), Kind::BFloat16);
+    let (l16, g16) = grads(m16.as_ref(), &micro, true, false, Device::Cuda(0));
+    assert!((l16 - l32).abs() < 1e-2 * l32, "packed bf16 (varlen) loss {l16} vs fp32 {l32}");
+    let e = worst(&g16, &g32);
+    assert!(e < 1e-1, "packed bf16 (varlen) gradients differ from fp32 by {e:.2e}");
 }

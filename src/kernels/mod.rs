@@ -1,6 +1,7 @@
 //! The CUDA kernels of `kernels/*.cu`, compiled at run time with NVRTC and launched on
 //! libtorch's current stream, with the CPU reference of each beside its launcher
-//! (`dequant_4bit`, `rms_norm`, `rope`, `glu`).
+//! (`dequant_4bit`, `rms_norm`, `rope`, `glu`), and the varlen flash attention libtorch has but
+//! tch does not bind (`varlen`).
 //!
 //! - NVRTC and the driver API come through `cudarc`, which loads `libnvrtc` and `libcuda` at
 //!   run time: nothing CUDA is linked, and a CPU machine never touches them. libnvrtc is the one
@@ -20,6 +21,7 @@ pub mod dequant_4bit;
 pub mod glu;
 pub mod rms_norm;
 pub mod rope;
+pub mod varlen;
 
 use std::collections::HashMap;
 use std::ffi::c_void;

@@ -303,10 +303,54 @@ pub(crate) fn attention_mask(batch: &Batch, window: Option<i64>, device: Device)
     Some(allowed.logical_or(&q.eq_tensor(&k).unsqueeze(0).logical_and(&empty)).unsqueeze(1))
 }
 
+/// How one layer's attention over a batch is masked in a full (uncached) forward.
+pub(crate) enum Mask {
+    /// Plain causal: SDPA's `is_causal` path.
+    Causal,
+    /// A boolean mask `[B, 1, T, T]` from [`attention_mask`] (true = attend).
+    Dense(Tensor),
+    /// The same attention as the boolean mask, as varlen flash attention over the batch's
+    /// documents ([`Batch::segments`]), with the layer's sliding window inside the kernel.
+    Varlen { cu_seqlens: Tensor, max_len: i64, window: Option<i64> },
+}
+
+impl Mask {
+    /// The mask of a layer with sliding `window` over `batch`, for q/k/v of `kind` and
+    /// `head_dim` on `device`: causal when nothing needs masking; varlen flash where the GPU
+    /// path takes it (packed, padded or windowed rows; `varlen` false keeps the boolean mask for
+    /// blocks that need one, such as softcapped attention); else the boolean mask.
+    pub fn new(batch: &Batch, window: Option<i64>, device: Device, kind: Kind, head_dim: i64, varlen: bool) -> Mask {
+        let t = batch.input_ids.size()[batch.input_ids.dim() - 1];
+        let window = window.filter(|&w| w < t);
+        let masked = batch.attention_mask.is_some() || batch.seq_ids.is_some() || window.is_some();
+        if masked && varlen && crate::kernels::varlen::supports(device, kind, head_dim) {
+            let (cu_seqlens, max_len) = batch.segments(device);
+            return Mask::Varlen { cu_seqlens, max_len, window };
+        }
+        match attention_mask(batch, window, device) {
+            Some(m) => Mask::Dense(m),
+            None => Mask::Causal,
+        }
+    }
+
+    /// The boolean mask (`None`: causal), for blocks that asked for no varlen.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Mask::Causal => None,
+            Mask::Dense(m) => Some(m),
+            Mask::Varlen { .. } => unreachable!("a varlen mask where a boolean one was asked for"),
+        }
+    }
+}
+
 /// Scaled dot-product attention: q `[B, nh, T, d]`, k/v `[B, nkv, T, d]` (GQA: query head h
-/// reads kv head h / (nh/nkv)), `mask` from [`attention_mask`] (`None`: causal); returns `[B, T, nh·d]`.
-pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
-    attend_kv(q, k, v, mask, mask.is_none(), scale)
+/// reads kv head h / (nh/nkv)) under `mask`; returns `[B, T, nh·d]`.
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Tensor {
+    match mask {
+        Mask::Causal => attend_kv(q, k, v, None, true, scale),
+        Mask::Dense(m) => attend_kv(q, k, v, Some(m), false, scale),
+        Mask::Varlen { cu_seqlens, max_len, window } => crate::kernels::varlen::attend(q, k, v, cu_seqlens, *max_len, scale, *window),
+    }
 }
 
 /// Attention of a few new queries over a KV cache, written out as HF's eager path does

@@ -9,7 +9,7 @@
 use anyhow::{Context, Result};
 use tch::Tensor;
 
-use super::blocks::{attend_eager, attend_kv, attention_mask, inv_freq, Loader, Mlp, RmsNorm, Rope};
+use super::blocks::{attend_eager, attend_kv, inv_freq, Loader, Mask, Mlp, RmsNorm, Rope};
 use super::kv_cache::{cached_attention_mask, KvCache};
 use super::linear::Linear;
 use super::{Batch, CausalLm, Config};
@@ -20,9 +20,8 @@ const EAGER_MAX_SCORES: i64 = 1 << 24;
 
 /// A family's self-attention block.
 pub(crate) trait Attention {
-    /// `[B, T, H]` → `[B, T, H]` given the RoPE tables and the boolean mask `[B, 1, T, T]`
-    /// (`None`: plain causal).
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, train: bool) -> Tensor;
+    /// `[B, T, H]` → `[B, T, H]` given the RoPE tables and the layer's mask.
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Mask, train: bool) -> Tensor;
     /// The projections with RoPE applied: q `[B, nh, T, d]`, k and v `[B, n_kv, T, d]`.
     fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor);
     /// `o_proj` of the attention output `[B, T, nh·d]`.
@@ -51,7 +50,7 @@ pub(crate) trait Attention {
     /// [`Attention::forward`] for the hand-written backward (training, no adapter dropout):
     /// the output and what [`Attention::backward`] needs. `None` when the family has no
     /// hand-written backward; autograd then runs over its forward.
-    fn forward_saving(&self, _x: &Tensor, _rope: &Rope, _mask: Option<&Tensor>) -> Option<(Tensor, AttnSaved)> {
+    fn forward_saving(&self, _x: &Tensor, _rope: &Rope, _mask: &Mask) -> Option<(Tensor, AttnSaved)> {
         None
     }
     /// The hand-written backward for input `x` and upstream `dy`: accumulates the adapters'
@@ -89,7 +88,7 @@ pub(crate) struct DecoderLayer<A> {
 }
 
 impl<A: Attention> DecoderLayer<A> {
-    fn forward(&self, h: &Tensor, rope: &Rope, mask: Option<&Tensor>, train: bool) -> Tensor {
+    fn forward(&self, h: &Tensor, rope: &Rope, mask: &Mask, train: bool) -> Tensor {
         let a = self.self_attn.forward(&self.input_layernorm.forward(h), rope, mask, train);
         let h = h + a;
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), train);
@@ -100,7 +99,7 @@ impl<A: Attention> DecoderLayer<A> {
     /// (fused kernels on a GPU): recomputes what it needs from `h`, accumulates the adapters'
     /// gradients, returns `dh`. The attention half goes through autograd when the family has no
     /// hand-written attention backward.
-    pub fn backward(&self, h: &Tensor, rope: &Rope, mask: Option<&Tensor>, dy: &Tensor) -> Tensor {
+    pub fn backward(&self, h: &Tensor, rope: &Rope, mask: &Mask, dy: &Tensor) -> Tensor {
         let (ln1, ln2) = (&self.input_layernorm, &self.post_attention_layernorm);
         let (n1, rstd1) = ln1.forward_with_rstd(h);
         let saved = self.self_attn.forward_saving(&n1, rope, mask);
@@ -201,8 +200,8 @@ impl<A: Attention> CausalLm for Decoder<A> {
     fn layer(&self, i: usize, h: &Tensor, batch: &Batch, train: bool) -> Tensor {
         let device = h.device();
         let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind()).with_kernels(self.kernels.clone());
-        let mask = attention_mask(batch, self.config.sliding_window, device);
-        self.layers[i].forward(h, &rope, mask.as_ref(), train)
+        let mask = Mask::new(batch, self.config.sliding_window, device, h.kind(), self.config.head_dim, true);
+        self.layers[i].forward(h, &rope, &mask, train)
     }
 
     fn layer_backward(&self, i: usize, h: &Tensor, batch: &Batch, dy: &Tensor) -> Option<Tensor> {
@@ -213,8 +212,8 @@ impl<A: Attention> CausalLm for Decoder<A> {
         }
         let device = h.device();
         let rope = Rope::new(&self.inv_freq, &batch.position_ids.to_device(device), h.kind()).with_kernels(self.kernels.clone());
-        let mask = attention_mask(batch, self.config.sliding_window, device);
-        Some(layer.backward(h, &rope, mask.as_ref(), dy))
+        let mask = Mask::new(batch, self.config.sliding_window, device, h.kind(), self.config.head_dim, true);
+        Some(layer.backward(h, &rope, &mask, dy))
     }
 
     fn layer_cached(&self, i: usize, h: &Tensor, batch: &Batch, cache: &mut KvCache) -> Tensor {

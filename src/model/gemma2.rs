@@ -10,7 +10,7 @@
 use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::blocks::{attend, attend_eager, attention_mask, inv_freq, Loader, Rope};
+use super::blocks::{attend, attend_eager, inv_freq, Loader, Mask, Rope};
 use super::config::RopeScaling;
 use super::kv_cache::{cached_attention_mask, KvCache};
 use super::linear::Linear;
@@ -113,12 +113,13 @@ impl GemmaAttention {
         (rope.apply(&q), rope.apply(&k), v)
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Mask, train: bool) -> Tensor {
         let (q, k, v) = self.qkv(x, rope, train);
         let o = match self.softcap {
             None => attend(&q, &k, &v, mask, self.scale),
             Some(_) => {
                 let (b, t) = (x.size()[0], x.size()[1]);
+                let mask = mask.dense();
                 let causal = mask.is_none().then(|| cached_attention_mask(None, b, t, t, None, x.device()));
                 attend_eager(&q, &k, &v, mask.or(causal.as_ref()), self.scale, self.softcap)
             }
@@ -265,9 +266,11 @@ impl CausalLm for Gemma {
     fn layer(&self, i: usize, h: &Tensor, batch: &Batch, train: bool) -> Tensor {
         let device = h.device();
         let rope = self.rope(i, &batch.position_ids.to_device(device), h.kind());
-        let mask = attention_mask(batch, self.window(i), device);
+        // Softcapped attention is written out over the boolean mask (flash cannot softcap).
+        let varlen = self.config.attn_logit_softcapping.is_none();
+        let mask = Mask::new(batch, self.window(i), device, h.kind(), self.config.head_dim, varlen);
         let layer = &self.layers[i];
-        let a = layer.self_attn.forward(&layer.input_layernorm.forward(h), &rope, mask.as_ref(), train);
+        let a = layer.self_attn.forward(&layer.input_layernorm.forward(h), &rope, &mask, train);
         let h = h + layer.post_attention_layernorm.forward(&a);
         layer.residual_mlp(&h, train)
     }

@@ -25,7 +25,7 @@
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::blocks::{attend, attention_mask, inv_freq, Loader, Rope};
+use super::blocks::{attend, inv_freq, Loader, Mask, Rope};
 use super::config::{Gemma3nConfig, RopeScaling};
 use super::gemma2::{decoder_prefix, embed_scale, softcap};
 use super::kv_cache::{cached_attention_mask, KvCache};
@@ -469,7 +469,7 @@ impl CausalLm for Gemma3n {
         let streams = h.narrow(2, 0, n * hd).view([b, t, n, hd]);
         let carry = h.narrow(2, n * hd, c - n * hd);
         let rope = self.rope(i, &batch.position_ids.to_device(device), h.kind());
-        let mask = attention_mask(batch, self.window(i), device);
+        let mask = Mask::new(batch, self.window(i), device, h.kind(), self.config.head_dim, true);
         let per_layer = self.per_layer_input(batch, i, device);
         let attn = &self.layers[i].self_attn;
         let kvw = self.config.num_key_value_heads * self.config.head_dim;
@@ -488,7 +488,7 @@ impl CausalLm for Gemma3n {
                 let flat = |y: &Tensor| y.transpose(1, 2).reshape([b, t, kvw]);
                 produced = Some(Tensor::cat(&[flat(&k), flat(&v)], 2));
             }
-            attn.o_proj.forward(&attend(&q, &k, &v, mask.as_ref(), 1.0), train)
+            attn.o_proj.forward(&attend(&q, &k, &v, &mask, 1.0), train)
         });
         let mut parts = vec![new_streams.view([b, t, n * hd]), carry];
         if let Some(p) = produced {
@@ -525,7 +525,7 @@ impl CausalLm for Gemma3n {
             let window = self.window(i).filter(|&w| w < s);
             let plain = batch.attention_mask.is_none() && window.is_none() && (t == 1 || s == t);
             let mask = (!plain).then(|| cached_attention_mask(batch.attention_mask.as_ref(), b, t, s, window, device));
-            let o = if plain && t > 1 { attend(&q, &k, &v, None, 1.0) } else { super::blocks::attend_kv(&q, &k, &v, mask.as_ref(), false, 1.0) };
+            let o = if plain && t > 1 { attend(&q, &k, &v, &Mask::Causal, 1.0) } else { super::blocks::attend_kv(&q, &k, &v, mask.as_ref(), false, 1.0) };
             attn.o_proj.forward(&o, false)
         });
         new_streams.view([b, t, n * hd])

@@ -8,7 +8,7 @@
 use anyhow::Result;
 use tch::Tensor;
 
-use super::blocks::{attend, Loader, Rope};
+use super::blocks::{attend, Loader, Mask, Rope};
 use super::decoder::{Attention, AttnSaved, Decoder};
 use super::linear::Linear;
 use super::{Config, LoadOptions, Weights};
@@ -40,7 +40,7 @@ impl LlamaAttention {
 }
 
 impl Attention for LlamaAttention {
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Mask, train: bool) -> Tensor {
         let (q, k, v) = self.qkv(x, rope, train);
         self.out(&attend(&q, &k, &v, mask, self.scale()), train)
     }
@@ -58,7 +58,7 @@ impl Attention for LlamaAttention {
         self.o_proj.forward(o, train)
     }
 
-    fn forward_saving(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Option<(Tensor, AttnSaved)> {
+    fn forward_saving(&self, x: &Tensor, rope: &Rope, mask: &Mask) -> Option<(Tensor, AttnSaved)> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (q, zq) = self.q_proj.forward_saving(x);
         let (k, zk) = self.k_proj.forward_saving(x);

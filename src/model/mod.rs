@@ -19,7 +19,7 @@ pub mod linear;
 pub mod lora;
 pub mod weights;
 
-mod blocks;
+pub(crate) mod blocks;
 mod decoder;
 mod gemma2;
 mod gemma3;
@@ -66,6 +66,8 @@ pub struct Batch {
     /// Per-batch constants a family derives from the ids once and reuses in every layer (and
     /// in every recomputation under checkpointing): Gemma 3n's per-layer inputs `[B, T, L, P]`.
     pub per_layer_inputs: std::cell::OnceCell<Tensor>,
+    /// The batch's documents for varlen attention, made on first use ([`Batch::segments`]).
+    segments: std::cell::OnceCell<(Tensor, i64)>,
 }
 
 impl Batch {
@@ -79,7 +81,7 @@ impl Batch {
 
     /// A padded batch with explicit RoPE positions `[B, T]` (e.g. new tokens after a KV cache).
     pub fn at(input_ids: Tensor, attention_mask: Option<Tensor>, position_ids: Tensor) -> Batch {
-        Batch { input_ids, attention_mask, position_ids, seq_ids: None, per_layer_inputs: Default::default() }
+        Batch { input_ids, attention_mask, position_ids, seq_ids: None, per_layer_inputs: Default::default(), segments: Default::default() }
     }
 
     /// A packed batch: `seq_ids` `[B, T]` gives each token its document (one id per document,
@@ -93,7 +95,30 @@ impl Batch {
         let _ = starts.narrow(1, 0, 1).fill_(1);
         let start_idx = idx.where_self(&starts, &idx.zeros_like()).cummax(1).0;
         let position_ids = &idx - start_idx;
-        Batch { input_ids, attention_mask: None, position_ids, seq_ids: Some(seq_ids), per_layer_inputs: Default::default() }
+        Batch { input_ids, attention_mask: None, position_ids, seq_ids: Some(seq_ids), per_layer_inputs: Default::default(), segments: Default::default() }
+    }
+
+    /// The documents of the batch for varlen attention ([`crate::kernels::varlen::segments`]):
+    /// a token's key is its `seq_ids` document (0 without packing), or a padding key where
+    /// `attention_mask` is 0, so padding is a document of its own that no real token sees.
+    /// `cu_seqlens` (int32 on `device`) and the longest document; computed once per batch (one
+    /// copy of the ids to the host), then shared by every layer and recomputation.
+    pub fn segments(&self, device: Device) -> (Tensor, i64) {
+        let (cu, longest) = self.segments.get_or_init(|| {
+            let (b, t) = self.input_ids.size2().unwrap_or((1, self.input_ids.size()[0]));
+            let host = |x: &Tensor| Vec::<i64>::try_from(x.to_device(Device::Cpu).to_kind(Kind::Int64).reshape([-1])).unwrap_or_default();
+            let mut keys = self.seq_ids.as_ref().map_or_else(|| vec![0; (b * t) as usize], host);
+            if let Some(m) = &self.attention_mask {
+                for (k, m) in keys.iter_mut().zip(host(m)) {
+                    if m == 0 {
+                        *k = i64::MIN;
+                    }
+                }
+            }
+            let (cu, longest) = crate::kernels::varlen::segments(&keys, b as usize, t as usize);
+            (Tensor::from_slice(&cu).to_device(device), longest)
+        });
+        (cu.shallow_clone(), *longest)
     }
 }
 

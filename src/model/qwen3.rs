@@ -7,7 +7,7 @@
 use anyhow::Result;
 use tch::Tensor;
 
-use super::blocks::{attend, Loader, RmsNorm, Rope};
+use super::blocks::{attend, Loader, Mask, RmsNorm, Rope};
 use super::decoder::{Attention, Decoder};
 use super::linear::Linear;
 use super::{Config, LoadOptions, Weights};
@@ -43,7 +43,7 @@ impl Qwen3Attention {
 }
 
 impl Attention for Qwen3Attention {
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Mask, train: bool) -> Tensor {
         let (q, k, v) = self.qkv(x, rope, train);
         self.out(&attend(&q, &k, &v, mask, self.scale()), train)
     }
