@@ -191,7 +191,7 @@ impl Mlp {
         let (dg, du) = glu::backward(&d_act, &g, &u, glu::Act::Silu, k);
         drop((g, u, d_act));
         let dx = self.gate_proj.backward(x, g_saved.as_ref(), &dg);
-        dx + self.up_proj.backward(x, u_saved.as_ref(), &du)
+        self.up_proj.backward_into(x, u_saved.as_ref(), &du, Some(dx))
     }
 
     /// The three linears by leaf name, in module order.

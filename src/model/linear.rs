@@ -70,8 +70,8 @@ impl Linear {
             // Mixed precision on a GPU, as under autocast (HF Trainer with bf16/fp16): the adapter
             // matmuls run in the compute dtype; A and B and their gradients stay f32.
             let xa = if train && lora.dropout > 0.0 { x.dropout(lora.dropout, true) } else { x.shallow_clone() };
-            let delta = xa.linear::<Tensor>(&lora.a.to_kind(kind), None).linear::<Tensor>(&lora.b.to_kind(kind), None) * lora.scale;
-            return y + delta;
+            let z = xa.linear::<Tensor>(&lora.a.to_kind(kind), None);
+            return add_lora_out(&y, &z, &lora.b.to_kind(kind), lora.scale);
         }
         let mut xa = x.to_kind(lora.a.kind());
         if train && lora.dropout > 0.0 {
@@ -148,8 +148,12 @@ impl Linear {
             let Some(lora) = &self.lora else { return (y, None) };
             let ak = self.adapter_kind(kind, x.device());
             let z = cast(x, ak).linear::<Tensor>(&cast(&lora.a, ak), None);
-            let delta = z.linear::<Tensor>(&cast(&lora.b, ak), None) * lora.scale;
-            let y = if ak == kind { y + delta } else { (y.to_kind(ak) + delta).to_kind(kind) };
+            let y = if ak == kind {
+                add_lora_out(&y, &z, &cast(&lora.b, ak), lora.scale)
+            } else {
+                let delta = z.linear::<Tensor>(&cast(&lora.b, ak), None) * lora.scale;
+                (y.to_kind(ak) + delta).to_kind(kind)
+            };
             (y, Some(z))
         })
     }
@@ -160,33 +164,61 @@ impl Linear {
     /// return (nothing of it is kept from the forward); `z = x·Aᵀ` comes from
     /// [`Linear::forward_saving`] or is recomputed. Checked against autograd by the tests.
     pub fn backward(&self, x: &Tensor, z: Option<&Tensor>, dy: &Tensor) -> Tensor {
+        self.backward_into(x, z, dy, None)
+    }
+
+    /// [`Linear::backward`] added to `acc` (another linear's `dx` for the same `x`, as when
+    /// q/k/v or gate/up read one input): `acc + dy·W + s·(dy·B)·A`. The sums happen inside the
+    /// matmuls (GEMMs accumulating into `dx`), so no `[.., in]` or `[.., out]` temporary is
+    /// written and read again; the scale is applied to the rank-r products.
+    pub fn backward_into(&self, x: &Tensor, z: Option<&Tensor>, dy: &Tensor, acc: Option<Tensor>) -> Tensor {
         tch::no_grad(|| {
             let kind = x.kind();
-            let dy = cast(dy, kind);
-            let dx = dy.matmul(&self.dense_weight(kind));
-            let Some(lora) = &self.lora else { return dx };
-            let ak = self.adapter_kind(kind, x.device());
-            let (a, b) = (cast(&lora.a, ak), cast(&lora.b, ak));
-            let xa = cast(x, ak);
-            let z = match z {
-                Some(z) => z.shallow_clone(),
-                None => xa.linear::<Tensor>(&a, None),
+            let [out_f, in_f] = self.shape();
+            let dy2 = cast(dy, kind).reshape([-1, out_f]);
+            let w = self.dense_weight(kind);
+            let mut dx = match acc {
+                Some(a) => {
+                    let mut a = cast(&a, kind).reshape([-1, in_f]);
+                    let _ = a.addmm_(&dy2, &w);
+                    a
+                }
+                None => dy2.mm(&w),
             };
-            let dys = cast(&dy, ak) * lora.scale; // [.., out]
-            let dz = dys.matmul(&b); // [.., r]
-            let (r, out_f, in_f) = (a.size()[0], b.size()[0], a.size()[1]);
-            let db = dys.reshape([-1, out_f]).transpose(0, 1).matmul(&z.reshape([-1, r]));
-            let da = dz.reshape([-1, r]).transpose(0, 1).matmul(&xa.reshape([-1, in_f]));
-            accumulate_grad(&lora.a, &da);
-            accumulate_grad(&lora.b, &db);
-            let dx_lora = dz.matmul(&a);
-            if ak == kind {
-                dx + dx_lora
-            } else {
-                (dx.to_kind(ak) + dx_lora).to_kind(kind)
+            drop(w);
+            if let Some(lora) = &self.lora {
+                let ak = self.adapter_kind(kind, x.device());
+                let r = lora.a.size()[0];
+                let (a, b) = (cast(&lora.a, ak), cast(&lora.b, ak));
+                let x2 = cast(x, ak).reshape([-1, in_f]);
+                let z2 = match z {
+                    Some(z) => z.reshape([-1, r]),
+                    None => x2.mm(&a.tr()),
+                };
+                let dy2 = cast(&dy2, ak);
+                let dz = dy2.mm(&b) * lora.scale; // [N, r]
+                let db = dy2.tr().mm(&z2) * lora.scale; // [out, r]
+                let da = dz.tr().mm(&x2); // [r, in]
+                accumulate_grad(&lora.a, &da);
+                accumulate_grad(&lora.b, &db);
+                if ak == kind {
+                    let _ = dx.addmm_(&dz, &a);
+                } else {
+                    dx = (dx.to_kind(ak) + dz.mm(&a)).to_kind(kind);
+                }
             }
+            dx.view(x.size().as_slice())
         })
     }
+}
+
+/// `y + s·(z·Bᵀ)` for `y` `[.., out]`, the adapter's rank-r activation `z` `[.., r]` and `B`
+/// `[out, r]`, all of one dtype: one GEMM that adds into a copy of `y` in its epilogue, so no
+/// `[.., out]` temporary is written, scaled and added (the scale goes on the rank-r `z`).
+/// Autograd differentiates it (`addmm`).
+fn add_lora_out(y: &Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Tensor {
+    let (out, r) = (b.size()[0], b.size()[1]);
+    y.reshape([-1, out]).addmm(&(z.reshape([-1, r]) * scale), &b.tr()).view(y.size().as_slice())
 }
 
 /// `p.grad += g` (in `p`'s dtype). The first time, when `p` has no gradient yet, autograd

@@ -88,7 +88,8 @@ impl Attention for LlamaAttention {
         let dv = back(v.grad(), self.num_kv_heads, false);
         drop((q, k, v));
         let dx = self.q_proj.backward(x, zq.as_ref(), &dq);
-        dx + self.k_proj.backward(x, zk.as_ref(), &dk) + self.v_proj.backward(x, zv.as_ref(), &dv)
+        let dx = self.k_proj.backward_into(x, zk.as_ref(), &dk, Some(dx));
+        self.v_proj.backward_into(x, zv.as_ref(), &dv, Some(dx))
     }
 
     fn scale(&self) -> f64 {
