@@ -48,16 +48,11 @@ pub(crate) trait Attention {
         self.out(&o, false)
     }
     /// [`Attention::forward`] for the hand-written backward (training, no adapter dropout):
-    /// the output and what [`Attention::backward`] needs. `None` when the family has no
-    /// hand-written backward; autograd then runs over its forward.
-    fn forward_saving(&self, _x: &Tensor, _rope: &Rope, _mask: &Mask) -> Option<(Tensor, AttnSaved)> {
-        None
-    }
+    /// the output and what [`Attention::backward`] needs.
+    fn forward_saving(&self, x: &Tensor, rope: &Rope, mask: &Mask) -> (Tensor, AttnSaved);
     /// The hand-written backward for input `x` and upstream `dy`: accumulates the adapters'
     /// gradients and returns `dx`.
-    fn backward(&self, _x: &Tensor, _rope: &Rope, _saved: AttnSaved, _dy: &Tensor) -> Tensor {
-        unreachable!("backward without forward_saving")
-    }
+    fn backward(&self, x: &Tensor, rope: &Rope, saved: AttnSaved, dy: &Tensor) -> Tensor;
     /// Its linears by leaf name, in module order.
     fn linears(&self) -> Vec<(&'static str, &Linear)>;
     /// Its linears by leaf name, in module order, mutably.
@@ -73,6 +68,8 @@ pub(crate) struct AttnSaved {
     /// The attention core's output `[B, T, nh·d]`, with a graph back to `leaves` (SDPA's own
     /// backward differentiates it).
     pub core: Tensor,
+    /// Families with q/k norms (Qwen3): each norm's input `[B, T, n, d]` and its 1/rms.
+    pub norm_inputs: Option<[(Tensor, Tensor); 2]>,
 }
 
 /// One pre-norm decoder layer: `h += attn(norm(h)); h += mlp(norm(h))`.
@@ -97,21 +94,11 @@ impl<A: Attention> DecoderLayer<A> {
 
     /// The hand-written backward of [`DecoderLayer::forward`] for input `h` and upstream `dy`
     /// (fused kernels on a GPU): recomputes what it needs from `h`, accumulates the adapters'
-    /// gradients, returns `dh`. The attention half goes through autograd when the family has no
-    /// hand-written attention backward.
+    /// gradients, returns `dh`.
     pub fn backward(&self, h: &Tensor, rope: &Rope, mask: &Mask, dy: &Tensor) -> Tensor {
         let (ln1, ln2) = (&self.input_layernorm, &self.post_attention_layernorm);
         let (n1, rstd1) = ln1.forward_with_rstd(h);
-        let saved = self.self_attn.forward_saving(&n1, rope, mask);
-        // Without a hand-written attention backward, the attention half keeps a graph.
-        let (a, rest) = match saved {
-            Some((a, saved)) => (a, Ok(saved)),
-            None => {
-                let hg = h.detach().set_requires_grad(true);
-                let a = tch::with_grad(|| self.self_attn.forward(&ln1.forward(&hg), rope, mask, true));
-                (a.detach(), Err((hg, a)))
-            }
-        };
+        let (a, saved) = self.self_attn.forward_saving(&n1, rope, mask);
         let h2 = h + &a;
         drop(a);
         let (n2, rstd2) = ln2.forward_with_rstd(&h2);
@@ -119,17 +106,9 @@ impl<A: Attention> DecoderLayer<A> {
         drop(n2);
         let dh2 = dy + ln2.backward(&dn2, &h2, &rstd2);
         drop((dn2, h2));
-        match rest {
-            Ok(saved) => {
-                let dn1 = self.self_attn.backward(&n1, rope, saved, &dh2);
-                drop(n1);
-                &dh2 + ln1.backward(&dn1, h, &rstd1)
-            }
-            Err((hg, a)) => {
-                tch::with_grad(|| (a * &dh2).sum(tch::Kind::Float).backward());
-                dh2 + hg.grad()
-            }
-        }
+        let dn1 = self.self_attn.backward(&n1, rope, saved, &dh2);
+        drop(n1);
+        &dh2 + ln1.backward(&dn1, h, &rstd1)
     }
 
     fn forward_cached(&self, h: &Tensor, rope: &Rope, mask: Option<&Tensor>, i: usize, cache: &mut KvCache) -> Tensor {

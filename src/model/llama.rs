@@ -58,7 +58,7 @@ impl Attention for LlamaAttention {
         self.o_proj.forward(o, train)
     }
 
-    fn forward_saving(&self, x: &Tensor, rope: &Rope, mask: &Mask) -> Option<(Tensor, AttnSaved)> {
+    fn forward_saving(&self, x: &Tensor, rope: &Rope, mask: &Mask) -> (Tensor, AttnSaved) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (q, zq) = self.q_proj.forward_saving(x);
         let (k, zk) = self.k_proj.forward_saving(x);
@@ -69,12 +69,12 @@ impl Attention for LlamaAttention {
         let v = v.view([b, t, self.num_kv_heads, self.head_dim]).transpose(1, 2).set_requires_grad(true);
         let core = tch::with_grad(|| attend(&q, &k, &v, mask, self.scale()));
         let (a, _) = self.o_proj.forward_saving(&core.detach());
-        Some((a, AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core }))
+        (a, AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, norm_inputs: None })
     }
 
     fn backward(&self, x: &Tensor, rope: &Rope, saved: AttnSaved, dy: &Tensor) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core } = saved;
+        let AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, .. } = saved;
         let d_core = self.o_proj.backward(&core.detach(), None, dy);
         tch::with_grad(|| (core * d_core).sum(tch::Kind::Float).backward());
         // Leaf gradients [B, n, T, d] → [B, T, n, d], RoPE undone, → [B, T, n·d].

@@ -3,12 +3,13 @@
 //! no q/k/v bias unless `attention_bias`.
 //!
 //! Reference: transformers `models/qwen3/modeling_qwen3.py` (`Qwen3Attention`), arch-spec §3.
+//! Its hand-written backward is Llama's plus the two norms' backward (weights frozen).
 
 use anyhow::Result;
 use tch::Tensor;
 
 use super::blocks::{attend, Loader, Mask, RmsNorm, Rope};
-use super::decoder::{Attention, Decoder};
+use super::decoder::{Attention, AttnSaved, Decoder};
 use super::linear::Linear;
 use super::{Config, LoadOptions, Weights};
 
@@ -51,10 +52,46 @@ impl Attention for Qwen3Attention {
     fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]); // (B, T, n, d)
-        let q = self.q_norm.forward(&heads(self.q_proj.forward(x, train), self.num_heads)).transpose(1, 2);
-        let k = self.k_norm.forward(&heads(self.k_proj.forward(x, train), self.num_kv_heads)).transpose(1, 2);
+        let q = rope.apply_bthd(self.q_norm.forward(&heads(self.q_proj.forward(x, train), self.num_heads))).transpose(1, 2);
+        let k = rope.apply_bthd(self.k_norm.forward(&heads(self.k_proj.forward(x, train), self.num_kv_heads))).transpose(1, 2);
         let v = heads(self.v_proj.forward(x, train), self.num_kv_heads).transpose(1, 2);
-        (rope.apply(&q), rope.apply(&k), v)
+        (q, k, v)
+    }
+
+    fn forward_saving(&self, x: &Tensor, rope: &Rope, mask: &Mask) -> (Tensor, AttnSaved) {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (q, zq) = self.q_proj.forward_saving(x);
+        let (k, zk) = self.k_proj.forward_saving(x);
+        let (v, zv) = self.v_proj.forward_saving(x);
+        // The norms' inputs [B, T, n, d] and 1/rms are kept for their backward.
+        let q = q.view([b, t, self.num_heads, self.head_dim]);
+        let k = k.view([b, t, self.num_kv_heads, self.head_dim]);
+        let (qn, rq) = self.q_norm.forward_with_rstd(&q);
+        let (kn, rk) = self.k_norm.forward_with_rstd(&k);
+        let ql = rope.apply_bthd(qn).transpose(1, 2).set_requires_grad(true);
+        let kl = rope.apply_bthd(kn).transpose(1, 2).set_requires_grad(true);
+        let vl = v.view([b, t, self.num_kv_heads, self.head_dim]).transpose(1, 2).set_requires_grad(true);
+        let core = tch::with_grad(|| attend(&ql, &kl, &vl, mask, self.scale()));
+        let (a, _) = self.o_proj.forward_saving(&core.detach());
+        (a, AttnSaved { z: [zq, zk, zv], leaves: [ql, kl, vl], core, norm_inputs: Some([(q, rq), (k, rk)]) })
+    }
+
+    fn backward(&self, x: &Tensor, rope: &Rope, saved: AttnSaved, dy: &Tensor) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, norm_inputs } = saved;
+        let [(qi, rq), (ki, rk)] = norm_inputs.expect("Qwen3's forward_saving keeps the norms' inputs");
+        let d_core = self.o_proj.backward(&core.detach(), None, dy);
+        tch::with_grad(|| (core * d_core).sum(tch::Kind::Float).backward());
+        // Leaf gradients [B, n, T, d] → [B, T, n, d], RoPE undone, through the norm, → [B, T, n·d].
+        let dq = rope.backward_bthd(q.grad().transpose(1, 2).contiguous());
+        let dq = self.q_norm.backward(&dq, &qi, &rq).reshape([b, t, self.num_heads * self.head_dim]);
+        let dk = rope.backward_bthd(k.grad().transpose(1, 2).contiguous());
+        let dk = self.k_norm.backward(&dk, &ki, &rk).reshape([b, t, self.num_kv_heads * self.head_dim]);
+        let dv = v.grad().transpose(1, 2).reshape([b, t, self.num_kv_heads * self.head_dim]);
+        drop((q, k, v, qi, ki));
+        let dx = self.q_proj.backward(x, zq.as_ref(), &dq);
+        let dx = self.k_proj.backward_into(x, zk.as_ref(), &dk, Some(dx));
+        self.v_proj.backward_into(x, zv.as_ref(), &dv, Some(dx))
     }
 
     fn out(&self, o: &Tensor, train: bool) -> Tensor {
