@@ -71,7 +71,7 @@ impl Linear {
             // matmuls run in the compute dtype; A and B and their gradients stay f32.
             let xa = if train && lora.dropout > 0.0 { x.dropout(lora.dropout, true) } else { x.shallow_clone() };
             let z = xa.linear::<Tensor>(&lora.a.to_kind(kind), None);
-            return add_lora_out(&y, &z, &lora.b.to_kind(kind), lora.scale);
+            return add_lora_out(y, &z, &lora.b.to_kind(kind), lora.scale);
         }
         let mut xa = x.to_kind(lora.a.kind());
         if train && lora.dropout > 0.0 {
@@ -149,7 +149,7 @@ impl Linear {
             let ak = self.adapter_kind(kind, x.device());
             let z = cast(x, ak).linear::<Tensor>(&cast(&lora.a, ak), None);
             let y = if ak == kind {
-                add_lora_out(&y, &z, &cast(&lora.b, ak), lora.scale)
+                add_lora_out(y, &z, &cast(&lora.b, ak), lora.scale)
             } else {
                 let delta = z.linear::<Tensor>(&cast(&lora.b, ak), None) * lora.scale;
                 (y.to_kind(ak) + delta).to_kind(kind)
@@ -212,13 +212,22 @@ impl Linear {
     }
 }
 
-/// `y + s·(z·Bᵀ)` for `y` `[.., out]`, the adapter's rank-r activation `z` `[.., r]` and `B`
-/// `[out, r]`, all of one dtype: one GEMM that adds into a copy of `y` in its epilogue, so no
-/// `[.., out]` temporary is written, scaled and added (the scale goes on the rank-r `z`).
-/// Autograd differentiates it (`addmm`).
-fn add_lora_out(y: &Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Tensor {
+/// `y + s·(z·Bᵀ)` for the base output `y` `[.., out]`, the adapter's rank-r activation `z`
+/// `[.., r]` and `B` `[out, r]`, all of one dtype, as one GEMM that accumulates into `y` (the
+/// scale goes on the rank-r `z`): no `[.., out]` temporary is written, scaled and added. Without
+/// a graph to record (no grad, as in checkpointed forwards) it runs in place on `y`, which it
+/// owns, so `y` is read and written once; with one, out of place, and autograd differentiates it.
+fn add_lora_out(y: Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Tensor {
     let (out, r) = (b.size()[0], b.size()[1]);
-    y.reshape([-1, out]).addmm(&(z.reshape([-1, r]) * scale), &b.tr()).view(y.size().as_slice())
+    let shape = y.size();
+    let zs = z.reshape([-1, r]) * scale;
+    let mut y2 = y.reshape([-1, out]);
+    if y2.requires_grad() || zs.requires_grad() || b.requires_grad() {
+        y2.addmm(&zs, &b.tr()).view(shape.as_slice())
+    } else {
+        let _ = y2.addmm_(&zs, &b.tr());
+        y2.view(shape.as_slice())
+    }
 }
 
 /// `p.grad += g` (in `p`'s dtype). The first time, when `p` has no gradient yet, autograd
