@@ -7,6 +7,10 @@
 //
 // Each thread turns 4 packed bytes into 8 values (one 16-byte store in bf16/fp16); blocksize
 // must be a multiple of 8 (bitsandbytes' are 32…4096), so the 8 values share one absmax.
+// Two entry points with the same arithmetic: `dequant_4bit`, one group of 8 per thread and
+// iteration; `dequant_4bit_ilp4`, four groups per thread and iteration (a block's tile is 4
+// coalesced rows of groups), whose loads are all issued before the first store, for more
+// bytes in flight per thread. `tuner kernels --bench` checks and times both.
 
 __device__ __forceinline__ float block_absmax(long long j, const float* absmax, const unsigned char* qabsmax,
                                               const float* code, const float* nested_absmax,
@@ -14,6 +18,72 @@ __device__ __forceinline__ float block_absmax(long long j, const float* absmax, 
   if (qabsmax == nullptr) return absmax[j];
   // _rn: no fused multiply-add, so the result equals the reference's separate f32 ops bit for bit.
   return __fadd_rn(__fmul_rn(code[qabsmax[j]], nested_absmax[j / nested_blocksize]), offset);
+}
+
+// The 8 values of full group g (bytes 4g..4g+3, all below n) scaled by `scale`, stored.
+__device__ __forceinline__ void dequant_group(unsigned int packed, float scale, const float* lut, void* out,
+                                              long long e0, int dt) {
+  float v[8];
+#pragma unroll
+  for (int k = 0; k < 4; k++) {
+    const unsigned int byte = (packed >> (8 * k)) & 0xffu;
+    v[2 * k] = lut[byte >> 4] * scale;
+    v[2 * k + 1] = lut[byte & 15u] * scale;
+  }
+  if (dt == DT_F32) {
+    float4* o = (float4*)((float*)out + e0);
+    o[0] = make_float4(v[0], v[1], v[2], v[3]);
+    o[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    *(uint4*)((unsigned short*)out + e0) = pack8(v, dt);
+  }
+}
+
+// The last, partial group (fewer than 8 values from e0 to n), one value at a time.
+__device__ __forceinline__ void dequant_tail(const unsigned char* codes, long long e0, long long n, float scale,
+                                             const float* lut, void* out, int dt) {
+  for (long long e = e0; e < n; e++) {
+    const unsigned int byte = codes[e / 2];
+    const unsigned int nib = (e & 1) ? (byte & 15u) : (byte >> 4);
+    st(out, e, lut[nib] * scale, dt);
+  }
+}
+
+extern "C" __global__ void dequant_4bit_ilp4(const unsigned char* __restrict__ codes, long long n, int blocksize,
+                                             const float* __restrict__ absmax, const unsigned char* __restrict__ qabsmax,
+                                             const float* __restrict__ code, const float* __restrict__ nested_absmax,
+                                             int nested_blocksize, float offset, const float* __restrict__ table,
+                                             void* __restrict__ out, int dt) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+  const long long groups = (n + 7) / 8;
+  const long long full = n / 8;  // groups with all 8 values
+  const long long tile = 4LL * blockDim.x;
+  for (long long base = (long long)blockIdx.x * tile; base < groups; base += (long long)gridDim.x * tile) {
+    long long g[4];
+    unsigned int packed[4];
+    float scale[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      g[k] = base + threadIdx.x + (long long)k * blockDim.x;
+      packed[k] = g[k] < full ? ((const unsigned int*)codes)[g[k]] : 0u;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      scale[k] = g[k] < groups ? block_absmax(g[k] * 8 / blocksize, absmax, qabsmax, code, nested_absmax,
+                                              nested_blocksize, offset)
+                               : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      if (g[k] < full) {
+        dequant_group(packed[k], scale[k], lut, out, g[k] * 8, dt);
+      } else if (g[k] < groups) {
+        dequant_tail(codes, g[k] * 8, n, scale[k], lut, out, dt);
+      }
+    }
+  }
 }
 
 extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes, long long n, int blocksize,
@@ -29,28 +99,10 @@ extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes,
   for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
     const long long e0 = g * 8;
     const float scale = block_absmax(e0 / blocksize, absmax, qabsmax, code, nested_absmax, nested_blocksize, offset);
-    float v[8];
     if (e0 + 8 <= n) {
-      const unsigned int packed = ((const unsigned int*)codes)[g];  // bytes 4g..4g+3, little endian
-#pragma unroll
-      for (int k = 0; k < 4; k++) {
-        const unsigned int byte = (packed >> (8 * k)) & 0xffu;
-        v[2 * k] = lut[byte >> 4] * scale;
-        v[2 * k + 1] = lut[byte & 15u] * scale;
-      }
-      if (dt == DT_F32) {
-        float4* o = (float4*)((float*)out + e0);
-        o[0] = make_float4(v[0], v[1], v[2], v[3]);
-        o[1] = make_float4(v[4], v[5], v[6], v[7]);
-      } else {
-        *(uint4*)((unsigned short*)out + e0) = pack8(v, dt);
-      }
+      dequant_group(((const unsigned int*)codes)[g], scale, lut, out, e0, dt);  // bytes 4g..4g+3, little endian
     } else {
-      for (long long e = e0; e < n; e++) {
-        const unsigned int byte = codes[e / 2];
-        const unsigned int nib = (e & 1) ? (byte & 15u) : (byte >> 4);
-        st(out, e, lut[nib] * scale, dt);
-      }
+      dequant_tail(codes, e0, n, scale, lut, out, dt);
     }
   }
 }

@@ -104,6 +104,8 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
             let got = dequant_4bit::cuda(&q, kind, k).expect("dequant kernel");
             let want = dequant_4bit::reference(&q, kind);
             let err = rel_err(&got, &want);
+            let ilp4 = dequant_4bit::cuda_variant(&q, kind, k, dequant_4bit::Variant::Ilp4).expect("dequant kernel (ilp4)");
+            let err4 = rel_err(&ilp4, &want);
             let n = (shape[0] * shape[1]) as f64;
             let bytes = n / 2.0 + n * got.kind().elt_size_in_bytes() as f64;
             let label = format!("dequant_4bit nf4{} {} {:?}", if double { " dq" } else { "" }, name(kind), shape);
@@ -111,10 +113,14 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
                 timed(&mut rows, label, err, 0.0, bytes, &mut || {
                     let _ = dequant_4bit::cuda(&q, kind, k);
                 });
+                timed(&mut rows, format!("dequant_4bit_ilp4 nf4 dq {} {:?}", name(kind), shape), err4, 0.0, bytes, &mut || {
+                    let _ = dequant_4bit::cuda_variant(&q, kind, k, dequant_4bit::Variant::Ilp4);
+                });
                 timed(&mut rows, format!("dequant_4bit reference (torch ops) {} {:?}", name(kind), shape), 0.0, 0.0, bytes, &mut || {
                     let _ = dequant_4bit::reference(&q, kind);
                 });
             } else {
+                rows.push(Row { name: label.replacen("dequant_4bit", "dequant_4bit_ilp4", 1), err: err4, tol: 0.0, bytes, secs: None });
                 rows.push(Row { name: label, err, tol: 0.0, bytes, secs: None });
             }
         }
