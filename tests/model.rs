@@ -661,3 +661,29 @@ fn a_mapped_tensor_reads_the_file_in_place_and_equals_a_copy() {
     assert_eq!(m.tensor.size(), [320, 96], "the mapping outlives the Weights it came from");
     let _ = m.tensor.sum(Kind::Float).double_value(&[]);
 }
+
+#[test]
+fn lora_output_added_in_one_gemm_equals_the_formula_with_and_without_a_graph() {
+    // The GPU fast path's `y + s·(z·Bᵀ)`: out of place under autograd (gradients to z and B),
+    // in place on y without a graph.
+    tch::manual_seed(5);
+    let y = Tensor::randn([2, 3, 6], (Kind::Float, Device::Cpu));
+    let z = Tensor::randn([2, 3, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let b = Tensor::randn([6, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let want = &y + z.matmul(&b.tr()) * 0.5;
+    let got = tuner::model::linear::add_lora_out(y.copy(), &z, &b, 0.5);
+    assert_eq!(got.size(), vec![2, 3, 6]);
+    assert!((&got - &want).abs().max().double_value(&[]) < 1e-6);
+    let dy = Tensor::randn([2, 3, 6], (Kind::Float, Device::Cpu));
+    (&got * &dy).sum(Kind::Float).backward();
+    let (dz, db) = (z.grad().copy(), b.grad().copy());
+    assert!((&dz - dy.matmul(&b.detach()) * 0.5).abs().max().double_value(&[]) < 1e-5, "dz");
+    let db_want = dy.reshape([-1, 6]).tr().matmul(&z.detach().reshape([-1, 4])) * 0.5;
+    assert!((&db - db_want).abs().max().double_value(&[]) < 1e-5, "dB");
+    // Without a graph: the same values, written into y's own storage.
+    let y2 = y.copy();
+    let ptr = y2.data_ptr();
+    let got = tch::no_grad(|| tuner::model::linear::add_lora_out(y2, &z, &b, 0.5));
+    assert_eq!(got.data_ptr(), ptr, "in place on y");
+    assert!((&got - &want.detach()).abs().max().double_value(&[]) < 1e-6);
+}

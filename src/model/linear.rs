@@ -217,15 +217,20 @@ impl Linear {
 /// scale goes on the rank-r `z`): no `[.., out]` temporary is written, scaled and added. Without
 /// a graph to record (no grad, as in checkpointed forwards) it runs in place on `y`, which it
 /// owns, so `y` is read and written once; with one, out of place, and autograd differentiates it.
-fn add_lora_out(y: Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Tensor {
+/// `y` must be fresh from the caller (computed in the current grad mode).
+pub fn add_lora_out(y: Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Tensor {
     let (out, r) = (b.size()[0], b.size()[1]);
     let shape = y.size();
+    // `zs` is computed here and `y` by the caller just before, both in the current grad mode,
+    // so they require grad exactly when autograd records (a view would not tell: it inherits
+    // `requires_grad` even under no_grad). A and B train together, so B needs no check of its own.
     let zs = z.reshape([-1, r]) * scale;
+    let bt = b.tr();
     let mut y2 = y.reshape([-1, out]);
-    if y2.requires_grad() || zs.requires_grad() || b.requires_grad() {
-        y2.addmm(&zs, &b.tr()).view(shape.as_slice())
+    if y2.requires_grad() || zs.requires_grad() {
+        y2.addmm(&zs, &bt).view(shape.as_slice())
     } else {
-        let _ = y2.addmm_(&zs, &b.tr());
+        let _ = y2.addmm_(&zs, &bt);
         y2.view(shape.as_slice())
     }
 }
