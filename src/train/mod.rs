@@ -323,7 +323,16 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             good_steps = 0;
             log::warn!("step {}: non-finite fp16 gradients; step skipped, loss scale lowered to {loss_scale}", s + 1);
         } else {
+            let t_opt = std::time::Instant::now();
             opt.step(lr);
+            if log::log_enabled!(target: "tuner::train::step", log::Level::Debug) {
+                // What the optimizer adds to the peak (its f32 temporaries), beside the step's phases.
+                if let Some(i) = cuda_index {
+                    tch::Cuda::synchronize(i as i64);
+                }
+                let peak = cuda_index.and_then(crate::device_mem::cuda).map(|m| format!(", peak so far {:.2} GiB", m.peak_allocated as f64 / (1u64 << 30) as f64));
+                log::debug!(target: "tuner::train::step", "optimizer step {:.1} ms{}", t_opt.elapsed().as_secs_f64() * 1e3, peak.unwrap_or_default());
+            }
             good_steps += 1;
             if fp16 && good_steps % 2000 == 0 {
                 loss_scale *= 2.0;

@@ -11,6 +11,13 @@ use tch::{Kind, Tensor};
 
 /// Values per quantization block of an 8-bit state.
 pub const STATE_BLOCK: i64 = 256;
+
+/// Elements of a group's flat buffers one optimizer step updates at a time (2M, 8 MiB in f32):
+/// it bounds the step's temporaries (f32 moments dequantized from 8 bits, their int64 code
+/// indices, the update) whatever the adapter's size (42M parameters on an 8B model would need
+/// ~1 GiB of them at once). A whole number of [`STATE_BLOCK`]s, so the 8-bit blocks, and every
+/// value, are those of a single pass.
+const STEP_CHUNK: i64 = STATE_BLOCK * 8192;
 /// Smaller tensors keep fp32 states.
 pub const MIN_8BIT_SIZE: i64 = 4096;
 
@@ -47,6 +54,20 @@ pub fn dynamic_map(signed: bool) -> Vec<f32> {
 struct Q8 {
     codes: Tensor,  // u8 [nblocks * 256]
     absmax: Tensor, // f32 [nblocks]
+}
+
+impl Q8 {
+    /// Elements `off..off + n` (whole blocks) as views of this moment's buffers.
+    fn chunk(&self, off: i64, n: i64) -> Q8 {
+        Q8 { codes: self.codes.narrow(0, off, n), absmax: self.absmax.narrow(0, off / STATE_BLOCK, n / STATE_BLOCK) }
+    }
+
+    /// Overwrite these (view) buffers with `q`'s values.
+    fn set(&self, q: &Q8) {
+        let (mut codes, mut absmax) = (self.codes.shallow_clone(), self.absmax.shallow_clone());
+        codes.copy_(&q.codes);
+        absmax.copy_(&q.absmax);
+    }
 }
 
 struct Tables {
@@ -245,26 +266,31 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for grp in &mut self.groups {
-            let g = &grp.g;
-            if grp.decay && c.weight_decay > 0.0 {
-                let _ = grp.p.g_mul_scalar_(1.0 - lr * c.weight_decay);
-            }
-            let shape = g.size();
-            let (mut m, mut v) = match &grp.state {
-                State::Fp32 { m, v } => (m.shallow_clone(), v.shallow_clone()),
-                State::Int8 { m, v } => {
-                    (self.signed.as_ref().map(|t| t.dequantize(m, &shape)).unwrap_or_else(|| g.zeros_like()), self.unsigned.as_ref().map(|t| t.dequantize(v, &shape)).unwrap_or_else(|| g.zeros_like()))
+            let len = grp.g.numel() as i64;
+            for off in (0..len).step_by(STEP_CHUNK as usize) {
+                let n = STEP_CHUNK.min(len - off);
+                let g = grp.g.narrow(0, off, n);
+                let mut p = grp.p.narrow(0, off, n);
+                if grp.decay && c.weight_decay > 0.0 {
+                    let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
-            };
-            let _ = m.g_mul_scalar_(c.beta1).g_add_(&(g * (1.0 - c.beta1)));
-            let _ = v.g_mul_scalar_(c.beta2).g_add_(&(g.square() * (1.0 - c.beta2)));
-            let denom = v.sqrt() / bc2.sqrt() + c.eps;
-            let update = (&m / denom) * (lr / bc1);
-            let _ = grp.p.g_sub_(&update);
-            if let State::Int8 { m: qm, v: qv } = &mut grp.state {
-                if let (Some(s), Some(u)) = (&self.signed, &self.unsigned) {
-                    *qm = s.quantize(&m);
-                    *qv = u.quantize(&v);
+                let (mut m, mut v) = match &grp.state {
+                    State::Fp32 { m, v } => (m.narrow(0, off, n), v.narrow(0, off, n)),
+                    State::Int8 { m, v } => (
+                        self.signed.as_ref().map(|t| t.dequantize(&m.chunk(off, n), &[n])).unwrap_or_else(|| g.zeros_like()),
+                        self.unsigned.as_ref().map(|t| t.dequantize(&v.chunk(off, n), &[n])).unwrap_or_else(|| g.zeros_like()),
+                    ),
+                };
+                let _ = m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
+                let _ = v.g_mul_scalar_(c.beta2).g_add_(&(g.square() * (1.0 - c.beta2)));
+                let denom = v.sqrt() / bc2.sqrt() + c.eps;
+                let update = (&m / denom) * (lr / bc1);
+                let _ = p.g_sub_(&update);
+                if let State::Int8 { m: qm, v: qv } = &grp.state {
+                    if let (Some(s), Some(u)) = (&self.signed, &self.unsigned) {
+                        qm.chunk(off, n).set(&s.quantize(&m));
+                        qv.chunk(off, n).set(&u.quantize(&v));
+                    }
                 }
             }
         }

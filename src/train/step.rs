@@ -81,13 +81,14 @@ fn batch_of(mb: &MicroBatch, o: &StepOptions) -> (Batch, Tensor) {
 }
 
 /// Wall time per phase of a step (forward, loss, backward), synchronising a CUDA device at each
-/// lap; only when `tuner::train::step` logs at debug level (`RUST_LOG=tuner::train::step=debug`),
+/// lap, and on CUDA the allocator's peak so far after each (which phase first reaches the run's
+/// peak); only when `tuner::train::step` logs at debug level (`RUST_LOG=tuner::train::step=debug`),
 /// since the synchronisations cost throughput.
 struct PhaseClock {
     on: bool,
     device: Device,
     last: std::time::Instant,
-    laps: Vec<(&'static str, f64)>,
+    laps: Vec<(&'static str, f64, Option<i64>)>,
 }
 
 impl PhaseClock {
@@ -111,13 +112,24 @@ impl PhaseClock {
         }
         self.sync();
         let now = std::time::Instant::now();
-        self.laps.push((name, (now - self.last).as_secs_f64()));
+        let peak = match self.device {
+            Device::Cuda(i) => crate::device_mem::cuda(i).map(|m| m.peak_allocated),
+            _ => None,
+        };
+        self.laps.push((name, (now - self.last).as_secs_f64(), peak));
         self.last = now;
     }
 
     fn report(&self) {
         if self.on && !self.laps.is_empty() {
-            let parts: Vec<String> = self.laps.iter().map(|(n, t)| format!("{n} {:.1} ms", t * 1e3)).collect();
+            let parts: Vec<String> = self
+                .laps
+                .iter()
+                .map(|(n, t, p)| match p {
+                    Some(p) => format!("{n} {:.1} ms (peak so far {:.2} GiB)", t * 1e3, *p as f64 / (1u64 << 30) as f64),
+                    None => format!("{n} {:.1} ms", t * 1e3),
+                })
+                .collect();
             log::debug!("step phases: {}", parts.join(", "));
         }
     }
