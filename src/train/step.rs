@@ -50,9 +50,12 @@ pub struct StepResult {
 }
 
 /// Logit rows per cross-entropy chunk: at most ~64 MiB of fp32 logits per chunk on the CPU,
-/// ~256 MiB on a GPU (fewer, larger launches; a 262k vocabulary still gets 255-row chunks).
+/// ~128 MiB on a GPU. A chunk's backward holds about three such tensors (the saved log-softmax,
+/// its gradient and the logits' gradient), so this bounds the loss's share of the peak (~0.4 GiB
+/// on a GPU) while each chunk's lm_head matmul stays large (261 rows of a 128k vocabulary, 128
+/// of a 262k one).
 pub fn ce_chunk_rows(vocab: i64, device: Device) -> i64 {
-    let budget: i64 = if device.is_cuda() { 256 << 20 } else { 64 << 20 };
+    let budget: i64 = if device.is_cuda() { 128 << 20 } else { 64 << 20 };
     (budget / (4 * vocab.max(1))).clamp(16, 8192)
 }
 
@@ -163,8 +166,12 @@ pub fn chunked_ce_backward(model: &dyn CausalLm, h_normed: &Tensor, labels: &Ten
     while start < n {
         let len = rows.min(n - start);
         let idx = keep.narrow(0, start, len);
-        let logits = model.logits(&leaf.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
-        let nll = logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0);
+        // The f32 logits go out of scope before the backward: autograd keeps the log-softmax,
+        // not them, so they are freed a chunk's backward earlier.
+        let nll = {
+            let logits = model.logits(&leaf.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
+            logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0)
+        };
         total += nll.detach().to_kind(Kind::Double);
         (nll * (scale / denom)).backward();
         start += len;
