@@ -152,6 +152,32 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
             let r_ref = rms_norm::rstd_reference(&x, eps);
             rows.push(Row { name: format!("rms_norm_fwd rstd {label} {}", name(kind)), err: rel_err(&rstd, &r_ref), tol: 2e-6, bytes: 0.0, secs: None });
             let dy = Tensor::randn([rows_n, h], (Kind::Float, device)).to_kind(kind);
+            // The 8-wide entry points (2-byte dtypes; 1000 is a multiple of 8 too).
+            if let Some((y8, r8)) = rms_norm::forward_with_rstd_x8(&x, w.as_ref(), eps, mode, Some(k)) {
+                let label8 = format!("rms_norm_fwd_x8 {label} {} [{rows_n}×{h}]", name(kind));
+                let err = rel_err(&y8, &y_ref);
+                // Another summation order: 1/rms agrees to f32 rounding of a long sum.
+                rows.push(Row { name: format!("rms_norm_fwd_x8 rstd {label} {}", name(kind)), err: rel_err(&r8, &r_ref), tol: 1e-5, bytes: 0.0, secs: None });
+                let mut f = || {
+                    let _ = rms_norm::forward_with_rstd_x8(&x, w.as_ref(), eps, mode, Some(k));
+                };
+                if big {
+                    timed(&mut rows, label8, err, tol(kind), io, &mut f);
+                } else {
+                    rows.push(Row { name: label8, err, tol: tol(kind), bytes: io, secs: None });
+                }
+                let dx8 = rms_norm::backward_x8(&dy, &x, w.as_ref(), &r8, mode, Some(k)).expect("x8 applies to x and dy alike");
+                let dx_ref = rms_norm::backward_reference(&dy, &x, w.as_ref(), &r_ref, mode);
+                let label8 = format!("rms_norm_bwd_x8 {label} {} [{rows_n}×{h}]", name(kind));
+                let mut f = || {
+                    let _ = rms_norm::backward_x8(&dy, &x, w.as_ref(), &r8, mode, Some(k));
+                };
+                if big {
+                    timed(&mut rows, label8, rel_err(&dx8, &dx_ref), tol(kind), 1.5 * io, &mut f);
+                } else {
+                    rows.push(Row { name: label8, err: rel_err(&dx8, &dx_ref), tol: tol(kind), bytes: 1.5 * io, secs: None });
+                }
+            }
             let dx = rms_norm::backward(&dy, &x, w.as_ref(), &rstd, mode, Some(k));
             let dx_ref = rms_norm::backward_reference(&dy, &x, w.as_ref(), &r_ref, mode);
             let err = rel_err(&dx, &dx_ref);

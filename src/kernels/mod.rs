@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 /// kernels/prelude.cuh in front.
 const SOURCES: [(&str, &str, &[&str]); 4] = [
     ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit", "dequant_4bit_ilp4"]),
-    ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu"), &["rms_norm_fwd", "rms_norm_bwd"]),
+    ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu"), &["rms_norm_fwd", "rms_norm_bwd", "rms_norm_fwd_x8", "rms_norm_bwd_x8"]),
     ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope"]),
     ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),
 ];

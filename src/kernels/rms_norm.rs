@@ -111,7 +111,33 @@ fn block_for(h: i64) -> u32 {
     }
 }
 
+/// The 8-wide entry points (`rms_norm_fwd_x8` / `rms_norm_bwd_x8`) on `x` (and `dy`): the
+/// forward with 1/rms, or `None` where they do not apply (a 4-byte dtype, a width not a multiple
+/// of 8, rows not 16-byte aligned) or no kernel is usable. Checked and timed beside the default
+/// kernels by `tuner kernels --bench`; not yet what [`forward`] uses.
+pub fn forward_with_rstd_x8(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> Option<(Tensor, Tensor)> {
+    let k = kernel_for(x, w, kernels).filter(|_| wide(&[x]))?;
+    let (y, r) = cuda_launch_forward(x, w, eps, mode, true, k, "rms_norm_fwd_x8");
+    Some((y, r.expect("rstd requested")))
+}
+
+/// [`backward`] through `rms_norm_bwd_x8`, or `None` as for [`forward_with_rstd_x8`].
+pub fn backward_x8(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, kernels: Option<&Kernels>) -> Option<Tensor> {
+    let dy = dy.contiguous();
+    let k = kernel_for(x, w, kernels).filter(|_| wide(&[x, &dy]) && dy.kind() == x.kind())?;
+    Some(cuda_launch_backward(&dy, x, w, rstd, mode, k, "rms_norm_bwd_x8").unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")))
+}
+
+/// 2-byte elements, a row width that is a multiple of 8 and 16-byte aligned data.
+fn wide(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.kind().elt_size_in_bytes() == 2 && t.size().last().is_some_and(|h| h % 8 == 0) && t.data_ptr() as usize % 16 == 0)
+}
+
 fn cuda_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels) -> (Tensor, Option<Tensor>) {
+    cuda_launch_forward(x, w, eps, mode, want_rstd, k, "rms_norm_fwd")
+}
+
+fn cuda_launch_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels, entry: &str) -> (Tensor, Option<Tensor>) {
     let h = *x.size().last().unwrap_or(&1);
     let rows = x.numel() as i64 / h.max(1);
     let y = x.empty_like();
@@ -129,12 +155,17 @@ fn cuda_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd:
         .i32(dtype_code(x.kind()).unwrap_or(0))
         .i32(wdt);
     if rows > 0 {
-        k.launch("rms_norm_fwd", rows as u32, block_for(h), args).unwrap_or_else(|e| panic!("CUDA RMSNorm failed: {e:#}"));
+        let block = if entry.ends_with("_x8") { block_for(h / 8) } else { block_for(h) };
+        k.launch(entry, rows as u32, block, args).unwrap_or_else(|e| panic!("CUDA RMSNorm failed: {e:#}"));
     }
     (y, rstd)
 }
 
 fn cuda_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels) -> Result<Tensor> {
+    cuda_launch_backward(dy, x, w, rstd, mode, k, "rms_norm_bwd")
+}
+
+fn cuda_launch_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels, entry: &str) -> Result<Tensor> {
     let h = *x.size().last().unwrap_or(&1);
     let rows = x.numel() as i64 / h.max(1);
     let dx = x.empty_like();
@@ -152,7 +183,8 @@ fn cuda_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mod
         .i32(dtype_code(x.kind()).unwrap_or(0))
         .i32(wdt);
     if rows > 0 {
-        k.launch("rms_norm_bwd", rows as u32, block_for(h), args)?;
+        let block = if entry.ends_with("_x8") { block_for(h / 8) } else { block_for(h) };
+        k.launch(entry, rows as u32, block, args)?;
     }
     Ok(dx)
 }
