@@ -18,6 +18,7 @@ pub const STATE_BLOCK: i64 = 256;
 /// ~1 GiB of them at once). A whole number of [`STATE_BLOCK`]s, so the 8-bit blocks, and every
 /// value, are those of a single pass.
 const STEP_CHUNK: i64 = STATE_BLOCK * 8192;
+
 /// Smaller tensors keep fp32 states.
 pub const MIN_8BIT_SIZE: i64 = 4096;
 
