@@ -260,6 +260,19 @@ pub fn lora_fixture(name: &str, quantize: bool, init_seed: i64, b_seed: i64) -> 
     lora_fixture_seeded(name, quantize, init_seed, b_seed, tch::Device::Cpu, tch::Kind::Float)
 }
 
+/// `n` synthetic tokenized examples for the fixtures' 290-token vocabulary: example i has
+/// 9 + step·i tokens, the first 4 untrained (label -100).
+#[allow(dead_code)]
+pub fn examples(n: usize, step: i32) -> Vec<tuner::data::shards::Example> {
+    (0..n)
+        .map(|i| {
+            let ids: Vec<i32> = (0..(9 + step * i as i32)).map(|k| (k * 7 + i as i32 * 13) % 290).collect();
+            let labels = ids.iter().enumerate().map(|(k, x)| if k < 4 { -100 } else { *x }).collect();
+            tuner::data::shards::Example { input_ids: ids, labels }
+        })
+        .collect()
+}
+
 /// [`lora_fixture`] (seeds 3 and 11) on `device` in `dtype`.
 #[allow(dead_code)]
 pub fn lora_fixture_on(name: &str, quantize: bool, device: tch::Device, dtype: tch::Kind) -> Box<dyn tuner::model::CausalLm> {

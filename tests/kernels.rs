@@ -74,21 +74,11 @@ fn rope_inverse_is_the_backward_of_rope() {
     assert!(max_rel(&back, &x.detach()) < 1e-5);
 }
 
-fn examples(n: usize) -> Vec<tuner::data::shards::Example> {
-    (0..n)
-        .map(|i| {
-            let ids: Vec<i32> = (0..(9 + 5 * i as i32)).map(|k| (k * 7 + i as i32 * 13) % 290).collect();
-            let labels = ids.iter().enumerate().map(|(k, x)| if k < 4 { -100 } else { *x }).collect();
-            tuner::data::shards::Example { input_ids: ids, labels }
-        })
-        .collect()
-}
-
 /// Two packed rows of several documents each, one of them padded. Lengths 9..29 (total 95) in
 /// rows of 64 make exactly two rows of at least two documents, whatever the order (no row can
 /// hold four of them).
 fn packed_micro_batch() -> data::MicroBatch {
-    let loader = data::Loader::new(examples(5), 2, 0, true, 64);
+    let loader = data::Loader::new(crate::common::examples(5, 5), 2, 0, true, 64);
     let mb = loader.next(&mut data::Cursor::default());
     let seq = mb.seq_ids.as_ref().unwrap();
     assert!(seq.len() == 2 && seq.iter().all(|r| r.windows(2).any(|w| w[0] != w[1])), "two rows of several documents: {seq:?}");
@@ -117,7 +107,7 @@ fn worst(a: &[Tensor], b: &[Tensor]) -> f64 {
 #[test]
 fn hand_written_layer_backward_matches_autograd() {
     // Padded rows (a mask), several lengths; Mistral's window is shorter than the rows.
-    let loader = data::Loader::new(examples(3), 3, 0, false, 64);
+    let loader = data::Loader::new(crate::common::examples(3, 5), 3, 0, false, 64);
     let micro = vec![loader.next(&mut data::Cursor::default())];
     for name in ["llama", "mistral", "qwen2", "qwen3"] {
         for quantize in [false, true] {
@@ -183,7 +173,7 @@ fn cuda_kernels_match_their_references_on_a_gpu() {
     assert!(rows.len() > 30 && bad.is_empty(), "kernels differ from their references: {bad:?}");
 
     // The hand-written backward with kernels against autograd without, on the GPU (fp32).
-    let loader = data::Loader::new(examples(3), 3, 0, false, 64);
+    let loader = data::Loader::new(crate::common::examples(3, 5), 3, 0, false, 64);
     let micro = vec![loader.next(&mut data::Cursor::default())];
     for quantize in [false, true] {
         let m = crate::common::lora_fixture_on("llama", quantize, Device::Cuda(0), Kind::Float);

@@ -52,16 +52,6 @@ fn load_tiny(quantize: bool) -> Box<dyn CausalLm> {
     lora_fixture("llama", quantize, 3, 11)
 }
 
-fn examples(n: usize) -> Vec<tuner::data::shards::Example> {
-    (0..n)
-        .map(|i| {
-            let ids: Vec<i32> = (0..(9 + 3 * i as i32)).map(|k| (k * 7 + i as i32 * 13) % 290).collect();
-            let labels = ids.iter().enumerate().map(|(k, x)| if k < 4 { -100 } else { *x }).collect();
-            tuner::data::shards::Example { input_ids: ids, labels }
-        })
-        .collect()
-}
-
 fn grads(m: &dyn CausalLm, micro: &[data::MicroBatch], checkpointing: bool) -> (f64, Vec<Tensor>) {
     let params = lora::trainable_parameters(m);
     for p in &params {
@@ -86,10 +76,10 @@ fn max_rel(a: &[Tensor], b: &[Tensor]) -> f64 {
 fn accumulation_and_checkpointing_give_the_same_gradients() {
     for quantize in [false, true] {
         let m = load_tiny(quantize);
-        let loader = data::Loader::new(examples(4), 4, 0, false, 64);
+        let loader = data::Loader::new(crate::common::examples(4, 3), 4, 0, false, 64);
         let mut c = data::Cursor::default();
         let one = vec![loader.next(&mut c)];
-        let loader1 = data::Loader::new(examples(4), 1, 0, false, 64);
+        let loader1 = data::Loader::new(crate::common::examples(4, 3), 1, 0, false, 64);
         let mut c1 = data::Cursor::default();
         let four: Vec<data::MicroBatch> = (0..4).map(|_| loader1.next(&mut c1)).collect();
         // The same four examples either way (the order within the step does not matter).

@@ -117,7 +117,7 @@ fn block_for(h: i64) -> u32 {
 /// kernels by `tuner kernels --bench`; not yet what [`forward`] uses.
 pub fn forward_with_rstd_x8(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> Option<(Tensor, Tensor)> {
     let k = kernel_for(x, w, kernels).filter(|_| wide(&[x]))?;
-    let (y, r) = cuda_launch_forward(x, w, eps, mode, true, k, "rms_norm_fwd_x8");
+    let (y, r) = cuda_launch_forward(x, w, eps, mode, true, k, true);
     Some((y, r.expect("rstd requested")))
 }
 
@@ -125,7 +125,7 @@ pub fn forward_with_rstd_x8(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode
 pub fn backward_x8(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, kernels: Option<&Kernels>) -> Option<Tensor> {
     let dy = dy.contiguous();
     let k = kernel_for(x, w, kernels).filter(|_| wide(&[x, &dy]) && dy.kind() == x.kind())?;
-    Some(cuda_launch_backward(&dy, x, w, rstd, mode, k, "rms_norm_bwd_x8").unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")))
+    Some(cuda_launch_backward(&dy, x, w, rstd, mode, k, true).unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")))
 }
 
 /// 2-byte elements, a row width that is a multiple of 8 and 16-byte aligned data.
@@ -134,10 +134,11 @@ fn wide(ts: &[&Tensor]) -> bool {
 }
 
 fn cuda_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels) -> (Tensor, Option<Tensor>) {
-    cuda_launch_forward(x, w, eps, mode, want_rstd, k, "rms_norm_fwd")
+    cuda_launch_forward(x, w, eps, mode, want_rstd, k, false)
 }
 
-fn cuda_launch_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels, entry: &str) -> (Tensor, Option<Tensor>) {
+/// The forward through `rms_norm_fwd`, or `rms_norm_fwd_x8` (8 values per load) when `x8`.
+fn cuda_launch_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels, x8: bool) -> (Tensor, Option<Tensor>) {
     let h = *x.size().last().unwrap_or(&1);
     let rows = x.numel() as i64 / h.max(1);
     let y = x.empty_like();
@@ -155,17 +156,18 @@ fn cuda_launch_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, wan
         .i32(dtype_code(x.kind()).unwrap_or(0))
         .i32(wdt);
     if rows > 0 {
-        let block = if entry.ends_with("_x8") { block_for(h / 8) } else { block_for(h) };
+        let (entry, block) = if x8 { ("rms_norm_fwd_x8", block_for(h / 8)) } else { ("rms_norm_fwd", block_for(h)) };
         k.launch(entry, rows as u32, block, args).unwrap_or_else(|e| panic!("CUDA RMSNorm failed: {e:#}"));
     }
     (y, rstd)
 }
 
 fn cuda_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels) -> Result<Tensor> {
-    cuda_launch_backward(dy, x, w, rstd, mode, k, "rms_norm_bwd")
+    cuda_launch_backward(dy, x, w, rstd, mode, k, false)
 }
 
-fn cuda_launch_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels, entry: &str) -> Result<Tensor> {
+/// The backward through `rms_norm_bwd`, or `rms_norm_bwd_x8` when `x8`.
+fn cuda_launch_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels, x8: bool) -> Result<Tensor> {
     let h = *x.size().last().unwrap_or(&1);
     let rows = x.numel() as i64 / h.max(1);
     let dx = x.empty_like();
@@ -183,7 +185,7 @@ fn cuda_launch_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tens
         .i32(dtype_code(x.kind()).unwrap_or(0))
         .i32(wdt);
     if rows > 0 {
-        let block = if entry.ends_with("_x8") { block_for(h / 8) } else { block_for(h) };
+        let (entry, block) = if x8 { ("rms_norm_bwd_x8", block_for(h / 8)) } else { ("rms_norm_bwd", block_for(h)) };
         k.launch(entry, rows as u32, block, args)?;
     }
     Ok(dx)
