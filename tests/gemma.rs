@@ -30,7 +30,7 @@ fn grads(m: &dyn CausalLm, checkpointing: bool) -> (f64, Vec<(String, Tensor)>) 
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false };
+    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None };
     let r = step::forward_backward(m, &batch(), 0, &o);
     (r.loss, named_params(m).into_iter().map(|(n, p)| (n, p.grad().copy())).collect())
 }
@@ -73,7 +73,7 @@ fn gemma3n_checkpointed_gradients_equal_autograd_and_reach_the_kv_producers() {
         let _g = tch::no_grad_guard();
         let mut p = param.shallow_clone();
         let _ = p.g_add_(&(&dir * delta));
-        let o = step::StepOptions { checkpointing: false, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false };
+        let o = step::StepOptions { checkpointing: false, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None };
         let (nll, n) = step::eval_nll(m.as_ref(), &batch()[0], &o);
         let _ = p.g_add_(&(&dir * -delta));
         nll / n as f64

@@ -60,7 +60,7 @@ fn grads(m: &dyn CausalLm, micro: &[data::MicroBatch], checkpointing: bool) -> (
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false };
+    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None };
     let r = step::forward_backward(m, micro, 0, &o);
     (r.loss, params.iter().map(|p| p.grad().copy()).collect())
 }
@@ -303,4 +303,14 @@ fn packing_and_fp16_train_with_finite_falling_loss() {
     assert!(m.iter().all(|v| v["loss"].as_f64().unwrap().is_finite()));
     assert_eq!(m[0]["loss_scale"], 65536.0);
     assert!(m[5]["loss"].as_f64().unwrap() < m[0]["loss"].as_f64().unwrap(), "{m:?}");
+}
+
+#[test]
+fn profile_window_parses_step_and_layer_and_rejects_other_forms() {
+    use tuner::train::step::ProfileWindow;
+    assert_eq!(ProfileWindow::parse("2:10"), Some(ProfileWindow { step: 2, layer: 10 }));
+    assert_eq!(ProfileWindow::parse(" 3 : 0 "), Some(ProfileWindow { step: 3, layer: 0 }));
+    assert_eq!(ProfileWindow::parse("2"), None);
+    assert_eq!(ProfileWindow::parse("a:1"), None);
+    assert_eq!(ProfileWindow::parse("1:-1"), None);
 }

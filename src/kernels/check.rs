@@ -104,8 +104,6 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
             let got = dequant_4bit::cuda(&q, kind, k).expect("dequant kernel");
             let want = dequant_4bit::reference(&q, kind);
             let err = rel_err(&got, &want);
-            let ilp4 = dequant_4bit::cuda_variant(&q, kind, k, dequant_4bit::Variant::Ilp4).expect("dequant kernel (ilp4)");
-            let err4 = rel_err(&ilp4, &want);
             let n = (shape[0] * shape[1]) as f64;
             let bytes = n / 2.0 + n * got.kind().elt_size_in_bytes() as f64;
             let label = format!("dequant_4bit nf4{} {} {:?}", if double { " dq" } else { "" }, name(kind), shape);
@@ -113,14 +111,10 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
                 timed(&mut rows, label, err, 0.0, bytes, &mut || {
                     let _ = dequant_4bit::cuda(&q, kind, k);
                 });
-                timed(&mut rows, format!("dequant_4bit_ilp4 nf4 dq {} {:?}", name(kind), shape), err4, 0.0, bytes, &mut || {
-                    let _ = dequant_4bit::cuda_variant(&q, kind, k, dequant_4bit::Variant::Ilp4);
-                });
                 timed(&mut rows, format!("dequant_4bit reference (torch ops) {} {:?}", name(kind), shape), 0.0, 0.0, bytes, &mut || {
                     let _ = dequant_4bit::reference(&q, kind);
                 });
             } else {
-                rows.push(Row { name: label.replacen("dequant_4bit", "dequant_4bit_ilp4", 1), err: err4, tol: 0.0, bytes, secs: None });
                 rows.push(Row { name: label, err, tol: 0.0, bytes, secs: None });
             }
         }
@@ -150,27 +144,28 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
                 rows.push(Row { name: format!("rms_norm_fwd {label} {} [{rows_n}×{h}]", name(kind)), err: rel_err(&y, &y_ref), tol: tol(kind), bytes: io, secs: None });
             }
             let r_ref = rms_norm::rstd_reference(&x, eps);
-            rows.push(Row { name: format!("rms_norm_fwd rstd {label} {}", name(kind)), err: rel_err(&rstd, &r_ref), tol: 2e-6, bytes: 0.0, secs: None });
+            // The 8-wide entry sums in another order: 1/rms agrees to f32 rounding of a long sum.
+            rows.push(Row { name: format!("rms_norm_fwd rstd {label} {}", name(kind)), err: rel_err(&rstd, &r_ref), tol: 1e-5, bytes: 0.0, secs: None });
             let dy = Tensor::randn([rows_n, h], (Kind::Float, device)).to_kind(kind);
-            // The 8-wide entry points (2-byte dtypes; 1000 is a multiple of 8 too).
-            if let Some((y8, r8)) = rms_norm::forward_with_rstd_x8(&x, w.as_ref(), eps, mode, Some(k)) {
-                let label8 = format!("rms_norm_fwd_x8 {label} {} [{rows_n}×{h}]", name(kind));
+            // The default takes the 8-wide entry points where they apply (2-byte dtypes; 1000 is a
+            // multiple of 8 too); there the scalar ones are checked and timed beside them.
+            if let Some((y8, r8)) = rms_norm::forward_with_rstd_scalar(&x, w.as_ref(), eps, mode, Some(k)) {
+                let label8 = format!("rms_norm_fwd scalar {label} {} [{rows_n}×{h}]", name(kind));
                 let err = rel_err(&y8, &y_ref);
-                // Another summation order: 1/rms agrees to f32 rounding of a long sum.
-                rows.push(Row { name: format!("rms_norm_fwd_x8 rstd {label} {}", name(kind)), err: rel_err(&r8, &r_ref), tol: 1e-5, bytes: 0.0, secs: None });
+                rows.push(Row { name: format!("rms_norm_fwd scalar rstd {label} {}", name(kind)), err: rel_err(&r8, &r_ref), tol: 2e-6, bytes: 0.0, secs: None });
                 let mut f = || {
-                    let _ = rms_norm::forward_with_rstd_x8(&x, w.as_ref(), eps, mode, Some(k));
+                    let _ = rms_norm::forward_with_rstd_scalar(&x, w.as_ref(), eps, mode, Some(k));
                 };
                 if big {
                     timed(&mut rows, label8, err, tol(kind), io, &mut f);
                 } else {
                     rows.push(Row { name: label8, err, tol: tol(kind), bytes: io, secs: None });
                 }
-                let dx8 = rms_norm::backward_x8(&dy, &x, w.as_ref(), &r8, mode, Some(k)).expect("x8 applies to x and dy alike");
+                let dx8 = rms_norm::backward_scalar(&dy, &x, w.as_ref(), &r8, mode, Some(k)).expect("applies to x and dy alike");
                 let dx_ref = rms_norm::backward_reference(&dy, &x, w.as_ref(), &r_ref, mode);
-                let label8 = format!("rms_norm_bwd_x8 {label} {} [{rows_n}×{h}]", name(kind));
+                let label8 = format!("rms_norm_bwd scalar {label} {} [{rows_n}×{h}]", name(kind));
                 let mut f = || {
-                    let _ = rms_norm::backward_x8(&dy, &x, w.as_ref(), &r8, mode, Some(k));
+                    let _ = rms_norm::backward_scalar(&dy, &x, w.as_ref(), &r8, mode, Some(k));
                 };
                 if big {
                     timed(&mut rows, label8, rel_err(&dx8, &dx_ref), tol(kind), 1.5 * io, &mut f);

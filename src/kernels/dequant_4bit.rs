@@ -34,26 +34,10 @@ fn supported(q: &QuantTensor, kind: Kind, k: &Kernels) -> bool {
         && dtype_code(kind).is_some()
 }
 
-/// Which entry point of kernels/dequant_4bit.cu runs: one group of 8 values per thread and loop
-/// iteration (the default), or four with all their loads issued first (`Ilp4`; timed beside
-/// the default by `tuner kernels --bench`, not yet the default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
-    /// `dequant_4bit`.
-    One,
-    /// `dequant_4bit_ilp4`.
-    Ilp4,
-}
-
 /// The kernel. Temporaries made here (f32 copies of the tables) may be freed right after the
 /// launch is queued: libtorch's caching allocator hands their memory only to later work on the
 /// same stream.
 pub fn cuda(q: &QuantTensor, kind: Kind, k: &Kernels) -> Result<Tensor> {
-    cuda_variant(q, kind, k, Variant::One)
-}
-
-/// [`cuda`] through the entry point `variant`.
-pub fn cuda_variant(q: &QuantTensor, kind: Kind, k: &Kernels, variant: Variant) -> Result<Tensor> {
     let Some(dt) = dtype_code(kind) else { bail!("no 4-bit dequantize kernel for {kind:?}") };
     let n = q.numel();
     let out = Tensor::empty(q.shape.as_slice(), (kind, q.device()));
@@ -81,9 +65,6 @@ pub fn cuda_variant(q: &QuantTensor, kind: Kind, k: &Kernels, variant: Variant) 
         .i32(dt);
     let block = 256;
     let groups = (n + 7) / 8;
-    match variant {
-        Variant::One => k.launch("dequant_4bit", k.grid_for(groups, block), block, args)?,
-        Variant::Ilp4 => k.launch("dequant_4bit_ilp4", k.grid_for((groups + 3) / 4, block), block, args)?,
-    }
+    k.launch("dequant_4bit", k.grid_for(groups, block), block, args)?;
     Ok(out)
 }

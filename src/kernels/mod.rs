@@ -30,10 +30,21 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+/// Turn the CUDA profiler's collection on or off for the current context (`cuProfilerStart` /
+/// `cuProfilerStop`), so that `ncu --profile-from-start off` records only a chosen window (see
+/// `train::step::ProfileWindow`). Without a profiler attached these calls do nothing; a failure
+/// (no driver) is logged, never fatal.
+pub fn cuda_profiler(on: bool) {
+    let r = if on { cudarc::driver::profiler_start() } else { cudarc::driver::profiler_stop() };
+    if let Err(e) = r {
+        log::warn!("cuProfiler{}: {e:?}", if on { "Start" } else { "Stop" });
+    }
+}
+
 /// (file, source, kernel names) of every kernel source; each is compiled with
 /// kernels/prelude.cuh in front.
 const SOURCES: [(&str, &str, &[&str]); 4] = [
-    ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit", "dequant_4bit_ilp4"]),
+    ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit"]),
     ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu"), &["rms_norm_fwd", "rms_norm_bwd", "rms_norm_fwd_x8", "rms_norm_bwd_x8"]),
     ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope"]),
     ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),

@@ -33,13 +33,32 @@ impl Mode {
     }
 }
 
-/// The normalized `x`: the kernel when it applies and no gradient is needed, else the reference.
+/// The normalized `x`: the kernel when it applies and no gradient is needed (a strided `x`, such
+/// as one AltUp stream of Gemma 3n, is made contiguous for it first: one copy instead of the
+/// reference's eight passes), else the reference.
 pub fn forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> Tensor {
     let grad = x.requires_grad() || w.is_some_and(Tensor::requires_grad);
+    if !grad && !x.is_contiguous() && kernels.is_some() && x.device().is_cuda() {
+        let xc = x.contiguous();
+        if let Some(k) = kernel_for(&xc, w, kernels) {
+            return cuda_forward(&xc, w, eps, mode, false, k).0;
+        }
+    }
     match kernel_for(x, w, kernels) {
         Some(k) if !grad => cuda_forward(x, w, eps, mode, false, k).0,
         _ => forward_reference(x, w, eps, mode),
     }
+}
+
+/// [`Mode::Scale`] / [`Mode::Plain`] through libtorch's own fused RMSNorm (`at::rms_norm`, which
+/// on CUDA runs one kernel forward and one backward, with its autograd formula), for the
+/// recomputation with a graph, where [`forward`] would differentiate the reference's eight ops.
+/// `s` must already be in `x`'s dtype (libtorch falls back to its composite path otherwise) and
+/// hold the scale exactly, so this computes `round(x_f32 · rsqrt(mean(x²) + eps) · s)` like the
+/// reference; the tests compare the two, values and gradients.
+pub fn forward_fused(x: &Tensor, s: Option<&Tensor>, eps: f64) -> Tensor {
+    let d = *x.size().last().unwrap_or(&1);
+    x.rms_norm([d].as_slice(), s, eps)
 }
 
 /// The normalized `x` and f32 `1/rms` per row `[rows]` (for [`backward`]); no graph.
@@ -111,21 +130,22 @@ fn block_for(h: i64) -> u32 {
     }
 }
 
-/// The 8-wide entry points (`rms_norm_fwd_x8` / `rms_norm_bwd_x8`) on `x` (and `dy`): the
-/// forward with 1/rms, or `None` where they do not apply (a 4-byte dtype, a width not a multiple
-/// of 8, rows not 16-byte aligned) or no kernel is usable. Checked and timed beside the default
-/// kernels by `tuner kernels --bench`; not yet what [`forward`] uses.
-pub fn forward_with_rstd_x8(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> Option<(Tensor, Tensor)> {
+/// The scalar entry points (`rms_norm_fwd` / `rms_norm_bwd`) where the default takes the 8-wide
+/// ones (`rms_norm_fwd_x8` / `rms_norm_bwd_x8`: 16-byte loads, 1.7× and 2.3× faster on an H200
+/// at 4096², `tuner kernels --bench`): the forward with 1/rms, or `None` where the 8-wide entries
+/// do not apply (a 4-byte dtype, a width not a multiple of 8, rows not 16-byte aligned: the
+/// default is already scalar there) or no kernel is usable. For the checks and timings.
+pub fn forward_with_rstd_scalar(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> Option<(Tensor, Tensor)> {
     let k = kernel_for(x, w, kernels).filter(|_| wide(&[x]))?;
-    let (y, r) = cuda_launch_forward(x, w, eps, mode, true, k, true);
+    let (y, r) = cuda_launch_forward(x, w, eps, mode, true, k, false);
     Some((y, r.expect("rstd requested")))
 }
 
-/// [`backward`] through `rms_norm_bwd_x8`, or `None` as for [`forward_with_rstd_x8`].
-pub fn backward_x8(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, kernels: Option<&Kernels>) -> Option<Tensor> {
+/// [`backward`] through `rms_norm_bwd`, or `None` as for [`forward_with_rstd_scalar`].
+pub fn backward_scalar(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, kernels: Option<&Kernels>) -> Option<Tensor> {
     let dy = dy.contiguous();
     let k = kernel_for(x, w, kernels).filter(|_| wide(&[x, &dy]) && dy.kind() == x.kind())?;
-    Some(cuda_launch_backward(&dy, x, w, rstd, mode, k, true).unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")))
+    Some(cuda_launch_backward(&dy, x, w, rstd, mode, k, false).unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")))
 }
 
 /// 2-byte elements, a row width that is a multiple of 8 and 16-byte aligned data.
@@ -133,8 +153,9 @@ fn wide(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.kind().elt_size_in_bytes() == 2 && t.size().last().is_some_and(|h| h % 8 == 0) && t.data_ptr() as usize % 16 == 0)
 }
 
+/// The forward through the 8-wide entry where it applies, the scalar one otherwise.
 fn cuda_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels) -> (Tensor, Option<Tensor>) {
-    cuda_launch_forward(x, w, eps, mode, want_rstd, k, false)
+    cuda_launch_forward(x, w, eps, mode, want_rstd, k, wide(&[x]))
 }
 
 /// The forward through `rms_norm_fwd`, or `rms_norm_fwd_x8` (8 values per load) when `x8`.
@@ -162,8 +183,9 @@ fn cuda_launch_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, wan
     (y, rstd)
 }
 
+/// The backward through the 8-wide entry where it applies, the scalar one otherwise.
 fn cuda_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels) -> Result<Tensor> {
-    cuda_launch_backward(dy, x, w, rstd, mode, k, false)
+    cuda_launch_backward(dy, x, w, rstd, mode, k, wide(&[x, dy]))
 }
 
 /// The backward through `rms_norm_bwd`, or `rms_norm_bwd_x8` when `x8`.

@@ -36,6 +36,9 @@ use super::{Batch, CausalLm, Config, LoadOptions, Weights};
 struct Norm {
     /// `weight`, f32; `None` for the scale-free variant.
     weight: Option<Tensor>,
+    /// `weight` in the compute dtype when that holds it exactly (checkpoints stored in it do),
+    /// for libtorch's fused RMSNorm under autograd; `None` otherwise or without a weight.
+    weight_compute: Option<Tensor>,
     eps: f64,
     kernels: Option<std::sync::Arc<crate::kernels::Kernels>>,
 }
@@ -43,12 +46,30 @@ struct Norm {
 impl Norm {
     fn load(l: &Loader, prefix: &str, eps: f64) -> Result<Norm> {
         let name = format!("{prefix}.weight");
-        let w = l.weights.get(&l.key(&name))?.to_device(l.opts.device).to_kind(Kind::Float);
-        Ok(Norm { weight: Some(w.set_requires_grad(false)), eps, kernels: l.kernels.clone() })
+        let w = l.weights.get(&l.key(&name))?.to_device(l.opts.device).to_kind(Kind::Float).set_requires_grad(false);
+        let low = w.to_kind(l.opts.dtype);
+        let exact = l.opts.dtype != Kind::Float && low.to_kind(Kind::Float).equal(&w);
+        Ok(Norm { weight: Some(w), weight_compute: exact.then_some(low), eps, kernels: l.kernels.clone() })
     }
 
+    /// A scale-free norm (v_norm).
+    fn plain(l: &Loader, eps: f64) -> Norm {
+        Norm { weight: None, weight_compute: None, eps, kernels: l.kernels.clone() }
+    }
+
+    /// With a graph on a GPU with the kernels on (the checkpointed recomputation), libtorch's
+    /// fused RMSNorm and its backward when the scale is exact in x's dtype; else
+    /// [`crate::kernels::rms_norm::forward`] (the kernel without a graph, the reference with one).
     fn forward(&self, x: &Tensor) -> Tensor {
-        use crate::kernels::rms_norm::{forward, Mode};
+        use crate::kernels::rms_norm::{forward, forward_fused, Mode};
+        let fused_ok = match (&self.weight, &self.weight_compute) {
+            (None, _) => true,
+            (Some(_), Some(wc)) => wc.kind() == x.kind(),
+            (Some(_), None) => false,
+        };
+        if x.requires_grad() && fused_ok && self.kernels.is_some() && x.device().is_cuda() {
+            return forward_fused(x, self.weight_compute.as_ref(), self.eps);
+        }
         forward(x, self.weight.as_ref(), self.eps, Mode::Scale, self.kernels.as_deref())
     }
 }
@@ -58,6 +79,17 @@ impl Norm {
 fn to_magnitude(x: &Tensor, target: &Tensor) -> Tensor {
     let m = x.square().mean_dim(-1, true, x.kind()).clamp_min(1e-5).sqrt();
     x * target / m
+}
+
+/// `Σ_q r[.., p, q] · s[.., q, :]` for the per-token coefficients `r` `[B, T, N, N]` and the
+/// streams `s` `[B, T, N, H]`: `[B, T, N, H]` in s's dtype. HF writes it as a batched matmul of
+/// one `[H, N] × [N, N]` product per token, which cuBLAS runs as thousands of tiny GEMMs (~0.6 ms
+/// per call on E4B's 4,096 tokens, with its backward twice that); here it is one broadcast
+/// product summed over q, in f32 as the GEMM accumulates (bf16 products are exact in f32), then
+/// rounded once.
+fn mix_streams(r: &Tensor, s: &Tensor) -> Tensor {
+    let prod = r.to_kind(Kind::Float).unsqueeze(-1) * s.to_kind(Kind::Float).unsqueeze(2);
+    prod.sum_dim_intlist(3, false, Kind::Float).to_kind(s.kind())
 }
 
 /// `sqrt(mean(x²))` over the last dimension, in x's dtype.
@@ -115,8 +147,8 @@ impl Mlp {
         let mut g = self.gate_proj.forward(x, train);
         if self.sparsity > 0.0 {
             let mult = std_multiplier(self.sparsity, g.kind());
-            let mean = g.mean_dim(-1, true, g.kind());
-            let std = g.std_correction(&[-1i64][..], 0, true);
+            // One Welford pass for both (torch.std_mean), not a mean and a std pass.
+            let (std, mean) = g.std_mean_correction(&[-1i64][..], 0, true);
             g = (&g - (mean + std * mult)).relu();
         }
         let u = self.up_proj.forward(x, train);
@@ -294,7 +326,7 @@ impl Gemma3n {
                         o_proj: l.linear(&format!("{a}.o_proj"), false)?,
                         q_norm: Norm::load(&l, &format!("{a}.q_norm"), eps)?,
                         k_norm: if shared { None } else { Some(Norm::load(&l, &format!("{a}.k_norm"), eps)?) },
-                        v_norm: Norm { weight: None, eps, kernels: l.kernels.clone() },
+                        v_norm: Norm::plain(&l, eps),
                         num_heads: config.num_attention_heads,
                         num_kv_heads: config.num_key_value_heads,
                         head_dim: config.head_dim,
@@ -417,7 +449,7 @@ impl Gemma3n {
         let active = streams.select(2, 0);
         let m = layer.altup.modalities(&active);
         let r = m.linear::<Tensor>(&layer.altup.prediction_coefs, None).view([b, t, n, n]);
-        let pred = streams + r.matmul(streams);
+        let pred = streams + mix_streams(&r, streams);
         let a = pred.select(2, 0);
         let an = layer.input_layernorm.forward(&a);
         let lz = &layer.laurel;

@@ -163,7 +163,7 @@ impl Stage for Evaluate {
 
         let mut model = crate::train::load_model(&model_rec.dir, r, device)?;
         dequantize_in_place(model.as_mut(), kind);
-        let o = step::StepOptions { checkpointing: false, pad_id, pad_multiple: 1, device, seed: r.run.seed, loss_scale: 1.0, hand_backward: false, offload: false };
+        let o = step::StepOptions { checkpointing: false, pad_id, pad_multiple: 1, device, seed: r.run.seed, loss_scale: 1.0, hand_backward: false, offload: false, profile: None };
         let params = SamplingParams {
             max_new_tokens: e.max_new_tokens as usize,
             temperature: e.temperature,

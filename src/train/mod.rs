@@ -67,6 +67,19 @@ pub fn load_model(dir: &Path, r: &Recipe, device: Device) -> Result<Box<dyn Caus
     model::load(dir, &model::LoadOptions { dtype: kind_of(r.model.dtype, device), device, quantize, cuda_kernels: r.train.cuda_kernels })
 }
 
+/// The kernel-profile window from `TUNER_CUDA_PROFILE=STEP:LAYER` ([`step::ProfileWindow`]), on
+/// CUDA only; a malformed value is an error that says the expected form.
+fn profile_window(device: Device) -> Result<Option<step::ProfileWindow>> {
+    let Ok(v) = std::env::var("TUNER_CUDA_PROFILE") else { return Ok(None) };
+    let w = step::ProfileWindow::parse(&v).with_context(|| format!("TUNER_CUDA_PROFILE={v:?}: expected STEP:LAYER, e.g. 2:10"))?;
+    if !device.is_cuda() {
+        log::warn!("TUNER_CUDA_PROFILE is set but training runs on {device:?}; no profile window");
+        return Ok(None);
+    }
+    log::info!("CUDA profiler window: layer {} of step {}, first micro-batch (forward and backward)", w.layer, w.step);
+    Ok(Some(w))
+}
+
 /// Whether to offload the checkpointed layer inputs (`train.offload_activations`): "on" and
 /// "auto" apply only on CUDA with gradient checkpointing; "auto" when `tuner plan`'s estimate
 /// exceeds 90% of the device's memory. Says what it decided.
@@ -282,6 +295,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         loss_scale,
         hand_backward: device.is_cuda() && t.cuda_kernels,
         offload: offload_activations(ctx, dir, device)?,
+        profile: profile_window(device)?,
     };
     let bar = if leader { util::progress(total, "train") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(start);

@@ -38,6 +38,30 @@ pub struct StepOptions {
     /// With checkpointing on CUDA: keep the layer inputs in pinned host memory
     /// ([`super::offload::Offloader`]).
     pub offload: bool,
+    /// Record one layer's kernels with the CUDA profiler ([`ProfileWindow`]).
+    pub profile: Option<ProfileWindow>,
+}
+
+/// For kernel profiles: the CUDA profiler collects only while layer `layer` of the first
+/// micro-batch of optimizer step `step` runs, once in the forward and once in the backward
+/// (recomputation included), so `ncu --profile-from-start off` times just those kernels. Set by
+/// `TUNER_CUDA_PROFILE=STEP:LAYER` (a debugging aid, like `RUST_LOG`; see docs/benchmarks.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProfileWindow {
+    pub step: u64,
+    pub layer: usize,
+}
+
+impl ProfileWindow {
+    /// Parse `STEP:LAYER`.
+    pub fn parse(s: &str) -> Option<ProfileWindow> {
+        let (a, b) = s.split_once(':')?;
+        Some(ProfileWindow { step: a.trim().parse().ok()?, layer: b.trim().parse().ok()? })
+    }
+
+    fn covers(w: Option<ProfileWindow>, step: u64, micro: usize, layer: usize) -> bool {
+        w.is_some_and(|w| w.step == step && w.layer == layer && micro == 0)
+    }
 }
 
 /// What one step produced.
@@ -91,7 +115,8 @@ struct PhaseClock {
     on: bool,
     device: Device,
     last: std::time::Instant,
-    laps: Vec<(&'static str, f64, Option<i64>)>,
+    /// (phase, host time to issue its work, wall time to its end on the device, peak so far).
+    laps: Vec<(&'static str, f64, f64, Option<i64>)>,
 }
 
 impl PhaseClock {
@@ -113,13 +138,17 @@ impl PhaseClock {
         if !self.on {
             return;
         }
+        // The time the host took to issue the phase's work, then the time until the device
+        // finished it: when the two are close, the phase is bound by the host (launches,
+        // dispatch), not by the GPU.
+        let issued = self.last.elapsed().as_secs_f64();
         self.sync();
         let now = std::time::Instant::now();
         let peak = match self.device {
             Device::Cuda(i) => crate::device_mem::cuda(i).map(|m| m.peak_allocated),
             _ => None,
         };
-        self.laps.push((name, (now - self.last).as_secs_f64(), peak));
+        self.laps.push((name, issued, (now - self.last).as_secs_f64(), peak));
         self.last = now;
     }
 
@@ -128,8 +157,8 @@ impl PhaseClock {
             let parts: Vec<String> = self
                 .laps
                 .iter()
-                .map(|(n, t, p)| match p {
-                    Some(p) => format!("{n} {:.1} ms (peak so far {:.2} GiB)", t * 1e3, *p as f64 / (1u64 << 30) as f64),
+                .map(|(n, i, t, p)| match p {
+                    Some(p) => format!("{n} {:.1} ms (issued in {:.1} ms; peak so far {:.2} GiB)", t * 1e3, i * 1e3, *p as f64 / (1u64 << 30) as f64),
                     None => format!("{n} {:.1} ms", t * 1e3),
                 })
                 .collect();
@@ -202,7 +231,14 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
                         None => inputs.push(h.shallow_clone()),
                     }
                     tch::manual_seed(layer_seed(o.seed, step, m, l));
+                    let profiled = ProfileWindow::covers(o.profile, step, m, l);
+                    if profiled {
+                        crate::kernels::cuda_profiler(true);
+                    }
                     h = model.layer(l, &h, &batch, true);
+                    if profiled {
+                        crate::kernels::cuda_profiler(false);
+                    }
                 }
                 h
             };
@@ -226,17 +262,24 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
                     None => std::mem::replace(&mut inputs[l], Tensor::new()),
                 };
                 tch::manual_seed(layer_seed(o.seed, step, m, l));
-                if o.hand_backward {
-                    if let Some(dx) = model.layer_backward(l, &input, &batch, &grad) {
-                        grad = dx;
-                        continue;
+                let profiled = ProfileWindow::covers(o.profile, step, m, l);
+                if profiled {
+                    crate::kernels::cuda_profiler(true);
+                }
+                let hand = if o.hand_backward { model.layer_backward(l, &input, &batch, &grad) } else { None };
+                match hand {
+                    Some(dx) => grad = dx,
+                    None => {
+                        let x = input.detach().set_requires_grad(l > 0);
+                        let y = model.layer(l, &x, &batch, true);
+                        (&y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
+                        if l > 0 {
+                            grad = x.grad();
+                        }
                     }
                 }
-                let x = input.detach().set_requires_grad(l > 0);
-                let y = model.layer(l, &x, &batch, true);
-                (&y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
-                if l > 0 {
-                    grad = x.grad();
+                if profiled {
+                    crate::kernels::cuda_profiler(false);
                 }
             }
             clock.lap("backward");
