@@ -43,7 +43,7 @@ pub struct StepOptions {
 }
 
 /// For kernel profiles: the CUDA profiler collects only while layer `layer` of the first
-/// micro-batch of optimizer step `step` runs, once in the forward and once in the backward
+/// micro-batch of optimizer step `step` (counted from 1, as the logs do) runs, once in the forward and once in the backward
 /// (recomputation included), so `ncu --profile-from-start off` times just those kernels. Set by
 /// `TUNER_CUDA_PROFILE=STEP:LAYER` (a debugging aid, like `RUST_LOG`; see docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,7 +60,8 @@ impl ProfileWindow {
     }
 
     fn covers(w: Option<ProfileWindow>, step: u64, micro: usize, layer: usize) -> bool {
-        w.is_some_and(|w| w.step == step && w.layer == layer && micro == 0)
+        // `step` counts from 0 here; the window, like the logs ("step 2/60"), from 1.
+        w.is_some_and(|w| w.step == step + 1 && w.layer == layer && micro == 0)
     }
 }
 
