@@ -279,12 +279,22 @@ pub fn lora_fixture_on(name: &str, quantize: bool, device: tch::Device, dtype: t
     lora_fixture_seeded(name, quantize, 3, 11, device, dtype)
 }
 
+/// [`lora_fixture_on`] with the CUDA kernels off (every block on its reference path), dense.
+#[allow(dead_code)]
+pub fn lora_fixture_reference_on(name: &str, device: tch::Device, dtype: tch::Kind) -> Box<dyn tuner::model::CausalLm> {
+    lora_fixture_with(name, false, 3, 11, device, dtype, false)
+}
+
 fn lora_fixture_seeded(name: &str, quantize: bool, init_seed: i64, b_seed: i64, device: tch::Device, dtype: tch::Kind) -> Box<dyn tuner::model::CausalLm> {
+    lora_fixture_with(name, quantize, init_seed, b_seed, device, dtype, true)
+}
+
+fn lora_fixture_with(name: &str, quantize: bool, init_seed: i64, b_seed: i64, device: tch::Device, dtype: tch::Kind, cuda_kernels: bool) -> Box<dyn tuner::model::CausalLm> {
     use tuner::model::{self, lora};
     let quantize = quantize.then_some((tuner::quant::QuantType::Nf4, 64, true));
     let mut m = model::load(
         &repo().join("tests/fixtures/models").join(name),
-        &model::LoadOptions { dtype, device, quantize, cuda_kernels: true },
+        &model::LoadOptions { dtype, device, quantize, cuda_kernels },
     )
     .unwrap();
     let spec = lora::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: lora::Targets::AllLinear };

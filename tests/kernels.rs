@@ -199,17 +199,22 @@ fn cuda_kernels_match_their_references_on_a_gpu() {
     let e = worst(&g16, &g32);
     assert!(e < 1e-1, "packed bf16 (varlen) gradients differ from fp32 by {e:.2e}");
 
-    // Gemma 3n through autograd (it has no hand-written backward): in bf16 its norms take
-    // libtorch's fused RMSNorm in the recomputation; in fp32 the reference. They agree to bf16
-    // precision.
+    // Gemma 3n through autograd (it has no hand-written backward). In bf16 with the kernels on,
+    // its norms take libtorch's fused RMSNorm in the recomputation; with them off, the reference.
+    // Both are compared with fp32: the fused path must be as close to it as the reference bf16
+    // path is. (This fixture's bf16 gradients sit ~0.2 from fp32 on any path: the sparsity
+    // cutoff and the softcap amplify rounding; a wrong scale or a missing gradient would be ~1.)
     let micro = vec![loader.next(&mut data::Cursor::default())];
-    let m32 = crate::common::lora_fixture_on("gemma3n", false, Device::Cuda(0), Kind::Float);
-    let (l32, g32) = grads(m32.as_ref(), &micro, true, false, Device::Cuda(0));
-    let m16 = crate::common::lora_fixture_on("gemma3n", false, Device::Cuda(0), Kind::BFloat16);
-    let (l16, g16) = grads(m16.as_ref(), &micro, true, false, Device::Cuda(0));
-    assert!((l16 - l32).abs() < 1e-2 * l32, "gemma3n bf16 loss {l16} vs fp32 {l32}");
-    let e = worst(&g16, &g32);
-    assert!(e < 1e-1, "gemma3n bf16 gradients differ from fp32 by {e:.2e}");
+    let dev = Device::Cuda(0);
+    let m32 = crate::common::lora_fixture_on("gemma3n", false, dev, Kind::Float);
+    let (l32, g32) = grads(m32.as_ref(), &micro, true, false, dev);
+    let fused = crate::common::lora_fixture_on("gemma3n", false, dev, Kind::BFloat16);
+    let (l_fused, g_fused) = grads(fused.as_ref(), &micro, true, false, dev);
+    let reference = crate::common::lora_fixture_reference_on("gemma3n", dev, Kind::BFloat16);
+    let (l_ref, g_ref) = grads(reference.as_ref(), &micro, false, false, dev);
+    assert!((l_fused - l32).abs() < 1e-2 * l32, "gemma3n bf16 loss {l_fused} vs fp32 {l32}");
+    let (e_fused, e_ref) = (worst(&g_fused, &g32), worst(&g_ref, &g32));
+    assert!(e_fused < 1.25 * e_ref + 2e-2, "gemma3n bf16 gradients: fused path {e_fused:.2e} from fp32, reference path {e_ref:.2e} (loss {l_ref})");
 }
 
 #[test]
@@ -236,3 +241,4 @@ fn fused_rms_norm_matches_the_reference_with_gradients() {
         }
     }
 }
+
