@@ -2,7 +2,8 @@
 //! layer backward against autograd (CPU, every Llama-like family, dense and NF4), and on a GPU
 //! every kernel against its reference plus the hand-written backward against autograd there;
 //! the documents varlen attention splits a batch into, and on a GPU a packed bf16 step through
-//! it against the fp32 boolean-mask path.
+//! it against the fp32 boolean-mask path; libtorch's fused RMSNorm (Gemma 3n's norms under
+//! autograd on a GPU) against the reference, and on a GPU a bf16 Gemma 3n step through it.
 
 use tch::{Device, Kind, Tensor};
 use tuner::kernels::{glu, rms_norm, rope};
