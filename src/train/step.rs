@@ -43,9 +43,10 @@ pub struct StepOptions {
 }
 
 /// For kernel profiles: the CUDA profiler collects only while layer `layer` of the first
-/// micro-batch of optimizer step `step` (counted from 1, as the logs do) runs, once in the forward and once in the backward
-/// (recomputation included), so `ncu --profile-from-start off` times just those kernels. Set by
-/// `TUNER_CUDA_PROFILE=STEP:LAYER` (a debugging aid, like `RUST_LOG`; see docs/benchmarks.md).
+/// micro-batch of optimizer step `step` (counted from 1, as the logs do) runs, once in the
+/// forward and once in the backward (recomputation included), so `ncu --profile-from-start off`
+/// times just those kernels. Set by `TUNER_CUDA_PROFILE=STEP:LAYER` (a debugging aid, like
+/// `RUST_LOG`; see docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProfileWindow {
     pub step: u64,
