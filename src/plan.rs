@@ -11,7 +11,9 @@
 //! dequantized weight, the cross-entropy chunk, and the runtime itself. For Gemma 3n also the
 //! AltUp/LAuReL/per-layer-input weights, the N-stream layer inputs (plus the carried shared K/V),
 //! the per-batch per-layer inputs, and the per-layer embedding table, which stays in host
-//! memory (listed apart from a GPU's total).
+//! memory (listed apart from a GPU's total), as do offloaded layer inputs. On a GPU the layer
+//! working set depends on the backward (hand-written or autograd); its factor is fitted to the
+//! allocator peaks measured on an H200 (docs/benchmarks.md), which tests/plan.rs checks.
 
 use crate::recipe::{Loaded, QuantMethod, Source};
 use crate::train::optim::AdamW;
@@ -39,6 +41,10 @@ pub struct Shape {
     /// Attention scores are written out (Gemma 2's softcap), even where SDPA's fused kernels exist.
     #[serde(default)]
     pub eager_attention: bool,
+    /// The family has a hand-written layer backward (Llama, Mistral, Qwen2, Qwen3), which the
+    /// CUDA fast path uses instead of autograd.
+    #[serde(default)]
+    pub hand_backward: bool,
 }
 
 impl Shape {
@@ -57,6 +63,7 @@ impl Shape {
             streams: c.gemma3n.as_ref().map_or(1, |g| g.altup_num_inputs),
             gemma3n: c.gemma3n.as_ref().map(|g| (g.vocab_size_per_layer_input, g.hidden_size_per_layer_input, g.laurel_rank, g.num_kv_shared_layers)),
             eager_attention: c.attn_logit_softcapping.is_some(),
+            hand_backward: matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3"),
         })
     }
 
@@ -76,6 +83,7 @@ impl Shape {
             streams: 1,
             gemma3n: None,
             eager_attention: false,
+            hand_backward: true,
         })
     }
 
@@ -212,9 +220,27 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let layer_ws = tokens * dt * (4 * width + 2 * q + 4 * kv + 4 * s.intermediate) + scores;
     // Gemma 3n carries the producers' K and V (two layer types) past them to the shared layers.
     let carried = s.gemma3n.map_or(0, |(_, _, _, shared)| (shared + 2) * tokens * 4 * kv * dt);
+    // The CUDA fast path's hand-written backward frees each intermediate once used, where autograd
+    // keeps the recomputed graph's activations beside their gradients: 1.35 against 2 layer
+    // working sets, fitted to the Llama-3.1-8B allocator peaks measured on the H200 at 4k, 32k and
+    // 131k tokens (docs/benchmarks.md; tests/plan.rs holds the estimate to them).
+    let hand = device.is_cuda() && t.cuda_kernels && s.hand_backward && r.lora.dropout == 0.0;
+    // Offloaded layer inputs live in pinned host memory; the GPU holds the one in use and the one
+    // prefetched. ("auto" is decided from this estimate without offload, so it counts as off.)
+    let offload = device.is_cuda() && t.gradient_checkpointing && t.offload_activations == "on";
     if t.gradient_checkpointing {
-        add("checkpointed layer inputs", s.layers * tokens * width * dt + carried, format!("{} layers × {b}×{seq}×{width}", s.layers));
-        add("one layer, recompute + backward", 2 * layer_ws, "activations and their gradients".into());
+        let inputs = s.layers * tokens * width * dt;
+        if offload {
+            add("checkpointed layer inputs", 2 * tokens * width * dt + carried, format!("2 of {} layers × {b}×{seq}×{width} on the GPU, the rest offloaded", s.layers));
+            host_items.push(Item { component: "checkpointed layer inputs (offloaded)".into(), bytes: inputs as u64, note: "pinned host memory".into() });
+        } else {
+            add("checkpointed layer inputs", inputs + carried, format!("{} layers × {b}×{seq}×{width}", s.layers));
+        }
+        if hand {
+            add("one layer, recompute + backward", layer_ws * 27 / 20, "hand-written backward: intermediates freed as used".into());
+        } else {
+            add("one layer, recompute + backward", 2 * layer_ws, "activations and their gradients".into());
+        }
     } else {
         add("all layer activations", s.layers * layer_ws + layer_ws + carried, "no checkpointing".into());
     }

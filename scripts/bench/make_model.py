@@ -11,6 +11,8 @@ SHAPE-bnb4 (e.g. gemma3n-e4b-bnb4) saves the model as transformers + bitsandbyte
 pre-quantized checkpoint (NF4, double quant, bf16 compute; the small AltUp modules and lm_head
 left unquantized, as in unsloth/gemma-3n-e4b-it-bnb-4bit): needs bitsandbytes and a GPU.
 --tiny keeps the structure (GQA ratio, rope scaling, tying, layer types) at toy size, for CPU tests.
+--config-only writes just config.json (no weights, no torch needed), e.g. for `tuner plan`, which
+reads only the shape: tests/fixtures/plan/ holds these for the shapes raced on the H200.
 
 The weights are initialised on the target device in bf16 (fast on the GPU). Any tokenizer works
 since the benchmarks feed random token ids; the one copied here (from tests/fixtures, ~300 tokens)
@@ -105,7 +107,19 @@ def main():
     ap.add_argument("--device", default=None, help="where to initialise (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--config-only", action="store_true", help="write config.json only (the shape, no weights)")
     a = ap.parse_args()
+
+    if a.config_only:
+        if a.shape.endswith("-bnb4"):
+            sys.exit("make_model: --config-only takes a plain shape (a bnb4 folder's shape is the same)")
+        cfg, arch = build_config(a.shape, a.tiny)
+        cfg.architectures = [arch]
+        cfg.dtype = "bfloat16"
+        os.makedirs(a.outdir, exist_ok=True)
+        cfg.to_json_file(os.path.join(a.outdir, "config.json"), use_diff=False)
+        print(f"make_model: {a.shape} config.json -> {a.outdir}")
+        return
 
     import torch
     import transformers
