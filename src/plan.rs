@@ -231,8 +231,10 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     if t.gradient_checkpointing {
         let inputs = s.layers * tokens * width * dt;
         if offload {
-            add("checkpointed layer inputs", 2 * tokens * width * dt + carried, format!("2 of {} layers × {b}×{seq}×{width} on the GPU, the rest offloaded", s.layers));
-            host_items.push(Item { component: "checkpointed layer inputs (offloaded)".into(), bytes: inputs as u64, note: "pinned host memory".into() });
+            // Gemma 3n's inputs also carry up to two producers' K and V.
+            let carry_width = if s.gemma3n.is_some() { 4 * kv } else { 0 };
+            add("checkpointed layer inputs", 2 * tokens * (width + carry_width) * dt, format!("2 of {} layers × {b}×{seq}×{width} on the GPU, the rest offloaded", s.layers));
+            host_items.push(Item { component: "checkpointed layer inputs (offloaded)".into(), bytes: (inputs + carried) as u64, note: "pinned host memory".into() });
         } else {
             add("checkpointed layer inputs", inputs + carried, format!("{} layers × {b}×{seq}×{width}", s.layers));
         }

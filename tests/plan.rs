@@ -60,6 +60,16 @@ fn the_gemma3n_plan_keeps_the_per_layer_table_on_the_host() {
     let gpu = plan("cuda");
     assert_eq!(item(&gpu, "host_items", table), Some(320 * 6 * 16 * 2), "bf16 in host memory");
     assert_eq!(item(&gpu, "items", table), None, "not counted against the GPU");
+    // 6 layers × 2×1024 tokens × 4 streams × 64 wide × 2 bytes, plus the K/V carried for the
+    // 3 shared layers: (3 + 2) × 2048 × 4 × 32 × 2.
+    let inputs = 6 * 2048 * 256 * 2 + 5 * 2048 * 4 * 32 * 2;
+    assert_eq!(item(&gpu, "items", "checkpointed layer inputs"), Some(inputs));
+    // Offloaded: all of them in host memory, the two in use (with the widest carry) on the GPU.
+    let (code, out, err) = run(&["plan", r.to_str().unwrap(), "--json", "--set", "train.device=\"cuda\"", "--set", "train.offload_activations=\"on\""]);
+    assert_eq!(code, 0, "{err}");
+    let off: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(item(&off, "host_items", "checkpointed layer inputs (offloaded)"), Some(inputs));
+    assert_eq!(item(&off, "items", "checkpointed layer inputs"), Some(2 * 2048 * (256 + 4 * 32) * 2));
 }
 
 /// The GPU estimate from a shape's config.json alone, against the CUDA allocator peaks measured
