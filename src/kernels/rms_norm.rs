@@ -38,16 +38,14 @@ impl Mode {
 /// reference's eight passes), else the reference.
 pub fn forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> Tensor {
     let grad = x.requires_grad() || w.is_some_and(Tensor::requires_grad);
-    if !grad && !x.is_contiguous() && kernels.is_some() && x.device().is_cuda() {
-        let xc = x.contiguous();
+    if !grad {
+        let strided = !x.is_contiguous() && kernels.is_some() && x.device().is_cuda();
+        let xc = if strided { x.contiguous() } else { x.shallow_clone() };
         if let Some(k) = kernel_for(&xc, w, kernels) {
             return cuda_forward(&xc, w, eps, mode, false, k).0;
         }
     }
-    match kernel_for(x, w, kernels) {
-        Some(k) if !grad => cuda_forward(x, w, eps, mode, false, k).0,
-        _ => forward_reference(x, w, eps, mode),
-    }
+    forward_reference(x, w, eps, mode)
 }
 
 /// [`Mode::Scale`] / [`Mode::Plain`] through libtorch's own fused RMSNorm (`at::rms_norm`, which

@@ -47,9 +47,9 @@ impl Norm {
     fn load(l: &Loader, prefix: &str, eps: f64) -> Result<Norm> {
         let name = format!("{prefix}.weight");
         let w = l.weights.get(&l.key(&name))?.to_device(l.opts.device).to_kind(Kind::Float).set_requires_grad(false);
-        let low = w.to_kind(l.opts.dtype);
-        let exact = l.opts.dtype != Kind::Float && low.to_kind(Kind::Float).equal(&w);
-        Ok(Norm { weight: Some(w), weight_compute: exact.then_some(low), eps, kernels: l.kernels.clone() })
+        let dtype = l.opts.dtype;
+        let weight_compute = (dtype != Kind::Float).then(|| w.to_kind(dtype)).filter(|low| low.to_kind(Kind::Float).equal(&w));
+        Ok(Norm { weight: Some(w), weight_compute, eps, kernels: l.kernels.clone() })
     }
 
     /// A scale-free norm (v_norm).
