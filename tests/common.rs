@@ -309,3 +309,17 @@ fn lora_fixture_with(name: &str, quantize: bool, init_seed: i64, b_seed: i64, de
     }
     m
 }
+
+/// A copy of fixture `name` in `dir` whose weights pass through `edit(name, tensor)` (e.g. to
+/// zero an embedding row or plant a NaN); returns the folder.
+#[allow(dead_code)]
+pub fn edited_fixture(name: &str, dir: &Path, edit: impl Fn(&str, tch::Tensor) -> tch::Tensor) -> PathBuf {
+    fixture_model(name, dir);
+    let file = dir.join("model.safetensors");
+    let tensors: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&file).unwrap().into_iter().map(|(n, t)| {
+        let t = edit(&n, t);
+        (n, t)
+    }).collect();
+    tch::Tensor::write_safetensors(&tensors, &file).unwrap();
+    dir.to_path_buf()
+}

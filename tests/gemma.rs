@@ -30,7 +30,7 @@ fn grads(m: &dyn CausalLm, checkpointing: bool) -> (f64, Vec<(String, Tensor)>) 
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None };
+    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: false };
     let r = step::forward_backward(m, &batch(), 0, &o);
     (r.loss, named_params(m).into_iter().map(|(n, p)| (n, p.grad().copy())).collect())
 }
@@ -73,7 +73,7 @@ fn gemma3n_checkpointed_gradients_equal_autograd_and_reach_the_kv_producers() {
         let _g = tch::no_grad_guard();
         let mut p = param.shallow_clone();
         let _ = p.g_add_(&(&dir * delta));
-        let o = step::StepOptions { checkpointing: false, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None };
+        let o = step::StepOptions { checkpointing: false, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: false };
         let (nll, n) = step::eval_nll(m.as_ref(), &batch()[0], &o);
         let _ = p.g_add_(&(&dir * -delta));
         nll / n as f64
@@ -183,4 +183,65 @@ fn a_gemma3n_adapter_and_merged_export_load_in_transformers_and_peft_with_the_sa
     eprintln!("gemma3n export: PEFT vs tuner {peft:.2e}, HF merged vs tuner QLoRA {merged:.2e}, adapter effect {effect:.2e}");
     assert!(peft <= 1e-4 && merged <= 1e-4, "PEFT {peft:e}, merged {merged:e}");
     assert!(effect > 1e-3, "the adapter changes the logits by only {effect:e}");
+}
+
+/// The transformers init zeroes the embedding row at the pad id (`padding_idx`); tuner pads with
+/// that id and its padding attends only to padding, so Gemma 3n's streams stay exactly zero at
+/// the pads through every layer. The final AltUp collapse then differentiated `sqrt` at 0 and
+/// the NaN reached every LoRA gradient (issue 15). Packed rows with padding, checkpointed, as
+/// training runs them: every gradient finite and equal to the unpadded rows' gradients.
+#[test]
+fn a_zero_pad_embedding_row_keeps_gemma3n_gradients_finite() {
+    let d = tmp();
+    let pad = 296i64;
+    let dir = edited_fixture("gemma3n", &d.path().join("model"), |name, t| {
+        if name.ends_with("embed_tokens.weight") || name.ends_with("embed_tokens_per_layer.weight") {
+            let _ = t.get(pad).fill_(0.0);
+            t
+        } else {
+            t
+        }
+    });
+    let opts = model::LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None, cuda_kernels: true };
+    let mut m = model::load(&dir, &opts).unwrap();
+    let spec = tuner::model::lora::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: tuner::model::lora::Targets::AllLinear };
+    tuner::model::lora::attach(m.as_mut(), &spec, 3).unwrap();
+    tch::manual_seed(11);
+    tch::no_grad(|| {
+        for mut p in tuner::model::lora::trainable_parameters(m.as_ref()).into_iter().filter(|p| p.size()[1] == 4) {
+            let _ = p.copy_(&(Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.1));
+        }
+    });
+    // Two packed rows of two documents each; the shorter row is padded with `pad`.
+    let row = |a: i64, n: i64| -> Vec<i64> { (0..n).map(|k| (k * 31 + a) % 290).collect() };
+    let (r0, r1) = ([row(5, 9), row(40, 7)].concat(), [row(70, 6), row(100, 5)].concat());
+    let mk = |rows: Vec<Vec<i64>>, docs: Vec<Vec<i64>>| {
+        let labels = rows.iter().map(|r| r.iter().enumerate().map(|(k, x)| if k < 2 { -100 } else { *x }).collect()).collect();
+        data::MicroBatch { input_ids: rows, labels, seq_ids: Some(docs) }
+    };
+    let docs = |n0: usize, n1: usize| [vec![0i64; n0], vec![1i64; n1]].concat();
+    let padded = mk(vec![r0.clone(), r1.clone()], vec![docs(9, 7), docs(6, 5)]);
+    let alone = [mk(vec![r0], vec![docs(9, 7)]), mk(vec![r1], vec![docs(6, 5)])];
+    let run = |micro: &[data::MicroBatch]| {
+        let params = tuner::model::lora::trainable_parameters(m.as_ref());
+        for p in &params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let o = step::StepOptions { checkpointing: true, pad_id: pad, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: true };
+        let r = step::forward_backward(m.as_ref(), micro, 0, &o);
+        (r, params.iter().map(|p| p.grad().copy()).collect::<Vec<_>>())
+    };
+    let (r_pad, g_pad) = run(std::slice::from_ref(&padded));
+    assert!(r_pad.anomaly.is_none(), "{:?}", r_pad.anomaly);
+    assert!(r_pad.loss.is_finite());
+    let (r_alone, g_alone) = run(&alone);
+    assert!((r_pad.loss - r_alone.loss).abs() < 1e-5 * r_alone.loss, "{} vs {}", r_pad.loss, r_alone.loss);
+    for (a, b) in g_pad.iter().zip(&g_alone) {
+        assert_eq!(a.isfinite().all().int64_value(&[]), 1, "a non-finite LoRA gradient");
+        let e = (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12);
+        assert!(e < 1e-4, "padded vs unpadded gradient differs by {e:.2e}");
+    }
 }

@@ -92,9 +92,19 @@ fn mix_streams(r: &Tensor, s: &Tensor) -> Tensor {
     prod.sum_dim_intlist(3, false, Kind::Float).to_kind(s.kind())
 }
 
-/// `sqrt(mean(x²))` over the last dimension, in x's dtype.
+/// `sqrt(mean(x²))` over the last dimension, in x's dtype, with gradient 0 (not NaN) where the
+/// mean is 0. HF writes `mean(x²) ** 0.5`, whose derivative at 0 is `0 · ∞ = NaN`; HF never
+/// reaches it, since its padding queries attend to the real tokens, but here a padding position
+/// attends only to padding (varlen, packed rows), and where the checkpoint's embedding row at
+/// the pad id is zero (transformers' `padding_idx` init) its streams stay exactly zero through
+/// every layer: the final collapse then differentiated `sqrt` at 0, and the NaN reached every
+/// LoRA gradient through the padding positions. The value is unchanged: `sqrt(v)` for `v > 0`,
+/// and 0 at 0.
 fn magnitude(x: &Tensor) -> Tensor {
-    x.square().mean_dim(-1, true, x.kind()).sqrt()
+    let v = x.square().mean_dim(-1, true, x.kind());
+    let live = v.gt(0.0);
+    let safe = v.where_self(&live, &v.ones_like()).sqrt();
+    safe.where_self(&live, &v.zeros_like())
 }
 
 /// `self_attn`. Shared layers have no k/v projections: they read a producer's K/V.
