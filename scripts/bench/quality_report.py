@@ -264,8 +264,9 @@ def table(a):
     return 0
 
 
-def plot(q, tags, runs):
-    path = os.path.join(q, "loss.png")
+def plot(q, tags, runs, title="SmolLM2-135M QLoRA: tuner vs HF + peft + bitsandbytes", name="loss.png"):
+    """Loss curves of runs[tag]["metrics"] into q/name (guide_report.py draws its curves here too)."""
+    path = os.path.join(q, name)
     series = [(t, [(m["step"], m["loss"]) for m in runs[t].get("metrics", []) if m.get("loss") is not None]) for t in tags]
     series = [(t, s) for t, s in series if s]
     if not series:
@@ -282,7 +283,7 @@ def plot(q, tags, runs):
                     ls="-" if t.startswith("tuner") else "--", color=[c / 255 for c in COLOURS[i % 8][1]])
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("train loss (summed NLL / trained tokens)")
-        ax.set_title("SmolLM2-135M QLoRA: tuner vs HF + peft + bitsandbytes")
+        ax.set_title(title)
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
