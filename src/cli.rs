@@ -108,6 +108,41 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// One training step's LoRA gradients on given rows (no optimizer step), through the path
+    /// `tuner run` trains with; names where a NaN/inf first appears. For comparing with HF +
+    /// peft (scripts/grad_parity.py) and for reporting a non-finite gradient on a checkpoint.
+    Grads {
+        /// An HF folder, a bnb-4bit folder or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter folder; its tensors are used as stored (B may be non-zero).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// JSONL rows {"input_ids": [...], "labels": [...]} (labels -100 where not trained,
+        /// unshifted); all rows form one right-padded micro-batch.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the fp32 gradients (safetensors, PEFT adapter keys).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        dtype: recipe::Dtype,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Quantize the base linears at load, as a QLoRA recipe does.
+        #[arg(long, value_enum, default_value = "none")]
+        quantize: GradsQuant,
+        /// Pad id (default: the one training uses, the tokenizer's <|endoftext|> or its EOS).
+        #[arg(long)]
+        pad_id: Option<i64>,
+        /// Without gradient checkpointing (one autograd pass).
+        #[arg(long)]
+        no_checkpointing: bool,
+        /// Without the CUDA kernels and hand-written backward (the reference path).
+        #[arg(long)]
+        no_kernels: bool,
+    },
     /// Check tuner's CUDA kernels (kernels/*.cu) against their CPU references on a GPU;
     /// `--bench` also times each against the card's copy bandwidth. Exits non-zero on a mismatch.
     Kernels {
@@ -175,6 +210,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `tuner grads --quantize`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GradsQuant {
+    None,
+    /// NF4, blocks of 64, double quant (the QLoRA default).
+    Nf4,
 }
 
 fn context(r: recipe::Loaded, run_dir: Option<PathBuf>, threads: Option<usize>, interrupted: Arc<AtomicBool>) -> Result<RunContext> {
@@ -273,6 +316,32 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             }
             lead(&ctx, &ra, from, until, verify, write_expected, expected)
         }
+        Command::Grads { model, adapter, data, out, dtype, device, quantize, pad_id, no_checkpointing, no_kernels } => {
+            let device = crate::train::device_of(&device).map_err(|e| Failure::Usage(format!("--device: {e}")))?;
+            let hub = crate::hub::HubConfig::from_env()?;
+            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let dir = crate::score::model_dir(&model, &cache)?;
+            let report = crate::train::probe::run(crate::train::probe::GradsInputs {
+                model_dir: &dir,
+                adapter: &adapter,
+                rows: crate::train::probe::read_rows(&data)?,
+                kind: crate::train::kind_of(dtype, device),
+                device,
+                quantize: match quantize {
+                    GradsQuant::None => None,
+                    GradsQuant::Nf4 => Some((crate::quant::QuantType::Nf4, 64, true)),
+                },
+                pad_id,
+                checkpointing: !no_checkpointing,
+                kernels: !no_kernels,
+            })?;
+            crate::train::probe::write(&report, &out)?;
+            println!("{}", serde_json::to_string(&report)?);
+            if let Some(a) = &report.anomaly {
+                eprintln!("grads: the first non-finite value appeared in {a}");
+            }
+            Ok(())
+        }
         Command::Kernels { device, bench } => {
             let device = crate::train::device_of(&device)?;
             let Device::Cuda(ordinal) = device else {
@@ -312,6 +381,9 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         }
         Command::Validate { recipe: ra } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
             println!("{}: ok (run dir {})", ra.recipe.display(), r.default_run_dir().display());
             Ok(())
         }

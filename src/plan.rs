@@ -118,6 +118,9 @@ pub struct Plan {
     pub load_bytes: u64,
     /// max(train, load): the expected peak.
     pub total_bytes: u64,
+    /// `train.coalesce` decided: the step's rows run as packed passes of at most this many
+    /// tokens (`None`: micro-batch by micro-batch).
+    pub coalesce_tokens: Option<u64>,
 }
 
 fn dtype_bytes(k: tch::Kind) -> i64 {
@@ -215,7 +218,17 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let kv = s.kv_heads * s.head_dim;
     // Scores and probabilities in f32, where they exist: on a GPU SDPA's fused kernels keep only
     // per-row statistics, unless the family writes attention out (a softcap).
-    let scores = if device.is_cuda() && !s.eager_attention { 0 } else { b * s.heads * seq * seq * 4 * 2 };
+    let kind = crate::train::kind_of(r.model.dtype, device);
+    let coalesce_tokens = crate::train::step::coalesce_budget(t, device, kind, s.head_dim, s.eager_attention).map(|n| n as u64);
+    // A coalesced pass is one row of up to b·seq tokens: its scores, where written out, are
+    // (b·seq)², not b·seq².
+    let scores = if device.is_cuda() && !s.eager_attention {
+        0
+    } else if coalesce_tokens.is_some() {
+        s.heads * tokens * tokens * 4 * 2
+    } else {
+        b * s.heads * seq * seq * 4 * 2
+    };
     let width = s.streams.max(1) * s.hidden;
     let layer_ws = tokens * dt * (4 * width + 2 * q + 4 * kv + 4 * s.intermediate) + scores;
     // Gemma 3n carries the producers' K and V (two layer types) past them to the shared layers.
@@ -267,7 +280,7 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     if train_bytes == 0 {
         bail!("empty estimate");
     }
-    Ok(Plan { device: format!("{device:?}"), shape, items, load_items, host_items, train_bytes, load_bytes, total_bytes: train_bytes.max(load_bytes) })
+    Ok(Plan { device: format!("{device:?}"), shape, items, load_items, host_items, train_bytes, load_bytes, total_bytes: train_bytes.max(load_bytes), coalesce_tokens })
 }
 
 /// The estimate as a table.
@@ -288,6 +301,10 @@ pub fn render(p: &Plan) -> String {
     s.push_str(&format!("  {:<40} {:>9.3} GiB\n", "expected peak", gib(p.total_bytes)));
     for i in &p.host_items {
         s.push_str(&format!("  {:<40} {:>9.3} GiB  {}\n", format!("host: {}", i.component), gib(i.bytes), i.note));
+    }
+    match p.coalesce_tokens {
+        Some(n) => s.push_str(&format!("  a step's micro-batches run as packed varlen passes of up to {n} tokens (train.coalesce)\n")),
+        None => s.push_str("  a step's micro-batches run one by one (train.coalesce)\n"),
     }
     s
 }

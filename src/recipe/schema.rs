@@ -38,7 +38,7 @@ impl Default for RunSection {
 }
 
 /// Compute / storage dtype.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     /// bf16 where the device supports it, else fp32 (CPU).
@@ -244,6 +244,17 @@ pub enum Optimizer {
     Adamw8bit,
 }
 
+/// `train.coalesce`: whether a step's micro-batches run as packed passes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Coalesce {
+    /// On where attention takes the varlen path (CUDA, bf16/fp16, no attention softcap).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
 /// `[train]`: the training loop.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -279,6 +290,15 @@ pub struct TrainSection {
     /// gradient checkpointing): "on", "off", or "auto" (on when `tuner plan`'s estimate exceeds
     /// 90% of the device's memory).
     pub offload_activations: String,
+    /// Run the rows of a step's micro-batches together as packed varlen passes (one document
+    /// per row, no padding; the same loss and gradients): "auto" (on where attention takes the
+    /// varlen path: CUDA, bf16/fp16, no attention softcap), "on" or "off". `tuner plan` shows
+    /// the choice and the pass size.
+    pub coalesce: Coalesce,
+    /// Check each layer's output, the loss and each layer's gradients for NaN/inf at every
+    /// step and name where the first one appeared (a device synchronisation per layer; off by
+    /// default, when a non-finite loss or gradient re-runs that one step with the checks).
+    pub detect_anomaly: bool,
     /// Worker processes, one per GPU of this host (data parallel over NCCL; with
     /// `device = "cpu"`, CPU processes over gloo). 1 trains in this process.
     /// `tuner run --gpus N` overrides it; torchrun/Slurm variables take precedence.
@@ -316,6 +336,8 @@ impl Default for TrainSection {
             device: "auto".into(),
             cuda_kernels: true,
             offload_activations: "auto".into(),
+            coalesce: Coalesce::Auto,
+            detect_anomaly: false,
             gpus: 1,
             keep_effective_batch: false,
             collective_timeout_s: 600,

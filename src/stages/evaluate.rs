@@ -19,7 +19,7 @@ use crate::model::{CausalLm, Weight};
 use crate::pipeline::{self, RunContext, Stage};
 use crate::train::{data, step};
 use crate::util;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -128,8 +128,12 @@ impl Stage for Evaluate {
         let e = &r.eval;
         let tok_dir = ctx.stage_dir("tokenize");
         let examples = crate::train::read_split(&tok_dir, "eval")?;
-        if examples.is_empty() {
-            bail!("there is no eval split to evaluate on; set dataset.eval_ratio or dataset.eval_source");
+        // No eval split (HF and Axolotl never require one): generations on the first training
+        // prompts, labelled so, and no eval loss.
+        let has_eval = !examples.is_empty();
+        let rows_file = if has_eval { "eval_rows.jsonl" } else { crate::stages::tokenize::TRAIN_SAMPLE_FILE };
+        if !has_eval {
+            eprintln!("evaluate: no eval split; generating on {} training prompts instead (they were trained on), without an eval loss", rows_file);
         }
         if let Some(d) = ctx.dist.as_ref().filter(|d| d.is_leader()) {
             d.announce(&format!("evaluate {_fp}"))?;
@@ -147,10 +151,10 @@ impl Stage for Evaluate {
         };
         let kind = crate::train::kind_of(r.model.dtype, device);
         let tok = Tok::load(&model_rec.dir)?;
-        let pad_id = tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64);
+        let pad_id = crate::train::pad_id(&tok);
         let renderer = Renderer::new(&r.prompt, tok.chat_template.as_deref(), &tok.bos_token, &tok.eos_token).map_err(|m| anyhow::anyhow!(m))?;
-        let rows: Vec<Map<String, Value>> = std::fs::read_to_string(tok_dir.join("eval_rows.jsonl"))
-            .context("tokenize/eval_rows.jsonl is missing; run again with --from tokenize")?
+        let rows: Vec<Map<String, Value>> = std::fs::read_to_string(tok_dir.join(rows_file))
+            .with_context(|| format!("tokenize/{rows_file} is missing; run again with --from tokenize"))?
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.as_object().cloned())
             .collect();
@@ -163,7 +167,7 @@ impl Stage for Evaluate {
 
         let mut model = crate::train::load_model(&model_rec.dir, r, device)?;
         dequantize_in_place(model.as_mut(), kind);
-        let o = step::StepOptions { checkpointing: false, pad_id, pad_multiple: 1, device, seed: r.run.seed, loss_scale: 1.0, hand_backward: false, offload: false, profile: None };
+        let o = step::StepOptions { checkpointing: false, pad_id, pad_multiple: 1, device, seed: r.run.seed, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: false };
         let params = SamplingParams {
             max_new_tokens: e.max_new_tokens as usize,
             temperature: e.temperature,
@@ -179,7 +183,7 @@ impl Stage for Evaluate {
                 crate::score::apply_adapter(generator.model.as_mut(), &ctx.stage_dir("train").join("adapter"))?;
             }
             let t_loss = std::time::Instant::now();
-            let (mut nll, mut n) = eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o, shard);
+            let (mut nll, mut n) = if has_eval { eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o, shard) } else { (0.0, 0) };
             if let Some(d) = dist {
                 let mut v = [nll, n as f64];
                 d.all_reduce_f64(&mut v)?;
@@ -201,13 +205,17 @@ impl Stage for Evaluate {
                 texts = interleave_batches(all.iter().map(|v| serde_json::from_value(v.clone()).unwrap_or_default()).collect(), e.batch_size.max(1) as usize);
             }
             let mut m = metrics_of(&e.metrics, &texts, &samples);
-            m.insert("eval_loss".into(), json!(loss));
-            m.insert("perplexity".into(), json!(loss.exp()));
+            if has_eval {
+                m.insert("eval_loss".into(), json!(loss));
+                m.insert("perplexity".into(), json!(loss.exp()));
+            }
+            let loss_part = if has_eval { format!("eval loss {loss:.4}") } else { "no eval loss (no eval split)".to_string() };
+            let metric_part: String = m.iter().filter(|(k, _)| !k.starts_with("eval") && *k != "perplexity").map(|(k, v)| format!(", {k} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
             eprintln!(
-                "evaluate: {phase}: eval loss {loss:.4}{} (loss {loss_s:.1}s over {n} tokens, generation {:.1}s for {} prompts)",
-                m.iter().filter(|(k, _)| !k.starts_with("eval") && *k != "perplexity").map(|(k, v)| format!(", {k} {:.3}", v.as_f64().unwrap_or(0.0))).collect::<String>(),
+                "evaluate: {phase}: {loss_part}{metric_part} (loss {loss_s:.1}s over {n} tokens, generation {:.1}s for {} {} prompts)",
                 t_gen.elapsed().as_secs_f64(),
-                samples.len()
+                samples.len(),
+                if has_eval { "eval" } else { "training" }
             );
             results.insert(phase.into(), Value::Object(m));
             outputs.push(texts);
@@ -224,6 +232,7 @@ impl Stage for Evaluate {
             .collect();
         let tokens: i64 = examples.iter().map(|x| x.labels.iter().skip(1).filter(|l| **l != -100).count() as i64).sum();
         results.insert("eval_rows".into(), json!(examples.len()));
+        results.insert("prompts_from".into(), json!(if has_eval { "eval" } else { "train" }));
         results.insert("eval_tokens".into(), json!(tokens));
         results.insert("generation_samples".into(), json!(samples.len()));
         results.insert("samples".into(), json!(shown));
@@ -258,7 +267,14 @@ pub fn interleave_batches(per_rank: Vec<Vec<String>>, batch: usize) -> Vec<Strin
 
 fn report_md(r: &crate::recipe::Recipe, res: &Map<String, Value>, curve: bool) -> String {
     let mut s = format!("# Evaluation: {}\n\n", r.run.name);
-    s.push_str(&format!("Base model `{}`, {} eval rows ({} trained tokens), {} prompts generated.\n\n", r.model.source, res["eval_rows"], res["eval_tokens"], res["generation_samples"]));
+    if res["prompts_from"] == "train" {
+        s.push_str(&format!(
+            "Base model `{}`. **No eval split**: the {} prompts below are training prompts (the tuned model saw them), so these metrics show fit, not generalisation; there is no eval loss. Set `dataset.eval_ratio` or `dataset.eval_source` for a held-out evaluation.\n\n",
+            r.model.source, res["generation_samples"]
+        ));
+    } else {
+        s.push_str(&format!("Base model `{}`, {} eval rows ({} trained tokens), {} prompts generated.\n\n", r.model.source, res["eval_rows"], res["eval_tokens"], res["generation_samples"]));
+    }
     s.push_str("| metric | before (base) | after (tuned) |\n|---|---|---|\n");
     if let (Some(b), Some(a)) = (res["before"].as_object(), res["after"].as_object()) {
         for (k, v) in b {

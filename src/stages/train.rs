@@ -30,6 +30,13 @@ impl Stage for Train {
             if !r.train.keep_effective_batch {
                 t.remove("keep_effective_batch");
             }
+            // A diagnostic switch, and coalescing left to "auto" (added after recipes were
+            // recorded; the same loss and gradients up to rounding): out, so fingerprints of
+            // recipes that do not set them are unchanged.
+            t.remove("detect_anomaly");
+            if r.train.coalesce == crate::recipe::Coalesce::Auto {
+                t.remove("coalesce");
+            }
         }
         Ok(serde_json::json!({
             "model": { "dtype": r.model.dtype },

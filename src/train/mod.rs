@@ -9,6 +9,7 @@ pub mod data;
 pub mod offload;
 pub mod optim;
 pub mod plot;
+pub mod probe;
 pub mod schedule;
 pub mod step;
 
@@ -34,6 +35,18 @@ pub fn device_of(s: &str) -> Result<Device> {
             Some(n) => Device::Cuda(n),
             None => bail!("train.device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", found {other:?}"),
         },
+    })
+}
+
+/// When `train.device = "auto"` resolved to the CPU: why, in a sentence for the log.
+pub fn cpu_fallback_reason(setting: &str, device: Device) -> Option<String> {
+    if setting != "auto" || device.is_cuda() {
+        return None;
+    }
+    Some(if !tch::utils::has_cuda() {
+        "this libtorch build has no CUDA support (a CPU-only torch wheel)".to_string()
+    } else {
+        "libtorch has CUDA but sees no CUDA device (no GPU, a driver too old for the CUDA 13 build, or CUDA_VISIBLE_DEVICES hides it)".to_string()
     })
 }
 
@@ -106,6 +119,13 @@ fn offload_activations(ctx: &RunContext, dir: &Path, device: Device) -> Result<b
         eprintln!("train: offloading the checkpointed layer inputs to pinned host memory (train.offload_activations)");
     }
     Ok(on)
+}
+
+/// The token id batches are padded with: the tokenizer's `<|endoftext|>`, else its EOS.
+/// (Padding positions attend only to padding and are never trained, so any id works; this one
+/// is fixed so that runs are reproducible.)
+pub fn pad_id(tok: &crate::data::tokenizer::Tok) -> i64 {
+    tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64)
 }
 
 /// Peak and current resident memory of this process in bytes (CPU), from /proc.
@@ -189,6 +209,9 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         None => device_of(&t.device)?,
     };
     let batching = crate::recipe::batching(t, world).map_err(Failure::Usage)?;
+    if let (Some(why), true) = (cpu_fallback_reason(&t.device, device), leader) {
+        eprintln!("train: training on the CPU (train.device = \"auto\"): {why}");
+    }
     let t_load = std::time::Instant::now();
     let mut model = load_model(&model_rec.dir, r, device)?;
     let names = lora::attach(model.as_mut(), &lora_spec(r), r.run.seed as i64)?;
@@ -288,7 +311,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     }
     let mut opts = step::StepOptions {
         checkpointing: t.gradient_checkpointing,
-        pad_id: tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64),
+        pad_id: pad_id(&tok),
         pad_multiple: t.pad_to_multiple_of as usize,
         device,
         seed: crate::dist::dropout_seed(r.run.seed, rank),
@@ -296,7 +319,17 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         hand_backward: device.is_cuda() && t.cuda_kernels,
         offload: offload_activations(ctx, dir, device)?,
         profile: profile_window(device)?,
+        coalesce: {
+            let c = model.config();
+            step::coalesce_budget(t, device, kind_of(r.model.dtype, device), c.head_dim, c.attn_logit_softcapping.is_some())
+        },
+        detect_anomaly: t.detect_anomaly,
     };
+    if leader {
+        if let Some(n) = opts.coalesce {
+            eprintln!("train: each step's {micro_per_step} micro-batches run as packed varlen passes of up to {n} tokens (train.coalesce)");
+        }
+    }
     let bar = if leader { util::progress(total, "train") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(start);
     let epoch_len = loader.micro_batches_per_epoch().max(1) as f64;
@@ -321,16 +354,29 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             d.all_reduce_f64(&mut v).with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
             let weight = if v[1] > 0.0 { local_trained / v[1] } else { 0.0 };
             d.all_reduce_grads(&dist_params, weight).with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
-            res = step::StepResult { loss: v[0] / v[1].max(1.0), trained_tokens: v[1] as i64, tokens: v[2] as i64 };
+            res = step::StepResult { loss: v[0] / v[1].max(1.0), trained_tokens: v[1] as i64, tokens: v[2] as i64, anomaly: res.anomaly };
             stop_all = v[3] > 0.0;
-        }
-        if !res.loss.is_finite() {
-            bail!("train: the loss became {} at step {}; lower train.learning_rate or check the data", res.loss, s + 1);
         }
         if fp16 {
             opt.scale_grads(1.0 / loss_scale);
         }
         let raw_norm = opt.clip_grad_norm(0.0);
+        // fp16's loss scaler handles overflowing gradients below; anything else non-finite stops
+        // the run before the adapter is touched, saying where it first appeared.
+        if !res.loss.is_finite() || (!fp16 && !raw_norm.is_finite()) {
+            let found = match res.anomaly.clone() {
+                Some(a) => Some(a),
+                None => {
+                    opt.zero_grad();
+                    step::forward_backward(model.as_ref(), &micro, s, &step::StepOptions { detect_anomaly: true, ..opts }).anomaly
+                }
+            };
+            let mut e = anyhow::anyhow!(nonfinite_report(s + 1, res.loss, raw_norm, found.as_ref(), kind_of(r.model.dtype, device)));
+            if dist.is_some() {
+                e = e.context(format!("rank {rank}"));
+            }
+            return Err(e);
+        }
         let grad_norm = if raw_norm.is_finite() { opt.clip_grad_norm(t.max_grad_norm) } else { raw_norm };
         if fp16 && !raw_norm.is_finite() {
             loss_scale /= 2.0;
@@ -436,6 +482,35 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     files.push(dir.join("loss.png"));
     files.push(metrics_path);
     Ok(files)
+}
+
+/// The error for a step whose loss or gradient norm is non-finite: the step, where the first
+/// non-finite value appeared (`found`, from the step re-run with checks), and advice that fits
+/// that place. No optimizer step was taken, so the last checkpoint is the adapter before it.
+fn nonfinite_report(step: u64, loss: f64, grad_norm: f64, found: Option<&step::Anomaly>, kind: Kind) -> String {
+    use step::Phase;
+    let what = if loss.is_finite() { format!("the gradient norm became {grad_norm} (loss {loss:.4})") } else { format!("the loss became {loss}") };
+    let mut msg = format!("train: {what} at step {step}");
+    let Some(a) = found else {
+        msg.push_str("; re-running the step with checks found no non-finite value (non-deterministic?); set train.detect_anomaly = true to check every step");
+        return msg;
+    };
+    msg.push_str(&format!(". The first non-finite value appeared in {a}. "));
+    let dtype = format!("{kind:?}").to_lowercase();
+    let lr_note = if step == 1 { "This is the first step, before any update, so the learning rate is not the cause. " } else { "" };
+    msg.push_str(lr_note);
+    msg.push_str(&match a.phase {
+        Phase::Embed => "The checkpoint's embedding table holds NaN/inf: check the model file.".to_string(),
+        Phase::Forward if step == 1 => format!(
+            "The base model's activations overflow {dtype} (or its weights hold NaN/inf): try model.dtype = \"fp32\" to confirm, and check the checkpoint (`tuner grads` runs this one step on chosen rows)."
+        ),
+        Phase::Forward | Phase::Loss if step > 1 => "The adapter diverged: lower train.learning_rate, raise train.warmup_steps, or keep train.max_grad_norm at 1.0.".to_string(),
+        Phase::Forward | Phase::Loss => format!("The logits overflow {dtype} or the loss's inputs hold NaN/inf: try model.dtype = \"fp32\" to confirm."),
+        Phase::Backward | Phase::LossBackward => format!(
+            "The forward pass was finite, so this is a derivative at a singular point (a square root or a division by a norm that is zero) or an overflow of {dtype} in the backward: a defect in tuner's backward for this model. Please report it with the output of `tuner grads` on these rows; model.dtype = \"fp32\" or train.cuda_kernels = false may avoid it meanwhile."
+        ),
+    });
+    msg
 }
 
 /// Rank 0's resume decision for a multi-process run: the step to resume from ("0": afresh,

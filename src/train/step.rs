@@ -40,6 +40,13 @@ pub struct StepOptions {
     pub offload: bool,
     /// Record one layer's kernels with the CUDA profiler ([`ProfileWindow`]).
     pub profile: Option<ProfileWindow>,
+    /// Run the rows of all the step's micro-batches as packed passes of at most this many
+    /// tokens ([`coalesce`]); `None` runs each micro-batch as it is.
+    pub coalesce: Option<usize>,
+    /// Check every layer's output, the loss and every layer's gradients for non-finite values
+    /// (one device synchronisation each) and report where the first one appeared
+    /// ([`StepResult::anomaly`]).
+    pub detect_anomaly: bool,
 }
 
 /// For kernel profiles: the CUDA profiler collects only while layer `layer` of the first
@@ -67,12 +74,150 @@ impl ProfileWindow {
 }
 
 /// What one step produced.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepResult {
     /// Summed NLL / trained tokens, over the whole accumulation.
     pub loss: f64,
     pub trained_tokens: i64,
     pub tokens: i64,
+    /// With [`StepOptions::detect_anomaly`]: where the first non-finite value appeared.
+    pub anomaly: Option<Anomaly>,
+}
+
+/// Where in a step a value first became non-finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The token embeddings.
+    Embed,
+    /// A decoder layer's output in the forward pass.
+    Forward,
+    /// The final norm, logits or cross-entropy.
+    Loss,
+    /// The gradient of the loss into the last layer's output (through the final norm).
+    LossBackward,
+    /// A decoder layer's backward: its input gradient or its adapters' gradients.
+    Backward,
+}
+
+/// The first non-finite value of a step ([`StepOptions::detect_anomaly`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Anomaly {
+    pub phase: Phase,
+    /// The pass (micro-batch) of the step, from 0.
+    pub pass: usize,
+    /// The decoder layer, where the phase has one.
+    pub layer: Option<usize>,
+    /// The adapted modules whose LoRA gradients are non-finite (backward), by module path.
+    pub modules: Vec<String>,
+}
+
+impl std::fmt::Display for Anomaly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.phase {
+            Phase::Embed => "the token embeddings".to_string(),
+            Phase::Forward => format!("the forward output of layer {}", self.layer.unwrap_or(0)),
+            Phase::Loss => "the loss (final norm, logits or cross-entropy)".to_string(),
+            Phase::LossBackward => "the backward of the loss and the final norm".to_string(),
+            Phase::Backward => match self.layer {
+                Some(l) => format!("the backward of layer {l}"),
+                None => "the backward".to_string(),
+            },
+        };
+        write!(f, "{what}, pass {}", self.pass + 1)?;
+        if !self.modules.is_empty() {
+            let shown: Vec<&str> = self.modules.iter().take(4).map(String::as_str).collect();
+            write!(f, " (non-finite LoRA gradients in {}{})", shown.join(", "), if self.modules.len() > 4 { format!(" and {} more", self.modules.len() - 4) } else { String::new() })?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether every element of `t` is finite (one device synchronisation).
+fn all_finite(t: &Tensor) -> bool {
+    !t.defined() || t.isfinite().all().int64_value(&[]) != 0
+}
+
+/// The decoder layer of a module path (`….layers.N.…`).
+fn layer_of(path: &str) -> Option<usize> {
+    let rest = &path[path.find(".layers.")? + ".layers.".len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
+/// The adapted modules of layer `layer` (every layer for `None`) whose LoRA gradient holds a
+/// non-finite value.
+fn nonfinite_modules(model: &dyn CausalLm, layer: Option<usize>) -> Vec<String> {
+    let mut out = vec![];
+    for (path, lin) in model.linears() {
+        let Some(lora) = &lin.lora else { continue };
+        if layer.is_some() && layer_of(&path) != layer {
+            continue;
+        }
+        if !all_finite(&lora.a.grad()) || !all_finite(&lora.b.grad()) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// `train.coalesce` decided: the most tokens per packed pass when a step's micro-batches are
+/// coalesced ([`coalesce`]), else `None`. "auto" is on where attention takes the varlen path
+/// (CUDA, a 2-byte dtype, a head size flash supports, no attention softcap, which needs the
+/// boolean mask and would attend across the whole pass), so the passes do no work across
+/// documents or on padding. A pass holds at most `micro_batch_size × max_seq_length` tokens, the
+/// micro-batch the memory plan sizes, so coalescing never raises the planned peak.
+pub fn coalesce_budget(t: &crate::recipe::TrainSection, device: Device, kind: Kind, head_dim: i64, attn_softcap: bool) -> Option<usize> {
+    use crate::recipe::Coalesce;
+    let on = match t.coalesce {
+        Coalesce::Off => false,
+        Coalesce::On => true,
+        Coalesce::Auto => !attn_softcap && crate::kernels::varlen::supports(device, kind, head_dim),
+    };
+    // One micro-batch of one row has nothing to coalesce.
+    let several = t.micro_batch_size * t.gradient_accumulation_steps > 1;
+    (on && several).then_some((t.micro_batch_size * t.max_seq_length) as usize)
+}
+
+/// The rows of a step's micro-batches as packed single-row passes of at most `budget` tokens,
+/// in order: each original row is one or more documents (its own, or its packed ones), which
+/// attend only to themselves (document ids), with positions restarting per document, and no
+/// padding. The first token of a document after the first in a pass is not a target of the token
+/// before it (label -100), as it was not across rows, so the trained tokens, and with them the
+/// step's `Σ NLL / Σ trained tokens` and its gradients, are those of the micro-batches. A row
+/// longer than `budget` gets a pass of its own.
+pub fn coalesce(micro: &[MicroBatch], budget: usize) -> Vec<MicroBatch> {
+    let mut out: Vec<MicroBatch> = vec![];
+    let mut ids: Vec<i64> = vec![];
+    let mut labels: Vec<i64> = vec![];
+    let mut seq: Vec<i64> = vec![];
+    let mut doc = -1i64;
+    let flush = |ids: &mut Vec<i64>, labels: &mut Vec<i64>, seq: &mut Vec<i64>, out: &mut Vec<MicroBatch>| {
+        if !ids.is_empty() {
+            out.push(MicroBatch { input_ids: vec![std::mem::take(ids)], labels: vec![std::mem::take(labels)], seq_ids: Some(vec![std::mem::take(seq)]) });
+        }
+    };
+    for mb in micro {
+        for (r, row) in mb.input_ids.iter().enumerate() {
+            if row.is_empty() {
+                continue;
+            }
+            if !ids.is_empty() && ids.len() + row.len() > budget {
+                flush(&mut ids, &mut labels, &mut seq, &mut out);
+                doc = -1;
+            }
+            let docs = mb.seq_ids.as_ref().map(|s| &s[r]);
+            for (c, (&x, &y)) in row.iter().zip(&mb.labels[r]).enumerate() {
+                let starts = c == 0 || docs.is_some_and(|d| d[c] != d[c - 1]);
+                if starts {
+                    doc += 1;
+                }
+                ids.push(x);
+                labels.push(if starts && !seq.is_empty() { -100 } else { y });
+                seq.push(doc);
+            }
+        }
+    }
+    flush(&mut ids, &mut labels, &mut seq, &mut out);
+    out
 }
 
 /// Logit rows per cross-entropy chunk: at most ~64 MiB of fp32 logits per chunk on the CPU,
@@ -212,13 +357,28 @@ pub fn chunked_ce_backward(model: &dyn CausalLm, h_normed: &Tensor, labels: &Ten
     total.double_value(&[])
 }
 
-/// Forward and backward over the micro-batches of one optimizer step; the LoRA
-/// gradients are accumulated into the parameters' `.grad`.
+/// Forward and backward over the micro-batches of one optimizer step (or, with
+/// [`StepOptions::coalesce`], over their rows as packed passes); the LoRA gradients are
+/// accumulated into the parameters' `.grad`.
 pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o: &StepOptions) -> StepResult {
-    let denom: i64 = micro.iter().map(MicroBatch::trained_tokens).sum();
+    let coalesced;
+    let passes = match o.coalesce {
+        Some(budget) => {
+            coalesced = coalesce(micro, budget);
+            &coalesced[..]
+        }
+        None => micro,
+    };
+    let denom: i64 = passes.iter().map(MicroBatch::trained_tokens).sum();
     let mut nll = 0.0;
+    let mut anomaly: Option<Anomaly> = None;
     let mut clock = PhaseClock::new(o.device);
-    for (m, mb) in micro.iter().enumerate() {
+    for (m, mb) in passes.iter().enumerate() {
+        let mut flag = |phase: Phase, layer: Option<usize>, modules: Vec<String>| {
+            if anomaly.is_none() {
+                anomaly = Some(Anomaly { phase, pass: m, layer, modules });
+            }
+        };
         let (batch, labels) = batch_of(mb, o);
         let n_layers = model.num_layers();
         if o.checkpointing {
@@ -227,6 +387,9 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
             let h = {
                 let _g = tch::no_grad_guard();
                 let mut h = model.embed(&batch);
+                if o.detect_anomaly && !all_finite(&h) {
+                    flag(Phase::Embed, None, vec![]);
+                }
                 for l in 0..n_layers {
                     match offload.as_mut() {
                         Some(off) => off.store(l, &h),
@@ -241,6 +404,9 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
                     if profiled {
                         crate::kernels::cuda_profiler(false);
                     }
+                    if o.detect_anomaly && !all_finite(&h) {
+                        flag(Phase::Forward, Some(l), vec![]);
+                    }
                 }
                 h
             };
@@ -249,9 +415,15 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
                 off.prefetch(n_layers - 1);
             }
             let top = h.detach().set_requires_grad(true);
-            nll += chunked_ce_backward(model, &model.norm(&top), &labels, denom.max(1) as f64, o.loss_scale);
+            let part = chunked_ce_backward(model, &model.norm(&top), &labels, denom.max(1) as f64, o.loss_scale);
+            nll += part;
             clock.lap("loss");
             let mut grad = top.grad();
+            if o.detect_anomaly && !part.is_finite() {
+                flag(Phase::Loss, None, vec![]);
+            } else if o.detect_anomaly && !all_finite(&grad) {
+                flag(Phase::LossBackward, None, vec![]);
+            }
             for l in (0..n_layers).rev() {
                 let input = match offload.as_mut() {
                     Some(off) => {
@@ -283,22 +455,46 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
                 if profiled {
                     crate::kernels::cuda_profiler(false);
                 }
+                if o.detect_anomaly {
+                    let modules = nonfinite_modules(model, Some(l));
+                    if !modules.is_empty() || (l > 0 && !all_finite(&grad)) {
+                        flag(Phase::Backward, Some(l), modules);
+                    }
+                }
             }
             clock.lap("backward");
         } else {
             let mut h = model.embed(&batch);
+            if o.detect_anomaly && !all_finite(&h) {
+                flag(Phase::Embed, None, vec![]);
+            }
             for l in 0..n_layers {
                 tch::manual_seed(layer_seed(o.seed, step, m, l));
                 h = model.layer(l, &h, &batch, true);
+                if o.detect_anomaly && !all_finite(&h) {
+                    flag(Phase::Forward, Some(l), vec![]);
+                }
             }
-            nll += chunked_ce_backward(model, &model.norm(&h), &labels, denom.max(1) as f64, o.loss_scale);
+            let part = chunked_ce_backward(model, &model.norm(&h), &labels, denom.max(1) as f64, o.loss_scale);
+            nll += part;
+            if o.detect_anomaly {
+                if !part.is_finite() {
+                    flag(Phase::Loss, None, vec![]);
+                }
+                // One autograd pass over every layer: the modules, not the layer where it began.
+                let modules = nonfinite_modules(model, None);
+                if !modules.is_empty() {
+                    flag(Phase::Backward, None, modules);
+                }
+            }
         }
     }
     clock.report();
     StepResult {
         loss: nll / denom.max(1) as f64,
         trained_tokens: denom,
-        tokens: micro.iter().map(MicroBatch::tokens).sum(),
+        tokens: passes.iter().map(MicroBatch::tokens).sum(),
+        anomaly,
     }
 }
 
