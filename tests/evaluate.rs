@@ -50,13 +50,27 @@ fn evaluate_reports_before_and_after_on_the_same_tokens() {
     assert_eq!(lock["stages"]["evaluate"]["after"]["eval_loss"], rep["after"]["eval_loss"]);
 }
 
+/// Issue 19: a recipe without an eval split trains, evaluates (generations on training prompts,
+/// labelled so, no eval loss) and exports, as with HF or Axolotl; `validate` warns.
 #[test]
-fn evaluate_without_an_eval_split_says_how_to_get_one() {
+fn a_recipe_without_an_eval_split_trains_evaluates_on_training_prompts_and_exports() {
     let d = tmp();
     let r = train_recipe(d.path(), "");
-    let text = std::fs::read_to_string(&r).unwrap().replace("eval_ratio = 0.05\n", "");
+    let text = std::fs::read_to_string(&r).unwrap().replace("eval_ratio = 0.05\n", "").replace("max_steps = 6", "max_steps = 2")
+        + "\n[eval]\nmetrics = [\"json_fields\"]\nmax_samples = 3\nmax_new_tokens = 4\n\n[export]\nadapter = true\nmerged = false\n";
     std::fs::write(&r, text).unwrap();
-    let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "evaluate"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("there is no eval split to evaluate on; set dataset.eval_ratio or dataset.eval_source"), "{err}");
+    let (code, out, err) = run(&["validate", r.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": ok") && err.contains("warning:") && err.contains("recipe.toml:") && err.contains("no eval split"), "{out}{err}");
+    let (code, _, err) = run(&["run", r.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let ev = d.path().join("runs/t/evaluate");
+    let rep: Value = serde_json::from_str(&std::fs::read_to_string(ev.join("report.json")).unwrap()).unwrap();
+    assert_eq!(rep["prompts_from"], "train");
+    assert_eq!(rep["eval_rows"], 0);
+    assert_eq!(rep["generation_samples"], 3);
+    assert!(rep["after"].get("eval_loss").is_none() && rep["after"]["json_fields"].as_f64().is_some(), "{rep}");
+    let md = std::fs::read_to_string(ev.join("report.md")).unwrap();
+    assert!(md.contains("**No eval split**") && !md.contains("| eval_loss |"), "{md}");
+    assert!(d.path().join("runs/t/export/adapter/adapter_model.safetensors").is_file(), "export ran");
 }

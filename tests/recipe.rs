@@ -160,6 +160,9 @@ fn toml_syntax_errors_name_the_line() {
     let (code, err) = validate("[model]\nsource = \"x\"\n[train\n", &[]);
     assert_eq!(code, 2);
     assert!(err.contains("x.toml:3: invalid TOML"), "{err}");
+    let (code, err) = validate("[model]\nsource = \"x\"\n[train]\nmax_steps = 3\nlr = 1\nmax_steps = 4\n", &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("x.toml:6: invalid TOML: duplicate key `train.max_steps` (first set on line 4)"), "{err}");
 }
 
 #[test]

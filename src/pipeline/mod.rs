@@ -149,6 +149,9 @@ pub fn run(ctx: &RunContext, opts: &RunOptions) -> Result<()> {
     rec.libtorch_version = libtorch_version();
     util::write_json_atomic(&rec_path, &rec)?;
     log::info!("run dir: {}", ctx.run_dir.display());
+    for w in &ctx.recipe.warnings {
+        log::warn!("{w}");
+    }
 
     let mut upstream: Option<String> = None;
     for (i, stage) in stages().into_iter().enumerate().take(until + 1) {

@@ -24,6 +24,8 @@ pub struct Loaded {
     pub dir: PathBuf,
     /// The `--set KEY=VALUE` overrides applied on top of the file, in order.
     pub overrides: Vec<String>,
+    /// What the recipe leaves out that a user may not expect, located (not errors).
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl Loaded {
@@ -61,6 +63,26 @@ impl std::fmt::Display for RecipeErrors {
         }
         Ok(())
     }
+}
+
+/// toml_edit's message, with the key named where it leaves it out (a duplicate key).
+fn toml_problem(src: &str, msg: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span.filter(|_| msg.starts_with("duplicate key")) else { return msg.to_string() };
+    let key = src.get(span.clone()).unwrap_or("").trim().trim_matches('"');
+    if key.is_empty() || msg.contains(key) {
+        return msg.to_string();
+    }
+    // The section: the last `[name]` header before the key.
+    let section = src[..span.start.min(src.len())]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| format!("{}.", l.trim_matches(|c| c == '[' || c == ']').trim()))
+        .unwrap_or_default();
+    let first = src[..span.start.min(src.len())].rfind(&format!("\n{key}")).map(|o| line_of(src, o + 1));
+    let earlier = first.map(|l| format!(" (first set on line {l})")).unwrap_or_default();
+    format!("duplicate key `{section}{key}`{earlier}: a key may be set once per section; delete one of them")
 }
 
 fn line_of(src: &str, offset: usize) -> usize {
@@ -112,7 +134,7 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
         .map_err(|e| Failure::Usage(format!("cannot read recipe {file}: {e}")))?;
     let doc = toml_edit::Document::parse(src.as_str()).map_err(|e| {
         let line = e.span().map(|s| line_of(&src, s.start)).unwrap_or(1);
-        Failure::Usage(format!("{file}:{line}: invalid TOML: {}", e.message().trim()))
+        Failure::Usage(format!("{file}:{line}: invalid TOML: {}", toml_problem(&src, e.message().trim(), e.span())))
     })?;
     let mut locs = key_locations(&doc, &src, &file);
     let mut table: toml::Table = src
@@ -158,7 +180,14 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
     if !diags.is_empty() {
         return Err(Failure::Usage(RecipeErrors(diags).to_string().trim_end().to_string()).into());
     }
-    Ok(Loaded { recipe, path: path.to_path_buf(), dir, overrides: overrides.to_vec() })
+    let mut warnings = vec![];
+    if recipe.dataset.eval_ratio.is_none() && recipe.dataset.eval_source.is_empty() {
+        warnings.push(Diagnostic {
+            location: loc("dataset"),
+            text: "no eval split (dataset.eval_ratio or dataset.eval_source): evaluate reports generations on a few training prompts, without an eval loss".into(),
+        });
+    }
+    Ok(Loaded { recipe, path: path.to_path_buf(), dir, overrides: overrides.to_vec(), warnings })
 }
 
 impl Recipe {

@@ -20,6 +20,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Without an eval split: the first training rows (raw fields), whose prompts evaluate generates
+/// on, labelled as training prompts.
+pub const TRAIN_SAMPLE_FILE: &str = "train_sample_rows.jsonl";
+const TRAIN_SAMPLE_ROWS: usize = 16;
+
 /// The tokenize stage.
 pub struct Tokenize;
 
@@ -281,6 +286,13 @@ impl Stage for Tokenize {
             .map(|f| format!("{}\n", serde_json::Value::Object(f.clone())))
             .collect();
         util::write_atomic(&dir.join("eval_rows.jsonl"), eval_rows.as_bytes())?;
+        // Without an eval split, evaluate shows generations on the first training prompts.
+        let sample_rows = eval.is_empty().then(|| -> String {
+            train.iter().filter_map(|r| r.fields.as_ref().ok()).take(TRAIN_SAMPLE_ROWS).map(|f| format!("{}\n", serde_json::Value::Object(f.clone()))).collect()
+        });
+        if let Some(text) = &sample_rows {
+            util::write_atomic(&dir.join(TRAIN_SAMPLE_FILE), text.as_bytes())?;
+        }
 
         let shared = Shared { ctx, dir, fp, renderer, tok };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().context("cannot start worker threads")?;
@@ -353,6 +365,9 @@ impl Stage for Tokenize {
         artifacts.push("stats.json".into());
         artifacts.push("shards.json".into());
         artifacts.push("eval_rows.jsonl".into());
+        if sample_rows.is_some() {
+            artifacts.push(TRAIN_SAMPLE_FILE.into());
+        }
         Ok(artifacts)
     }
 }
