@@ -63,3 +63,25 @@ fn expected_results_are_recorded_verified_and_drift_is_reported() {
     let (code, _, err) = run(&["run", r2.to_str().unwrap(), "--until", "train", "--verify"]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// A file recorded on another kind of CPU (other `cpu_kernels`, or none recorded) is compared
+/// with the cross-CPU tolerance: the adapter's bits are not, losses within 1e-5 relative.
+#[test]
+fn another_kind_of_cpu_is_held_to_the_cross_cpu_tolerance() {
+    use tuner::verify::{compare, cpu_kernels};
+    let here = cpu_kernels();
+    assert!(here.ends_with("threads"), "{here}");
+    let run = |sha: &str, loss: f64| serde_json::json!({"device": "cpu", "cpu_kernels": here, "adapter_sha256": sha, "train_final_loss": loss, "eval": {"before": {"eval_loss": loss}, "after": {"json_fields": 0.5}}});
+    let mut recorded = run("a", 0.4542462405);
+    assert!(compare(&recorded, &run("a", 0.4542462405)).is_empty());
+    // The same kind of CPU: bit for bit.
+    let drift = compare(&recorded, &run("b", 0.4542473811));
+    assert!(drift.iter().any(|d| d.starts_with("adapter_sha256")) && drift.iter().any(|d| d.starts_with("train_final_loss")), "{drift:?}");
+    // Another kind (or an older file without the field): 2.5e-6 relative passes, 1e-4 does not.
+    for other in [Value::from("avx2 fma; 2 threads"), Value::Null] {
+        recorded["cpu_kernels"] = other;
+        assert!(compare(&recorded, &run("b", 0.4542473811)).is_empty());
+        let drift = compare(&recorded, &run("b", 0.4542462405 * 1.0001));
+        assert_eq!(drift.len(), 2, "{drift:?}");
+    }
+}
