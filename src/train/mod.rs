@@ -43,10 +43,11 @@ pub fn cpu_fallback_reason(setting: &str, device: Device) -> Option<String> {
     if setting != "auto" || device.is_cuda() {
         return None;
     }
-    Some(if !tch::utils::has_cuda() {
-        "this libtorch build has no CUDA support (a CPU-only torch wheel)".to_string()
+    let build = crate::pipeline::libtorch_version();
+    Some(if build.contains("+cpu") {
+        format!("this libtorch ({build}) is a CPU-only build")
     } else {
-        "libtorch has CUDA but sees no CUDA device (no GPU, a driver too old for the CUDA 13 build, or CUDA_VISIBLE_DEVICES hides it)".to_string()
+        format!("libtorch {build} sees no CUDA device (no NVIDIA GPU or driver here, a driver too old for its CUDA version, or CUDA_VISIBLE_DEVICES hides the GPUs)")
     })
 }
 
