@@ -6,6 +6,7 @@ mod executor;
 mod export;
 mod gemma;
 mod gguf;
+mod grads;
 mod hub;
 mod kernels;
 mod model;
