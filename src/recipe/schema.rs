@@ -353,6 +353,9 @@ pub struct EvalSection {
     pub metrics: Vec<String>,
     /// Generate for at most this many eval prompts.
     pub max_samples: u64,
+    /// The eval loss over at most this many eval rows, the first in split order (0: all).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_loss_rows: u64,
     pub max_new_tokens: u64,
     /// 0 is greedy.
     pub temperature: f64,
@@ -361,8 +364,13 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { metrics: vec![], max_samples: 100, max_new_tokens: 128, temperature: 0.0, batch_size: 8 }
+        EvalSection { metrics: vec![], max_samples: 100, max_loss_rows: 0, max_new_tokens: 128, temperature: 0.0, batch_size: 8 }
     }
+}
+
+/// For `skip_serializing_if`: a key left at 0 stays out of the resolved recipe and fingerprints.
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// `[export]`: the export stage (built by a later issue; accepted now).

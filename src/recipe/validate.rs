@@ -132,7 +132,7 @@ fn rule_for(key: &str) -> Option<Rule> {
         "train.warmup_steps" | "train.memory_log_steps" => NonNegativeInt,
         "train.epochs" | "train.learning_rate" => PositiveNumber,
         "train.weight_decay" | "train.max_grad_norm" => NonNegativeNumber,
-        "eval.max_samples" => NonNegativeInt,
+        "eval.max_samples" | "eval.max_loss_rows" => NonNegativeInt,
         "eval.max_new_tokens" | "eval.batch_size" => PositiveInt,
         "eval.temperature" => NonNegativeNumber,
         "eval.metrics" => WordList(&["exact_match", "json_fields"]),

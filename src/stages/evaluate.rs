@@ -127,7 +127,10 @@ impl Stage for Evaluate {
         let r = &ctx.recipe.recipe;
         let e = &r.eval;
         let tok_dir = ctx.stage_dir("tokenize");
-        let examples = crate::train::read_split(&tok_dir, "eval")?;
+        let mut examples = crate::train::read_split(&tok_dir, "eval")?;
+        if e.max_loss_rows > 0 {
+            examples.truncate(e.max_loss_rows as usize);
+        }
         // No eval split (HF and Axolotl never require one): generations on the first training
         // prompts, labelled so, and no eval loss.
         let has_eval = !examples.is_empty();
