@@ -122,6 +122,35 @@ def fail_json(path, base, exc):
     print(tb, file=sys.stderr)
 
 
+def log_tail(log, n=25):
+    """The last n lines of a log file ("" when there is none)."""
+    if not os.path.exists(log):
+        return ""
+    return "\n".join(open(log, errors="replace").read().strip().splitlines()[-n:])
+
+
+def note_exit(r, rc, limit, tail):
+    """Make a peer's result r (a dict, changed in place) say how the race's timeout saw its process
+    end (race.sh's record, guide_report.py stamp): exit code 124/137 is "timed out after LIMITs",
+    another non-zero one "exit code RC"; a result that is ok gets that as a warning, any other is
+    not ok, with it in front of its error and with the log's tail. Returns it (None for rc 0)."""
+    msg = None
+    if rc in (124, 137):
+        msg = f"timed out after {limit}s"
+    elif rc != 0:
+        msg = f"exit code {rc}"
+    if msg:
+        if r.get("ok"):
+            r["warning"] = (r.get("warning", "") + f" {msg}").strip()
+        else:
+            r.setdefault("error", msg)
+            if msg not in r["error"]:
+                r["error"] = f"{msg}: {r['error']}"
+            r["ok"] = False
+            r.setdefault("log_tail", tail)
+    return msg
+
+
 class Clock:
     """Wall clock with device synchronisation."""
 

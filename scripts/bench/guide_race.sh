@@ -67,44 +67,20 @@ for p in $PEERS; do
   case $p in tuner|tuner-x|hf|unsloth) ;; *) echo "guide_race: unknown peer $p (tuner tuner-x hf unsloth; tuner-seed2 comes with NOISE=1)" >&2; exit 2 ;; esac
 done
 
-mkdir -p "$OUT" "$SCRATCH"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 NCCL_NVLS_ENABLE=0
-export TOKENIZERS_PARALLELISM=false HF_HOME=${HF_HOME:-$SCRATCH/hf-home} PYTHONUNBUFFERED=1
-TL=$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+RACE_TAG=guide
+# shellcheck source=race_lib.sh
+. "$HERE/race_lib.sh"   # left, say, limit, skip, bench_env, show_machine, peer_site, show_tuner, model_time, make_model, peer_time
+bench_env
 
-left() { echo $((BUDGET_S - ($(date +%s) - START))); }
-say() { echo "[guide +$(( $(date +%s) - START ))s] $*"; }
-# the timeout for a step: its own limit, cut to what the budget has left (minus 10 s to report)
-limit() { local l; l=$(( $(left) - 10 )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 now() { date +%s.%N; }
-skip() { # JSON PEER SHAPE WHY
-  "$PY" -c 'import json,sys; json.dump({"peer":sys.argv[2],"shape_name":sys.argv[3],"ok":False,"error":sys.argv[4]},open(sys.argv[1],"w"))' "$@"
-  say "$2 on $3: $4"
-}
 sets() { local kv; for kv in "$@"; do printf -- '--set\n%s\n' "$kv"; done; }
 TSETS=()
 [ -n "$TUNER_SET" ] && mapfile -t TSETS < <(sets $TUNER_SET)
 
 say "shapes: $*; peers: $PEERS (noise run: $NOISE); $STEPS steps, $ROWS rows, seed $SEED, max_seq_length $SEQ, device $DEVICE; out $OUT"
-nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader 2>/dev/null || say "no nvidia-smi"
-"$PY" -c 'import torch,transformers,peft;print("torch",torch.__version__,"cuda",torch.version.cuda,"| transformers",transformers.__version__,"| peft",peft.__version__)'
-
-need_site=0
-for p in $PEERS; do [ "$p" = hf ] || [ "$p" = unsloth ] && need_site=1; done
-if [ $need_site = 1 ] && [ ! -f "$SITE/.bench-stamp" ]; then
-  if [ -d "$ROOT/.device/wheels" ]; then
-    say "installing the peers' wheels (install.sh)"
-    PYTHON=$PY BENCH_SITE=$SITE bash "$HERE/install.sh" > "$OUT/install.log" 2>&1 || say "install.sh failed (see $OUT/install.log)"
-    tail -12 "$OUT/install.log"
-  else
-    say "no $SITE and no .device/wheels: the HF and Unsloth peers will fail (run fetch_wheels.sh here, install.sh there)"
-  fi
-fi
-export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-if [ -x "$TUNER_BIN" ]; then LD_LIBRARY_PATH=$TL "$TUNER_BIN" --version 2>&1 | head -1; else say "no tuner binary at $TUNER_BIN"; fi
-
-tiny=()
-[ "$TINY" = 1 ] && tiny=(--tiny)
+show_machine
+peer_site $PEERS
+show_tuner
 
 # run_tuner PEER RUN_DIR JSON LOG LIMIT [KEY=VALUE...]: the timed `--from train --until train`
 run_tuner() {
@@ -148,20 +124,10 @@ for shape in "$@"; do
   all=$PEERS
   [ "$NOISE" = 1 ] && all="$all tuner-seed2"
   # -- the model
-  if [ $(( $(left) - 10 )) -lt 20 ]; then
-    for p in $all; do skip "$D/$p.json" "$p" "$shape" "skipped: out of time budget before making the model"; done
-    continue
-  fi
+  model_time "$shape" "$D" $all || continue
   lim=$(limit "$T_MODEL")
   say "$shape: making the model in $M (limit ${lim}s)"
-  timeout -k 10 "$lim" "$PY" "$HERE/make_model.py" "$shape" "$M" "${tiny[@]}" --device "$DEVICE" > "$D/make_model.log" 2>&1
-  rc=$?
-  grep -h "make_model:" "$D/make_model.log"
-  if [ $rc != 0 ]; then
-    say "$shape: make_model failed (rc $rc): $(tail -3 "$D/make_model.log" | tr '\n' ' ')"
-    for p in $all; do skip "$D/$p.json" "$p" "$shape" "make_model failed (rc $rc): $(tail -1 "$D/make_model.log")"; done
-    continue
-  fi
+  make_model "$shape" "$M" "$D" "$lim" $all || continue
   # -- the rows and the recipe, then tuner's tokenize: the shards every peer reads
   "$PY" "$HERE/guide_job.py" "$shape" "$M" "$JOB" --rows "$ROWS" --seed "$SEED" --steps "$STEPS" --seq "$SEQ" \
     --device "$DEVICE" > "$D/job.log" 2>&1 || { say "$shape: guide_job.py failed: $(tail -2 "$D/job.log" | tr '\n' ' ')"; }
@@ -209,8 +175,7 @@ for shape in "$@"; do
         skip "$J" "$p" "$shape" "skipped: ${need}s needed for a second tuner run, $(( $(left) - 10 ))s left"
         continue
       fi
-    elif [ $(( $(left) - 10 )) -lt 30 ]; then
-      skip "$J" "$p" "$shape" "skipped: out of time budget ($(left)s left)"
+    elif ! peer_time "$J" "$p" "$shape"; then
       continue
     fi
     say "$shape: $p (limit ${lim}s)"

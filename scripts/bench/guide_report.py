@@ -110,26 +110,13 @@ def cmd_tuner(a):
 # ---- the shell's view of a process -> JSON
 
 def cmd_stamp(a):
+    import bench_common as bc
+
     r = load(a.json)
     if not r.get("steps") and os.path.exists(a.json + ".steps.jsonl"):
         r["steps"] = [json.loads(l) for l in open(a.json + ".steps.jsonl") if l.strip()]
-    tail = ""
-    if os.path.exists(a.log):
-        tail = "\n".join(open(a.log, errors="replace").read().strip().splitlines()[-25:])
-    msg = None
-    if a.rc in (124, 137):
-        msg = f"timed out after {a.limit}s"
-    elif a.rc != 0:
-        msg = f"exit code {a.rc}"
-    if msg:
-        if r.get("ok"):
-            r["warning"] = (r.get("warning", "") + f" {msg}").strip()
-        else:
-            r.setdefault("error", msg)
-            if msg not in r["error"]:
-                r["error"] = f"{msg}: {r['error']}"
-            r["ok"] = False
-            r.setdefault("log_tail", tail)
+    tail = bc.log_tail(a.log)
+    msg = bc.note_exit(r, a.rc, a.limit, tail)
     if not r and not msg:
         r = {"ok": False, "error": "no result written", "log_tail": tail}
     r.setdefault("peer", a.peer)

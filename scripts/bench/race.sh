@@ -41,22 +41,19 @@ for shape in "$@"; do
   case $shape in llama-1b|llama-8b|qwen2.5-7b|gemma3n-e4b|*-bnb4) ;; *) echo "race: unknown shape $shape (llama-1b llama-8b qwen2.5-7b gemma3n-e4b, or one of them + -bnb4: saved pre-quantized)" >&2; exit 2 ;; esac
 done
 
-mkdir -p "$OUT" "$SCRATCH"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 NCCL_NVLS_ENABLE=0
-export TOKENIZERS_PARALLELISM=false HF_HOME=${HF_HOME:-$SCRATCH/hf-home} PYTHONUNBUFFERED=1
-TL=$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-
-left() { echo $((BUDGET_S - ($(date +%s) - START))); }
-say() { echo "[race +$(( $(date +%s) - START ))s] $*"; }
-# the timeout for a step: its own limit, cut to what the budget has left (minus 10 s to report)
-limit() { local l; l=$(( $(left) - 10 )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+RACE_TAG=race
+# shellcheck source=race_lib.sh
+. "$HERE/race_lib.sh"   # left, say, limit, skip, bench_env, show_machine, peer_site, show_tuner, model_time, make_model, peer_time
+bench_env
 
 # record() JSON PEER SHAPE RC LOG LIMIT: make sure JSON says what happened (a peer killed by the
 # timeout writes nothing; a tuner run is summarized from its metrics even when cut short).
 record() {
-  "$PY" - "$@" <<'PY'
+  "$PY" - "$HERE" "$@" <<'PY'
 import json, os, sys
-path, peer, shape, rc, log, lim = sys.argv[1:7]
+sys.path.insert(0, sys.argv[1])
+from bench_common import log_tail, note_exit
+path, peer, shape, rc, log, lim = sys.argv[2:8]
 rc = int(rc)
 r = {}
 if os.path.exists(path):
@@ -64,23 +61,7 @@ if os.path.exists(path):
         r = json.load(open(path))
     except Exception:
         r = {}
-tail = ""
-if os.path.exists(log):
-    tail = "\n".join(open(log, errors="replace").read().strip().splitlines()[-25:])
-msg = None
-if rc in (124, 137):
-    msg = f"timed out after {lim}s"
-elif rc != 0:
-    msg = f"exit code {rc}"
-if msg:
-    if r.get("ok"):
-        r["warning"] = (r.get("warning", "") + f" {msg}").strip()
-    else:
-        r.setdefault("error", msg)
-        if msg not in r["error"]:
-            r["error"] = f"{msg}: {r['error']}"
-        r["ok"] = False
-        r.setdefault("log_tail", tail)
+note_exit(r, rc, lim, log_tail(log))
 r.setdefault("peer", peer)
 r["shape_name"] = shape
 r["exit_code"] = rc
@@ -88,37 +69,11 @@ json.dump(r, open(path, "w"), indent=1)
 PY
 }
 
-skip() { # JSON PEER SHAPE WHY
-  "$PY" -c 'import json,sys; json.dump({"peer":sys.argv[2],"shape_name":sys.argv[3],"ok":False,"error":sys.argv[4]},open(sys.argv[1],"w"))' "$@"
-  say "$2 on $3: $4"
-}
-
 say "shapes: $*; peers: $PEERS; steps $STEPS (warm-up $WARMUP), seq $SEQ, batch $BATCH, device $DEVICE; out $OUT"
-nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader 2>/dev/null || say "no nvidia-smi"
-"$PY" -c 'import torch,transformers,peft;print("torch",torch.__version__,"cuda",torch.version.cuda,"| transformers",transformers.__version__,"| peft",peft.__version__)'
+show_machine
+peer_site $PEERS
+[[ " $PEERS " == *" tuner "* ]] && show_tuner
 
-need_site=0
-for p in $PEERS; do [ "$p" = hf ] || [ "$p" = unsloth ] && need_site=1; done
-if [ $need_site = 1 ] && [ ! -f "$SITE/.bench-stamp" ]; then
-  if [ -d "$ROOT/.device/wheels" ]; then
-    say "installing the peers' wheels (install.sh)"
-    PYTHON=$PY BENCH_SITE=$SITE bash "$HERE/install.sh" > "$OUT/install.log" 2>&1 || say "install.sh failed (see $OUT/install.log)"
-    tail -12 "$OUT/install.log"
-  else
-    say "no $SITE and no .device/wheels: the HF and Unsloth peers will fail (run fetch_wheels.sh here, install.sh there)"
-  fi
-fi
-export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-if [[ " $PEERS " == *" tuner "* ]]; then
-  if [ -x "$TUNER_BIN" ]; then
-    LD_LIBRARY_PATH=$TL "$TUNER_BIN" --version 2>&1 | head -1
-  else
-    say "no tuner binary at $TUNER_BIN"
-  fi
-fi
-
-tiny=()
-[ "$TINY" = 1 ] && tiny=(--tiny)
 for shape in "$@"; do
   D=$OUT/$shape
   mkdir -p "$D"
@@ -128,20 +83,10 @@ for shape in "$@"; do
   M=$SCRATCH/models/$shape
   [ "$TINY" = 1 ] && M=$M-tiny
   # -- the model
+  model_time "$shape" "$D" $PEERS || continue
   lim=$(limit "$T_MODEL")
-  if [ $(( $(left) - 10 )) -lt 20 ]; then
-    for p in $PEERS; do skip "$D/$p.json" "$p" "$shape" "skipped: out of time budget before making the model"; done
-    continue
-  fi
   say "$shape: making the model in $M"
-  timeout -k 10 "$lim" "$PY" "$HERE/make_model.py" "$shape" "$M" "${tiny[@]}" --device "$DEVICE" > "$D/make_model.log" 2>&1
-  rc=$?
-  grep -h "make_model:" "$D/make_model.log"
-  if [ $rc != 0 ]; then
-    say "$shape: make_model failed (rc $rc): $(tail -3 "$D/make_model.log" | tr '\n' ' ')"
-    for p in $PEERS; do skip "$D/$p.json" "$p" "$shape" "make_model failed (rc $rc): $(tail -1 "$D/make_model.log")"; done
-    continue
-  fi
+  make_model "$shape" "$M" "$D" "$lim" $PEERS || continue
   for p in $PEERS; do
     J=$D/$p.json L=$D/$p.log
     rm -f "$J"
@@ -151,10 +96,7 @@ for shape in "$@"; do
       unsloth) lim=$(limit "$T_UNSLOTH") ;;
       *) skip "$J" "$p" "$shape" "unknown peer $p"; continue ;;
     esac
-    if [ $(( $(left) - 10 )) -lt 30 ]; then
-      skip "$J" "$p" "$shape" "skipped: out of time budget ($(left)s left)"
-      continue
-    fi
+    peer_time "$J" "$p" "$shape" || continue
     say "$shape: $p (limit ${lim}s)"
     case $p in
       tuner|tuner-ref|tuner-offload)
