@@ -106,24 +106,6 @@ def write(path, rep):
     os.replace(path + ".tmp", path)
 
 
-def pad_batch(ids_rows, lab_rows, pad_id, multiple, dev):
-    """Right padding to the longest row rounded up to `multiple`; mask 0 and labels -100 there."""
-    import torch
-
-    longest = max(1, max(len(r) for r in ids_rows))
-    t = -(-longest // max(1, multiple)) * max(1, multiple)
-    b = len(ids_rows)
-    ids = torch.full((b, t), pad_id, dtype=torch.long)
-    lab = torch.full((b, t), -100, dtype=torch.long)
-    mask = torch.zeros((b, t), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(ids_rows, lab_rows)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(l)] = torch.tensor(l)
-        mask[i, : len(r)] = 1
-    nb = dev.type == "cuda"
-    return ids.to(dev, non_blocking=nb), lab.to(dev, non_blocking=nb), mask.to(dev, non_blocking=nb), b * t
-
-
 def load_hf(a, rec, dev, kind, rep):
     import torch
     import bench_common as bc
@@ -285,7 +267,7 @@ def run(a, rep, t_launch, steps_path):
         loss_t = torch.zeros((), device=dev, dtype=torch.float32)
         padded = 0
         for ids_rows, lab_rows, _ in micro:
-            ids, lab, mask, p = pad_batch(ids_rows, lab_rows, pad_id, a.pad_multiple, dev)
+            ids, lab, mask, p = qc.pad_batch(ids_rows, lab_rows, pad_id, dev, a.pad_multiple)
             padded += p
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(input_ids=ids, attention_mask=mask, labels=lab, num_items_in_batch=n_items)

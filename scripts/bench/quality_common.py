@@ -250,6 +250,26 @@ class Loader:
         return ids_b, lab_b, (seq_b if self.packing else None)
 
 
+def pad_batch(ids_rows, lab_rows, pad_id, dev, multiple=1):
+    """A micro-batch as tensors on `dev`: right padding to the longest row rounded up to `multiple`
+    (tuner's dynamic padding at 1), mask 0 and labels -100 there. Returns (ids, labels, mask,
+    padded token count)."""
+    import torch
+
+    longest = max(1, max(len(r) for r in ids_rows))
+    t = -(-longest // max(1, multiple)) * max(1, multiple)
+    b = len(ids_rows)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    lab = torch.full((b, t), -100, dtype=torch.long)
+    mask = torch.zeros((b, t), dtype=torch.long)
+    for i, (r, l) in enumerate(zip(ids_rows, lab_rows)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(r)] = 1
+    nb = dev.type == "cuda"
+    return ids.to(dev, non_blocking=nb), lab.to(dev, non_blocking=nb), mask.to(dev, non_blocking=nb), b * t
+
+
 def trained_tokens(labels_rows):
     return sum(sum(1 for x in r[1:] if x != -100) for r in labels_rows)
 

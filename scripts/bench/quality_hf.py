@@ -74,21 +74,6 @@ def write(path, rep):
     os.replace(path + ".tmp", path)
 
 
-def batch_tensors(ids_rows, lab_rows, pad_id, dev):
-    import torch
-
-    t = max(1, max(len(r) for r in ids_rows))
-    b = len(ids_rows)
-    ids = torch.full((b, t), pad_id, dtype=torch.long)
-    lab = torch.full((b, t), -100, dtype=torch.long)
-    mask = torch.zeros((b, t), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(ids_rows, lab_rows)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(l)] = torch.tensor(l)
-        mask[i, : len(r)] = 1
-    return ids.to(dev), lab.to(dev), mask.to(dev)
-
-
 def summed_nll(model, ids, lab, mask, autocast_dtype, dev):
     """Σ NLL over positions t whose label[t+1] != -100 (fp32 logits), and that count."""
     import torch
@@ -109,7 +94,7 @@ def eval_loss(model, examples, batch, pad_id, autocast_dtype, dev):
     with torch.no_grad():
         for k in range(0, len(examples), batch):
             chunk = examples[k:k + batch]
-            ids, lab, mask = batch_tensors([e[0] for e in chunk], [e[1] for e in chunk], pad_id, dev)
+            ids, lab, mask, _ = qc.pad_batch([e[0] for e in chunk], [e[1] for e in chunk], pad_id, dev)
             s, c = summed_nll(model, ids, lab, mask, autocast_dtype, dev)
             tot += s.double().item()
             n += c
@@ -232,7 +217,7 @@ def run(a, rep):
         denom = sum(qc.trained_tokens(m[1]) for m in micro)
         nll = 0.0
         for ids_rows, lab_rows, _ in micro:
-            ids, lab, mask = batch_tensors(ids_rows, lab_rows, pad_id, dev)
+            ids, lab, mask, _ = qc.pad_batch(ids_rows, lab_rows, pad_id, dev)
             s_nll, _ = summed_nll(model, ids, lab, mask, autocast_dtype, dev)
             (s_nll / max(denom, 1)).backward()
             nll += s_nll.detach().double().item()
