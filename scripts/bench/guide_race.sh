@@ -35,6 +35,7 @@
 #   T_MODEL=300 T_TOKENIZE=180 T_TUNER=360 T_HF=420 T_UNSLOTH=540 (per-step timeouts, cut to the budget)
 #   TUNER_SET="" (extra KEY=VALUE --set for every tuner run)  TUNER_X_SET="" (tuner-x's own)
 #   UNSLOTH_GC=true (or unsloth: its offloaded checkpointing)
+#   MODEL_INIT=make_model (or hf_default: transformers' own fp32 init cast to bf16, see make_model.py)
 #   TUNER_BIN=.device/tuner  PYTHON=python3  BENCH_SITE=.device/pysite
 #   DEVICE=cuda  TINY=0 (DEVICE=cpu TINY=1 STEPS=3 runs the whole race on toy models on a CPU)
 set -u

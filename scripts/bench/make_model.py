@@ -14,7 +14,9 @@ left unquantized, as in unsloth/gemma-3n-e4b-it-bnb-4bit): needs bitsandbytes an
 --config-only writes just config.json (no weights, no torch needed), e.g. for `tuner plan`, which
 reads only the shape: tests/fixtures/plan/ holds these for the shapes raced on the H200.
 
-The weights are initialised on the target device in bf16 (fast on the GPU). Any tokenizer works
+The weights are initialised on the target device in bf16 (fast on the GPU); --init hf_default
+instead builds the model as a transformers user does (torch.manual_seed(seed), XForCausalLM(config)
+in fp32 on the device, cast to bf16): the model of issue 15's NaN. Any tokenizer works
 since the benchmarks feed random token ids; the one copied here (from tests/fixtures, ~300 tokens)
 sets the config's bos/eos/pad ids. A folder already holding the same shape is kept unless --force.
 """
@@ -107,6 +109,8 @@ def main():
     ap.add_argument("--device", default=None, help="where to initialise (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--init", choices=["make_model", "hf_default"], default="make_model",
+                    help="make_model: _from_config in bf16 (default); hf_default: XForCausalLM(config) in fp32, then bf16")
     ap.add_argument("--config-only", action="store_true", help="write config.json only (the shape, no weights)")
     a = ap.parse_args()
 
@@ -127,7 +131,7 @@ def main():
     bnb = a.shape.endswith("-bnb4")
     shape = a.shape[: -len("-bnb4")] if bnb else a.shape
 
-    stamp = {"shape": a.shape, "tiny": a.tiny, "seed": a.seed, "transformers": transformers.__version__}
+    stamp = {"shape": a.shape, "tiny": a.tiny, "seed": a.seed, "init": a.init, "transformers": transformers.__version__}
     stamp_path = os.path.join(a.outdir, "bench_shape.json")
     if not a.force and os.path.exists(stamp_path):
         old = json.load(open(stamp_path))
@@ -142,7 +146,10 @@ def main():
     torch.manual_seed(a.seed)
     cls = getattr(transformers, arch)
     with torch.device(device):
-        model = cls._from_config(cfg, dtype=torch.bfloat16)
+        if a.init == "hf_default":
+            model = cls(cfg).to(torch.bfloat16)
+        else:
+            model = cls._from_config(cfg, dtype=torch.bfloat16)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_init = time.perf_counter() - t0

@@ -76,7 +76,7 @@ make_model() {
   local shape=$1 m=$2 d=$3 lim=$4 p rc tiny=()
   shift 4
   [ "$TINY" = 1 ] && tiny=(--tiny)
-  timeout -k 10 "$lim" "$PY" "$HERE/make_model.py" "$shape" "$m" "${tiny[@]}" --device "$DEVICE" > "$d/make_model.log" 2>&1
+  timeout -k 10 "$lim" "$PY" "$HERE/make_model.py" "$shape" "$m" "${tiny[@]}" --device "$DEVICE" --init "${MODEL_INIT:-make_model}" > "$d/make_model.log" 2>&1
   rc=$?
   grep -h "make_model:" "$d/make_model.log"
   [ $rc != 0 ] || return 0
