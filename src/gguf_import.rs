@@ -14,6 +14,7 @@
 //! Every file is written atomically (temp name in `out_dir`, then rename), and
 //! `config.json` is written last, so a folder with a `config.json` is complete.
 
+use crate::progress::{Progress, Unit};
 use crate::gguf::{GgufFile, GgufValue, TensorInfo};
 use crate::util::{temp_path, write_atomic, write_json_atomic};
 use anyhow::{anyhow, bail, Context, Result};
@@ -478,6 +479,7 @@ fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dest: &Path) -> Result<
     w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&header).map_err(io)?;
     let mut buf = vec![0u8; 1 << 16];
+    let bar = Progress::new(offset, "import gguf", Unit::Bytes);
     for p in plan {
         let (mut values, _) = g.tensor_f32(&p.info.name)?;
         if let Some(heads) = p.unpermute_heads {
@@ -490,7 +492,9 @@ fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dest: &Path) -> Result<
             }
             w.write_all(&buf[..chunk.len() * 4]).map_err(io)?;
         }
+        bar.inc(4 * values.len() as u64);
     }
+    bar.finish();
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     drop(file);

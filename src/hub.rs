@@ -33,6 +33,8 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::progress::{Progress, Unit};
+
 /// The public hub; the default for `HF_ENDPOINT`.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
@@ -797,7 +799,7 @@ impl HubClient {
                 }
             }
         }
-        bar.finish_and_clear();
+        bar.finish();
         file.sync_all().with_context(|| format!("cannot write {}", part.display()))?;
         drop(file);
 
@@ -827,9 +829,14 @@ impl HubClient {
         Ok(())
     }
 
-    fn progress_bar(&self, filename: &str, total: Option<u64>, start: u64) -> indicatif::ProgressBar {
-        if !self.config.progress || !std::io::stderr().is_terminal() {
-            return indicatif::ProgressBar::hidden();
+    fn progress_bar(&self, filename: &str, total: Option<u64>, start: u64) -> Progress {
+        if !self.config.progress {
+            return Progress::hidden();
+        }
+        if !std::io::stderr().is_terminal() {
+            let p = Progress::new(total.unwrap_or(0), &format!("download {filename}"), Unit::Bytes);
+            p.set_position(start);
+            return p;
         }
         let (bar, template) = match total {
             Some(t) => {
@@ -842,7 +849,7 @@ impl HubClient {
         }
         bar.set_message(filename.to_string());
         bar.set_position(start);
-        bar
+        Progress::from_bar(bar)
     }
 
     /// Every file of `revision` for which `allow(path)` holds, downloaded (or found in

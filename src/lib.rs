@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod quant;
 pub mod recipe;
 pub mod score;

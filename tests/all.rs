@@ -12,6 +12,7 @@ mod kernels;
 mod model;
 mod quant;
 mod plan;
+mod progress;
 mod recipe;
 mod score;
 mod serve;

@@ -46,6 +46,9 @@ fn training_lowers_the_loss_and_writes_a_peft_adapter() {
     let png = std::fs::read(rd.join("train/loss.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     assert!(err.contains("train: first step done"), "{err}");
+    // Off a terminal every logged step says how long is left.
+    let line = err.lines().find(|l| l.starts_with("train: step 10/30 loss ")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains(" epoch ") && line.contains(", ETA "), "{line}");
 }
 
 fn load_tiny(quantize: bool) -> Box<dyn CausalLm> {

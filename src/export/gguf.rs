@@ -24,6 +24,7 @@
 
 use crate::gguf::{GgmlType, GgufArray, GgufFile, GgufValue, GgufValueType};
 use crate::model::{Config, RopeScaling, Weights};
+use crate::progress::{Progress, Unit};
 use crate::util;
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
@@ -645,6 +646,7 @@ pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<Gg
     w.write_all(&header).map_err(io)?;
     let mut pos = 0u64;
     let mut types: BTreeMap<String, usize> = BTreeMap::new();
+    let bar = Progress::new(offset, &format!("write gguf {}", ty.name()), Unit::Bytes);
     for p in &plan {
         let values: Vec<f32> = match &p.source {
             Source::Values(v) => v.clone(),
@@ -666,9 +668,11 @@ pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<Gg
         w.write_all(&bytes).map_err(io)?;
         let end = align(pos + bytes.len() as u64);
         w.write_all(&vec![0u8; (end - pos - bytes.len() as u64) as usize]).map_err(io)?;
+        bar.inc(end - pos);
         pos = end;
         *types.entry(p.ty.name()).or_default() += 1;
     }
+    bar.finish();
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     drop(file);

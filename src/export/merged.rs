@@ -96,7 +96,8 @@ pub fn merged_weight(lin: &Linear, weights: &Weights, name: &str) -> Result<Tens
 
 /// Merge the adapters of `model` (loaded from `base_dir`) and write the HF folder `out`.
 pub fn write_merged(model: &dyn CausalLm, base_dir: &Path, out: &Path, store: Kind, max_shard_bytes: u64) -> Result<MergeSummary> {
-    let weights = Weights::open(base_dir)?;
+    let mut weights = Weights::open(base_dir)?;
+    weights.track("merge");
     let linears: HashMap<String, (String, &Linear)> =
         model.linears().into_iter().map(|(p, l)| (format!("{p}.weight"), (p, l))).collect();
     let names = weights.names();
@@ -139,6 +140,7 @@ pub fn write_merged(model: &dyn CausalLm, base_dir: &Path, out: &Path, store: Ki
     }
     let tensors = keep.len();
     let shards = writer.finish()?;
+    weights.finish();
 
     let mut cfg: Value = util::read_json(&base_dir.join("config.json"))?;
     let obj = cfg.as_object_mut().ok_or_else(|| anyhow!("{}/config.json is not an object", base_dir.display()))?;

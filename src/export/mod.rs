@@ -133,7 +133,8 @@ pub fn load_trained(ctx: &RunContext, base_dir: &Path, device: tch::Device) -> R
     Ok(model)
 }
 
-/// The examples the merge gate scores: the eval split, else the first train examples; at most 64.
+/// The examples the merge gate scores: the eval split, else the first train examples; at most
+/// [`check::MAX_EXAMPLES`].
 pub fn gate_examples(ctx: &RunContext) -> Result<(Vec<crate::data::shards::Example>, &'static str)> {
     let tok_dir = ctx.stage_dir("tokenize");
     let mut eval = crate::train::read_split(&tok_dir, "eval")?;
@@ -211,7 +212,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             let compute = crate::train::kind_of(r.model.dtype, device);
             let t0 = std::time::Instant::now();
             let stage = Staging::new(dir, merged_name)?;
-            let trained = load_trained(ctx, &model_rec.dir, device)?;
+            let mut trained = load_trained(ctx, &model_rec.dir, device)?;
             let summary = merged::write_merged(trained.as_ref(), &model_rec.dir, stage.path(), store, merged::MAX_SHARD_BYTES)?;
             eprintln!(
                 "export: merged {} LoRA modules into {} tensors ({}) in {:.1}s",
@@ -223,6 +224,12 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             ctx.check_interrupted("export stopped")?;
             // The gate: the files just written, loaded back, against base + adapter.
             let (examples, source) = gate_examples(ctx)?;
+            // The merged tensors are written. On the CPU base + adapter is scored with its 4-bit
+            // weights dequantized once (the same numbers every forward computes); on a GPU that
+            // would hold a second dense copy of the base next to the merged model, so it is not.
+            if device == tch::Device::Cpu {
+                crate::model::dequantize_linears(trained.as_mut(), compute);
+            }
             let merged_model = crate::model::load(stage.path(), &crate::model::LoadOptions { dtype: compute, device, quantize: None, cuda_kernels: true })?;
             let m = check::measure(trained.as_ref(), merged_model.as_ref(), &examples, device);
             drop(merged_model);

@@ -51,7 +51,8 @@ pub fn quantization_config() -> Value {
 
 /// Quantize the merged folder `merged_dir` into `out`; returns the number of linears quantized.
 pub fn write_nf4(merged_dir: &Path, out: &Path, max_shard_bytes: u64) -> Result<usize> {
-    let weights = Weights::open(merged_dir)?;
+    let mut weights = Weights::open(merged_dir)?;
+    weights.track("write nf4");
     let mut names = weights.names();
     names.sort_by_key(|n| super::merged::order_key(n));
     let mut writer = ShardWriter::new(out, max_shard_bytes);
@@ -73,6 +74,7 @@ pub fn write_nf4(merged_dir: &Path, out: &Path, max_shard_bytes: u64) -> Result<
         }
     }
     writer.finish()?;
+    weights.finish();
     let mut cfg: Value = util::read_json(&merged_dir.join("config.json"))?;
     let obj = cfg.as_object_mut().ok_or_else(|| anyhow!("{}/config.json is not an object", merged_dir.display()))?;
     obj.insert("torch_dtype".into(), json!("bfloat16"));

@@ -190,6 +190,16 @@ pub trait CausalLm {
     fn linears(&self) -> Vec<(String, &Linear)>;
 }
 
+/// Replace every 4-bit weight by its dequantized values in `kind`: the same numbers every
+/// forward would compute, dequantized once (for inference passes that fit in memory).
+pub fn dequantize_linears(model: &mut dyn CausalLm, kind: Kind) {
+    for (_, lin) in model.linears_mut() {
+        if let Weight::Quant(q) = &lin.weight {
+            lin.weight = Weight::Dense(q.dequantize(kind));
+        }
+    }
+}
+
 /// Load an HF model folder (config.json + safetensors, dense or bnb-4bit).
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
     load_dir(dir, opts).with_context(|| format!("cannot load model {}", dir.display()))
@@ -197,7 +207,8 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
 
 fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
     let config = Config::from_dir(dir)?;
-    let weights = Weights::open(dir)?;
+    let mut weights = Weights::open(dir)?;
+    weights.track(&format!("load {}", dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     let model: Box<dyn CausalLm> = match config.model_type.as_str() {
         "llama" => Box::new(llama::load(config, &weights, opts)?),
         "mistral" => Box::new(mistral::load(config, &weights, opts)?),
@@ -218,6 +229,7 @@ fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
     if towers > 0 {
         log::info!("{towers} tensors outside the text decoder (vision/audio towers) were skipped");
     }
+    weights.finish();
     let tied = model.config().tie_word_embeddings;
     let expected_unused = |n: &str| n.ends_with("rotary_emb.inv_freq") || (tied && n == "lm_head.weight");
     let unused: Vec<String> = weights.unused().into_iter().filter(|n| !expected_unused(n)).collect();

@@ -19,6 +19,8 @@ use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
 use tch::{Kind, Tensor};
 
+use crate::progress::{Progress, Unit};
+
 /// One mapped safetensors file.
 struct Shard {
     path: PathBuf,
@@ -40,6 +42,8 @@ pub struct Weights {
     shards: Vec<Shard>,
     index: HashMap<String, (usize, TensorInfo)>,
     used: RefCell<HashSet<String>>,
+    /// Bytes read so far, when [`Weights::track`] asked for progress.
+    progress: Progress,
 }
 
 impl Weights {
@@ -75,7 +79,26 @@ impl Weights {
             }
             shards.push(Shard { path, map: Arc::new(map), data_start: 8 + header_len });
         }
-        Ok(Weights { dir: dir.to_path_buf(), shards, index, used: RefCell::new(HashSet::new()) })
+        Ok(Weights { dir: dir.to_path_buf(), shards, index, used: RefCell::new(HashSet::new()), progress: Progress::hidden() })
+    }
+
+    /// Report progress over the checkpoint's bytes as tensors are read (`what`: e.g. "load");
+    /// [`Weights::finish`] ends it. Tensors that are never read (other towers) are not waited for.
+    pub fn track(&mut self, what: &str) {
+        let total: usize = self.index.values().map(|(_, info)| info.data_offsets.1 - info.data_offsets.0).sum();
+        self.progress = Progress::new(total as u64, what, Unit::Bytes);
+    }
+
+    /// End the progress started by [`Weights::track`].
+    pub fn finish(&self) {
+        self.progress.finish();
+    }
+
+    /// Record that `name` was read.
+    fn mark_used(&self, name: &str, info: &TensorInfo) {
+        if self.used.borrow_mut().insert(name.to_string()) {
+            self.progress.inc((info.data_offsets.1 - info.data_offsets.0) as u64);
+        }
     }
 
     /// The folder these weights come from.
@@ -115,7 +138,7 @@ impl Weights {
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(bytes, &shape, kind)
             .with_context(|| format!("cannot read tensor `{name}` from {}", shard.path.display()))?;
-        self.used.borrow_mut().insert(name.to_string());
+        self.mark_used(name, info);
         Ok(Some(t))
     }
 
@@ -137,7 +160,7 @@ impl Weights {
         // SAFETY: the bytes stay mapped while `_map` lives (the Arc is held next to the tensor),
         // they hold `shape` elements of `kind` (checked above), and nothing writes through it.
         let tensor = unsafe { Tensor::from_blob(bytes.as_ptr(), &shape, &[], kind, tch::Device::Cpu) };
-        self.used.borrow_mut().insert(name.to_string());
+        self.mark_used(name, info);
         Some(MappedTensor { tensor, _map: shard.map.clone() })
     }
 

@@ -15,8 +15,9 @@
 use crate::data::template::Renderer;
 use crate::data::tokenizer::Tok;
 use crate::generate::{Generator, SamplingParams};
-use crate::model::{CausalLm, Weight};
+use crate::model::CausalLm;
 use crate::pipeline::{self, RunContext, Stage};
+use crate::progress::{Progress, Unit};
 use crate::train::{data, step};
 use crate::util;
 use anyhow::{Context, Result};
@@ -63,19 +64,10 @@ pub fn exact_match(generated: &str, expected: &str) -> f64 {
     f64::from(generated.trim() == expected.trim())
 }
 
-/// Replace every 4-bit weight by its dequantized copy: the same numbers as
-/// dequantizing at every forward, without paying for it per generated token.
-fn dequantize_in_place(model: &mut dyn CausalLm, kind: tch::Kind) {
-    for (_, lin) in model.linears_mut() {
-        if let Weight::Quant(q) = &lin.weight {
-            lin.weight = Weight::Dense(q.dequantize(kind));
-        }
-    }
-}
-
 /// Summed NLL and trained-token count over the eval examples, in shard order, batched;
 /// with several processes, rank r takes batches r, r + world, … (`shard` = (rank, world)).
-fn eval_loss(model: &dyn CausalLm, examples: &[crate::data::shards::Example], batch: usize, o: &step::StepOptions, shard: (usize, usize)) -> (f64, i64) {
+/// `bar` counts rows (each rank's batch stands for one batch per rank).
+fn eval_loss(model: &dyn CausalLm, examples: &[crate::data::shards::Example], batch: usize, o: &step::StepOptions, shard: (usize, usize), bar: &Progress) -> (f64, i64) {
     let (mut nll, mut n) = (0.0, 0i64);
     for (_, chunk) in examples.chunks(batch.max(1)).enumerate().filter(|(k, _)| k % shard.1 == shard.0) {
         let mb = data::MicroBatch {
@@ -86,6 +78,7 @@ fn eval_loss(model: &dyn CausalLm, examples: &[crate::data::shards::Example], ba
         let (s, k) = step::eval_nll(model, &mb, o);
         nll += s;
         n += k;
+        bar.inc((chunk.len() * shard.1) as u64);
     }
     (nll, n)
 }
@@ -169,7 +162,7 @@ impl Stage for Evaluate {
             .collect();
 
         let mut model = crate::train::load_model(&model_rec.dir, r, device)?;
-        dequantize_in_place(model.as_mut(), kind);
+        crate::model::dequantize_linears(model.as_mut(), kind);
         let o = step::StepOptions { checkpointing: false, pad_id, pad_multiple: 1, device, seed: r.run.seed, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: false };
         let params = SamplingParams {
             max_new_tokens: e.max_new_tokens as usize,
@@ -177,7 +170,8 @@ impl Stage for Evaluate {
             seed: r.run.seed,
             ..SamplingParams::default()
         };
-        let bar = if leader { util::progress(2 * samples.len() as u64, "evaluate") } else { indicatif::ProgressBar::hidden() };
+        let loss_rows = if has_eval { examples.len() } else { 0 };
+        let bar = Progress::leader(leader, 2 * (loss_rows + samples.len()) as u64, "evaluate", Unit::Items("rows"));
         let mut generator = Generator::from_parts(model, tok, device);
         let mut results = Map::new();
         let mut outputs: Vec<Vec<String>> = vec![];
@@ -186,7 +180,7 @@ impl Stage for Evaluate {
                 crate::score::apply_adapter(generator.model.as_mut(), &ctx.stage_dir("train").join("adapter"))?;
             }
             let t_loss = std::time::Instant::now();
-            let (mut nll, mut n) = if has_eval { eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o, shard) } else { (0.0, 0) };
+            let (mut nll, mut n) = if has_eval { eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o, shard, &bar) } else { (0.0, 0) };
             if let Some(d) = dist {
                 let mut v = [nll, n as f64];
                 d.all_reduce_f64(&mut v)?;
@@ -200,7 +194,7 @@ impl Stage for Evaluate {
                 let prompts: Vec<String> = chunk.iter().map(|s| s.prompt.clone()).collect();
                 let done = generator.generate(&prompts, &params, &mut |_, _| true)?;
                 texts.extend(done.into_iter().map(|c| c.text));
-                bar.inc(chunk.len() as u64);
+                bar.inc((chunk.len() * shard.1) as u64);
             }
             if let Some(d) = dist {
                 let all = d.gather_json(&format!("evaluate-{phase}"), &json!(texts))?;
@@ -223,7 +217,7 @@ impl Stage for Evaluate {
             results.insert(phase.into(), Value::Object(m));
             outputs.push(texts);
         }
-        bar.finish_and_clear();
+        bar.finish();
         if !leader {
             return Ok(vec![]);
         }

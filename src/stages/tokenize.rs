@@ -296,7 +296,7 @@ impl Stage for Tokenize {
 
         let shared = Shared { ctx, dir, fp, renderer, tok };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().context("cannot start worker threads")?;
-        let bar = crate::util::progress(jobs.len() as u64, "tokenize");
+        let bar = crate::progress::Progress::new(jobs.len() as u64, "tokenize", crate::progress::Unit::Items("shards"));
         let results: Vec<Result<ShardInfo>> = pool.install(|| {
             jobs.par_iter()
                 .map(|j| {
@@ -306,7 +306,7 @@ impl Stage for Tokenize {
                 })
                 .collect()
         });
-        bar.finish_and_clear();
+        bar.finish();
         // An interruption wins over other errors; otherwise the first failing shard is reported.
         if results.iter().any(|r| r.as_ref().err().is_some_and(|e| crate::error::exit_code(e) == 130)) {
             return Err(crate::error::Failure::Interrupted(

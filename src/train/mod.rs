@@ -16,6 +16,7 @@ pub mod step;
 use crate::error::Failure;
 use crate::model::{self, lora, CausalLm};
 use crate::pipeline::RunContext;
+use crate::progress::{Progress, Unit};
 use crate::recipe::{Dtype, QuantMethod, Recipe, TargetModules};
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -331,7 +332,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             eprintln!("train: each step's {micro_per_step} micro-batches run as packed varlen passes of up to {n} tokens (train.coalesce)");
         }
     }
-    let bar = if leader { util::progress(total, "train") } else { indicatif::ProgressBar::hidden() };
+    let bar = Progress::leader(leader, total, "train", Unit::Items("steps"));
     bar.set_position(start);
     let epoch_len = loader.micro_batches_per_epoch().max(1) as f64;
     let t_run = std::time::Instant::now();
@@ -426,8 +427,11 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         }
         if done % t.logging_steps == 0 || done == total {
             let msg = format!("step {done}/{total} loss {:.4} lr {:.2e} grad {:.3} {:.0} tok/s", res.loss, lr, grad_norm, res.tokens as f64 / secs.max(1e-9));
-            if bar.is_hidden() && leader {
-                eprintln!("train: {msg} epoch {epoch:.2}");
+            if !bar.is_bar() && leader {
+                bar.set_position(done);
+                let eta = bar.eta().map(|e| format!(", ETA {}", crate::progress::duration(e))).unwrap_or_default();
+                eprintln!("train: {msg} epoch {epoch:.2}{eta}");
+                bar.touch();
             }
             bar.set_message(msg);
         }
@@ -465,7 +469,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             .into());
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     if !leader {
         return Ok(vec![]);
     }
