@@ -6,11 +6,11 @@ use crate::error::{exit_code, Failure};
 use crate::pipeline::{self, RunContext, RunOptions};
 use crate::recipe;
 use anyhow::Result;
-use tch::Device;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tch::Device;
 
 #[derive(Parser, Debug)]
 #[command(name = "tuner", version, about = "Fine-tune open LLMs (LoRA and QLoRA) from TOML recipes")]
@@ -220,7 +220,12 @@ enum GradsQuant {
     Nf4,
 }
 
-fn context(r: recipe::Loaded, run_dir: Option<PathBuf>, threads: Option<usize>, interrupted: Arc<AtomicBool>) -> Result<RunContext> {
+fn context(
+    r: recipe::Loaded,
+    run_dir: Option<PathBuf>,
+    threads: Option<usize>,
+    interrupted: Arc<AtomicBool>,
+) -> Result<RunContext> {
     let run_dir = run_dir.unwrap_or_else(|| r.default_run_dir());
     let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     Ok(RunContext { recipe: r, run_dir, threads, interrupted, hub: crate::hub::HubConfig::from_env()?, dist: None })
@@ -263,7 +268,15 @@ fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -
 
 /// `tuner run` in this process (one process, or rank 0 of several): the pipeline, then
 /// --write-expected / --verify.
-fn lead(ctx: &RunContext, ra: &RecipeArgs, from: Option<String>, until: Option<String>, verify: bool, write_expected: bool, expected: Option<PathBuf>) -> Result<()> {
+fn lead(
+    ctx: &RunContext,
+    ra: &RecipeArgs,
+    from: Option<String>,
+    until: Option<String>,
+    verify: bool,
+    write_expected: bool,
+    expected: Option<PathBuf>,
+) -> Result<()> {
     pipeline::run(ctx, &RunOptions { from, until })?;
     let device = device_name(&ctx.recipe.recipe.train.device)?;
     let expected = expected.unwrap_or_else(|| crate::verify::expected_path(&ra.recipe));
@@ -289,7 +302,8 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             // Several processes: launch them (`--gpus N`), or be one of them (torchrun, Slurm,
             // or our own launcher's variables). See crate::dist.
             let t = &ctx.recipe.recipe.train;
-            let world = crate::dist::env::from_env(|k| std::env::var(k).ok()).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+            let world =
+                crate::dist::env::from_env(|k| std::env::var(k).ok()).map_err(|e| Failure::Usage(format!("{e:#}")))?;
             let gpus = gpus.unwrap_or(t.gpus) as usize;
             match world {
                 None if gpus > 1 => {
@@ -410,8 +424,17 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         } => {
             let hub = crate::hub::HubConfig::from_env()?;
             let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
-            let params = crate::generate::SamplingParams { max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop };
-            let args = crate::generate::terminal::GenerateArgs { model, adapter, prompt, chat, params, dtype, device, cache };
+            let params = crate::generate::SamplingParams {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed,
+                stop,
+            };
+            let args =
+                crate::generate::terminal::GenerateArgs { model, adapter, prompt, chat, params, dtype, device, cache };
             crate::generate::terminal::run(&args, &interrupted)
         }
         Command::Score { model, adapter, data, json, dtype, device } => {
@@ -420,7 +443,9 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
                 "bf16" => recipe::Dtype::Bf16,
                 "fp16" => recipe::Dtype::Fp16,
                 "fp32" => recipe::Dtype::Fp32,
-                other => return Err(Failure::Usage(format!("--dtype {other}: expected auto, bf16, fp16 or fp32")).into()),
+                other => {
+                    return Err(Failure::Usage(format!("--dtype {other}: expected auto, bf16, fp16 or fp32")).into())
+                }
             };
             crate::train::device_of(&device).map_err(|e| Failure::Usage(format!("--device: {e}")))?;
             let hub = crate::hub::HubConfig::from_env()?;
@@ -436,7 +461,10 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
-                println!("rows {}  tokens {}  mean loss {:.6}  perplexity {:.4}", s.rows, s.tokens, s.mean_loss, s.perplexity);
+                println!(
+                    "rows {}  tokens {}  mean loss {:.6}  perplexity {:.4}",
+                    s.rows, s.tokens, s.mean_loss, s.perplexity
+                );
             }
             Ok(())
         }

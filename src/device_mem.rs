@@ -27,7 +27,12 @@ pub fn cuda(device: usize) -> Option<CudaMem> {
         let mut out = [0i64; 4];
         // SAFETY: the shim writes exactly four i64 into `out` and catches every C++ exception.
         let rc = unsafe { tuner_cuda_mem_stats(device as i32, out.as_mut_ptr()) };
-        (rc == 0).then_some(CudaMem { allocated: out[0], peak_allocated: out[1], reserved: out[2], peak_reserved: out[3] })
+        (rc == 0).then_some(CudaMem {
+            allocated: out[0],
+            peak_allocated: out[1],
+            reserved: out[2],
+            peak_reserved: out[3],
+        })
     }
     #[cfg(not(tuner_cuda_shim))]
     {

@@ -27,8 +27,5 @@ impl Failure {
 
 /// The exit code for any error: a [`Failure`] anywhere in the chain decides it, else 1.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    err.chain()
-        .find_map(|e| e.downcast_ref::<Failure>())
-        .map(Failure::exit_code)
-        .unwrap_or(1)
+    err.chain().find_map(|e| e.downcast_ref::<Failure>()).map(Failure::exit_code).unwrap_or(1)
 }

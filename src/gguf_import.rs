@@ -14,8 +14,8 @@
 //! Every file is written atomically (temp name in `out_dir`, then rename), and
 //! `config.json` is written last, so a folder with a `config.json` is complete.
 
-use crate::progress::{Progress, Unit};
 use crate::gguf::{GgufFile, GgufValue, TensorInfo};
+use crate::progress::{Progress, Unit};
 use crate::util::{temp_path, write_atomic, write_json_atomic};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};

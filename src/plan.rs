@@ -61,7 +61,9 @@ impl Shape {
             vocab: c.vocab_size,
             tied: c.tie_word_embeddings,
             streams: c.gemma3n.as_ref().map_or(1, |g| g.altup_num_inputs),
-            gemma3n: c.gemma3n.as_ref().map(|g| (g.vocab_size_per_layer_input, g.hidden_size_per_layer_input, g.laurel_rank, g.num_kv_shared_layers)),
+            gemma3n: c.gemma3n.as_ref().map(|g| {
+                (g.vocab_size_per_layer_input, g.hidden_size_per_layer_input, g.laurel_rank, g.num_kv_shared_layers)
+            }),
             eager_attention: c.attn_logit_softcapping.is_some(),
             hand_backward: matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3"),
         })
@@ -90,7 +92,15 @@ impl Shape {
     /// (name, in, out) of each decoder linear of one layer.
     pub fn linears(&self) -> Vec<(&'static str, i64, i64)> {
         let (h, i, q, kv) = (self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        vec![("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+        vec![
+            ("q_proj", h, q),
+            ("k_proj", h, kv),
+            ("v_proj", h, kv),
+            ("o_proj", q, h),
+            ("gate_proj", h, i),
+            ("up_proj", h, i),
+            ("down_proj", i, h),
+        ]
     }
 }
 
@@ -140,20 +150,31 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let r = &l.recipe;
     let safetensors_bytes = |dir: &Path| -> u64 {
         std::fs::read_dir(dir)
-            .map(|rd| rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "safetensors")).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     };
     let (shape, file_bytes) = match l.source(&r.model.source) {
         Source::Local(p) if p.extension().is_some_and(|e| e == "gguf") => {
             let s = Shape::from_gguf(&p)?;
             // The import writes f32 safetensors.
-            let params = s.layers * s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>() + s.vocab * s.hidden * if s.tied { 1 } else { 2 };
+            let params = s.layers * s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>()
+                + s.vocab * s.hidden * if s.tied { 1 } else { 2 };
             (s, 4 * params as u64)
         }
         Source::Local(p) => (Shape::from_dir(&p)?, safetensors_bytes(&p)),
         Source::Hub { repo } => {
             let rec = crate::util::read_json::<crate::stages::fetch::ModelRecord>(&run_dir.join("fetch/model.json"))
-                .with_context(|| format!("the shape of `{repo}` is known once it is fetched: run `tuner run RECIPE --until fetch` first"))?;
+                .with_context(|| {
+                    format!(
+                        "the shape of `{repo}` is known once it is fetched: run `tuner run RECIPE --until fetch` first"
+                    )
+                })?;
             (Shape::from_dir(&rec.dir)?, safetensors_bytes(&rec.dir))
         }
     };
@@ -164,7 +185,8 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let tokens = b * seq;
     let s = &shape;
     let mut items = vec![];
-    let mut add = |c: &str, bytes: i64, note: String| items.push(Item { component: c.into(), bytes: bytes.max(0) as u64, note });
+    let mut add =
+        |c: &str, bytes: i64, note: String| items.push(Item { component: c.into(), bytes: bytes.max(0) as u64, note });
 
     // Base weights.
     let linear_params: i64 = s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>() * s.layers;
@@ -184,10 +206,20 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let mut host_items = vec![];
     if let Some((vp, p, rank, _)) = s.gemma3n {
         let n = s.streams;
-        let extras = 2 * (n - 1) * s.hidden * s.hidden + s.hidden * s.layers * p + s.layers * (2 * s.hidden * rank + 2 * s.hidden * p + n * n * n + s.hidden * n + 6 * s.hidden);
+        let extras = 2 * (n - 1) * s.hidden * s.hidden
+            + s.hidden * s.layers * p
+            + s.layers * (2 * s.hidden * rank + 2 * s.hidden * p + n * n * n + s.hidden * n + 6 * s.hidden);
         add("Gemma 3n AltUp, LAuReL, per-layer projections", extras * dt, format!("{extras} params, dense"));
-        add("per-layer inputs of a batch", tokens * s.layers * p * dt * 2, format!("{b}×{seq}×{}×{p}: table rows + projection", s.layers));
-        let table = Item { component: "per-layer embedding table".into(), bytes: (vp * s.layers * p * dt) as u64, note: format!("{vp} × {} in host memory, rows gathered per batch", s.layers * p) };
+        add(
+            "per-layer inputs of a batch",
+            tokens * s.layers * p * dt * 2,
+            format!("{b}×{seq}×{}×{p}: table rows + projection", s.layers),
+        );
+        let table = Item {
+            component: "per-layer embedding table".into(),
+            bytes: (vp * s.layers * p * dt) as u64,
+            note: format!("{vp} × {} in host memory, rows gathered per batch", s.layers * p),
+        };
         if device.is_cuda() {
             host_items.push(table);
         } else {
@@ -210,7 +242,11 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let lora_params: i64 = targets.iter().map(|(i, o)| rank * (i + o)).sum::<i64>() * s.layers;
     add("LoRA weights (fp32)", 4 * lora_params, format!("{lora_params} params"));
     add("LoRA gradients (fp32)", 4 * lora_params, String::new());
-    let opt: i64 = targets.iter().map(|(i, o)| AdamW::state_bytes(rank * i, t.optimizer) + AdamW::state_bytes(rank * o, t.optimizer)).sum::<i64>() * s.layers;
+    let opt: i64 = targets
+        .iter()
+        .map(|(i, o)| AdamW::state_bytes(rank * i, t.optimizer) + AdamW::state_bytes(rank * o, t.optimizer))
+        .sum::<i64>()
+        * s.layers;
     add("optimizer state", opt, format!("{:?}", t.optimizer).to_lowercase());
 
     // Activations.
@@ -219,7 +255,8 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     // Scores and probabilities in f32, where they exist: on a GPU SDPA's fused kernels keep only
     // per-row statistics, unless the family writes attention out (a softcap).
     let kind = crate::train::kind_of(r.model.dtype, device);
-    let coalesce_tokens = crate::train::step::coalesce_budget(t, device, kind, s.head_dim, s.eager_attention).map(|n| n as u64);
+    let coalesce_tokens =
+        crate::train::step::coalesce_budget(t, device, kind, s.head_dim, s.eager_attention).map(|n| n as u64);
     // A coalesced pass is one row of up to b·seq tokens: its scores, where written out, are
     // (b·seq)², not b·seq².
     let scores = if device.is_cuda() && !s.eager_attention {
@@ -246,13 +283,25 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
         if offload {
             // Gemma 3n's inputs also carry up to two producers' K and V.
             let carry_width = if s.gemma3n.is_some() { 4 * kv } else { 0 };
-            add("checkpointed layer inputs", 2 * tokens * (width + carry_width) * dt, format!("2 of {} layers × {b}×{seq}×{width} on the GPU, the rest offloaded", s.layers));
-            host_items.push(Item { component: "checkpointed layer inputs (offloaded)".into(), bytes: (inputs + carried) as u64, note: "pinned host memory".into() });
+            add(
+                "checkpointed layer inputs",
+                2 * tokens * (width + carry_width) * dt,
+                format!("2 of {} layers × {b}×{seq}×{width} on the GPU, the rest offloaded", s.layers),
+            );
+            host_items.push(Item {
+                component: "checkpointed layer inputs (offloaded)".into(),
+                bytes: (inputs + carried) as u64,
+                note: "pinned host memory".into(),
+            });
         } else {
             add("checkpointed layer inputs", inputs + carried, format!("{} layers × {b}×{seq}×{width}", s.layers));
         }
         if hand {
-            add("one layer, recompute + backward", layer_ws * 27 / 20, "hand-written backward: intermediates freed as used".into());
+            add(
+                "one layer, recompute + backward",
+                layer_ws * 27 / 20,
+                "hand-written backward: intermediates freed as used".into(),
+            );
         } else {
             add("one layer, recompute + backward", 2 * layer_ws, "activations and their gradients".into());
         }
@@ -262,7 +311,11 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let widest = s.linears().iter().map(|(_, i, o)| i * o).max().unwrap_or(0);
     add("dequantized weight (transient)", 2 * widest * dt, "largest linear, forward and backward".into());
     let rows = crate::train::step::ce_chunk_rows(s.vocab, device).min(tokens);
-    add("cross-entropy chunk", 3 * rows * s.vocab * 4 + 2 * tokens * s.hidden * dt, format!("{rows} rows × {} vocab in fp32", s.vocab));
+    add(
+        "cross-entropy chunk",
+        3 * rows * s.vocab * 4 + 2 * tokens * s.hidden * dt,
+        format!("{rows} rows × {} vocab in fp32", s.vocab),
+    );
     if device.is_cuda() {
         add("CUDA context (outside the allocator)", 600 << 20, "typical; not in allocator statistics".into());
     } else {
@@ -270,17 +323,44 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     }
     // Loading: the checkpoint is memory-mapped and every page is read once; with
     // quantize-at-load one dense tensor at a time is copied out and quantized.
-    let mut load_items = vec![Item { component: "checkpoint files (memory-mapped)".into(), bytes: file_bytes, note: "read once while loading".into() }];
+    let mut load_items = vec![Item {
+        component: "checkpoint files (memory-mapped)".into(),
+        bytes: file_bytes,
+        note: "read once while loading".into(),
+    }];
     if !matches!(r.quantization.method, QuantMethod::None) {
-        load_items.push(Item { component: "one dense weight being quantized".into(), bytes: (3 * widest * 4) as u64, note: "transient".into() });
+        load_items.push(Item {
+            component: "one dense weight being quantized".into(),
+            bytes: (3 * widest * 4) as u64,
+            note: "transient".into(),
+        });
     }
     let train_bytes: u64 = items.iter().map(|i| i.bytes).sum();
-    let resident_at_load: u64 = items.iter().filter(|i| i.component.starts_with("base") || i.component.starts_with("embeddings") || i.component.starts_with("runtime") || i.component.starts_with("CUDA")).map(|i| i.bytes).sum();
+    let resident_at_load: u64 = items
+        .iter()
+        .filter(|i| {
+            i.component.starts_with("base")
+                || i.component.starts_with("embeddings")
+                || i.component.starts_with("runtime")
+                || i.component.starts_with("CUDA")
+        })
+        .map(|i| i.bytes)
+        .sum();
     let load_bytes = resident_at_load + load_items.iter().map(|i| i.bytes).sum::<u64>();
     if train_bytes == 0 {
         bail!("empty estimate");
     }
-    Ok(Plan { device: format!("{device:?}"), shape, items, load_items, host_items, train_bytes, load_bytes, total_bytes: train_bytes.max(load_bytes), coalesce_tokens })
+    Ok(Plan {
+        device: format!("{device:?}"),
+        shape,
+        items,
+        load_items,
+        host_items,
+        train_bytes,
+        load_bytes,
+        total_bytes: train_bytes.max(load_bytes),
+        coalesce_tokens,
+    })
 }
 
 /// The estimate as a table.
@@ -297,13 +377,19 @@ pub fn render(p: &Plan) -> String {
     for i in &p.load_items {
         s.push_str(&format!("  {:<40} {:>9.3} GiB  {}\n", format!("load: {}", i.component), gib(i.bytes), i.note));
     }
-    s.push_str(&format!("  {:<40} {:>9.3} GiB  (runtime + base weights + the above)\n", "while loading", gib(p.load_bytes)));
+    s.push_str(&format!(
+        "  {:<40} {:>9.3} GiB  (runtime + base weights + the above)\n",
+        "while loading",
+        gib(p.load_bytes)
+    ));
     s.push_str(&format!("  {:<40} {:>9.3} GiB\n", "expected peak", gib(p.total_bytes)));
     for i in &p.host_items {
         s.push_str(&format!("  {:<40} {:>9.3} GiB  {}\n", format!("host: {}", i.component), gib(i.bytes), i.note));
     }
     match p.coalesce_tokens {
-        Some(n) => s.push_str(&format!("  a step's micro-batches run as packed varlen passes of up to {n} tokens (train.coalesce)\n")),
+        Some(n) => s.push_str(&format!(
+            "  a step's micro-batches run as packed varlen passes of up to {n} tokens (train.coalesce)\n"
+        )),
         None => s.push_str("  a step's micro-batches run one by one (train.coalesce)\n"),
     }
     s

@@ -174,7 +174,8 @@ impl Progress {
         let Ok(mut p) = p.lock() else { return };
         f(&mut p);
         let now = Instant::now();
-        if now.duration_since(p.last) < p.every || p.len > 0 && p.pos >= p.len && !p.printed && p.every > Duration::ZERO {
+        if now.duration_since(p.last) < p.every || p.len > 0 && p.pos >= p.len && !p.printed && p.every > Duration::ZERO
+        {
             return;
         }
         p.last = now;

@@ -57,12 +57,15 @@ pub fn apply_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<()> {
     let r = cfg["r"].as_i64().with_context(|| format!("{}/adapter_config.json: no `r`", dir.display()))?;
     let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
     let targets = match &cfg["target_modules"] {
-        serde_json::Value::Array(a) => lora::Targets::Names(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()),
+        serde_json::Value::Array(a) => {
+            lora::Targets::Names(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        }
         serde_json::Value::String(s) if s == "all-linear" => lora::Targets::AllLinear,
         serde_json::Value::String(s) => lora::Targets::Regex(s.clone()),
         _ => bail!("{}/adapter_config.json: `target_modules` must be a list or a string", dir.display()),
     };
-    let spec = lora::LoraSpec { r, alpha, dropout: 0.0, use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false), targets };
+    let spec =
+        lora::LoraSpec { r, alpha, dropout: 0.0, use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false), targets };
     lora::attach(model, &spec, 0)?;
     let tensors = Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
         .with_context(|| format!("cannot read {}/adapter_model.safetensors", dir.display()))?;
@@ -79,7 +82,9 @@ pub fn encode_rows(data: &Path, tok: &Tok) -> Result<Vec<Vec<i64>>> {
         let ids = if let Some(s) = v.get("text").and_then(|t| t.as_str()) {
             tok.encode(s, true).map_err(|e| anyhow::anyhow!("{at}: {e}"))?
         } else if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
-            let tpl = tok.chat_template.as_deref().with_context(|| format!("{at}: a messages row needs a chat template in the model's tokenizer_config.json"))?;
+            let tpl = tok.chat_template.as_deref().with_context(|| {
+                format!("{at}: a messages row needs a chat template in the model's tokenizer_config.json")
+            })?;
             let msgs: Vec<Message> = msgs
                 .iter()
                 .map(|m| Message {
@@ -87,7 +92,8 @@ pub fn encode_rows(data: &Path, tok: &Tok) -> Result<Vec<Vec<i64>>> {
                     content: m["content"].as_str().unwrap_or("").to_string(),
                 })
                 .collect();
-            let rendered = Renderer::apply_chat_template(tpl, &msgs, false, &tok.bos_token, &tok.eos_token).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+            let rendered = Renderer::apply_chat_template(tpl, &msgs, false, &tok.bos_token, &tok.eos_token)
+                .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
             tok.encode(&rendered, false).map_err(|e| anyhow::anyhow!("{at}: {e}"))?
         } else {
             bail!("{at}: expected {{\"text\": …}} or {{\"messages\": […]}}");
@@ -112,7 +118,13 @@ pub fn score_rows(model: &dyn CausalLm, rows: &[Vec<i64>], device: Device) -> Sc
         let t = ids.len() as i64;
         let nll = logits
             .narrow(0, 0, t - 1)
-            .cross_entropy_loss::<Tensor>(&input.squeeze_dim(0).narrow(0, 1, t - 1), None, tch::Reduction::Sum, -100, 0.0)
+            .cross_entropy_loss::<Tensor>(
+                &input.squeeze_dim(0).narrow(0, 1, t - 1),
+                None,
+                tch::Reduction::Sum,
+                -100,
+                0.0,
+            )
             .to_kind(Kind::Double)
             .double_value(&[]);
         total += nll;
@@ -139,7 +151,12 @@ pub fn run(a: &ScoreArgs) -> Result<Score> {
     let device = crate::train::device_of(a.device)?;
     let tok = Tok::load(&dir)?;
     let rows = encode_rows(a.data, &tok)?;
-    let opts = model::LoadOptions { dtype: crate::train::kind_of(a.dtype, device), device, quantize: None, cuda_kernels: true };
+    let opts = model::LoadOptions {
+        dtype: crate::train::kind_of(a.dtype, device),
+        device,
+        quantize: None,
+        cuda_kernels: true,
+    };
     let mut m = model::load(&dir, &opts)?;
     if let Some(ad) = a.adapter {
         apply_adapter(m.as_mut(), ad)?;

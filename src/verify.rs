@@ -27,10 +27,32 @@ pub fn expected_path(recipe: &Path) -> PathBuf {
 /// these are equal. E.g. `avx2 avx512_bf16 avx512_fp16 avx512bw avx512f … fma; 2 threads`.
 pub fn cpu_kernels() -> String {
     const FLAGS: &[&str] = &[
-        "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx_vnni",
+        "avx512f",
+        "avx512bw",
+        "avx512cd",
+        "avx512dq",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "amx_int8",
+        "asimd",
+        "sve",
     ];
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let have: std::collections::BTreeSet<&str> = info.lines().filter(|l| l.starts_with("flags") || l.starts_with("Features")).flat_map(|l| l.split_whitespace()).filter(|f| FLAGS.contains(f)).collect();
+    let have: std::collections::BTreeSet<&str> = info
+        .lines()
+        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .flat_map(|l| l.split_whitespace())
+        .filter(|f| FLAGS.contains(f))
+        .collect();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     format!("{}; {threads} threads", have.into_iter().collect::<Vec<_>>().join(" "))
 }
@@ -81,7 +103,10 @@ pub fn compare(expected: &Value, got: &Value) -> Vec<String> {
     let exact = cpu && !expected["cpu_kernels"].is_null() && expected["cpu_kernels"] == got["cpu_kernels"];
     for k in ["tuner_version", "libtorch_version"] {
         if expected[k] != got[k] {
-            drift.push(format!("{k}: expected {}, found {} (re-record with --write-expected if this is deliberate)", expected[k], got[k]));
+            drift.push(format!(
+                "{k}: expected {}, found {} (re-record with --write-expected if this is deliberate)",
+                expected[k], got[k]
+            ));
         }
     }
     if exact && expected["adapter_sha256"] != got["adapter_sha256"] {
@@ -121,9 +146,13 @@ pub fn compare(expected: &Value, got: &Value) -> Vec<String> {
 /// Verify a run made with the `--set` overrides `set` against the expectation file `path`;
 /// Err lists every drift.
 pub fn verify(path: &Path, set: &[String], run_dir: &Path, device: &str) -> Result<()> {
-    let expected: Value = util::read_json(path)
-        .with_context(|| format!("cannot read the expectation file {}; record one with --write-expected", path.display()))?;
-    let want: Vec<String> = expected["set"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
+    let expected: Value = util::read_json(path).with_context(|| {
+        format!("cannot read the expectation file {}; record one with --write-expected", path.display())
+    })?;
+    let want: Vec<String> = expected["set"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .unwrap_or_default();
     if want != set {
         bail!(
             "{} was recorded with --set {:?} but this run used --set {:?}; run with the same overrides, or pass the matching --expected FILE",

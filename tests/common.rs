@@ -64,14 +64,10 @@ pub fn tiny_tokenizer_json() -> String {
     }
     // A few merges so that the BPE model is exercised: "th", "he", "in".
     let merges = [("t", "h"), ("h", "e"), ("i", "n")];
-    let mut next = 259;
-    for (a, b) in merges {
-        vocab.insert(format!("{a}{b}"), serde_json::json!(next));
-        next += 1;
+    for (k, (a, b)) in merges.iter().enumerate() {
+        vocab.insert(format!("{a}{b}"), serde_json::json!(259 + k));
     }
-    let special = |id: u32, s: &str| {
-        serde_json::json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-    };
+    let special = |id: u32, s: &str| serde_json::json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -115,7 +111,8 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
     .unwrap();
     let data: Vec<u8> = (0..262 * 8).flat_map(|i| ((i as f32) * 0.001).to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![262, 8], &data).unwrap();
-    safetensors::serialize_to_file([("model.embed_tokens.weight", view)], None, &dir.join("model.safetensors")).unwrap();
+    safetensors::serialize_to_file([("model.embed_tokens.weight", view)], None, &dir.join("model.safetensors"))
+        .unwrap();
     dir.to_path_buf()
 }
 
@@ -225,9 +222,9 @@ pub fn trained_runs(ids: &[i32], labels: &[i32]) -> Vec<Vec<i32>> {
 
 /// The pinned Python of scripts/bootstrap (transformers, peft, bitsandbytes).
 pub fn python() -> PathBuf {
-    let home = std::env::var("TUNER_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/tuner"));
+    let home = std::env::var("TUNER_HOME").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/tuner")
+    });
     let p = home.join("venv/bin/python");
     assert!(p.is_file(), "{} is missing: run scripts/bootstrap", p.display());
     p
@@ -249,7 +246,8 @@ pub fn check_script(args: &[String]) -> (serde_json::Value, Vec<(String, tch::Te
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "check_export.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     (report, tch::Tensor::read_safetensors(&file).unwrap())
 }
 
@@ -275,7 +273,12 @@ pub fn examples(n: usize, step: i32) -> Vec<tuner::data::shards::Example> {
 
 /// [`lora_fixture`] (seeds 3 and 11) on `device` in `dtype`.
 #[allow(dead_code)]
-pub fn lora_fixture_on(name: &str, quantize: bool, device: tch::Device, dtype: tch::Kind) -> Box<dyn tuner::model::CausalLm> {
+pub fn lora_fixture_on(
+    name: &str,
+    quantize: bool,
+    device: tch::Device,
+    dtype: tch::Kind,
+) -> Box<dyn tuner::model::CausalLm> {
     lora_fixture_seeded(name, quantize, 3, 11, device, dtype)
 }
 
@@ -285,11 +288,26 @@ pub fn lora_fixture_reference_on(name: &str, device: tch::Device, dtype: tch::Ki
     lora_fixture_with(name, false, 3, 11, device, dtype, false)
 }
 
-fn lora_fixture_seeded(name: &str, quantize: bool, init_seed: i64, b_seed: i64, device: tch::Device, dtype: tch::Kind) -> Box<dyn tuner::model::CausalLm> {
+fn lora_fixture_seeded(
+    name: &str,
+    quantize: bool,
+    init_seed: i64,
+    b_seed: i64,
+    device: tch::Device,
+    dtype: tch::Kind,
+) -> Box<dyn tuner::model::CausalLm> {
     lora_fixture_with(name, quantize, init_seed, b_seed, device, dtype, true)
 }
 
-fn lora_fixture_with(name: &str, quantize: bool, init_seed: i64, b_seed: i64, device: tch::Device, dtype: tch::Kind, cuda_kernels: bool) -> Box<dyn tuner::model::CausalLm> {
+fn lora_fixture_with(
+    name: &str,
+    quantize: bool,
+    init_seed: i64,
+    b_seed: i64,
+    device: tch::Device,
+    dtype: tch::Kind,
+    cuda_kernels: bool,
+) -> Box<dyn tuner::model::CausalLm> {
     use tuner::model::{self, lora};
     let quantize = quantize.then_some((tuner::quant::QuantType::Nf4, 64, true));
     let mut m = model::load(
@@ -304,7 +322,7 @@ fn lora_fixture_with(name: &str, quantize: bool, init_seed: i64, b_seed: i64, de
     for p in lora::trainable_parameters(m.as_ref()) {
         if p.size()[1] == 4 {
             let mut p = p;
-            let _ = p.copy_(&(tch::Tensor::randn(p.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.1).to_device(device));
+            p.copy_(&(tch::Tensor::randn(p.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.1).to_device(device));
         }
     }
     m
@@ -316,10 +334,14 @@ fn lora_fixture_with(name: &str, quantize: bool, init_seed: i64, b_seed: i64, de
 pub fn edited_fixture(name: &str, dir: &Path, edit: impl Fn(&str, tch::Tensor) -> tch::Tensor) -> PathBuf {
     fixture_model(name, dir);
     let file = dir.join("model.safetensors");
-    let tensors: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&file).unwrap().into_iter().map(|(n, t)| {
-        let t = edit(&n, t);
-        (n, t)
-    }).collect();
+    let tensors: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&file)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = edit(&n, t);
+            (n, t)
+        })
+        .collect();
     tch::Tensor::write_safetensors(&tensors, &file).unwrap();
     dir.to_path_buf()
 }

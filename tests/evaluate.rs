@@ -46,7 +46,8 @@ fn evaluate_reports_before_and_after_on_the_same_tokens() {
     assert!(md.contains("| eval_loss |") && md.contains("![train loss](loss.png)") && md.contains("### 1"), "{md}");
     assert!(ev.join("loss.png").is_file());
     // The run record carries the numbers too.
-    let lock: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("runs/t/tuner.lock.json")).unwrap()).unwrap();
+    let lock: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("runs/t/tuner.lock.json")).unwrap()).unwrap();
     assert_eq!(lock["stages"]["evaluate"]["after"]["eval_loss"], rep["after"]["eval_loss"]);
 }
 
@@ -61,7 +62,13 @@ fn a_recipe_without_an_eval_split_trains_evaluates_on_training_prompts_and_expor
     std::fs::write(&r, text).unwrap();
     let (code, out, err) = run(&["validate", r.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains(": ok") && err.contains("warning:") && err.contains("recipe.toml:") && err.contains("no eval split"), "{out}{err}");
+    assert!(
+        out.contains(": ok")
+            && err.contains("warning:")
+            && err.contains("recipe.toml:")
+            && err.contains("no eval split"),
+        "{out}{err}"
+    );
     let (code, _, err) = run(&["run", r.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let ev = d.path().join("runs/t/evaluate");

@@ -63,9 +63,13 @@ fn stages_are_skipped_rerun_on_change_and_forced_with_from() {
     assert_eq!(std::fs::read(rd.join("tokenize/manifest.json")).unwrap(), manifest);
 
     // A tokenize key changed: fetch is skipped, tokenize re-runs.
-    let (code, _, err) = run(&["run", recipe.to_str().unwrap(), "--until", "tokenize", "--set", "train.max_seq_length=64"]);
+    let (code, _, err) =
+        run(&["run", recipe.to_str().unwrap(), "--until", "tokenize", "--set", "train.max_seq_length=64"]);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("fetch: up to date, skipped") && err.contains("tokenize: inputs changed, running again"), "{err}");
+    assert!(
+        err.contains("fetch: up to date, skipped") && err.contains("tokenize: inputs changed, running again"),
+        "{err}"
+    );
     // Status against the original recipe now calls tokenize stale.
     assert_eq!(states(&status_json(&recipe))[..2], ["complete", "stale"]);
 
@@ -100,7 +104,10 @@ fn unknown_stage_names_are_usage_errors() {
     let recipe = tiny_recipe(d.path(), &model, &data, "");
     let (code, _, err) = run(&["run", recipe.to_str().unwrap(), "--until", "tokenise"]);
     assert_eq!(code, 2);
-    assert!(err.contains("--until tokenise: unknown stage; stages are fetch, tokenize, train, evaluate, export"), "{err}");
+    assert!(
+        err.contains("--until tokenise: unknown stage; stages are fetch, tokenize, train, evaluate, export"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -114,7 +121,8 @@ fn a_live_lock_refuses_and_a_stale_lock_is_taken_over() {
 
     // A live holder: a sleeping child process.
     let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-    std::fs::write(rd.join(".lock"), format!("{{\"pid\":{},\"started_unix\":0,\"stage\":\"tokenize\"}}", child.id())).unwrap();
+    std::fs::write(rd.join(".lock"), format!("{{\"pid\":{},\"started_unix\":0,\"stage\":\"tokenize\"}}", child.id()))
+        .unwrap();
     let (code, _, err) = run(&["run", recipe.to_str().unwrap(), "--until", "fetch"]);
     assert_eq!(code, 1);
     assert!(err.contains(&format!("is in use by another tuner process (pid {})", child.id())), "{err}");

@@ -104,7 +104,8 @@ fn export_run(root: &Path, sets: &[&str]) -> (RunContext, anyhow::Result<Vec<Pat
 }
 
 fn load(dir: &Path) -> Box<dyn CausalLm> {
-    model::load(dir, &LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None, cuda_kernels: true }).unwrap()
+    model::load(dir, &LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None, cuda_kernels: true })
+        .unwrap()
 }
 
 /// Two rows of 12 fixture tokens (the second ends in pad tokens, scored as tokens).
@@ -126,7 +127,6 @@ fn json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
 
-
 fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
     &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no `{name}` from check_export.py")).1
 }
@@ -141,7 +141,11 @@ fn qlora_export_merges_exactly_and_loads_in_transformers_peft_and_bitsandbytes()
     let d = fresh(Base::Qlora);
     let root = d.path();
     std::fs::create_dir_all(root.join("runs/t/evaluate")).unwrap();
-    std::fs::write(root.join("runs/t/evaluate/report.json"), r#"{"before": {"eval_loss": 2.5}, "after": {"eval_loss": 1.25}}"#).unwrap();
+    std::fs::write(
+        root.join("runs/t/evaluate/report.json"),
+        r#"{"before": {"eval_loss": 2.5}, "after": {"eval_loss": 1.25}}"#,
+    )
+    .unwrap();
     let (ctx, files) = export_run(root, &["export.merged_dtype=\"fp32\"", "export.nf4=true"]);
     let files = files.unwrap();
     let ex = ctx.stage_dir("export");
@@ -181,7 +185,10 @@ fn qlora_export_merges_exactly_and_loads_in_transformers_peft_and_bitsandbytes()
     let adapter_effect = rel(&logits(nf4_base.as_ref(), &ids), &want);
     eprintln!("qlora fp32 merge: rel logit error {merge_err:.2e}, adapter effect {adapter_effect:.2e}");
     assert!(merge_err <= 1e-5, "merged vs base+adapter: {merge_err:e}");
-    assert!(adapter_effect > 1e-3 && adapter_effect > 1000.0 * merge_err, "the adapter changes logits by only {adapter_effect:e}");
+    assert!(
+        adapter_effect > 1e-3 && adapter_effect > 1000.0 * merge_err,
+        "the adapter changes logits by only {adapter_effect:e}"
+    );
 
     let cfg = json(&ex.join("merged/config.json"));
     assert!(cfg.get("quantization_config").is_none());
@@ -203,7 +210,16 @@ fn qlora_export_merges_exactly_and_loads_in_transformers_peft_and_bitsandbytes()
     let train_manifest = json(&root.join("runs/t/train/manifest.json"));
     for folder in ["adapter", "merged", "nf4"] {
         let p = json(&ex.join(folder).join("tuner-export.json"));
-        for k in ["recipe_fingerprint", "format", "tuner_version", "libtorch_version", "base_model", "inputs", "settings", "files"] {
+        for k in [
+            "recipe_fingerprint",
+            "format",
+            "tuner_version",
+            "libtorch_version",
+            "base_model",
+            "inputs",
+            "settings",
+            "files",
+        ] {
             assert!(p.get(k).is_some(), "{folder}/tuner-export.json lacks {k}");
         }
         assert_eq!(p["recipe_fingerprint"], FP);
@@ -213,10 +229,17 @@ fn qlora_export_merges_exactly_and_loads_in_transformers_peft_and_bitsandbytes()
         let listed = p["files"].as_object().unwrap();
         assert!(listed.contains_key("README.md"));
         for (name, sha) in listed {
-            assert_eq!(sha.as_str().unwrap(), tuner::util::sha256_file(&ex.join(folder).join(name)).unwrap(), "{folder}/{name}");
+            assert_eq!(
+                sha.as_str().unwrap(),
+                tuner::util::sha256_file(&ex.join(folder).join(name)).unwrap(),
+                "{folder}/{name}"
+            );
         }
         let readme = std::fs::read_to_string(ex.join(folder).join("README.md")).unwrap();
-        assert!(readme.contains("## Settings") && readme.contains("| LoRA r / alpha / dropout | 4 / 8 / 0 |"), "{readme}");
+        assert!(
+            readme.contains("## Settings") && readme.contains("| LoRA r / alpha / dropout | 4 / 8 / 0 |"),
+            "{readme}"
+        );
         assert!(readme.contains("| eval_loss | 2.5000 | 1.2500 |"), "{readme}");
     }
     let p = json(&ex.join("adapter/tuner-export.json"));
@@ -274,19 +297,29 @@ fn qlora_export_merges_exactly_and_loads_in_transformers_peft_and_bitsandbytes()
     assert_eq!(q.len(), 14, "{q:?}");
     for (path, lin) in nf4_model.linears() {
         let info = &q[&path];
-        assert_eq!((info["quant_type"].as_str(), info["blocksize"].as_i64(), info["nested"].as_bool()), (Some("nf4"), Some(64), Some(true)));
+        assert_eq!(
+            (info["quant_type"].as_str(), info["blocksize"].as_i64(), info["nested"].as_bool()),
+            (Some("nf4"), Some(64), Some(true))
+        );
         assert_eq!(info["dtype"], "bfloat16");
         // Values come out in bf16 (the declared dtype): tuner's f32 values rounded the same way.
         let ours = lin.dense_weight(Kind::Float).to_kind(Kind::BFloat16).to_kind(Kind::Float);
         let by_format = (tensor(&ts, &format!("nf4_manual.{path}")) - &ours).abs().max().double_value(&[]);
-        assert_eq!(by_format, 0.0, "{path}: the weight bnb loaded dequantizes (by the format) to other values than tuner's");
+        assert_eq!(
+            by_format, 0.0,
+            "{path}: the weight bnb loaded dequantizes (by the format) to other values than tuner's"
+        );
         let by_bnb = (tensor(&ts, &format!("nf4_dequant.{path}")) - &ours).abs().max().double_value(&[]);
         if lin.in_features() % 64 == 0 {
             assert_eq!(by_bnb, 0.0, "{path}: bitsandbytes' dequantize_4bit differs from tuner's by {by_bnb}");
         } else {
             // bitsandbytes 0.50.2's CPU dequantize_4bit mishandles blocks that span rows (its own
             // quantize → dequantize round trip fails the same way); recorded, not asserted.
-            eprintln!("{path} [{}x{}]: bnb CPU dequantize_4bit off by {by_bnb} (known CPU defect)", lin.out_features(), lin.in_features());
+            eprintln!(
+                "{path} [{}x{}]: bnb CPU dequantize_4bit off by {by_bnb} (known CPU defect)",
+                lin.out_features(),
+                lin.in_features()
+            );
         }
     }
     assert_eq!(report["nf4"]["dense_dtypes"], serde_json::json!(["bfloat16"]));
@@ -314,7 +347,14 @@ fn bf16_merge_is_within_bf16_rounding_and_shards_load() {
 
     // The bf16 folder is exactly the f32 merge rounded to bf16 (every tensor, bit for bit) ...
     let f32_dir = tmp();
-    merged::write_merged(trained_model.as_ref(), &root.join("model"), f32_dir.path(), Kind::Float, merged::MAX_SHARD_BYTES).unwrap();
+    merged::write_merged(
+        trained_model.as_ref(),
+        &root.join("model"),
+        f32_dir.path(),
+        Kind::Float,
+        merged::MAX_SHARD_BYTES,
+    )
+    .unwrap();
     let w32 = tuner::model::Weights::open(f32_dir.path()).unwrap();
     assert_eq!(w.names(), w32.names());
     for n in w.names() {
@@ -326,7 +366,14 @@ fn bf16_merge_is_within_bf16_rounding_and_shards_load() {
     let e = rel(&logits(load(&ex.join("merged")).as_ref(), &ids), &want);
     let rounded_base = tmp();
     let wb = tuner::model::Weights::open(&root.join("model")).unwrap();
-    let ts: Vec<(String, Tensor)> = wb.names().into_iter().map(|n| { let t = wb.get(&n).unwrap().to_kind(Kind::BFloat16); (n, t) }).collect();
+    let ts: Vec<(String, Tensor)> = wb
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = wb.get(&n).unwrap().to_kind(Kind::BFloat16);
+            (n, t)
+        })
+        .collect();
     merged::write_safetensors(&rounded_base.path().join("model.safetensors"), &ts).unwrap();
     std::fs::copy(root.join("model/config.json"), rounded_base.path().join("config.json")).unwrap();
     let base_logits = logits(load(&root.join("model")).as_ref(), &ids);
@@ -366,18 +413,28 @@ fn gguf_values(g: &GgufFile, name: &str, heads: Option<usize>) -> Vec<f32> {
 fn gguf_round_trips_through_the_importer_with_logits_and_tokenizer() {
     let d = fresh(Base::Tied);
     let root = d.path();
-    let (ctx, files) =
-        export_run(root, &["export.merged_dtype=\"fp32\"", "export.gguf=[\"f16\", \"q8_0\"]", "export.ollama=true", "export.adapter=false"]);
+    let (ctx, files) = export_run(
+        root,
+        &[
+            "export.merged_dtype=\"fp32\"",
+            "export.gguf=[\"f16\", \"q8_0\"]",
+            "export.ollama=true",
+            "export.adapter=false",
+        ],
+    );
     let files = files.unwrap();
     let ex = ctx.stage_dir("export");
-    for f in ["gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "gguf/Modelfile", "gguf/README.md", "gguf/tuner-export.json"] {
+    for f in
+        ["gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "gguf/Modelfile", "gguf/README.md", "gguf/tuner-export.json"]
+    {
         assert!(files.contains(&PathBuf::from(f)), "{f} not in {files:?}");
     }
     let ids = ids();
     let merged_model = load(&ex.join("merged"));
     let want = logits(merged_model.as_ref(), &ids);
     let base_tok = tokenizers::Tokenizer::from_file(root.join("model/tokenizer.json")).unwrap();
-    let texts = ["The quick brown fox, 42 times.", "<|im_start|>user\nhi there<|im_end|>\n", "  spaces\tand\nnewlines  "];
+    let texts =
+        ["The quick brown fox, 42 times.", "<|im_start|>user\nhi there<|im_end|>\n", "  spaces\tand\nnewlines  "];
     let mut errs = vec![];
     for (t, bound) in [(xgguf::GgufType::F16, 1e-2), (xgguf::GgufType::Q8_0, 3e-2)] {
         let path = ex.join("gguf").join(t.file_name());
@@ -418,7 +475,10 @@ fn gguf_round_trips_through_the_importer_with_logits_and_tokenizer() {
         let tc = json(&imported.path().join("tokenizer_config.json"));
         let base_tc = json(&root.join("model/tokenizer_config.json"));
         assert_eq!(tc["chat_template"], base_tc["chat_template"]);
-        assert_eq!((tc["bos_token"].clone(), tc["eos_token"].clone()), (base_tc["bos_token"].clone(), base_tc["eos_token"].clone()));
+        assert_eq!(
+            (tc["bos_token"].clone(), tc["eos_token"].clone()),
+            (base_tc["bos_token"].clone(), base_tc["eos_token"].clone())
+        );
         assert_eq!(tc["add_bos_token"], true);
     }
     eprintln!("GGUF → import → logits vs merged: {errs:?}");
@@ -468,7 +528,11 @@ fn gguf_round_trips_through_the_importer_with_logits_and_tokenizer() {
 fn llama3_factors(cfg: &Value, dim: usize) -> Vec<f64> {
     let rs = &cfg["rope_scaling"];
     let (theta, factor) = (cfg["rope_theta"].as_f64().unwrap(), rs["factor"].as_f64().unwrap());
-    let (low, high, orig) = (rs["low_freq_factor"].as_f64().unwrap(), rs["high_freq_factor"].as_f64().unwrap(), rs["original_max_position_embeddings"].as_f64().unwrap());
+    let (low, high, orig) = (
+        rs["low_freq_factor"].as_f64().unwrap(),
+        rs["high_freq_factor"].as_f64().unwrap(),
+        rs["original_max_position_embeddings"].as_f64().unwrap(),
+    );
     (0..dim / 2)
         .map(|i| {
             // HF's `_compute_llama3_parameters` as a ratio inv_freq / inv_freq_llama.
@@ -505,7 +569,14 @@ fn gguf_of_a_llama3_rope_model_keeps_tensors_rope_factors_and_tokenizer() {
     // Every merged tensor, in F16 (F32 for norms), un-permuted for Q and K.
     let trained_model = export::load_trained(&ctx, &root.join("model"), Device::Cpu).unwrap();
     let src = tmp();
-    merged::write_merged(trained_model.as_ref(), &root.join("model"), src.path(), Kind::BFloat16, merged::MAX_SHARD_BYTES).unwrap();
+    merged::write_merged(
+        trained_model.as_ref(),
+        &root.join("model"),
+        src.path(),
+        Kind::BFloat16,
+        merged::MAX_SHARD_BYTES,
+    )
+    .unwrap();
     let w = tuner::model::Weights::open(src.path()).unwrap();
     let mut n = 0;
     for hf in w.names() {
@@ -623,7 +694,11 @@ fn merge_gate_rejects_a_merge_that_changes_the_loss() {
     let base = tuner::train::load_model(&root.join("model"), &ctx.recipe.recipe, Device::Cpu).unwrap();
     // A "merge" that dropped the adapter: whichever way the loss moved, score it as the merged side.
     let m = check::measure(trained_model.as_ref(), base.as_ref(), &examples, Device::Cpu);
-    let m = if m.merged_loss > m.adapter_loss { m } else { check::measure(base.as_ref(), trained_model.as_ref(), &examples, Device::Cpu) };
+    let m = if m.merged_loss > m.adapter_loss {
+        m
+    } else {
+        check::measure(base.as_ref(), trained_model.as_ref(), &examples, Device::Cpu)
+    };
     let delta = m.merged_loss - m.adapter_loss;
     eprintln!("adapter dropped: loss delta {delta:.4e}, max |Δlogit| {:.3e}", m.max_abs_logit_diff);
     assert!(delta > 1e-5 && m.max_abs_logit_diff > 1e-3, "{m:?}");
@@ -638,7 +713,8 @@ fn merge_gate_rejects_a_merge_that_changes_the_loss() {
     assert_eq!((same.merged_loss - same.adapter_loss, same.max_abs_logit_diff), (0.0, 0.0));
 
     // A negative threshold is not a valid recipe; ollama without GGUF is refused before any work.
-    let err = tuner::recipe::load(&root.join("recipe.toml"), &["export.max_merge_loss_delta=-1".to_string()]).unwrap_err();
+    let err =
+        tuner::recipe::load(&root.join("recipe.toml"), &["export.max_merge_loss_delta=-1".to_string()]).unwrap_err();
     assert!(format!("{err:#}").contains("max_merge_loss_delta"), "{err:#}");
     let (_, r) = export_run(root, &["export.ollama=true"]);
     let msg = format!("{:#}", r.unwrap_err());
@@ -678,7 +754,13 @@ fn export_stage_runs_from_the_cli() {
     assert!(err.contains("train: up to date, skipped") && err.contains("export: done"), "{err}");
     let m = json(&root.join("runs/t/export/manifest.json"));
     let paths: Vec<&str> = m["artifacts"].as_array().unwrap().iter().map(|a| a["path"].as_str().unwrap()).collect();
-    for p in ["adapter/adapter_model.safetensors", "merged/model.safetensors", "gguf/model-q8_0.gguf", "gguf/Modelfile", "merge_check.json"] {
+    for p in [
+        "adapter/adapter_model.safetensors",
+        "merged/model.safetensors",
+        "gguf/model-q8_0.gguf",
+        "gguf/Modelfile",
+        "merge_check.json",
+    ] {
         assert!(paths.contains(&p), "{p} not in {paths:?}");
     }
     assert_eq!(m["inputs"]["export"]["gguf"], serde_json::json!(["q8_0"]));
@@ -706,7 +788,13 @@ fn full_pipeline_through_export() {
     std::fs::write(&r, text).unwrap();
     let (code, _, err) = run(&["run", r.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    for f in ["adapter/adapter_model.safetensors", "merged/model.safetensors", "gguf/model-f16.gguf", "merge_check.json", "manifest.json"] {
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "merged/model.safetensors",
+        "gguf/model-f16.gguf",
+        "merge_check.json",
+        "manifest.json",
+    ] {
         assert!(d.path().join("runs/t/export").join(f).is_file(), "{f}");
     }
     let readme = std::fs::read_to_string(d.path().join("runs/t/export/merged/README.md")).unwrap();

@@ -18,8 +18,10 @@ fn load_gemma3n(quantize: bool) -> Box<dyn CausalLm> {
 
 /// Two rows longer than the sliding window (4), of different lengths (padding), ids < 296.
 fn batch() -> Vec<data::MicroBatch> {
-    let rows: Vec<Vec<i64>> = vec![(0..14).map(|k| (k * 29 + 5) % 290).collect(), (0..10).map(|k| (k * 17 + 40) % 290).collect()];
-    let labels = rows.iter().map(|r| r.iter().enumerate().map(|(k, x)| if k < 3 { -100 } else { *x }).collect()).collect();
+    let rows: Vec<Vec<i64>> =
+        vec![(0..14).map(|k| (k * 29 + 5) % 290).collect(), (0..10).map(|k| (k * 17 + 40) % 290).collect()];
+    let labels =
+        rows.iter().map(|r| r.iter().enumerate().map(|(k, x)| if k < 3 { -100 } else { *x }).collect()).collect();
     vec![data::MicroBatch { input_ids: rows, labels, seq_ids: None }]
 }
 
@@ -30,7 +32,19 @@ fn grads(m: &dyn CausalLm, checkpointing: bool) -> (f64, Vec<(String, Tensor)>) 
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: false };
+    let o = step::StepOptions {
+        checkpointing,
+        pad_id: 296,
+        pad_multiple: 1,
+        device: Device::Cpu,
+        seed: 1,
+        loss_scale: 1.0,
+        hand_backward: false,
+        offload: false,
+        profile: None,
+        coalesce: None,
+        detect_anomaly: false,
+    };
     let r = step::forward_backward(m, &batch(), 0, &o);
     (r.loss, named_params(m).into_iter().map(|(n, p)| (n, p.grad().copy())).collect())
 }
@@ -73,7 +87,19 @@ fn gemma3n_checkpointed_gradients_equal_autograd_and_reach_the_kv_producers() {
         let _g = tch::no_grad_guard();
         let mut p = param.shallow_clone();
         let _ = p.g_add_(&(&dir * delta));
-        let o = step::StepOptions { checkpointing: false, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: false };
+        let o = step::StepOptions {
+            checkpointing: false,
+            pad_id: 296,
+            pad_multiple: 1,
+            device: Device::Cpu,
+            seed: 1,
+            loss_scale: 1.0,
+            hand_backward: false,
+            offload: false,
+            profile: None,
+            coalesce: None,
+            detect_anomaly: false,
+        };
         let (nll, n) = step::eval_nll(m.as_ref(), &batch()[0], &o);
         let _ = p.g_add_(&(&dir * -delta));
         nll / n as f64
@@ -84,7 +110,11 @@ fn gemma3n_checkpointed_gradients_equal_autograd_and_reach_the_kv_producers() {
 }
 
 fn metrics(run_dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run_dir.join("train/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(run_dir.join("train/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -94,7 +124,10 @@ fn a_bnb_gemma3n_checkpoint_in_the_multimodal_layout_trains_on_cpu() {
     let chat = repo().join("datasets/chat/train.jsonl");
     let extra = "micro_batch_size = 4\ngradient_accumulation_steps = 2\nlearning_rate = 1e-2\nwarmup_steps = 1\n\n[prompt]\ntemplate = \"chat\"\n\n[lora]\nr = 8\nalpha = 16\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n";
     let r = tiny_recipe(d.path(), &model, &chat, extra);
-    let text = std::fs::read_to_string(&r).unwrap().replace("max_seq_length = 1024", "max_seq_length = 128").replace("max_steps = 2", "max_steps = 16");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("max_seq_length = 1024", "max_seq_length = 128")
+        .replace("max_steps = 2", "max_steps = 16");
     std::fs::write(&r, text).unwrap();
     let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train"]);
     assert_eq!(code, 0, "{err}");
@@ -105,11 +138,18 @@ fn a_bnb_gemma3n_checkpoint_in_the_multimodal_layout_trains_on_cpu() {
     assert!(last < 0.8 * first, "loss {first:.3} → {last:.3}");
     let tensors = Tensor::read_safetensors(rd.join("train/adapter/adapter_model.safetensors")).unwrap();
     let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
-    assert!(names.contains(&"base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"), "{names:?}");
+    assert!(
+        names.contains(&"base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"),
+        "{names:?}"
+    );
     assert!(names.contains(&"base_model.model.model.language_model.layers.2.self_attn.v_proj.lora_B.weight"));
-    assert!(!names.iter().any(|n| n.contains("layers.3.self_attn.k_proj") || n.contains("layers.5.self_attn.v_proj")), "no LoRA on KV-shared k/v");
+    assert!(
+        !names.iter().any(|n| n.contains("layers.3.self_attn.k_proj") || n.contains("layers.5.self_attn.v_proj")),
+        "no LoRA on KV-shared k/v"
+    );
     assert_eq!(names.len(), 2 * (6 * 7 - 3 * 2));
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(rd.join("train/adapter/adapter_config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(rd.join("train/adapter/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["r"], 8);
 }
 
@@ -129,9 +169,19 @@ fn gemma_chat_template_trains_end_of_turn_and_generation_stops_on_it() {
     assert!(runs.len() >= 2, "two assistant turns");
     for run in &runs {
         let text = decode(run);
-        assert!(text.ends_with("<end_of_turn>") && !text.contains("<start_of_turn>") && !text.contains("user"), "{text:?}");
+        assert!(
+            text.ends_with("<end_of_turn>") && !text.contains("<start_of_turn>") && !text.contains("user"),
+            "{text:?}"
+        );
     }
-    let g = tuner::generate::Generator::load(&model, None, tuner::recipe::Dtype::Fp32, Device::Cpu, &d.path().join("cache")).unwrap();
+    let g = tuner::generate::Generator::load(
+        &model,
+        None,
+        tuner::recipe::Dtype::Fp32,
+        Device::Cpu,
+        &d.path().join("cache"),
+    )
+    .unwrap();
     assert!(g.eos_ids.contains(&tok.token_to_id("<end_of_turn>").unwrap()), "{:?}", g.eos_ids);
 }
 
@@ -142,12 +192,16 @@ fn a_gemma3n_adapter_and_merged_export_load_in_transformers_and_peft_with_the_sa
     let chat = repo().join("datasets/chat/train.jsonl");
     let extra = "learning_rate = 1e-2\nwarmup_steps = 1\n\n[prompt]\ntemplate = \"chat\"\n\n[lora]\nr = 4\nalpha = 8\n\n[eval]\nmax_samples = 2\nmax_new_tokens = 4\n\n[export]\nadapter = true\nmerged = true\nmerged_dtype = \"fp32\"\n";
     let r = tiny_recipe(d.path(), &model, &chat, extra);
-    let text = std::fs::read_to_string(&r).unwrap().replace("max_seq_length = 1024", "max_seq_length = 96").replace("max_steps = 2", "max_steps = 4");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("max_seq_length = 1024", "max_seq_length = 96")
+        .replace("max_steps = 2", "max_steps = 4");
     std::fs::write(&r, text).unwrap();
     let (code, _, err) = run(&["run", r.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let ex = d.path().join("runs/t/export");
-    let ids: Vec<Vec<i64>> = vec![(0..12).map(|k| (k * 23 + 7) % 290).collect(), (0..12).map(|k| (k * 11 + 100) % 290).collect()];
+    let ids: Vec<Vec<i64>> =
+        vec![(0..12).map(|k| (k * 23 + 7) % 290).collect(), (0..12).map(|k| (k * 11 + 100) % 290).collect()];
     let path = |p: &Path| p.display().to_string();
     let (report, ts) = check_script(&[
         "--base".into(),
@@ -179,8 +233,11 @@ fn a_gemma3n_adapter_and_merged_export_load_in_transformers_and_peft_with_the_sa
     tuner::score::apply_adapter(qlora.as_mut(), &ex.join("adapter")).unwrap();
     let want = tch::no_grad(|| qlora.forward(&batch()));
     let base = tch::no_grad(|| model::load(&model, &opts).unwrap().forward(&batch()));
-    let (peft, merged, effect) = (rel(&get("peft_logits"), &want_dense), rel(&get("merged_logits"), &want), rel(&base, &want_dense));
-    eprintln!("gemma3n export: PEFT vs tuner {peft:.2e}, HF merged vs tuner QLoRA {merged:.2e}, adapter effect {effect:.2e}");
+    let (peft, merged, effect) =
+        (rel(&get("peft_logits"), &want_dense), rel(&get("merged_logits"), &want), rel(&base, &want_dense));
+    eprintln!(
+        "gemma3n export: PEFT vs tuner {peft:.2e}, HF merged vs tuner QLoRA {merged:.2e}, adapter effect {effect:.2e}"
+    );
     assert!(peft <= 1e-4 && merged <= 1e-4, "PEFT {peft:e}, merged {merged:e}");
     assert!(effect > 1e-3, "the adapter changes the logits by only {effect:e}");
 }
@@ -204,19 +261,26 @@ fn a_zero_pad_embedding_row_keeps_gemma3n_gradients_finite() {
     });
     let opts = model::LoadOptions { dtype: Kind::Float, device: Device::Cpu, quantize: None, cuda_kernels: true };
     let mut m = model::load(&dir, &opts).unwrap();
-    let spec = tuner::model::lora::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: tuner::model::lora::Targets::AllLinear };
+    let spec = tuner::model::lora::LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: tuner::model::lora::Targets::AllLinear,
+    };
     tuner::model::lora::attach(m.as_mut(), &spec, 3).unwrap();
     tch::manual_seed(11);
     tch::no_grad(|| {
         for mut p in tuner::model::lora::trainable_parameters(m.as_ref()).into_iter().filter(|p| p.size()[1] == 4) {
-            let _ = p.copy_(&(Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.1));
+            p.copy_(&(Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.1));
         }
     });
     // Two packed rows of two documents each; the shorter row is padded with `pad`.
     let row = |a: i64, n: i64| -> Vec<i64> { (0..n).map(|k| (k * 31 + a) % 290).collect() };
     let (r0, r1) = ([row(5, 9), row(40, 7)].concat(), [row(70, 6), row(100, 5)].concat());
     let mk = |rows: Vec<Vec<i64>>, docs: Vec<Vec<i64>>| {
-        let labels = rows.iter().map(|r| r.iter().enumerate().map(|(k, x)| if k < 2 { -100 } else { *x }).collect()).collect();
+        let labels =
+            rows.iter().map(|r| r.iter().enumerate().map(|(k, x)| if k < 2 { -100 } else { *x }).collect()).collect();
         data::MicroBatch { input_ids: rows, labels, seq_ids: Some(docs) }
     };
     let docs = |n0: usize, n1: usize| [vec![0i64; n0], vec![1i64; n1]].concat();
@@ -230,7 +294,19 @@ fn a_zero_pad_embedding_row_keeps_gemma3n_gradients_finite() {
                 let _ = g.zero_();
             }
         }
-        let o = step::StepOptions { checkpointing: true, pad_id: pad, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: true };
+        let o = step::StepOptions {
+            checkpointing: true,
+            pad_id: pad,
+            pad_multiple: 1,
+            device: Device::Cpu,
+            seed: 1,
+            loss_scale: 1.0,
+            hand_backward: false,
+            offload: false,
+            profile: None,
+            coalesce: None,
+            detect_anomaly: true,
+        };
         let r = step::forward_backward(m.as_ref(), micro, 0, &o);
         (r, params.iter().map(|p| p.grad().copy()).collect::<Vec<_>>())
     };

@@ -12,7 +12,7 @@ use tuner::data::template::Message;
 use tuner::data::tokenizer::Tok;
 use tuner::generate::sampling::process;
 use tuner::generate::{Completion, FinishReason, Generator, SamplingParams};
-use tuner::model::{self, Batch, CausalLm, Config, KvCache, LoadOptions, Linear};
+use tuner::model::{self, Batch, CausalLm, Config, KvCache, Linear, LoadOptions};
 
 use crate::common::{repo, run, tmp, tuner};
 
@@ -98,7 +98,8 @@ fn expected_tokens(g: &Generator, hf: &[u32]) -> (Vec<u32>, FinishReason) {
 
 fn check_greedy_parity(name: &str, g: &Generator) {
     let r = reference(name);
-    let prompts: Vec<String> = r["prompts"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    let prompts: Vec<String> =
+        r["prompts"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
     let n = r["max_new_tokens"].as_u64().unwrap() as usize;
     for (p, want) in prompts.iter().zip(r["prompt_ids"].as_array().unwrap()) {
         assert_eq!(g.encode_prompt(p).unwrap(), ids(want), "{name}: prompt ids");
@@ -131,7 +132,8 @@ fn greedy_matches_hf_generate_for_every_family() {
 #[test]
 fn the_default_cache_path_matches_hf_too() {
     for name in ["llama", "mistral"] {
-        let g = Generator::from_parts(Box::new(NoCache(load_model(name))), Tok::load(&fixture(name)).unwrap(), Device::Cpu);
+        let g =
+            Generator::from_parts(Box::new(NoCache(load_model(name))), Tok::load(&fixture(name)).unwrap(), Device::Cpu);
         check_greedy_parity(name, &g);
     }
 }
@@ -144,8 +146,10 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 /// Left-padded batch of `rows`: (ids, mask, positions).
 fn left_padded(rows: &[Vec<i64>]) -> (Tensor, Tensor, Tensor) {
     let w = rows.iter().map(Vec::len).max().unwrap();
-    let ids: Vec<i64> = rows.iter().flat_map(|r| std::iter::repeat_n(0, w - r.len()).chain(r.iter().copied())).collect();
-    let mask: Vec<i64> = rows.iter().flat_map(|r| std::iter::repeat_n(0, w - r.len()).chain(std::iter::repeat_n(1, r.len()))).collect();
+    let ids: Vec<i64> =
+        rows.iter().flat_map(|r| std::iter::repeat_n(0, w - r.len()).chain(r.iter().copied())).collect();
+    let mask: Vec<i64> =
+        rows.iter().flat_map(|r| std::iter::repeat_n(0, w - r.len()).chain(std::iter::repeat_n(1, r.len()))).collect();
     let ids = Tensor::from_slice(&ids).view([rows.len() as i64, w as i64]);
     let mask = Tensor::from_slice(&mask).view([rows.len() as i64, w as i64]);
     let pos = (mask.cumsum(1, Kind::Int64) - 1).clamp_min(0);
@@ -206,7 +210,8 @@ fn long_prefill_through_sdpa_then_steps_match_recomputation() {
             let next = last.argmax(-1, false).int64_value(&[0]);
             ids.push(next);
             let n = ids.len() as i64;
-            let step = Batch::at(Tensor::from_slice(&[next]).view([1, 1]), None, Tensor::from_slice(&[n - 1]).view([1, 1]));
+            let step =
+                Batch::at(Tensor::from_slice(&[next]).view([1, 1]), None, Tensor::from_slice(&[n - 1]).view([1, 1]));
             let got = m.forward_cached(&step, &mut cache).select(1, 0);
             let want = m.forward(&Batch::new(Tensor::from_slice(&ids).view([1, -1]), None)).select(1, -1);
             let err = rel(&got, &want);
@@ -331,16 +336,26 @@ fn processors_follow_hf_semantics() {
     assert_eq!(Vec::<f32>::try_from(&out.view([-1])).unwrap(), [2.0, -8.0, 2.0]);
     let bad = SamplingParams { temperature: -1.0, top_p: 0.0, repetition_penalty: 0.0, stop: vec![String::new()], ..d };
     let msg = format!("{:#}", bad.validate().unwrap_err());
-    for part in ["temperature must be ≥ 0 (found `-1`)", "top_p must be in (0, 1]", "repetition_penalty must be > 0", "stop strings must not be empty"] {
+    for part in [
+        "temperature must be ≥ 0 (found `-1`)",
+        "top_p must be in (0, 1]",
+        "repetition_penalty must be > 0",
+        "stop strings must not be empty",
+    ] {
         assert!(msg.contains(part), "{msg}");
     }
 }
 
 fn run_stdin(args: &[&str], input: &str) -> (i32, String, String) {
-    let mut child = tuner().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        tuner().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn path(p: &Path) -> &str {
@@ -353,14 +368,26 @@ fn cli_prints_the_completion_and_rejects_bad_flags() {
     let g = generator("qwen3");
     let prompt = prompts("qwen3").remove(0);
     let want = g.generate(std::slice::from_ref(&prompt), &greedy(12), &mut |_, _| true).unwrap().remove(0);
-    let (code, out, err) = run(&["generate", "--model", path(&dir), "--prompt", &prompt, "--max-new-tokens", "12", "--device", "cpu"]);
+    let (code, out, err) =
+        run(&["generate", "--model", path(&dir), "--prompt", &prompt, "--max-new-tokens", "12", "--device", "cpu"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("{}\n", want.text));
 
     let chat = g.chat_prompt(&[Message { role: "user".into(), content: "hi".into() }]).unwrap();
     assert!(chat.ends_with("<|im_start|>assistant\n"), "{chat}");
     let want = g.generate(&[chat], &greedy(6), &mut |_, _| true).unwrap().remove(0);
-    let (code, out, err) = run(&["generate", "--model", path(&dir), "--prompt", "hi", "--chat", "--max-new-tokens", "6", "--device", "cpu"]);
+    let (code, out, err) = run(&[
+        "generate",
+        "--model",
+        path(&dir),
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("{}\n", want.text));
 
@@ -389,7 +416,8 @@ fn interactive_chat_answers_each_line_and_ends_at_eof() {
     let dir = fixture("llama");
     let g = generator("llama");
     let p = greedy(6);
-    let reply = |msgs: &[Message]| g.generate(&[g.chat_prompt(msgs).unwrap()], &p, &mut |_, _| true).unwrap().remove(0).text;
+    let reply =
+        |msgs: &[Message]| g.generate(&[g.chat_prompt(msgs).unwrap()], &p, &mut |_, _| true).unwrap().remove(0).text;
     let user = |s: &str| Message { role: "user".into(), content: s.into() };
     let assistant = |s: &str| Message { role: "assistant".into(), content: s.into() };
     let r1 = reply(&[user("hello")]);
@@ -411,7 +439,18 @@ fn quickstart_gguf_knows_the_capital_of_france() {
     let d = tmp();
     let gguf = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let out = tuner()
-        .args(["generate", "--model", path(&gguf), "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--device", "cpu"])
+        .args([
+            "generate",
+            "--model",
+            path(&gguf),
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+        ])
         .env("TUNER_HUB_CACHE", d.path().join("hub"))
         .output()
         .unwrap();

@@ -14,7 +14,12 @@ fn tuner_grads_match_hf_and_peft_on_every_fixture_family() {
         let fx = repo().join("tests/fixtures/grads").join(family);
         let meta: Value = serde_json::from_str(&std::fs::read_to_string(fx.join("meta.json")).unwrap()).unwrap();
         let d = tmp();
-        let zeroed: Vec<(String, i64)> = meta["zeroed_rows"].as_array().unwrap().iter().map(|z| (z["tensor"].as_str().unwrap().to_string(), z["row"].as_i64().unwrap())).collect();
+        let zeroed: Vec<(String, i64)> = meta["zeroed_rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|z| (z["tensor"].as_str().unwrap().to_string(), z["row"].as_i64().unwrap()))
+            .collect();
         assert!(!zeroed.is_empty());
         let model = edited_fixture(family, &d.path().join("model"), |name, t| {
             for (_, row) in zeroed.iter().filter(|(n, _)| n == name) {
@@ -26,7 +31,21 @@ fn tuner_grads_match_hf_and_peft_on_every_fixture_family() {
         let pad = meta["pad_id"].as_i64().unwrap().to_string();
         let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
         let (code, stdout, err) = run(&[
-            "grads", "--model", &s(&model), "--adapter", &s(&fx.join("adapter")), "--data", &s(&fx.join("rows.jsonl")), "--out", &s(&out), "--dtype", "fp32", "--device", "cpu", "--pad-id", &pad,
+            "grads",
+            "--model",
+            &s(&model),
+            "--adapter",
+            &s(&fx.join("adapter")),
+            "--data",
+            &s(&fx.join("rows.jsonl")),
+            "--out",
+            &s(&out),
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--pad-id",
+            &pad,
         ]);
         assert_eq!(code, 0, "{family}: {err}");
         let report: Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -40,7 +59,8 @@ fn tuner_grads_match_hf_and_peft_on_every_fixture_family() {
         assert_eq!(ours.len(), hf.len(), "{family}: key count");
         let mut worst = 0.0f64;
         for (k, want) in &hf {
-            let (_, got) = ours.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("{family}: tuner has no gradient for {k}"));
+            let (_, got) =
+                ours.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("{family}: tuner has no gradient for {k}"));
             let want = want.to_kind(Kind::Double);
             let scale = want.abs().max().double_value(&[]);
             assert!(scale > 0.0, "{family}: HF's gradient of {k} is zero");

@@ -7,7 +7,6 @@
 
 use crate::common::{repo, tmp, tuner};
 use sha2::{Digest, Sha256};
-use tch::Tensor;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -16,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tch::Tensor;
 use tuner::hub::{
     is_model_file, select_converted_split_files, select_split_files, HubClient, HubConfig, HubError, RepoKind,
 };
@@ -1052,7 +1052,12 @@ fn the_gemma3n_recipe_runs_unchanged_against_hub_stand_ins() {
         .env("HF_ENDPOINT", server.endpoint())
         .env("HF_HOME", d.path().join("hf"))
         .env("HF_TOKEN", "")
-        .args(["run", repo().join("recipes/gemma3n-alpaca.toml").to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+        .args([
+            "run",
+            repo().join("recipes/gemma3n-alpaca.toml").to_str().unwrap(),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1064,16 +1069,24 @@ fn the_gemma3n_recipe_runs_unchanged_against_hub_stand_ins() {
     // A random-init tiny model at the guide's lr 2e-4: the loss falls, slowly.
     assert!(loss(&rows[55..]) < 0.93 * loss(&rows[..5]), "loss {} → {}", loss(&rows[..5]), loss(&rows[55..]));
     assert!(err.contains("memory at step 10"), "memory is printed every 10 steps: {err}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("evaluate/report.json")).unwrap()).unwrap();
-    let (before, after) = (report["before"]["eval_loss"].as_f64().unwrap(), report["after"]["eval_loss"].as_f64().unwrap());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("evaluate/report.json")).unwrap()).unwrap();
+    let (before, after) =
+        (report["before"]["eval_loss"].as_f64().unwrap(), report["after"]["eval_loss"].as_f64().unwrap());
     assert!(after < before, "eval loss {before} → {after}");
     let adapter = Tensor::read_safetensors(run_dir.join("export/adapter/adapter_model.safetensors")).unwrap();
-    assert!(adapter.iter().any(|(n, _)| n == "base_model.model.model.language_model.layers.0.mlp.down_proj.lora_B.weight"));
+    assert!(adapter
+        .iter()
+        .any(|(n, _)| n == "base_model.model.model.language_model.layers.0.mlp.down_proj.lora_B.weight"));
     for sub in ["merged", "nf4"] {
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("export").join(sub).join("config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run_dir.join("export").join(sub).join("config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(cfg["model_type"], "gemma3n", "{sub} keeps the multimodal config");
     }
     // The merged export scores like base + adapter on the recipe's eval rows (the merge gate ran).
-    let gate: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("export/merge_check.json")).unwrap()).unwrap();
+    let gate: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("export/merge_check.json")).unwrap()).unwrap();
     assert!(gate["passed"].as_bool().unwrap_or(false), "{gate}");
 }

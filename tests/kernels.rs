@@ -82,13 +82,22 @@ fn packed_micro_batch() -> data::MicroBatch {
     let loader = data::Loader::new(crate::common::examples(5, 5), 2, 0, true, 64);
     let mb = loader.next(&mut data::Cursor::default());
     let seq = mb.seq_ids.as_ref().unwrap();
-    assert!(seq.len() == 2 && seq.iter().all(|r| r.windows(2).any(|w| w[0] != w[1])), "two rows of several documents: {seq:?}");
+    assert!(
+        seq.len() == 2 && seq.iter().all(|r| r.windows(2).any(|w| w[0] != w[1])),
+        "two rows of several documents: {seq:?}"
+    );
     assert_ne!(seq[0].len(), seq[1].len(), "one row is padded");
     mb
 }
 
 /// (loss, adapter gradients) of one step over `micro`, hand-written backward or autograd.
-fn grads(m: &dyn CausalLm, micro: &[data::MicroBatch], hand: bool, offload: bool, device: Device) -> (f64, Vec<Tensor>) {
+fn grads(
+    m: &dyn CausalLm,
+    micro: &[data::MicroBatch],
+    hand: bool,
+    offload: bool,
+    device: Device,
+) -> (f64, Vec<Tensor>) {
     let params = lora::trainable_parameters(m);
     for p in &params {
         let mut g = p.grad();
@@ -96,7 +105,19 @@ fn grads(m: &dyn CausalLm, micro: &[data::MicroBatch], hand: bool, offload: bool
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing: true, pad_id: 0, pad_multiple: 1, device, seed: 1, loss_scale: 1.0, hand_backward: hand, offload, profile: None, coalesce: None, detect_anomaly: false };
+    let o = step::StepOptions {
+        checkpointing: true,
+        pad_id: 0,
+        pad_multiple: 1,
+        device,
+        seed: 1,
+        loss_scale: 1.0,
+        hand_backward: hand,
+        offload,
+        profile: None,
+        coalesce: None,
+        detect_anomaly: false,
+    };
     let r = step::forward_backward(m, micro, 0, &o);
     (r.loss, params.iter().map(|p| p.grad().to_device(Device::Cpu).copy()).collect())
 }
@@ -115,7 +136,10 @@ fn hand_written_layer_backward_matches_autograd() {
             let m = crate::common::lora_fixture(name, quantize, 3, 11);
             let (l_auto, g_auto) = grads(m.as_ref(), &micro, false, false, Device::Cpu);
             let (l_hand, g_hand) = grads(m.as_ref(), &micro, true, false, Device::Cpu);
-            assert!(g_auto.iter().all(|g| g.abs().max().double_value(&[]) > 0.0), "{name}: every adapter gets a gradient");
+            assert!(
+                g_auto.iter().all(|g| g.abs().max().double_value(&[]) > 0.0),
+                "{name}: every adapter gets a gradient"
+            );
             assert!((l_hand - l_auto).abs() < 1e-6 * l_auto, "{name} nf4 {quantize}: loss {l_hand} vs {l_auto}");
             let e = worst(&g_hand, &g_auto);
             assert!(e < 1e-4, "{name} nf4 {quantize}: hand-written gradients differ from autograd by {e:.2e}");
@@ -133,12 +157,16 @@ fn varlen_documents_split_at_document_row_and_padding_boundaries() {
     assert_eq!(segments(&[3, 3, 3, 3], 2, 2), (vec![0, 2, 4], 2));
     // A packed batch as the loader makes it: seq ids with -1 padding, and the padding mask.
     let rows = |v: &[i64]| Tensor::from_slice(v).view([2, 5]);
-    let mut b = Batch::packed(Tensor::zeros([2, 5], (Kind::Int64, Device::Cpu)), rows(&[0, 0, 1, 1, -1, 0, 1, 1, 1, 1]));
+    let mut b =
+        Batch::packed(Tensor::zeros([2, 5], (Kind::Int64, Device::Cpu)), rows(&[0, 0, 1, 1, -1, 0, 1, 1, 1, 1]));
     b.attention_mask = Some(rows(&[1, 1, 1, 1, 0, 1, 1, 1, 1, 1]));
     let (cu, longest) = b.segments(Device::Cpu);
     assert_eq!((Vec::<i32>::try_from(&cu).unwrap(), longest), (vec![0, 2, 4, 5, 6, 10], 4));
     // A padded batch without packing: each row one document, then its padding.
-    let b = Batch::new(Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu)), Some(Tensor::from_slice(&[1i64, 1, 1, 0, 1, 1, 1, 1]).view([2, 4])));
+    let b = Batch::new(
+        Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu)),
+        Some(Tensor::from_slice(&[1i64, 1, 1, 0, 1, 1, 1, 1]).view([2, 4])),
+    );
     let (cu, longest) = b.segments(Device::Cpu);
     assert_eq!((Vec::<i32>::try_from(&cu).unwrap(), longest), (vec![0, 3, 4, 8], 4));
     // The GPU test's packed batch is what it claims to be.
@@ -170,7 +198,8 @@ fn cuda_kernels_match_their_references_on_a_gpu() {
     }
     let k = tuner::kernels::Kernels::compile(0).expect("NVRTC compiles every kernel");
     let rows = tuner::kernels::check::run(&k, Device::Cuda(0), false, 0);
-    let bad: Vec<String> = rows.iter().filter(|r| !r.ok()).map(|r| format!("{} ({:.2e} > {:.1e})", r.name, r.err, r.tol)).collect();
+    let bad: Vec<String> =
+        rows.iter().filter(|r| !r.ok()).map(|r| format!("{} ({:.2e} > {:.1e})", r.name, r.err, r.tol)).collect();
     assert!(rows.len() > 30 && bad.is_empty(), "kernels differ from their references: {bad:?}");
 
     // The hand-written backward with kernels against autograd without, on the GPU (fp32).
@@ -186,7 +215,10 @@ fn cuda_kernels_match_their_references_on_a_gpu() {
         // Offloading the layer inputs to pinned host memory changes nothing.
         let (l_off, g_off) = grads(m.as_ref(), &micro, true, true, Device::Cuda(0));
         assert_eq!(l_off, l_hand, "cuda nf4 {quantize}: offload changed the loss");
-        assert!(g_off.iter().zip(&g_hand).all(|(a, b)| a.equal(b)), "cuda nf4 {quantize}: offload changed the gradients");
+        assert!(
+            g_off.iter().zip(&g_hand).all(|(a, b)| a.equal(b)),
+            "cuda nf4 {quantize}: offload changed the gradients"
+        );
     }
 
     // Packed rows of several documents, in bf16: attention goes through varlen flash. The same
@@ -215,7 +247,10 @@ fn cuda_kernels_match_their_references_on_a_gpu() {
     let (l_ref, g_ref) = grads(reference.as_ref(), &micro, false, false, dev);
     assert!((l_fused - l32).abs() < 1e-2 * l32, "gemma3n bf16 loss {l_fused} vs fp32 {l32}");
     let (e_fused, e_ref) = (worst(&g_fused, &g32), worst(&g_ref, &g32));
-    assert!(e_fused < 1.25 * e_ref + 2e-2, "gemma3n bf16 gradients: fused path {e_fused:.2e} from fp32, reference path {e_ref:.2e} (loss {l_ref})");
+    assert!(
+        e_fused < 1.25 * e_ref + 2e-2,
+        "gemma3n bf16 gradients: fused path {e_fused:.2e} from fp32, reference path {e_ref:.2e} (loss {l_ref})"
+    );
 }
 
 #[test]
@@ -226,7 +261,8 @@ fn fused_rms_norm_matches_the_reference_with_gradients() {
     for kind in [Kind::Float, Kind::BFloat16] {
         for scaled in [true, false] {
             let x = (Tensor::randn([4, 5, 64], (Kind::Float, Device::Cpu)) * 3.0).to_kind(kind).set_requires_grad(true);
-            let w = scaled.then(|| (Tensor::rand([64], (Kind::Float, Device::Cpu)) + 0.5).to_kind(kind).to_kind(Kind::Float));
+            let w = scaled
+                .then(|| (Tensor::rand([64], (Kind::Float, Device::Cpu)) + 0.5).to_kind(kind).to_kind(Kind::Float));
             let dy = Tensor::randn([4, 5, 64], (Kind::Float, Device::Cpu)).to_kind(kind);
             let mode = if scaled { rms_norm::Mode::Scale } else { rms_norm::Mode::Plain };
             let y_ref = rms_norm::forward_reference(&x, w.as_ref(), 1e-6, mode);
@@ -243,14 +279,19 @@ fn fused_rms_norm_matches_the_reference_with_gradients() {
     }
 }
 
-
 fn cosine(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (a.to_kind(Kind::Double).flatten(0, -1), b.to_kind(Kind::Double).flatten(0, -1));
     a.dot(&b).double_value(&[]) / (a.norm().double_value(&[]) * b.norm().double_value(&[])).max(1e-30)
 }
 
 /// (result, adapter gradients) of one checkpointed step on `device`, coalesced or not.
-fn step_grads(m: &dyn CausalLm, micro: &[data::MicroBatch], pad_id: i64, coalesce: Option<usize>, device: Device) -> (step::StepResult, Vec<Tensor>) {
+fn step_grads(
+    m: &dyn CausalLm,
+    micro: &[data::MicroBatch],
+    pad_id: i64,
+    coalesce: Option<usize>,
+    device: Device,
+) -> (step::StepResult, Vec<Tensor>) {
     let params = lora::trainable_parameters(m);
     for p in &params {
         let mut g = p.grad();
@@ -258,7 +299,19 @@ fn step_grads(m: &dyn CausalLm, micro: &[data::MicroBatch], pad_id: i64, coalesc
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing: true, pad_id, pad_multiple: 1, device, seed: 1, loss_scale: 1.0, hand_backward: device.is_cuda(), offload: false, profile: None, coalesce, detect_anomaly: true };
+    let o = step::StepOptions {
+        checkpointing: true,
+        pad_id,
+        pad_multiple: 1,
+        device,
+        seed: 1,
+        loss_scale: 1.0,
+        hand_backward: device.is_cuda(),
+        offload: false,
+        profile: None,
+        coalesce,
+        detect_anomaly: true,
+    };
     let r = step::forward_backward(m, micro, 0, &o);
     (r, params.iter().map(|p| p.grad().to_device(Device::Cpu).copy()).collect())
 }

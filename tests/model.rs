@@ -152,13 +152,15 @@ fn gemma_configs_are_read_and_bad_ones_named() {
     assert_eq!(c.gemma3n.as_ref().unwrap().num_kv_shared_layers, 3);
     assert_eq!(c.final_logit_softcapping, Some(30.0));
     // Without layer_types, Gemma 3 falls back to sliding_window_pattern.
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("gemma3").join("config.json")).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gemma3").join("config.json")).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("layer_types");
     v["sliding_window_pattern"] = 2.into();
     let c = Config::from_json(&v.to_string()).unwrap();
     assert_eq!(c.layer_sliding, vec![true, false, true, false]);
     // A per-layer width list of the wrong length, and a multimodal config without its text_config.
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("gemma3n").join("config.json")).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gemma3n").join("config.json")).unwrap()).unwrap();
     v["intermediate_size"] = serde_json::json!([96, 96]);
     let e = format!("{:#}", Config::from_json(&v.to_string()).unwrap_err());
     assert!(e.contains("intermediate_size is a list of 2 entries; expected 6"), "{e}");

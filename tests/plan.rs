@@ -11,15 +11,29 @@ fn the_memory_plan_is_within_20_percent_of_measured_peak_rss() {
     let rd = d.path().join("run");
     // The quickstart trains without checkpointing on the CPU; the plan's checkpointed accounting
     // is what this holds to a measurement.
-    let sets = ["--set", "train.max_steps=1", "--set", "train.gradient_accumulation_steps=1", "--set", "train.gradient_checkpointing=true"];
+    let sets = [
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "train.gradient_accumulation_steps=1",
+        "--set",
+        "train.gradient_checkpointing=true",
+    ];
     let mut args = vec!["plan", recipe.to_str().unwrap(), "--json", "--run-dir", rd.to_str().unwrap()];
     args.extend_from_slice(&sets);
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{err}");
     let plan: Value = serde_json::from_str(&out).unwrap();
     let estimate = plan["total_bytes"].as_f64().unwrap();
-    let components: Vec<&str> = plan["items"].as_array().unwrap().iter().map(|i| i["component"].as_str().unwrap()).collect();
-    for c in ["base decoder linears", "LoRA weights (fp32)", "optimizer state", "checkpointed layer inputs", "cross-entropy chunk"] {
+    let components: Vec<&str> =
+        plan["items"].as_array().unwrap().iter().map(|i| i["component"].as_str().unwrap()).collect();
+    for c in [
+        "base decoder linears",
+        "LoRA weights (fp32)",
+        "optimizer state",
+        "checkpointed layer inputs",
+        "cross-entropy chunk",
+    ] {
         assert!(components.contains(&c), "{c} missing from {components:?}");
     }
 
@@ -27,15 +41,29 @@ fn the_memory_plan_is_within_20_percent_of_measured_peak_rss() {
     args.extend_from_slice(&sets);
     let (code, _, err) = run(&args);
     assert_eq!(code, 0, "{err}");
-    let m: Value = serde_json::from_str(std::fs::read_to_string(rd.join("train/metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    let m: Value =
+        serde_json::from_str(std::fs::read_to_string(rd.join("train/metrics.jsonl")).unwrap().lines().last().unwrap())
+            .unwrap();
     let measured = m["peak_mem_bytes"].as_f64().unwrap();
     let off = (estimate - measured).abs() / measured;
-    assert!(off < 0.2, "plan {:.3} GiB vs measured peak RSS {:.3} GiB ({:.0}% off)", estimate / 1073741824.0, measured / 1073741824.0, off * 100.0);
+    assert!(
+        off < 0.2,
+        "plan {:.3} GiB vs measured peak RSS {:.3} GiB ({:.0}% off)",
+        estimate / 1073741824.0,
+        measured / 1073741824.0,
+        off * 100.0
+    );
 
     // --dry-run prints the same plan and loads nothing.
-    let (code, _, err) = run(&["run", recipe.to_str().unwrap(), "--dry-run", "--run-dir", d.path().join("dry").to_str().unwrap()]);
+    let (code, _, err) =
+        run(&["run", recipe.to_str().unwrap(), "--dry-run", "--run-dir", d.path().join("dry").to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("expected peak") && err.contains("all layer activations") && err.contains("micro-batches run one by one"), "{err}");
+    assert!(
+        err.contains("expected peak")
+            && err.contains("all layer activations")
+            && err.contains("micro-batches run one by one"),
+        "{err}"
+    );
     assert!(!d.path().join("dry/fetch").exists());
 }
 
@@ -47,11 +75,14 @@ fn the_gemma3n_plan_keeps_the_per_layer_table_on_the_host() {
     let model = fixture_model("gemma3n", &d.path().join("model"));
     let r = tiny_recipe(d.path(), &model, &repo().join("datasets/chat/train.jsonl"), "micro_batch_size = 2\n");
     let plan = |device: &str| -> Value {
-        let (code, out, err) = run(&["plan", r.to_str().unwrap(), "--json", "--set", &format!("train.device=\"{device}\"")]);
+        let (code, out, err) =
+            run(&["plan", r.to_str().unwrap(), "--json", "--set", &format!("train.device=\"{device}\"")]);
         assert_eq!(code, 0, "{err}");
         serde_json::from_str(&out).unwrap()
     };
-    let item = |p: &Value, list: &str, name: &str| p[list].as_array().unwrap().iter().find(|i| i["component"] == name).map(|i| i["bytes"].as_u64().unwrap());
+    let item = |p: &Value, list: &str, name: &str| {
+        p[list].as_array().unwrap().iter().find(|i| i["component"] == name).map(|i| i["bytes"].as_u64().unwrap())
+    };
     let table = "per-layer embedding table";
     let cpu = plan("cpu");
     assert_eq!(item(&cpu, "items", table), Some(320 * 6 * 16 * 4), "fp32 on the CPU, in the total");
@@ -67,7 +98,15 @@ fn the_gemma3n_plan_keeps_the_per_layer_table_on_the_host() {
     let inputs = 6 * 2048 * 256 * 2 + 5 * 2048 * 4 * 32 * 2;
     assert_eq!(item(&gpu, "items", "checkpointed layer inputs"), Some(inputs));
     // Offloaded: all of them in host memory, the two in use (with the widest carry) on the GPU.
-    let (code, out, err) = run(&["plan", r.to_str().unwrap(), "--json", "--set", "train.device=\"cuda\"", "--set", "train.offload_activations=\"on\""]);
+    let (code, out, err) = run(&[
+        "plan",
+        r.to_str().unwrap(),
+        "--json",
+        "--set",
+        "train.device=\"cuda\"",
+        "--set",
+        "train.offload_activations=\"on\"",
+    ]);
     assert_eq!(code, 0, "{err}");
     let off: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(item(&off, "host_items", "checkpointed layer inputs (offloaded)"), Some(inputs));
@@ -126,18 +165,34 @@ max_steps = 2
             ),
         )
         .unwrap();
-        let (code, out, err) = run(&["plan", recipe.to_str().unwrap(), "--json", "--run-dir", d.path().join(format!("run{i}")).to_str().unwrap()]);
+        let (code, out, err) = run(&[
+            "plan",
+            recipe.to_str().unwrap(),
+            "--json",
+            "--run-dir",
+            d.path().join(format!("run{i}")).to_str().unwrap(),
+        ]);
         assert_eq!(code, 0, "{shape}: {err}");
         let plan: Value = serde_json::from_str(&out).unwrap();
         // The allocator's peak leaves out the CUDA context, which the plan lists on its own line.
-        let context: u64 = plan["items"].as_array().unwrap().iter().filter(|i| i["component"].as_str().unwrap().starts_with("CUDA context")).map(|i| i["bytes"].as_u64().unwrap()).sum();
+        let context: u64 = plan["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["component"].as_str().unwrap().starts_with("CUDA context"))
+            .map(|i| i["bytes"].as_u64().unwrap())
+            .sum();
         assert!(context > 0, "{shape}: no CUDA context line in {plan}");
         let estimate = (plan["total_bytes"].as_u64().unwrap() - context) as f64 / (1u64 << 30) as f64;
         let off = (estimate - measured) / measured;
         assert!(off.abs() < 0.12, "{shape} seq {seq} × {batch}, offload {offload}: plan {estimate:.2} GiB vs measured {measured:.2} GiB ({:+.0}%)", off * 100.0);
         if offload == "on" {
             let host = plan["host_items"].as_array().unwrap();
-            assert!(host.iter().any(|i| i["component"] == "checkpointed layer inputs (offloaded)" && i["bytes"].as_u64().unwrap() == 32 * 131072 * 4096 * 2), "{plan}");
+            assert!(
+                host.iter().any(|i| i["component"] == "checkpointed layer inputs (offloaded)"
+                    && i["bytes"].as_u64().unwrap() == 32 * 131072 * 4096 * 2),
+                "{plan}"
+            );
         }
     }
 }

@@ -18,38 +18,21 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(path: &std::path::Path) -> HashMap<String, Tensor> {
-    assert!(
-        path.exists(),
-        "missing fixture {} (regenerate: scripts/gen_fixtures.py)",
-        path.display()
-    );
-    Tensor::read_safetensors(path)
-        .expect("readable safetensors")
-        .into_iter()
-        .collect()
+    assert!(path.exists(), "missing fixture {} (regenerate: scripts/gen_fixtures.py)", path.display());
+    Tensor::read_safetensors(path).expect("readable safetensors").into_iter().collect()
 }
 
 /// The raw bytes of a tensor (any dtype), row-major.
 fn bytes(t: &Tensor) -> Vec<u8> {
     let t = t.to_device(tch::Device::Cpu).reshape([-1]).contiguous();
-    let t = if t.kind() == Kind::Uint8 {
-        t
-    } else {
-        t.view_dtype(Kind::Uint8)
-    };
+    let t = if t.kind() == Kind::Uint8 { t } else { t.view_dtype(Kind::Uint8) };
     Vec::<u8>::try_from(&t).expect("u8 data")
 }
 
 /// Asserts two tensors have the same dtype, element count and bytes; reports mismatches.
 fn assert_same_bytes(what: &str, got: &Tensor, want: &Tensor) {
     assert_eq!(got.kind(), want.kind(), "{what}: dtype");
-    assert_eq!(
-        got.numel(),
-        want.numel(),
-        "{what}: numel ({:?} vs {:?})",
-        got.size(),
-        want.size()
-    );
+    assert_eq!(got.numel(), want.numel(), "{what}: numel ({:?} vs {:?})", got.size(), want.size());
     let (g, w) = (bytes(got), bytes(want));
     let bad = g.iter().zip(&w).filter(|(a, b)| a != b).count();
     assert_eq!(bad, 0, "{what}: {bad} of {} bytes differ", w.len());
@@ -66,37 +49,20 @@ fn getter(map: &HashMap<String, Tensor>) -> impl Fn(&str) -> Option<Tensor> + '_
 
 /// Compares every tensor of `q` with the bnb fixture case `case` in `fx`.
 fn check_case(case: &str, q: &QuantTensor, fx: &HashMap<String, Tensor>) {
-    let t = |suffix: &str| {
-        fx.get(&format!("{case}.{suffix}"))
-            .unwrap_or_else(|| panic!("{case}.{suffix} missing"))
-    };
+    let t = |suffix: &str| fx.get(&format!("{case}.{suffix}")).unwrap_or_else(|| panic!("{case}.{suffix} missing"));
     assert_same_bytes(&format!("{case} codes"), &q.codes, t("codes"));
     assert_same_bytes(&format!("{case} quant_map"), &q.quant_map, t("quant_map"));
     match &q.absmax {
         Absmax::Plain(a) => assert_same_bytes(&format!("{case} absmax"), a, t("absmax")),
-        Absmax::Nested {
-            codes,
-            code,
-            absmax,
-            offset,
-            blocksize,
-        } => {
+        Absmax::Nested { codes, code, absmax, offset, blocksize } => {
             assert_eq!(*blocksize, 256);
             assert_same_bytes(&format!("{case} absmax codes"), codes, t("absmax"));
             assert_same_bytes(&format!("{case} nested_absmax"), absmax, t("nested_absmax"));
             assert_same_bytes(&format!("{case} nested_quant_map"), code, t("nested_quant_map"));
-            assert_eq!(
-                offset.to_bits(),
-                (t("offset").double_value(&[]) as f32).to_bits(),
-                "{case} offset"
-            );
+            assert_eq!(offset.to_bits(), (t("offset").double_value(&[]) as f32).to_bits(), "{case} offset");
         }
     }
-    assert_same_bytes(
-        &format!("{case} effective absmax"),
-        &q.absmax.values(),
-        t("absmax_dequant"),
-    );
+    assert_same_bytes(&format!("{case} effective absmax"), &q.absmax.values(), t("absmax_dequant"));
     // dequantize_4bit output: computed in the input dtype, stored widened to f32.
     let deq = q.dequantize(q.dtype);
     assert_eq!(deq.kind(), q.dtype);
@@ -104,18 +70,12 @@ fn check_case(case: &str, q: &QuantTensor, fx: &HashMap<String, Tensor>) {
     assert_same_bytes(&format!("{case} dequant"), &deq.to_kind(Kind::Float), t("dequant"));
     // The checkpoint JSON.
     let saved = q.to_bnb("p");
-    let qs = saved
-        .iter()
-        .find(|(k, _)| k.starts_with("p.weight.quant_state."))
-        .expect("quant_state saved");
+    let qs = saved.iter().find(|(k, _)| k.starts_with("p.weight.quant_state.")).expect("quant_state saved");
     assert_same_bytes(&format!("{case} quant_state json"), &qs.1, t("quant_state"));
 }
 
 fn bnb_cases(fx: &HashMap<String, Tensor>) -> Vec<String> {
-    let cases: BTreeSet<String> = fx
-        .keys()
-        .filter_map(|k| k.strip_suffix(".input").map(str::to_string))
-        .collect();
+    let cases: BTreeSet<String> = fx.keys().filter_map(|k| k.strip_suffix(".input").map(str::to_string)).collect();
     cases.into_iter().collect()
 }
 
@@ -140,19 +100,12 @@ fn tables_match_bnb() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&NF4_TABLE), bits(&f32s(&fx[&format!("{nf4}.quant_map")])));
     assert_eq!(bits(&FP4_TABLE), bits(&f32s(&fx[&format!("{fp4}.quant_map")])));
-    assert_eq!(
-        bits(&dynamic_map()),
-        bits(&f32s(&fx[&format!("{dq}.nested_quant_map")]))
-    );
+    assert_eq!(bits(&dynamic_map()), bits(&f32s(&fx[&format!("{dq}.nested_quant_map")])));
     // Spot values from arch-spec §4.3.
     assert_eq!(dynamic_map()[127], 0.0);
     assert_eq!(dynamic_map()[255], 1.0);
     assert_eq!(dynamic_map()[0].to_bits(), 0xbf7e3333);
-    assert_eq!(
-        FP4_TABLE[8].to_bits(),
-        0,
-        "FP4 code 8 is +0 in bnb's table (Python's -0 is the integer 0)"
-    );
+    assert_eq!(FP4_TABLE[8].to_bits(), 0, "FP4 code 8 is +0 in bnb's table (Python's -0 is the integer 0)");
 }
 
 #[test]
@@ -188,20 +141,13 @@ fn from_bnb_reads_fixture_cases() {
         put("weight.quant_map", "quant_map");
         put("weight.nested_absmax", "nested_absmax");
         put("weight.nested_quant_map", "nested_quant_map");
-        put(
-            &format!("weight.quant_state.bitsandbytes__{}", qt.name()),
-            "quant_state",
-        );
-        let q = QuantTensor::from_bnb("layer", &getter(&ckpt))
-            .expect("parses")
-            .expect("quantized");
+        put(&format!("weight.quant_state.bitsandbytes__{}", qt.name()), "quant_state");
+        let q = QuantTensor::from_bnb("layer", &getter(&ckpt)).expect("parses").expect("quantized");
         assert_eq!(q.quant_type, qt);
         assert_eq!(q.blocksize, 64);
         assert_eq!(matches!(q.absmax, Absmax::Nested { .. }), dq);
         check_case(&case, &q, &fx);
-        assert!(QuantTensor::from_bnb("other", &getter(&ckpt))
-            .expect("no error")
-            .is_none());
+        assert!(QuantTensor::from_bnb("other", &getter(&ckpt)).expect("no error").is_none());
     }
 }
 
@@ -231,9 +177,8 @@ fn llama_bnb4_checkpoint_round_trips() {
     assert!(!quantized.is_empty());
     for name in &quantized {
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
-        let q = QuantTensor::from_bnb(prefix, &get)
-            .expect("parses")
-            .unwrap_or_else(|| panic!("{prefix} not quantized"));
+        let q =
+            QuantTensor::from_bnb(prefix, &get).expect("parses").unwrap_or_else(|| panic!("{prefix} not quantized"));
         assert_eq!(q.quant_type, QuantType::Nf4, "{prefix}");
         assert!(matches!(q.absmax, Absmax::Nested { .. }), "{prefix}: double quant");
         assert_eq!(q.dtype, Kind::Float, "{prefix}");
@@ -247,9 +192,7 @@ fn llama_bnb4_checkpoint_round_trips() {
         }
         // Reading what we saved gives identical bytes again.
         let resaved: HashMap<String, Tensor> = saved.into_iter().collect();
-        let q2 = QuantTensor::from_bnb(prefix, &getter(&resaved))
-            .expect("parses")
-            .expect("quantized");
+        let q2 = QuantTensor::from_bnb(prefix, &getter(&resaved)).expect("parses").expect("quantized");
         assert_same_bytes(prefix, &q2.dequantize(Kind::Float), &q.dequantize(Kind::Float));
         // transformers quantized the fp32 weight of models/llama with bnb: so must we.
         let w = dense.get(name).unwrap_or_else(|| panic!("{name} not in models/llama"));
@@ -268,10 +211,7 @@ fn llama_bnb4_checkpoint_round_trips() {
     assert!(!plain.is_empty());
     for name in plain.iter().filter(|n| n.ends_with(".weight")) {
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
-        assert!(
-            QuantTensor::from_bnb(prefix, &get).expect("no error").is_none(),
-            "{prefix} is not quantized"
-        );
+        assert!(QuantTensor::from_bnb(prefix, &get).expect("no error").is_none(), "{prefix} is not quantized");
     }
 }
 
@@ -308,11 +248,7 @@ fn zero_blocks_dequantize_to_zero() {
         for dq in [false, true] {
             let q = QuantTensor::quantize(&w, qt, 64, dq).expect("quantize");
             let d = q.dequantize(Kind::Float);
-            assert_eq!(
-                i64::try_from(d.isnan().sum(Kind::Int64)).expect("count"),
-                0,
-                "{qt:?} dq={dq}: NaN"
-            );
+            assert_eq!(i64::try_from(d.isnan().sum(Kind::Int64)).expect("count"), 0, "{qt:?} dq={dq}: NaN");
             let zero_rows = f32s(&d.narrow(0, 1, 2));
             assert!(zero_rows.iter().all(|x| *x == 0.0), "{qt:?} dq={dq}: {zero_rows:?}");
             let live = f64::try_from((d.narrow(0, 0, 1) - w.narrow(0, 0, 1)).abs().max()).expect("scalar");
@@ -332,9 +268,8 @@ fn zero_blocks_dequantize_to_zero() {
 #[test]
 fn layout_and_json() {
     // Odd element count, partial last block, bf16: 3·7 = 21 elements in one block.
-    let w = Tensor::from_slice(&(0..21).map(|i| i as f32 - 10.0).collect::<Vec<_>>())
-        .view([3, 7])
-        .to_kind(Kind::BFloat16);
+    let w =
+        Tensor::from_slice(&(0..21).map(|i| i as f32 - 10.0).collect::<Vec<_>>()).view([3, 7]).to_kind(Kind::BFloat16);
     let q = QuantTensor::quantize(&w, QuantType::Nf4, 64, false).expect("quantize");
     let codes = bytes(&q.codes);
     assert_eq!(codes.len(), 11);
@@ -350,24 +285,16 @@ fn layout_and_json() {
     let names: Vec<&str> = saved.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
         names,
-        [
-            "m.l.weight",
-            "m.l.weight.absmax",
-            "m.l.weight.quant_map",
-            "m.l.weight.quant_state.bitsandbytes__nf4"
-        ]
+        ["m.l.weight", "m.l.weight.absmax", "m.l.weight.quant_map", "m.l.weight.quant_state.bitsandbytes__nf4"]
     );
     assert_eq!(saved[0].1.size(), vec![11, 1]);
     let json = String::from_utf8(bytes(&saved[3].1)).expect("utf-8");
-    assert_eq!(
-        json,
-        r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [3, 7]}"#
-    );
+    assert_eq!(json, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [3, 7]}"#);
 
     // One block, so the offset is its absmax, 10.4467315673828125 (an f32): a 17-digit tie
     // that Python writes rounded to even ("…812"), as bitsandbytes saved it.
     let mut v = vec![0.5f32; 64];
-    v[9] = -10.446_731_567_382_812_5;
+    v[9] = -10.446_732;
     let q = QuantTensor::quantize(&Tensor::from_slice(&v).view([1, 64]), QuantType::Fp4, 64, true).expect("quantize");
     let json = String::from_utf8(bytes(&q.to_bnb("y")[5].1)).expect("utf-8");
     assert!(json.ends_with(r#""nested_offset": 10.446731567382812}"#), "{json}");
@@ -380,11 +307,7 @@ fn layout_and_json() {
         json,
         r#"{"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [2, 128], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 7.62939453125e-06}"#
     );
-    assert_eq!(
-        q.nbytes(),
-        128 + 4 + 1024 + 4 + 64,
-        "codes + absmax codes + dynamic map + nested absmax + fp4 map"
-    );
+    assert_eq!(q.nbytes(), 128 + 4 + 1024 + 4 + 64, "codes + absmax codes + dynamic map + nested absmax + fp4 map");
 
     // Non-uint8 quant_storage: the same bytes viewed as bf16 [(n+1)/4, 1].
     let w = Tensor::randn([8, 64], (Kind::Float, tch::Device::Cpu));
@@ -392,14 +315,8 @@ fn layout_and_json() {
     let mut ckpt: HashMap<String, Tensor> = q.to_bnb("a").into_iter().collect();
     let as_bf16 = ckpt["a.weight"].reshape([-1]).view_dtype(Kind::BFloat16).view([-1, 1]);
     ckpt.insert("a.weight".into(), as_bf16);
-    let q2 = QuantTensor::from_bnb("a", &getter(&ckpt))
-        .expect("parses")
-        .expect("quantized");
-    assert_same_bytes(
-        "quant_storage=bfloat16",
-        &q2.dequantize(Kind::Float),
-        &q.dequantize(Kind::Float),
-    );
+    let q2 = QuantTensor::from_bnb("a", &getter(&ckpt)).expect("parses").expect("quantized");
+    assert_same_bytes("quant_storage=bfloat16", &q2.dequantize(Kind::Float), &q.dequantize(Kind::Float));
 
     // Lenient JSON: numbers as strings, extra keys, `torch.` prefixes.
     let lenient = r#"{"quant_type":"NF4","blocksize":"64","dtype":"torch.float32","shape":[8,64],"nested_blocksize":256.0,"nested_offset":"%O","extra":1}"#;
@@ -408,13 +325,8 @@ fn layout_and_json() {
         Absmax::Plain(_) => unreachable!(),
     };
     let lenient = lenient.replace("%O", &format!("{offset:e}"));
-    ckpt.insert(
-        "a.weight.quant_state.bitsandbytes__nf4".into(),
-        Tensor::from_slice(lenient.as_bytes()),
-    );
-    let q3 = QuantTensor::from_bnb("a", &getter(&ckpt))
-        .expect("parses")
-        .expect("quantized");
+    ckpt.insert("a.weight.quant_state.bitsandbytes__nf4".into(), Tensor::from_slice(lenient.as_bytes()));
+    let q3 = QuantTensor::from_bnb("a", &getter(&ckpt)).expect("parses").expect("quantized");
     assert_same_bytes("lenient json", &q3.dequantize(Kind::Float), &q.dequantize(Kind::Float));
 
     // Missing pieces are errors that name the tensor.
@@ -431,14 +343,8 @@ fn quantize_accepts_views_and_rejects_bad_input() {
     let b = QuantTensor::quantize(&t.contiguous(), QuantType::Nf4, 64, true).expect("quantize");
     assert_same_bytes("transposed view", &a.codes, &b.codes);
     assert_eq!(a.shape, vec![40, 96]);
-    assert!(
-        QuantTensor::quantize(&w, QuantType::Nf4, 48, false).is_err(),
-        "blocksize 48"
-    );
-    assert!(
-        QuantTensor::quantize(&w.to_kind(Kind::Int64), QuantType::Nf4, 64, false).is_err(),
-        "integer input"
-    );
+    assert!(QuantTensor::quantize(&w, QuantType::Nf4, 48, false).is_err(), "blocksize 48");
+    assert!(QuantTensor::quantize(&w.to_kind(Kind::Int64), QuantType::Nf4, 64, false).is_err(), "integer input");
     let moved = a.to_device(tch::Device::Cpu);
     assert_same_bytes("to_device", &moved.dequantize(Kind::Half), &a.dequantize(Kind::Half));
 }

@@ -139,13 +139,15 @@ fn inline_template_needs_exactly_one_output_slot() {
     let (code, err) = validate(&body, &[]);
     assert_eq!(code, 2);
     assert!(err.contains("x.toml:8: prompt.template: a format string needs exactly one `{output}` slot"), "{err}");
-    let ok = GOOD.replace("[train]", "[prompt]\ntemplate = \"### 指令\\n{instruction}\\n### 回答\\n{output}\"\n\n[train]");
+    let ok =
+        GOOD.replace("[train]", "[prompt]\ntemplate = \"### 指令\\n{instruction}\\n### 回答\\n{output}\"\n\n[train]");
     assert_eq!(validate(&ok, &[]).0, 0);
 }
 
 #[test]
 fn set_overrides_any_key_and_is_validated() {
-    let (code, err) = validate(GOOD, &["--set", "train.max_steps=0", "--set", "lora.alpha=16", "--set", "train.bogus=1"]);
+    let (code, err) =
+        validate(GOOD, &["--set", "train.max_steps=0", "--set", "lora.alpha=16", "--set", "train.bogus=1"]);
     assert_eq!(code, 2);
     assert!(err.contains("--set train.max_steps: train.max_steps: expected a positive integer, found 0"), "{err}");
     assert!(err.contains("--set train.bogus: unknown key `bogus` in [train]"), "{err}");
@@ -189,7 +191,8 @@ fn the_committed_recipes_validate_without_network() {
 
 #[test]
 fn resolved_recipe_fills_every_default() {
-    let loaded = tuner::recipe::load(&repo().join("recipes/gemma3n-alpaca.toml"), &["train.max_steps=7".into()]).unwrap();
+    let loaded =
+        tuner::recipe::load(&repo().join("recipes/gemma3n-alpaca.toml"), &["train.max_steps=7".into()]).unwrap();
     let r = &loaded.recipe;
     assert_eq!(r.train.max_steps, Some(7));
     assert_eq!(r.train.micro_batch_size, 2);

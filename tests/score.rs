@@ -5,7 +5,16 @@ use serde_json::Value;
 
 fn score(model: &std::path::Path, extra: &[&str]) -> Value {
     let data = repo().join("tests/fixtures/score/texts.jsonl");
-    let mut args = vec!["score", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", "--device", "cpu"];
+    let mut args = vec![
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        "--device",
+        "cpu",
+    ];
     args.extend_from_slice(extra);
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{err}");
@@ -14,14 +23,30 @@ fn score(model: &std::path::Path, extra: &[&str]) -> Value {
 
 #[test]
 fn score_matches_hf_for_every_family() {
-    for family in ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama-bnb4", "gemma2", "gemma3", "gemma3n", "gemma3n-bnb4"] {
+    for family in [
+        "llama",
+        "llama-tied",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "llama-bnb4",
+        "gemma2",
+        "gemma3",
+        "gemma3n",
+        "gemma3n-bnb4",
+    ] {
         let dir = repo().join("tests/fixtures/models").join(family);
         let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("score.json")).unwrap()).unwrap();
         let got = score(&dir, &[]);
         assert_eq!(got["rows"], want["rows"], "{family}");
         assert_eq!(got["tokens"], want["tokens"], "{family}");
         let rel = |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() / b.as_f64().unwrap().abs();
-        assert!(rel(&got["mean_loss"], &want["mean_loss"]) < 1e-4, "{family}: {} vs {}", got["mean_loss"], want["mean_loss"]);
+        assert!(
+            rel(&got["mean_loss"], &want["mean_loss"]) < 1e-4,
+            "{family}: {} vs {}",
+            got["mean_loss"],
+            want["mean_loss"]
+        );
         assert!(rel(&got["perplexity"], &want["perplexity"]) < 1e-3, "{family}");
         for (g, w) in got["per_row"].as_array().unwrap().iter().zip(want["per_row"].as_array().unwrap()) {
             assert_eq!(g["tokens"], w["tokens"], "{family}");
@@ -43,7 +68,8 @@ fn score_with_a_trained_adapter_differs_and_bad_input_is_named() {
 
     let bad = d.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"ok\"}\n{\"txt\": 1}\n").unwrap();
-    let (code, _, err) = run(&["score", "--model", d.path().join("model").to_str().unwrap(), "--data", bad.to_str().unwrap()]);
+    let (code, _, err) =
+        run(&["score", "--model", d.path().join("model").to_str().unwrap(), "--data", bad.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains(&format!("{}:2: expected {{\"text\": …}} or {{\"messages\": […]}}", bad.display())), "{err}");
     let (code, _, err) = run(&["score", "--model", "/nope", "--data", bad.to_str().unwrap()]);
@@ -61,7 +87,13 @@ fn score_reads_the_gguf_quickstart_model() {
         .args(["score", "--model", gguf.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"])
         .env("TUNER_HUB_CACHE", d.path().join("hub"))
         .output()
-        .map(|o| (o.status.code().unwrap(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()))
+        .map(|o| {
+            (
+                o.status.code().unwrap(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
         .unwrap();
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();

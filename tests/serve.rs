@@ -158,7 +158,8 @@ fn parse_reply(raw: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP head in {text:?}"));
     let head = head.to_lowercase();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line: {head}"));
+    let status =
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line: {head}"));
     let body = if head.contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
     Reply { status, head, body }
 }
@@ -239,7 +240,10 @@ fn serve_answers_every_endpoint_as_the_engine_does_and_stops_on_ctrl_c() {
     let h = srv.get("/health");
     assert_eq!((h.status, h.json()["status"].clone(), h.json()["model"].clone()), (200, json!("ok"), json!(name)));
     let m = srv.get("/v1/models").json();
-    assert_eq!((m["object"].as_str(), m["data"][0]["id"].as_str(), m["data"][0]["max_model_len"].as_u64()), (Some("list"), Some(name.as_str()), Some(64)));
+    assert_eq!(
+        (m["object"].as_str(), m["data"][0]["id"].as_str(), m["data"][0]["max_model_len"].as_u64()),
+        (Some("list"), Some(name.as_str()), Some(64))
+    );
 
     // Greedy /generate equals Generator::generate.
     let want = engine(&g, "Hello world", &greedy(8));
@@ -251,7 +255,15 @@ fn serve_answers_every_endpoint_as_the_engine_does_and_stops_on_ctrl_c() {
     assert_eq!(r.json(), full);
 
     // Seeded sampling equals the engine with the same parameters, run after run.
-    let sampled = SamplingParams { max_new_tokens: 8, temperature: 0.9, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, seed: 7, stop: vec![] };
+    let sampled = SamplingParams {
+        max_new_tokens: 8,
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        repetition_penalty: 1.1,
+        seed: 7,
+        stop: vec![],
+    };
     let want_s = engine(&g, "Hello world", &sampled);
     let body = json!({"prompt": "Hello world", "max_new_tokens": 8, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1, "seed": 7});
     for _ in 0..2 {
@@ -269,16 +281,27 @@ fn serve_answers_every_endpoint_as_the_engine_does_and_stops_on_ctrl_c() {
 
     // OpenAI completions, usage counted in tokens.
     let prompt_tokens = g.encode_prompt("Hello world").unwrap().len();
-    let c = srv.post("/v1/completions", &json!({"model": name, "prompt": "Hello world", "max_tokens": 8, "temperature": 0, "n": 1})).json();
+    let c = srv
+        .post(
+            "/v1/completions",
+            &json!({"model": name, "prompt": "Hello world", "max_tokens": 8, "temperature": 0, "n": 1}),
+        )
+        .json();
     assert_eq!(c["object"], "text_completion");
     assert_eq!(c["model"], json!(name));
     assert!(c["id"].as_str().unwrap().starts_with("cmpl-"));
     assert_eq!(c["choices"][0]["text"], json!(want.text));
     assert_eq!(c["choices"][0]["finish_reason"], openai_reason(&want));
-    assert_eq!(c["usage"], json!({"prompt_tokens": prompt_tokens, "completion_tokens": want.tokens.len(), "total_tokens": prompt_tokens + want.tokens.len()}));
+    assert_eq!(
+        c["usage"],
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": want.tokens.len(), "total_tokens": prompt_tokens + want.tokens.len()})
+    );
 
     // OpenAI chat goes through the chat template.
-    let messages = vec![Message { role: "system".into(), content: "Be brief.".into() }, Message { role: "user".into(), content: "Hi there".into() }];
+    let messages = vec![
+        Message { role: "system".into(), content: "Be brief.".into() },
+        Message { role: "user".into(), content: "Hi there".into() },
+    ];
     let want_chat = engine(&g, &g.chat_prompt(&messages).unwrap(), &greedy(8));
     let chat_body = json!({"model": name, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}], "max_tokens": 8, "temperature": 0});
     let c = srv.post("/v1/chat/completions", &chat_body).json();
@@ -292,10 +315,13 @@ fn serve_answers_every_endpoint_as_the_engine_does_and_stops_on_ctrl_c() {
     let (last, deltas) = ev.split_last().unwrap();
     assert_eq!(last.0, "done");
     assert_eq!(serde_json::from_str::<Value>(&last.1).unwrap(), full);
-    let text: String = deltas.iter().map(|(n, d)| {
-        assert_eq!(n, "message");
-        serde_json::from_str::<Value>(d).unwrap()["text"].as_str().unwrap().to_string()
-    }).collect();
+    let text: String = deltas
+        .iter()
+        .map(|(n, d)| {
+            assert_eq!(n, "message");
+            serde_json::from_str::<Value>(d).unwrap()["text"].as_str().unwrap().to_string()
+        })
+        .collect();
     assert_eq!(text, want.text);
 
     let ev = srv.post("/v1/completions", &json!({"prompt": "Hello world", "max_tokens": 8, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})).events();
@@ -343,27 +369,117 @@ fn serve_refuses_bad_requests_with_json_errors_that_name_the_problem() {
     let cases: Vec<(&str, String, u16, &str, Value)> = vec![
         ("/generate", "{\"prompt\": ".into(), 400, "the body is not valid JSON", Value::Null),
         ("/generate", "[1, 2]".into(), 400, "the body must be a JSON object (found an array)", Value::Null),
-        ("/generate", json!({"prompt": 5}).to_string(), 400, "`prompt` must be a string (found a number)", json!("prompt")),
+        (
+            "/generate",
+            json!({"prompt": 5}).to_string(),
+            400,
+            "`prompt` must be a string (found a number)",
+            json!("prompt"),
+        ),
         ("/generate", json!({"max_new_tokens": 4}).to_string(), 400, "missing field `prompt`", json!("prompt")),
-        ("/generate", json!({"prompt": "a", "max_new_tokens": 33}).to_string(), 400, "over this server's cap of 32", json!("max_new_tokens")),
-        ("/generate", json!({"prompt": "a", "max_new_tokens": -1}).to_string(), 400, "`max_new_tokens` must be ≥ 0", json!("max_new_tokens")),
-        ("/generate", json!({"prompt": "a", "max_new_tokens": 2.5}).to_string(), 400, "`max_new_tokens` must be an integer", json!("max_new_tokens")),
-        ("/generate", json!({"prompt": "a", "temprature": 1}).to_string(), 400, "unknown field `temprature`", json!("temprature")),
-        ("/generate", json!({"prompt": "a", "temperature": "hot"}).to_string(), 400, "`temperature` must be a number (found a string)", json!("temperature")),
-        ("/generate", json!({"prompt": "a", "temperature": -1}).to_string(), 400, "`temperature` must be ≥ 0", json!("temperature")),
+        (
+            "/generate",
+            json!({"prompt": "a", "max_new_tokens": 33}).to_string(),
+            400,
+            "over this server's cap of 32",
+            json!("max_new_tokens"),
+        ),
+        (
+            "/generate",
+            json!({"prompt": "a", "max_new_tokens": -1}).to_string(),
+            400,
+            "`max_new_tokens` must be ≥ 0",
+            json!("max_new_tokens"),
+        ),
+        (
+            "/generate",
+            json!({"prompt": "a", "max_new_tokens": 2.5}).to_string(),
+            400,
+            "`max_new_tokens` must be an integer",
+            json!("max_new_tokens"),
+        ),
+        (
+            "/generate",
+            json!({"prompt": "a", "temprature": 1}).to_string(),
+            400,
+            "unknown field `temprature`",
+            json!("temprature"),
+        ),
+        (
+            "/generate",
+            json!({"prompt": "a", "temperature": "hot"}).to_string(),
+            400,
+            "`temperature` must be a number (found a string)",
+            json!("temperature"),
+        ),
+        (
+            "/generate",
+            json!({"prompt": "a", "temperature": -1}).to_string(),
+            400,
+            "`temperature` must be ≥ 0",
+            json!("temperature"),
+        ),
         ("/generate", json!({"prompt": "a", "top_p": 0}).to_string(), 400, "`top_p` must be in (0, 1]", json!("top_p")),
-        ("/generate", json!({"prompt": "a", "stop": [1]}).to_string(), 400, "`stop[0]` must be a string", json!("stop")),
-        ("/generate", json!({"prompt": "a", "stream": "yes"}).to_string(), 400, "`stream` must be a boolean", json!("stream")),
+        (
+            "/generate",
+            json!({"prompt": "a", "stop": [1]}).to_string(),
+            400,
+            "`stop[0]` must be a string",
+            json!("stop"),
+        ),
+        (
+            "/generate",
+            json!({"prompt": "a", "stream": "yes"}).to_string(),
+            400,
+            "`stream` must be a boolean",
+            json!("stream"),
+        ),
         ("/generate", json!({"prompt": long}).to_string(), 400, "the model's context is 64 tokens", json!("prompt")),
-        ("/generate", json!({"prompt": long, "stream": true}).to_string(), 400, "the model's context is 64 tokens", json!("prompt")),
-        ("/generate", json!({"prompt": "a".repeat(5000)}).to_string(), 413, "over this server's limit of 4096 bytes", Value::Null),
+        (
+            "/generate",
+            json!({"prompt": long, "stream": true}).to_string(),
+            400,
+            "the model's context is 64 tokens",
+            json!("prompt"),
+        ),
+        (
+            "/generate",
+            json!({"prompt": "a".repeat(5000)}).to_string(),
+            413,
+            "over this server's limit of 4096 bytes",
+            Value::Null,
+        ),
         ("/v1/completions", json!({"prompt": "a", "n": 2}).to_string(), 400, "only n = 1", json!("n")),
-        ("/v1/completions", json!({"prompt": "a", "max_tokens": 100}).to_string(), 400, "`max_tokens` is 100, over this server's cap of 32", json!("max_tokens")),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": 100}).to_string(),
+            400,
+            "`max_tokens` is 100, over this server's cap of 32",
+            json!("max_tokens"),
+        ),
         ("/v1/completions", json!({"prompt": ["a", "b"]}).to_string(), 400, "holds 2 prompts", json!("prompt")),
-        ("/v1/completions", json!({"prompt": "a", "logprobs": 5}).to_string(), 400, "`logprobs` is not supported", json!("logprobs")),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "logprobs": 5}).to_string(),
+            400,
+            "`logprobs` is not supported",
+            json!("logprobs"),
+        ),
         ("/v1/chat/completions", json!({"messages": []}).to_string(), 400, "`messages` is empty", json!("messages")),
-        ("/v1/chat/completions", json!({"messages": "hi"}).to_string(), 400, "`messages` must be a list", json!("messages")),
-        ("/v1/chat/completions", json!({"messages": [{"content": "x"}]}).to_string(), 400, "missing field `messages[0].role`", json!("messages")),
+        (
+            "/v1/chat/completions",
+            json!({"messages": "hi"}).to_string(),
+            400,
+            "`messages` must be a list",
+            json!("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"content": "x"}]}).to_string(),
+            400,
+            "missing field `messages[0].role`",
+            json!("messages"),
+        ),
         ("/v1/chat/completions", json!({"prompt": "x"}).to_string(), 400, "unknown field `prompt`", json!("prompt")),
     ];
     for (path, body, status, message, param) in cases {
@@ -396,7 +512,9 @@ fn serve_answers_50_concurrent_clients() {
     let srv = Server::start(&model, &[], "warn");
     let g = generator(&model, d.path());
     // Prompts of different lengths, so that batches are left-padded.
-    let prompts: Vec<String> = ["Hi", "Hello there", "Request number 3:", "a much longer prompt than the others", "x"].map(String::from).to_vec();
+    let prompts: Vec<String> = ["Hi", "Hello there", "Request number 3:", "a much longer prompt than the others", "x"]
+        .map(String::from)
+        .to_vec();
     let want: Vec<String> = prompts.iter().map(|p| engine(&g, p, &greedy(6)).text).collect();
     let port = srv.port;
     let clients: Vec<_> = (0..50)
@@ -404,7 +522,12 @@ fn serve_answers_50_concurrent_clients() {
             let prompt = prompts[i % 5].clone();
             std::thread::spawn(move || match i % 3 {
                 0 => {
-                    let r = http(port, "POST", "/generate", json!({"prompt": prompt, "max_new_tokens": 6}).to_string().as_bytes());
+                    let r = http(
+                        port,
+                        "POST",
+                        "/generate",
+                        json!({"prompt": prompt, "max_new_tokens": 6}).to_string().as_bytes(),
+                    );
                     (r.status, r.json()["generated_text"].as_str().map(str::to_string))
                 }
                 1 => {
@@ -413,9 +536,17 @@ fn serve_answers_50_concurrent_clients() {
                     (r.status, r.json()["choices"][0]["text"].as_str().map(str::to_string))
                 }
                 _ => {
-                    let r = http(port, "POST", "/generate", json!({"prompt": prompt, "max_new_tokens": 6, "stream": true}).to_string().as_bytes());
+                    let r = http(
+                        port,
+                        "POST",
+                        "/generate",
+                        json!({"prompt": prompt, "max_new_tokens": 6, "stream": true}).to_string().as_bytes(),
+                    );
                     let ev = r.events();
-                    let text = ev.iter().filter(|(n, _)| n == "message").map(|(_, d)| serde_json::from_str::<Value>(d).unwrap()["text"].as_str().unwrap().to_string());
+                    let text = ev
+                        .iter()
+                        .filter(|(n, _)| n == "message")
+                        .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap()["text"].as_str().unwrap().to_string());
                     (r.status, Some(text.collect::<String>()))
                 }
             })
@@ -432,7 +563,8 @@ fn serve_answers_50_concurrent_clients() {
 fn serve_cancels_gone_clients_refuses_when_full_and_survives_failures() {
     let d = tmp();
     let model = long_model(&d.path().join("model"));
-    let srv = Server::start(&model, &["--queue", "1", "--max-batch", "1", "--max-new-tokens-cap", "4000"], "tuner=info");
+    let srv =
+        Server::start(&model, &["--queue", "1", "--max-batch", "1", "--max-new-tokens-cap", "4000"], "tuner=info");
     let long = json!({"prompt": "Hello", "max_new_tokens": 3000, "stream": true});
     // 3000 tokens take seconds: long enough to be cut short.
     let open_stream = || {
@@ -468,7 +600,9 @@ fn serve_cancels_gone_clients_refuses_when_full_and_survives_failures() {
     // Queue of one: request 3 generates, request 4 waits, request 5 is refused with 503.
     let busy = open_stream();
     let port = srv.port;
-    let waiting = std::thread::spawn(move || http(port, "POST", "/generate", json!({"prompt": "Hi", "max_new_tokens": 4}).to_string().as_bytes()));
+    let waiting = std::thread::spawn(move || {
+        http(port, "POST", "/generate", json!({"prompt": "Hi", "max_new_tokens": 4}).to_string().as_bytes())
+    });
     let t = Instant::now();
     while srv.get("/health").json()["queued"] != 1 {
         assert!(t.elapsed() < WAIT, "request 4 never queued");
@@ -503,4 +637,3 @@ fn serve_rejects_bad_flags() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("/nope"), "{err}");
 }
-

@@ -79,14 +79,16 @@ fn labels_mask_the_prompt_and_train_the_response_and_eos() {
     assert_eq!(stats["train"]["truncated_rows"], 0);
     let frac = stats["train"]["trained_fraction"].as_f64().unwrap();
     assert!(frac > 0.1 && frac < 0.6, "{frac}");
-    let hist: u64 = stats["train"]["length_histogram"].as_array().unwrap().iter().map(|b| b["rows"].as_u64().unwrap()).sum();
+    let hist: u64 =
+        stats["train"]["length_histogram"].as_array().unwrap().iter().map(|b| b["rows"].as_u64().unwrap()).sum();
     assert_eq!(hist, 2160);
 }
 
 #[test]
 fn truncation_is_counted_and_all_tokens_can_be_trained() {
     let (d, r) = setup("");
-    let (code, err) = tokenize(&r, &["--set", "train.max_seq_length=200", "--set", "prompt.train_on_responses_only=false"]);
+    let (code, err) =
+        tokenize(&r, &["--set", "train.max_seq_length=200", "--set", "prompt.train_on_responses_only=false"]);
     assert_eq!(code, 0, "{err}");
     let dir = d.path().join("runs/t/tokenize");
     let stats: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("stats.json")).unwrap()).unwrap();
@@ -177,14 +179,19 @@ fn a_crashed_tokenize_keeps_finished_shards_and_resumes_to_the_same_bytes() {
     let (code, err) = tokenize(&r, &["--threads", "2"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("tokenize: resuming"), "{err}");
-    assert_eq!(std::fs::metadata(dir.join("train-00003.arrow")).unwrap().modified().unwrap(), kept, "finished shards are kept");
+    assert_eq!(
+        std::fs::metadata(dir.join("train-00003.arrow")).unwrap().modified().unwrap(),
+        kept,
+        "finished shards are kept"
+    );
     let mut after = files(&dir);
     after.retain(|k, _| !k.contains(".tmp."));
     assert_eq!(after, reference);
 
     // A real SIGKILL at some point during the stage, then a rerun: same bytes.
     std::fs::remove_dir_all(&dir).unwrap();
-    let mut child = tuner().args(["run", r.to_str().unwrap(), "--until", "tokenize", "--threads", "1"]).spawn().unwrap();
+    let mut child =
+        tuner().args(["run", r.to_str().unwrap(), "--until", "tokenize", "--threads", "1"]).spawn().unwrap();
     let t0 = std::time::Instant::now();
     while !dir.join("train-00002.arrow.json").exists() && t0.elapsed().as_secs() < 20 {
         std::thread::sleep(std::time::Duration::from_millis(2));

@@ -21,7 +21,10 @@ fn metrics(run_dir: &Path) -> Vec<Value> {
 fn training_lowers_the_loss_and_writes_a_peft_adapter() {
     let d = tmp();
     let r = train_recipe(d.path(), "");
-    let text = std::fs::read_to_string(&r).unwrap().replace("max_steps = 6", "max_steps = 30").replace("learning_rate = 3e-3", "learning_rate = 1e-2");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("max_steps = 6", "max_steps = 30")
+        .replace("learning_rate = 3e-3", "learning_rate = 1e-2");
     std::fs::write(&r, text).unwrap();
     let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train"]);
     assert_eq!(code, 0, "{err}");
@@ -35,13 +38,15 @@ fn training_lowers_the_loss_and_writes_a_peft_adapter() {
         assert!(m[3][k].as_f64().is_some(), "{k} missing in {}", m[3]);
     }
     assert_eq!(m[0]["lr"], 0.0, "HF warmup: the first step has lr 0");
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(rd.join("train/adapter/adapter_config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(rd.join("train/adapter/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 8.0);
     let tensors = Tensor::read_safetensors(rd.join("train/adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(tensors.len(), 2 * 7 * 2, "A and B for 7 modules in 2 layers");
-    let (_, a) = tensors.iter().find(|(n, _)| n == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
+    let (_, a) =
+        tensors.iter().find(|(n, _)| n == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
     assert_eq!(a.size(), [4, 64]);
     let png = std::fs::read(rd.join("train/loss.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
@@ -63,7 +68,19 @@ fn grads(m: &dyn CausalLm, micro: &[data::MicroBatch], checkpointing: bool) -> (
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: false };
+    let o = step::StepOptions {
+        checkpointing,
+        pad_id: 296,
+        pad_multiple: 1,
+        device: Device::Cpu,
+        seed: 1,
+        loss_scale: 1.0,
+        hand_backward: false,
+        offload: false,
+        profile: None,
+        coalesce: None,
+        detect_anomaly: false,
+    };
     let r = step::forward_backward(m, micro, 0, &o);
     (r.loss, params.iter().map(|p| p.grad().copy()).collect())
 }
@@ -90,7 +107,10 @@ fn accumulation_and_checkpointing_give_the_same_gradients() {
         let (l_ga, g_ga) = grads(m.as_ref(), &four, false);
         let (l_ck, g_ck) = grads(m.as_ref(), &one, true);
         let (l_ga_ck, g_ga_ck) = grads(m.as_ref(), &four, true);
-        assert!(g_ref.iter().all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0), "every adapter gets a gradient");
+        assert!(
+            g_ref.iter().all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0),
+            "every adapter gets a gradient"
+        );
         for (name, l, g) in [("bs1×GA4", l_ga, &g_ga), ("checkpointing", l_ck, &g_ck), ("both", l_ga_ck, &g_ga_ck)] {
             assert!((l - l_ref).abs() < 1e-5 * l_ref.abs(), "{name} (nf4 {quantize}): loss {l} vs {l_ref}");
             let e = max_rel(g, &g_ref);
@@ -135,7 +155,11 @@ fn eight_bit_adamw_tracks_adamw() {
     let mut finals = vec![];
     for kind in [tuner::recipe::Optimizer::Adamw, tuner::recipe::Optimizer::Adamw8bit] {
         let w = start.copy().set_requires_grad(true);
-        let mut opt = optim::AdamW::new(vec![w.shallow_clone()], kind, optim::AdamWConfig { weight_decay: 0.01, ..Default::default() });
+        let mut opt = optim::AdamW::new(
+            vec![w.shallow_clone()],
+            kind,
+            optim::AdamWConfig { weight_decay: 0.01, ..Default::default() },
+        );
         for _ in 0..40 {
             opt.zero_grad();
             (&w - &target).square().sum(Kind::Float).backward();
@@ -225,11 +249,19 @@ fn a_killed_run_resumes_to_a_bit_identical_adapter() {
     let (code, _, err) = run(&["run", r2.to_str().unwrap(), "--until", "train"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("train: resuming from"), "{err}");
-    assert_eq!(adapter_bytes(&d2.path().join("runs/t")), reference, "resumed adapter differs from the uninterrupted one");
+    assert_eq!(
+        adapter_bytes(&d2.path().join("runs/t")),
+        reference,
+        "resumed adapter differs from the uninterrupted one"
+    );
     let m = metrics(&d2.path().join("runs/t"));
     assert_eq!(m.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
     // keep_checkpoints = 2: only the newest two remain.
-    let mut left: Vec<String> = std::fs::read_dir(d2.path().join("runs/t/train/checkpoints")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut left: Vec<String> = std::fs::read_dir(d2.path().join("runs/t/train/checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     left.sort();
     assert_eq!(left, ["step-000004", "step-000006"]);
 }
@@ -238,12 +270,21 @@ fn a_killed_run_resumes_to_a_bit_identical_adapter() {
 fn ctrl_c_finishes_the_step_checkpoints_and_exits_130() {
     let d = tmp();
     let r = train_recipe(d.path(), "");
-    let text = std::fs::read_to_string(&r).unwrap().replace("max_steps = 6", "max_steps = 400").replace("save_steps = 2", "save_steps = 1000");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("max_steps = 6", "max_steps = 400")
+        .replace("save_steps = 2", "save_steps = 1000");
     std::fs::write(&r, text).unwrap();
-    let child = tuner().args(["run", r.to_str().unwrap(), "--until", "train"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = tuner()
+        .args(["run", r.to_str().unwrap(), "--until", "train"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let metrics_path = d.path().join("runs/t/train/metrics.jsonl");
     let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics_path).map(|s| s.lines().count()).unwrap_or(0) < 2 && t0.elapsed().as_secs() < 120 {
+    while std::fs::read_to_string(&metrics_path).map(|s| s.lines().count()).unwrap_or(0) < 2
+        && t0.elapsed().as_secs() < 120
+    {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -264,7 +305,11 @@ fn a_changed_recipe_trains_afresh_and_keeps_old_checkpoints_aside() {
     let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train", "--set", "train.learning_rate=1e-3"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("training afresh (old checkpoints kept in"), "{err}");
-    let aside = std::fs::read_dir(d.path().join("runs/t/train")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("checkpoints.old-")).count();
+    let aside = std::fs::read_dir(d.path().join("runs/t/train"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoints.old-"))
+        .count();
     assert_eq!(aside, 1);
 }
 
@@ -287,7 +332,11 @@ fn schedules_follow_transformers() {
 fn packing_and_fp16_train_with_finite_falling_loss() {
     let d = tmp();
     let r = train_recipe(d.path(), "packing = true\npad_to_multiple_of = 8");
-    let text = std::fs::read_to_string(&r).unwrap().replace("max_steps = 6", "max_steps = 8").replace("learning_rate = 3e-3", "learning_rate = 1e-2").replace("max_seq_length = 192", "max_seq_length = 1024");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("max_steps = 6", "max_steps = 8")
+        .replace("learning_rate = 3e-3", "learning_rate = 1e-2")
+        .replace("max_seq_length = 192", "max_seq_length = 1024");
     std::fs::write(&r, text).unwrap();
     let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train"]);
     assert_eq!(code, 0, "{err}");
@@ -298,7 +347,9 @@ fn packing_and_fp16_train_with_finite_falling_loss() {
 
     let d = tmp();
     let r = train_recipe(d.path(), "");
-    let text = std::fs::read_to_string(&r).unwrap().replace("[model]\nsource = \"model\"", "[model]\nsource = \"model\"\ndtype = \"fp16\"");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("[model]\nsource = \"model\"", "[model]\nsource = \"model\"\ndtype = \"fp16\"");
     std::fs::write(&r, text).unwrap();
     let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train"]);
     assert_eq!(code, 0, "{err}");
@@ -318,7 +369,11 @@ fn profile_window_parses_step_and_layer_and_rejects_other_forms() {
     assert_eq!(ProfileWindow::parse("1:-1"), None);
 }
 
-fn grads_with(m: &dyn CausalLm, micro: &[data::MicroBatch], coalesce: Option<usize>) -> (step::StepResult, Vec<Tensor>) {
+fn grads_with(
+    m: &dyn CausalLm,
+    micro: &[data::MicroBatch],
+    coalesce: Option<usize>,
+) -> (step::StepResult, Vec<Tensor>) {
     let params = lora::trainable_parameters(m);
     for p in &params {
         let mut g = p.grad();
@@ -326,7 +381,19 @@ fn grads_with(m: &dyn CausalLm, micro: &[data::MicroBatch], coalesce: Option<usi
             let _ = g.zero_();
         }
     }
-    let o = step::StepOptions { checkpointing: true, pad_id: 296, pad_multiple: 1, device: Device::Cpu, seed: 1, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce, detect_anomaly: false };
+    let o = step::StepOptions {
+        checkpointing: true,
+        pad_id: 296,
+        pad_multiple: 1,
+        device: Device::Cpu,
+        seed: 1,
+        loss_scale: 1.0,
+        hand_backward: false,
+        offload: false,
+        profile: None,
+        coalesce,
+        detect_anomaly: false,
+    };
     let r = step::forward_backward(m, micro, 0, &o);
     (r, params.iter().map(|p| p.grad().copy()).collect())
 }
@@ -345,9 +412,14 @@ fn coalesced_micro_batches_give_the_same_step() {
         let total: i64 = micro.iter().map(data::MicroBatch::tokens).sum();
         for budget in [10_000usize, 40] {
             let passes = step::coalesce(&micro, budget);
-            assert_eq!(passes.iter().map(data::MicroBatch::trained_tokens).sum::<i64>(), r_ref.trained_tokens, "{family}: trained tokens");
+            assert_eq!(
+                passes.iter().map(data::MicroBatch::trained_tokens).sum::<i64>(),
+                r_ref.trained_tokens,
+                "{family}: trained tokens"
+            );
             assert_eq!(passes.iter().map(data::MicroBatch::tokens).sum::<i64>(), total);
-            assert!(passes.iter().all(|p| p.input_ids.len() == 1 && (p.tokens() as usize <= budget || p.seq_ids.as_ref().unwrap()[0].iter().all(|d| *d == 0))));
+            assert!(passes.iter().all(|p| p.input_ids.len() == 1
+                && (p.tokens() as usize <= budget || p.seq_ids.as_ref().unwrap()[0].iter().all(|d| *d == 0))));
             if budget > total as usize {
                 assert_eq!(passes.len(), 1);
             } else {
@@ -355,7 +427,12 @@ fn coalesced_micro_batches_give_the_same_step() {
             }
             let (r, g) = grads_with(m.as_ref(), &micro, Some(budget));
             assert_eq!(r.trained_tokens, r_ref.trained_tokens);
-            assert!((r.loss - r_ref.loss).abs() < 1e-6 * r_ref.loss, "{family} packing {packing} budget {budget}: loss {} vs {}", r.loss, r_ref.loss);
+            assert!(
+                (r.loss - r_ref.loss).abs() < 1e-6 * r_ref.loss,
+                "{family} packing {packing} budget {budget}: loss {} vs {}",
+                r.loss,
+                r_ref.loss
+            );
             let e = max_rel(&g, &g_ref);
             // fp32 rounding: the sums run in another order (one GEMM over the pass, not four).
             assert!(e < 5e-5, "{family} packing {packing} budget {budget}: gradients differ by {e:.2e} relative");
@@ -367,7 +444,11 @@ fn coalesced_micro_batches_give_the_same_step() {
 /// their own ids, when rows are coalesced.
 #[test]
 fn coalescing_masks_the_first_token_of_each_later_document() {
-    let mb = |ids: Vec<Vec<i64>>, seq: Option<Vec<Vec<i64>>>| data::MicroBatch { labels: ids.clone(), input_ids: ids, seq_ids: seq };
+    let mb = |ids: Vec<Vec<i64>>, seq: Option<Vec<Vec<i64>>>| data::MicroBatch {
+        labels: ids.clone(),
+        input_ids: ids,
+        seq_ids: seq,
+    };
     let micro = [mb(vec![vec![1, 2, 3], vec![4, 5]], None), mb(vec![vec![6, 7, 8, 9]], Some(vec![vec![0, 0, 1, 1]]))];
     let passes = step::coalesce(&micro, 100);
     assert_eq!(passes.len(), 1);
@@ -376,7 +457,10 @@ fn coalescing_masks_the_first_token_of_each_later_document() {
     assert_eq!(p.labels[0], vec![1, 2, 3, -100, 5, -100, 7, -100, 9]);
     assert_eq!(p.seq_ids.as_ref().unwrap()[0], vec![0, 0, 0, 1, 1, 2, 2, 3, 3]);
     let split = step::coalesce(&micro, 5);
-    assert_eq!(split.iter().map(|p| p.input_ids[0].clone()).collect::<Vec<_>>(), vec![vec![1, 2, 3, 4, 5], vec![6, 7, 8, 9]]);
+    assert_eq!(
+        split.iter().map(|p| p.input_ids[0].clone()).collect::<Vec<_>>(),
+        vec![vec![1, 2, 3, 4, 5], vec![6, 7, 8, 9]]
+    );
     assert_eq!(split[0].labels[0], vec![1, 2, 3, -100, 5]);
     assert_eq!(split[1].labels[0], vec![6, 7, -100, 9]);
     assert_eq!(split[1].seq_ids.as_ref().unwrap()[0], vec![0, 0, 1, 1]);
@@ -396,7 +480,8 @@ fn a_non_finite_forward_is_reported_with_its_layer() {
             t
         }
     });
-    let (code, _, err) = run(&["run", r.to_str().unwrap(), "--until", "train", "--set", "quantization.method=\"none\""]);
+    let (code, _, err) =
+        run(&["run", r.to_str().unwrap(), "--until", "train", "--set", "quantization.method=\"none\""]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("at step 1") && err.contains("the forward output of layer 1"), "{err}");
     assert!(err.contains("not the cause") && !err.contains("lower train.learning_rate"), "{err}");

@@ -34,8 +34,17 @@ fn expected_results_are_recorded_verified_and_drift_is_reported() {
     // verify` reads them back from the run dir.
     let var = d.path().join("variant.expected.json");
     let vs = var.to_str().unwrap();
-    let (code, _, err) =
-        run(&["run", rs, "--until", "train", "--write-expected", "--expected", vs, "--set", "train.learning_rate=1e-3"]);
+    let (code, _, err) = run(&[
+        "run",
+        rs,
+        "--until",
+        "train",
+        "--write-expected",
+        "--expected",
+        vs,
+        "--set",
+        "train.learning_rate=1e-3",
+    ]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&var).unwrap()).unwrap();
     assert_eq!(v["set"], serde_json::json!(["train.learning_rate=1e-3"]));
@@ -76,7 +85,11 @@ fn another_kind_of_cpu_is_held_to_the_cross_cpu_tolerance() {
     assert!(compare(&recorded, &run("a", 0.4542462405)).is_empty());
     // The same kind of CPU: bit for bit.
     let drift = compare(&recorded, &run("b", 0.4542473811));
-    assert!(drift.iter().any(|d| d.starts_with("adapter_sha256")) && drift.iter().any(|d| d.starts_with("train_final_loss")), "{drift:?}");
+    assert!(
+        drift.iter().any(|d| d.starts_with("adapter_sha256"))
+            && drift.iter().any(|d| d.starts_with("train_final_loss")),
+        "{drift:?}"
+    );
     // Another kind (or an older file without the field): 2.5e-6 relative passes, 1e-4 does not.
     for other in [Value::from("avx2 fma; 2 threads"), Value::Null] {
         recorded["cpu_kernels"] = other;

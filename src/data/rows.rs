@@ -123,7 +123,11 @@ fn read_csv(path: &Path, file: Arc<str>) -> Result<Vec<Row>> {
                 if r.len() != headers.len() {
                     (line, Err(format!("expected {} columns as in the header, found {}", headers.len(), r.len())))
                 } else {
-                    let m = headers.iter().zip(r.iter()).map(|(h, v)| (h.to_string(), Value::String(v.to_string()))).collect();
+                    let m = headers
+                        .iter()
+                        .zip(r.iter())
+                        .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
+                        .collect();
                     (line, Ok(m))
                 }
             }
@@ -171,7 +175,9 @@ fn cell(a: &dyn Array, i: usize) -> Value {
         }
         DataType::Struct(fields) => {
             let s = a.as_struct();
-            Value::Object(fields.iter().enumerate().map(|(k, f)| (f.name().clone(), cell(s.column(k).as_ref(), i))).collect())
+            Value::Object(
+                fields.iter().enumerate().map(|(k, f)| (f.name().clone(), cell(s.column(k).as_ref(), i))).collect(),
+            )
         }
         other => Value::String(format!("<unsupported {other}>")),
     }

@@ -22,7 +22,11 @@ fn list_field(name: &str) -> Field {
 
 /// The shard schema.
 pub fn schema() -> Arc<Schema> {
-    Arc::new(Schema::new(vec![list_field("input_ids"), list_field("labels"), Field::new("length", DataType::UInt32, false)]))
+    Arc::new(Schema::new(vec![
+        list_field("input_ids"),
+        list_field("labels"),
+        Field::new("length", DataType::UInt32, false),
+    ]))
 }
 
 fn list_array(rows: &[&[i32]]) -> ListArray {
@@ -41,7 +45,10 @@ pub fn encode(examples: &[Example]) -> Result<Vec<u8>> {
     let ids: Vec<&[i32]> = examples.iter().map(|e| e.input_ids.as_slice()).collect();
     let labels: Vec<&[i32]> = examples.iter().map(|e| e.labels.as_slice()).collect();
     let lengths = UInt32Array::from(examples.iter().map(|e| e.input_ids.len() as u32).collect::<Vec<_>>());
-    let batch = RecordBatch::try_new(schema(), vec![Arc::new(list_array(&ids)), Arc::new(list_array(&labels)), Arc::new(lengths)])?;
+    let batch = RecordBatch::try_new(
+        schema(),
+        vec![Arc::new(list_array(&ids)), Arc::new(list_array(&labels)), Arc::new(lengths)],
+    )?;
     let mut buf = Vec::new();
     {
         let mut w = arrow::ipc::writer::FileWriter::try_new(&mut buf, &batch.schema())?;
@@ -54,7 +61,8 @@ pub fn encode(examples: &[Example]) -> Result<Vec<u8>> {
 /// Read every example of a shard file.
 pub fn read(path: &Path) -> Result<Vec<Example>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
-    let reader = arrow::ipc::reader::FileReader::try_new(f, None).with_context(|| format!("{}: not an Arrow IPC file", path.display()))?;
+    let reader = arrow::ipc::reader::FileReader::try_new(f, None)
+        .with_context(|| format!("{}: not an Arrow IPC file", path.display()))?;
     let mut out = vec![];
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: corrupt shard", path.display()))?;

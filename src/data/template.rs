@@ -37,7 +37,11 @@ pub fn parse_format(s: &str) -> Result<Vec<Piece>, String> {
                     match chars.next() {
                         Some('}') => break,
                         Some(ch) => name.push(ch),
-                        None => return Err(format!("unclosed `{{{name}` in the format string; write `{{{{` for a literal brace")),
+                        None => {
+                            return Err(format!(
+                                "unclosed `{{{name}` in the format string; write `{{{{` for a literal brace"
+                            ))
+                        }
                     }
                 }
                 if name.is_empty() || !name.chars().all(|ch| ch.is_alphanumeric() || ch == '_') {
@@ -114,7 +118,12 @@ fn kind_of(v: &Value) -> &'static str {
 
 impl Renderer {
     /// Build a renderer; `chat_template` is the tokenizer's (needed for "chat").
-    pub fn new(p: &PromptSection, chat_template: Option<&str>, bos_token: &str, eos_token: &str) -> Result<Renderer, String> {
+    pub fn new(
+        p: &PromptSection,
+        chat_template: Option<&str>,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<Renderer, String> {
         let kind = match p.template.as_str() {
             "alpaca" => Kind::Alpaca,
             "chatml" => Kind::ChatMl,
@@ -141,15 +150,26 @@ impl Renderer {
         }
         if let Some(v) = row.get(&self.p.messages_field) {
             let Value::Array(items) = v else {
-                return Err(format!("field `{}`: expected a list of {{role, content}} objects, found {}", self.p.messages_field, kind_of(v)));
+                return Err(format!(
+                    "field `{}`: expected a list of {{role, content}} objects, found {}",
+                    self.p.messages_field,
+                    kind_of(v)
+                ));
             };
             for (i, m) in items.iter().enumerate() {
-                let obj = m.as_object().ok_or_else(|| format!("field `{}[{i}]`: expected an object with role and content", self.p.messages_field))?;
-                let role = text_field(obj, "role", true).map_err(|e| format!("`{}[{i}]`: {e}", self.p.messages_field))?;
+                let obj = m.as_object().ok_or_else(|| {
+                    format!("field `{}[{i}]`: expected an object with role and content", self.p.messages_field)
+                })?;
+                let role =
+                    text_field(obj, "role", true).map_err(|e| format!("`{}[{i}]`: {e}", self.p.messages_field))?;
                 if !["system", "user", "assistant"].contains(&role.as_str()) {
-                    return Err(format!("`{}[{i}]`: role must be system, user or assistant, found {role:?}", self.p.messages_field));
+                    return Err(format!(
+                        "`{}[{i}]`: role must be system, user or assistant, found {role:?}",
+                        self.p.messages_field
+                    ));
                 }
-                let content = text_field(obj, "content", true).map_err(|e| format!("`{}[{i}]`: {e}", self.p.messages_field))?;
+                let content =
+                    text_field(obj, "content", true).map_err(|e| format!("`{}[{i}]`: {e}", self.p.messages_field))?;
                 if role == "system" && !out.is_empty() && i == 0 {
                     out.clear();
                 }
@@ -228,7 +248,13 @@ impl Renderer {
     }
 
     /// Render messages through a Jinja chat template.
-    pub fn apply_chat_template(tpl: &str, msgs: &[Message], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String, String> {
+    pub fn apply_chat_template(
+        tpl: &str,
+        msgs: &[Message],
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+    ) -> Result<String, String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -247,7 +273,8 @@ impl Renderer {
     }
 
     fn render_chat(&self, tpl: &str, msgs: &[Message]) -> Result<Vec<Segment>, String> {
-        let render = |n: usize, gen: bool| Self::apply_chat_template(tpl, &msgs[..n], gen, &self.bos_token, &self.eos_token);
+        let render =
+            |n: usize, gen: bool| Self::apply_chat_template(tpl, &msgs[..n], gen, &self.bos_token, &self.eos_token);
         let mut segs = vec![];
         let mut done = String::new();
         for (k, m) in msgs.iter().enumerate() {
@@ -256,7 +283,8 @@ impl Renderer {
             }
             let before = render(k, true)?;
             let after = render(k + 1, false)?;
-            let (Some(head), Some(body)) = (before.strip_prefix(done.as_str()), after.strip_prefix(before.as_str())) else {
+            let (Some(head), Some(body)) = (before.strip_prefix(done.as_str()), after.strip_prefix(before.as_str()))
+            else {
                 return Err("the chat template does not render turns as prefixes of each other, so responses cannot be located; set prompt.train_on_responses_only = false or use \"chatml\"".into());
             };
             segs.push(Segment { text: head.to_string(), trained: false });

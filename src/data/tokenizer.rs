@@ -30,7 +30,8 @@ impl Tok {
     /// Load from an HF model folder.
     pub fn load(dir: &Path) -> Result<Tok> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         let tc: serde_json::Value = if dir.join("tokenizer_config.json").is_file() {
             util::read_json(&dir.join("tokenizer_config.json"))?
         } else {
@@ -45,9 +46,12 @@ impl Tok {
         let eos_id = match tokenizer.token_to_id(&eos_token) {
             Some(id) => id,
             None => {
-                let id = eos_from_config
-                    .map(|x| x as u32)
-                    .with_context(|| format!("{}: no eos_token in tokenizer_config.json and no eos_token_id in config.json", dir.display()))?;
+                let id = eos_from_config.map(|x| x as u32).with_context(|| {
+                    format!(
+                        "{}: no eos_token in tokenizer_config.json and no eos_token_id in config.json",
+                        dir.display()
+                    )
+                })?;
                 eos_token = tokenizer.id_to_token(id).unwrap_or_default();
                 id
             }

@@ -13,17 +13,66 @@ mod ffi {
     use std::os::raw::{c_char, c_int, c_void};
     extern "C" {
         pub fn tuner_c10d_free(p: *mut c_void);
-        pub fn tuner_c10d_tcp_store(host: *const c_char, port: c_int, is_server: c_int, world: c_int, timeout_ms: i64, prefix: *const c_char, err: *mut *mut c_char) -> *mut c_void;
-        pub fn tuner_c10d_file_store(path: *const c_char, world: c_int, timeout_ms: i64, err: *mut *mut c_char) -> *mut c_void;
+        pub fn tuner_c10d_tcp_store(
+            host: *const c_char,
+            port: c_int,
+            is_server: c_int,
+            world: c_int,
+            timeout_ms: i64,
+            prefix: *const c_char,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
+        pub fn tuner_c10d_file_store(
+            path: *const c_char,
+            world: c_int,
+            timeout_ms: i64,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
         pub fn tuner_c10d_store_free(s: *mut c_void);
-        pub fn tuner_c10d_store_set(s: *mut c_void, key: *const c_char, data: *const u8, len: usize, err: *mut *mut c_char) -> c_int;
-        pub fn tuner_c10d_store_get(s: *mut c_void, key: *const c_char, timeout_ms: i64, out: *mut *mut u8, len: *mut usize, err: *mut *mut c_char) -> c_int;
-        pub fn tuner_c10d_store_check(s: *mut c_void, key: *const c_char, present: *mut c_int, err: *mut *mut c_char) -> c_int;
-        pub fn tuner_c10d_store_add(s: *mut c_void, key: *const c_char, delta: i64, value: *mut i64, err: *mut *mut c_char) -> c_int;
+        pub fn tuner_c10d_store_set(
+            s: *mut c_void,
+            key: *const c_char,
+            data: *const u8,
+            len: usize,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn tuner_c10d_store_get(
+            s: *mut c_void,
+            key: *const c_char,
+            timeout_ms: i64,
+            out: *mut *mut u8,
+            len: *mut usize,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn tuner_c10d_store_check(
+            s: *mut c_void,
+            key: *const c_char,
+            present: *mut c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn tuner_c10d_store_add(
+            s: *mut c_void,
+            key: *const c_char,
+            delta: i64,
+            value: *mut i64,
+            err: *mut *mut c_char,
+        ) -> c_int;
         pub fn tuner_c10d_set_cuda_device(device: c_int, err: *mut *mut c_char) -> c_int;
-        pub fn tuner_c10d_group(s: *mut c_void, rank: c_int, world: c_int, nccl: c_int, timeout_ms: i64, err: *mut *mut c_char) -> *mut c_void;
+        pub fn tuner_c10d_group(
+            s: *mut c_void,
+            rank: c_int,
+            world: c_int,
+            nccl: c_int,
+            timeout_ms: i64,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
         pub fn tuner_c10d_group_free(g: *mut c_void);
-        pub fn tuner_c10d_allreduce_sum(g: *mut c_void, tensors: *const *mut c_void, n: c_int, err: *mut *mut c_char) -> c_int;
+        pub fn tuner_c10d_allreduce_sum(
+            g: *mut c_void,
+            tensors: *const *mut c_void,
+            n: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
         pub fn tuner_c10d_broadcast(g: *mut c_void, t: *mut c_void, root: c_int, err: *mut *mut c_char) -> c_int;
     }
 }
@@ -108,9 +157,23 @@ impl Store {
         {
             let mut err = std::ptr::null_mut();
             let (h, pre) = (cstr(host)?, cstr(prefix)?);
-            let ptr = unsafe { ffi::tuner_c10d_tcp_store(h.as_ptr(), port as i32, is_server as i32, world as i32, ms(timeout), pre.as_ptr(), &mut err) };
+            let ptr = unsafe {
+                ffi::tuner_c10d_tcp_store(
+                    h.as_ptr(),
+                    port as i32,
+                    is_server as i32,
+                    world as i32,
+                    ms(timeout),
+                    pre.as_ptr(),
+                    &mut err,
+                )
+            };
             if ptr.is_null() {
-                bail!("rendezvous on {host}:{port} (TCPStore, {}) failed: {}", if is_server { "serving" } else { "client" }, take_err(err));
+                bail!(
+                    "rendezvous on {host}:{port} (TCPStore, {}) failed: {}",
+                    if is_server { "serving" } else { "client" },
+                    take_err(err)
+                );
             }
             Ok(Store { ptr })
         }
@@ -157,7 +220,8 @@ impl Store {
             let mut err = std::ptr::null_mut();
             let k = cstr(key)?;
             let (mut out, mut len) = (std::ptr::null_mut(), 0usize);
-            let rc = unsafe { ffi::tuner_c10d_store_get(self.ptr, k.as_ptr(), ms(timeout), &mut out, &mut len, &mut err) };
+            let rc =
+                unsafe { ffi::tuner_c10d_store_get(self.ptr, k.as_ptr(), ms(timeout), &mut out, &mut len, &mut err) };
             check(rc, err, &format!("store get `{key}`"))?;
             // SAFETY: the shim malloc'd `len` bytes at `out`; copied, then freed once.
             let v = unsafe { std::slice::from_raw_parts(out, len) }.to_vec();
@@ -226,7 +290,16 @@ impl ProcessGroup {
         #[cfg(tuner_c10d)]
         {
             let mut err = std::ptr::null_mut();
-            let ptr = unsafe { ffi::tuner_c10d_group(store.ptr, rank as i32, world as i32, (backend == Backend::Nccl) as i32, ms(timeout), &mut err) };
+            let ptr = unsafe {
+                ffi::tuner_c10d_group(
+                    store.ptr,
+                    rank as i32,
+                    world as i32,
+                    (backend == Backend::Nccl) as i32,
+                    ms(timeout),
+                    &mut err,
+                )
+            };
             if ptr.is_null() {
                 bail!("cannot create the {} process group (rank {rank} of {world}): {}", backend.name(), take_err(err));
             }

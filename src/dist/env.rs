@@ -99,7 +99,15 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<WorldEnv>
                 let port: u16 = parse("MASTER_PORT", &req("MASTER_PORT", &why)?)?;
                 let agent = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
                 let attempt = get("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
-                (Rendezvous::Tcp { host, port, serve: rank == 0 && !agent, prefix: format!("tuner/{}/", attempt.trim()) }, "torchrun")
+                (
+                    Rendezvous::Tcp {
+                        host,
+                        port,
+                        serve: rank == 0 && !agent,
+                        prefix: format!("tuner/{}/", attempt.trim()),
+                    },
+                    "torchrun",
+                )
             }
         };
         return check(WorldEnv { rank, world_size, local_rank, local_world_size, rendezvous, launcher }).map(Some);
@@ -119,7 +127,9 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<WorldEnv>
                 let list = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST"));
                 match list.as_deref().and_then(first_host) {
                     Some(h) => h,
-                    None => bail!("environment variable MASTER_ADDR is not set and SLURM_JOB_NODELIST names no host; {why}"),
+                    None => {
+                        bail!("environment variable MASTER_ADDR is not set and SLURM_JOB_NODELIST names no host; {why}")
+                    }
                 }
             }
         };
@@ -128,17 +138,26 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<WorldEnv>
             None => DEFAULT_PORT,
         };
         let rendezvous = Rendezvous::Tcp { host, port, serve: rank == 0, prefix: "tuner/0/".into() };
-        return check(WorldEnv { rank, world_size, local_rank, local_world_size, rendezvous, launcher: "slurm" }).map(Some);
+        return check(WorldEnv { rank, world_size, local_rank, local_world_size, rendezvous, launcher: "slurm" })
+            .map(Some);
     }
     Ok(None)
 }
 
 fn check(w: WorldEnv) -> Result<WorldEnv> {
     if w.rank >= w.world_size {
-        bail!("rank {} is outside a world of {} processes (RANK/SLURM_PROCID must be below WORLD_SIZE/SLURM_NTASKS)", w.rank, w.world_size);
+        bail!(
+            "rank {} is outside a world of {} processes (RANK/SLURM_PROCID must be below WORLD_SIZE/SLURM_NTASKS)",
+            w.rank,
+            w.world_size
+        );
     }
     if w.local_rank >= w.local_world_size.max(1) {
-        bail!("local rank {} is outside the {} processes of this host (LOCAL_RANK must be below LOCAL_WORLD_SIZE)", w.local_rank, w.local_world_size);
+        bail!(
+            "local rank {} is outside the {} processes of this host (LOCAL_RANK must be below LOCAL_WORLD_SIZE)",
+            w.local_rank,
+            w.local_world_size
+        );
     }
     Ok(w)
 }

@@ -20,7 +20,9 @@ const GRACE: Duration = Duration::from_secs(10);
 fn describe(s: ExitStatus) -> String {
     match (s.code(), s.signal()) {
         (Some(c), _) => format!("exited with status {c}"),
-        (None, Some(sig)) => format!("was killed by signal {sig}{}", if sig == libc::SIGKILL { " (SIGKILL)" } else { "" }),
+        (None, Some(sig)) => {
+            format!("was killed by signal {sig}{}", if sig == libc::SIGKILL { " (SIGKILL)" } else { "" })
+        }
         _ => "ended".into(),
     }
 }
@@ -105,7 +107,10 @@ pub fn run(n: usize, run_dir: &Path) -> Result<()> {
             let (rank, pid) = (children[i].0, children[i].1.id());
             let others = done.iter().filter(|d| d.is_none()).count();
             stop_all(&mut children, &mut done);
-            eprintln!("launch: worker rank {rank} (pid {pid}) {}; stopped the other {others} running worker(s)", describe(s));
+            eprintln!(
+                "launch: worker rank {rank} (pid {pid}) {}; stopped the other {others} running worker(s)",
+                describe(s)
+            );
             break Err(anyhow::anyhow!(
                 "worker rank {rank} (pid {pid}) {}; the other workers were stopped. The newest checkpoint is kept: run the same command again to resume",
                 describe(s)
@@ -113,7 +118,10 @@ pub fn run(n: usize, run_dir: &Path) -> Result<()> {
         }
         if done.iter().all(Option::is_some) {
             if done.iter().any(|d| d.is_some_and(|s| s.code() == Some(130))) {
-                break Err(Failure::Interrupted("the workers stopped after Ctrl-C; run the same command again to resume".into()).into());
+                break Err(Failure::Interrupted(
+                    "the workers stopped after Ctrl-C; run the same command again to resume".into(),
+                )
+                .into());
             }
             break Ok(());
         }

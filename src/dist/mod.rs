@@ -122,12 +122,16 @@ impl Dist {
         }
         let store = match &world.rendezvous {
             Rendezvous::File(p) => Store::file(p, world.world_size, timeout)?,
-            Rendezvous::Tcp { host, port, serve, prefix } => Store::tcp(host, *port, *serve, world.world_size, timeout, prefix)?,
+            Rendezvous::Tcp { host, port, serve, prefix } => {
+                Store::tcp(host, *port, *serve, world.world_size, timeout, prefix)?
+            }
         };
         let group = ProcessGroup::new(&store, world.rank, world.world_size, backend, timeout)?;
         let where_ = match &world.rendezvous {
             Rendezvous::File(p) => format!("file {}", p.display()),
-            Rendezvous::Tcp { host, port, serve, .. } => format!("tcp://{host}:{port}{}", if *serve { " (serving)" } else { "" }),
+            Rendezvous::Tcp { host, port, serve, .. } => {
+                format!("tcp://{host}:{port}{}", if *serve { " (serving)" } else { "" })
+            }
         };
         // One write of the whole line: the ranks share stderr, and a line written in pieces
         // interleaves with another rank's.
@@ -258,13 +262,20 @@ impl Dist {
     /// of at most [`BUCKET_BYTES`] per gradient dtype. Returns the number of buckets.
     pub fn all_reduce_grads(&self, params: &[Tensor], weight: f64) -> Result<usize> {
         // A rank whose micro-batches trained no token ran no backward: give it zero gradients.
-        let missing: Vec<Tensor> = params.iter().filter(|p| !p.grad().defined()).map(|p| (p * 0.0).sum(Kind::Float)).collect();
+        let missing: Vec<Tensor> =
+            params.iter().filter(|p| !p.grad().defined()).map(|p| (p * 0.0).sum(Kind::Float)).collect();
         if !missing.is_empty() {
             Tensor::stack(&missing, 0).sum(Kind::Float).backward();
         }
         let _g = tch::no_grad_guard();
         let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
-        let plan = buckets(&grads.iter().map(|g| (g.kind(), g.numel() as i64 * g.kind().elt_size_in_bytes() as i64)).collect::<Vec<_>>(), BUCKET_BYTES);
+        let plan = buckets(
+            &grads
+                .iter()
+                .map(|g| (g.kind(), g.numel() as i64 * g.kind().elt_size_in_bytes() as i64))
+                .collect::<Vec<_>>(),
+            BUCKET_BYTES,
+        );
         let mut flats: Vec<Tensor> = plan
             .iter()
             .map(|idx| {

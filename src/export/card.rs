@@ -62,8 +62,9 @@ pub struct Provenance {
 }
 
 fn manifest_summary(ctx: &RunContext, stage: &str) -> Result<Value> {
-    let m = run_dir::read_manifest(&ctx.stage_dir(stage))
-        .with_context(|| format!("{} has no manifest; the {stage} stage has not finished", ctx.stage_dir(stage).display()))?;
+    let m = run_dir::read_manifest(&ctx.stage_dir(stage)).with_context(|| {
+        format!("{} has no manifest; the {stage} stage has not finished", ctx.stage_dir(stage).display())
+    })?;
     let artifacts: BTreeMap<String, String> = m.artifacts.into_iter().map(|a| (a.path, a.sha256)).collect();
     Ok(json!({ "fingerprint": m.fingerprint, "artifacts": artifacts }))
 }
@@ -133,7 +134,9 @@ fn eval_table(ctx: &RunContext) -> Option<String> {
         let mut out = BTreeMap::new();
         fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
             match v {
-                Value::Object(o) => o.iter().for_each(|(k, x)| walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out)),
+                Value::Object(o) => o.iter().for_each(|(k, x)| {
+                    walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out)
+                }),
                 x => {
                     if let Some(s) = num(x) {
                         out.insert(prefix.to_string(), s);
@@ -249,15 +252,24 @@ pub fn readme(ctx: &RunContext, format: Format, model: &ModelRecord, check: Opti
         (
             "base quantization",
             if qlora {
-                format!("{:?}, block {}, double quant {}", r.quantization.method, r.quantization.block_size, r.quantization.double_quant)
-                    .to_lowercase()
+                format!(
+                    "{:?}, block {}, double quant {}",
+                    r.quantization.method, r.quantization.block_size, r.quantization.double_quant
+                )
+                .to_lowercase()
             } else {
                 "none".into()
             },
         ),
         ("training length", steps),
-        ("learning rate / schedule / warmup", format!("{} / {:?} / {}", r.train.learning_rate, r.train.lr_scheduler, r.train.warmup_steps)),
-        ("batch (micro × accumulation)", format!("{} × {}", r.train.micro_batch_size, r.train.gradient_accumulation_steps)),
+        (
+            "learning rate / schedule / warmup",
+            format!("{} / {:?} / {}", r.train.learning_rate, r.train.lr_scheduler, r.train.warmup_steps),
+        ),
+        (
+            "batch (micro × accumulation)",
+            format!("{} × {}", r.train.micro_batch_size, r.train.gradient_accumulation_steps),
+        ),
         ("max sequence length", r.train.max_seq_length.to_string()),
         ("optimizer", format!("{:?}", r.train.optimizer)),
         ("seed", r.run.seed.to_string()),
@@ -266,7 +278,11 @@ pub fn readme(ctx: &RunContext, format: Format, model: &ModelRecord, check: Opti
         let _ = writeln!(s, "| {k} | {} |", v.replace('|', "\\|"));
     }
     if format != Format::Adapter {
-        let _ = writeln!(s, "| merged dtype | {} |", if format == Format::Merged { r.export.merged_dtype.as_str() } else { "bf16 + NF4/GGUF" });
+        let _ = writeln!(
+            s,
+            "| merged dtype | {} |",
+            if format == Format::Merged { r.export.merged_dtype.as_str() } else { "bf16 + NF4/GGUF" }
+        );
     }
 
     if let Some(t) = eval_table(ctx) {

@@ -123,7 +123,15 @@ pub struct MergeCheck {
 
 impl MergeCheck {
     /// The record of a measurement against a threshold.
-    pub fn new(m: Measure, source: &str, max_delta: f64, fp: &str, merged_dtype: &str, compute: Kind, device: Device) -> MergeCheck {
+    pub fn new(
+        m: Measure,
+        source: &str,
+        max_delta: f64,
+        fp: &str,
+        merged_dtype: &str,
+        compute: Kind,
+        device: Device,
+    ) -> MergeCheck {
         let delta = m.merged_loss - m.adapter_loss;
         MergeCheck {
             source: source.into(),

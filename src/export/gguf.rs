@@ -112,7 +112,9 @@ pub fn check_supported(model_dir: &Path) -> Result<Support> {
     }
     if cfg.model_type == "mistral" {
         if let Some(w) = cfg.sliding_window {
-            log::warn!("llama.cpp runs Mistral as `llama` without its sliding window ({w}); outputs differ beyond {w} tokens");
+            log::warn!(
+                "llama.cpp runs Mistral as `llama` without its sliding window ({w}); outputs differ beyond {w} tokens"
+            );
         }
     }
     let tok: Value = util::read_json(&model_dir.join("tokenizer.json"))?;
@@ -136,13 +138,16 @@ pub fn pre_tokenizer_name(tok: &Value) -> Result<&'static str> {
         bail!("GGUF export: this is a SentencePiece-style BPE tokenizer (byte_fallback); only byte-level BPE tokenizers are written");
     }
     let pre = &tok["pre_tokenizer"];
-    let byte_level = |v: &Value, regex: bool| v["type"] == "ByteLevel" && v["use_regex"].as_bool().unwrap_or(true) == regex;
+    let byte_level =
+        |v: &Value, regex: bool| v["type"] == "ByteLevel" && v["use_regex"].as_bool().unwrap_or(true) == regex;
     let name = match pre["type"].as_str() {
         Some("ByteLevel") if byte_level(pre, true) => Some("gpt-2"),
         Some("Sequence") => {
             let parts = pre["pretokenizers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             match parts {
-                [d, b] if d["type"] == "Digits" && d["individual_digits"] == true && byte_level(b, true) => Some("smollm"),
+                [d, b] if d["type"] == "Digits" && d["individual_digits"] == true && byte_level(b, true) => {
+                    Some("smollm")
+                }
                 [s, b] if s["type"] == "Split" && byte_level(b, false) => match s["pattern"]["Regex"].as_str() {
                     Some(LLAMA3) => Some("llama-bpe"),
                     Some(QWEN2) => Some("qwen2"),
@@ -334,7 +339,10 @@ pub struct GgufSummary {
 }
 
 fn string_array(items: Vec<String>) -> GgufValue {
-    GgufValue::Array(GgufArray { elem_type: GgufValueType::String, items: items.into_iter().map(GgufValue::String).collect() })
+    GgufValue::Array(GgufArray {
+        elem_type: GgufValueType::String,
+        items: items.into_iter().map(GgufValue::String).collect(),
+    })
 }
 
 /// The key/values of the model (architecture, hyper-parameters, tokenizer).
@@ -445,7 +453,9 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: &str) -> Result<Ve
         .iter()
         .map(|m| match m {
             Value::String(s) => Ok(s.clone()),
-            Value::Array(p) if p.len() == 2 => Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""))),
+            Value::Array(p) if p.len() == 2 => {
+                Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")))
+            }
             other => Err(anyhow!("{shown}: merge {other} is neither \"a b\" nor [a, b]")),
         })
         .collect::<Result<_>>()?;
@@ -484,8 +494,8 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: &str) -> Result<Ve
     };
     let prefix_space = |v: &Value| v["type"] == "ByteLevel" && v["add_prefix_space"] == true;
     let pre_tok = &tok["pre_tokenizer"];
-    let add_space_prefix = prefix_space(pre_tok)
-        || pre_tok["pretokenizers"].as_array().is_some_and(|ps| ps.iter().any(prefix_space));
+    let add_space_prefix =
+        prefix_space(pre_tok) || pre_tok["pretokenizers"].as_array().is_some_and(|ps| ps.iter().any(prefix_space));
 
     let mut m: Vec<(String, GgufValue)> = vec![
         ("tokenizer.ggml.model".into(), GgufValue::String("gpt2".into())),
@@ -493,7 +503,10 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: &str) -> Result<Ve
         ("tokenizer.ggml.tokens".into(), string_array(tokens)),
         (
             "tokenizer.ggml.token_type".into(),
-            GgufValue::Array(GgufArray { elem_type: GgufValueType::I32, items: types.into_iter().map(GgufValue::I32).collect() }),
+            GgufValue::Array(GgufArray {
+                elem_type: GgufValueType::I32,
+                items: types.into_iter().map(GgufValue::I32).collect(),
+            }),
         ),
         ("tokenizer.ggml.merges".into(), string_array(merges)),
     ];
@@ -575,8 +588,17 @@ pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<Gg
 
     let mut plan: Vec<Planned> = Vec::new();
     let mut f16_fallback = Vec::new();
-    if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = cfg.rope_scaling {
-        let v = llama3_rope_factors(cfg.rope_theta, cfg.head_dim, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings);
+    if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } =
+        cfg.rope_scaling
+    {
+        let v = llama3_rope_factors(
+            cfg.rope_theta,
+            cfg.head_dim,
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        );
         plan.push(Planned {
             gguf: "rope_freqs.weight".into(),
             shape: vec![v.len()],
@@ -592,7 +614,8 @@ pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<Gg
         if hf.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && hf == "lm_head.weight") {
             continue;
         }
-        let gguf = gguf_name(hf).ok_or_else(|| anyhow!("GGUF export: tensor `{hf}` has no llama.cpp name for {}", support.arch))?;
+        let gguf = gguf_name(hf)
+            .ok_or_else(|| anyhow!("GGUF export: tensor `{hf}` has no llama.cpp name for {}", support.arch))?;
         let shape = shapes[hf].clone();
         let tensor_ty = if shape.len() < 2 {
             GgmlType::F32
@@ -678,9 +701,17 @@ pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<Gg
     drop(file);
 
     // Read it back with tuner's own reader before calling it done.
-    let g = GgufFile::open(out).with_context(|| format!("the GGUF file just written ({}) does not read back", out.display()))?;
+    let g = GgufFile::open(out)
+        .with_context(|| format!("the GGUF file just written ({}) does not read back", out.display()))?;
     if g.tensors().len() != plan.len() || g.metadata().len() != meta.len() {
-        bail!("{} reads back with {} tensors and {} keys, expected {} and {}", out.display(), g.tensors().len(), g.metadata().len(), plan.len(), meta.len());
+        bail!(
+            "{} reads back with {} tensors and {} keys, expected {} and {}",
+            out.display(),
+            g.tensors().len(),
+            g.metadata().len(),
+            plan.len(),
+            meta.len()
+        );
     }
     Ok(GgufSummary { tensors: plan.len(), types, f16_fallback })
 }

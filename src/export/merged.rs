@@ -95,7 +95,13 @@ pub fn merged_weight(lin: &Linear, weights: &Weights, name: &str) -> Result<Tens
 }
 
 /// Merge the adapters of `model` (loaded from `base_dir`) and write the HF folder `out`.
-pub fn write_merged(model: &dyn CausalLm, base_dir: &Path, out: &Path, store: Kind, max_shard_bytes: u64) -> Result<MergeSummary> {
+pub fn write_merged(
+    model: &dyn CausalLm,
+    base_dir: &Path,
+    out: &Path,
+    store: Kind,
+    max_shard_bytes: u64,
+) -> Result<MergeSummary> {
     let mut weights = Weights::open(base_dir)?;
     weights.track("merge");
     let linears: HashMap<String, (String, &Linear)> =
@@ -199,7 +205,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     let mut data = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        data.push((name.clone(), st_dtype(t.kind()).with_context(|| format!("tensor `{name}`"))?, shape, tensor_bytes(t)));
+        data.push((
+            name.clone(),
+            st_dtype(t.kind()).with_context(|| format!("tensor `{name}`"))?,
+            shape,
+            tensor_bytes(t),
+        ));
     }
     let mut views = Vec::with_capacity(data.len());
     for (name, dtype, shape, bytes) in &data {

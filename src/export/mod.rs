@@ -165,7 +165,10 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     let gguf_types: Vec<gguf::GgufType> = ex
         .gguf
         .iter()
-        .map(|s| gguf::GgufType::from_name(s).with_context(|| format!("[export] gguf: unknown type {s:?}; expected \"f16\" or \"q8_0\"")))
+        .map(|s| {
+            gguf::GgufType::from_name(s)
+                .with_context(|| format!("[export] gguf: unknown type {s:?}; expected \"f16\" or \"q8_0\""))
+        })
         .collect::<Result<_>>()?;
     if !gguf_types.is_empty() {
         gguf::check_supported(&model_rec.dir)?;
@@ -204,7 +207,8 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     if needs_merge {
         let merged_name = if ex.merged { "merged" } else { MERGE_WORK };
         let merged_dir = dir.join(merged_name);
-        let gate_done = util::read_json::<check::MergeCheck>(&check_path).ok().is_some_and(|c| c.fingerprint == fp && c.passed);
+        let gate_done =
+            util::read_json::<check::MergeCheck>(&check_path).ok().is_some_and(|c| c.fingerprint == fp && c.passed);
         if is_current(&merged_dir, fp) && gate_done {
             eprintln!("export: {merged_name}/ is up to date");
         } else {
@@ -213,7 +217,8 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             let t0 = std::time::Instant::now();
             let stage = Staging::new(dir, merged_name)?;
             let mut trained = load_trained(ctx, &model_rec.dir, device)?;
-            let summary = merged::write_merged(trained.as_ref(), &model_rec.dir, stage.path(), store, merged::MAX_SHARD_BYTES)?;
+            let summary =
+                merged::write_merged(trained.as_ref(), &model_rec.dir, stage.path(), store, merged::MAX_SHARD_BYTES)?;
             eprintln!(
                 "export: merged {} LoRA modules into {} tensors ({}) in {:.1}s",
                 summary.merged_modules.len(),
@@ -230,7 +235,10 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             if device == tch::Device::Cpu {
                 crate::model::dequantize_linears(trained.as_mut(), compute);
             }
-            let merged_model = crate::model::load(stage.path(), &crate::model::LoadOptions { dtype: compute, device, quantize: None, cuda_kernels: true })?;
+            let merged_model = crate::model::load(
+                stage.path(),
+                &crate::model::LoadOptions { dtype: compute, device, quantize: None, cuda_kernels: true },
+            )?;
             let m = check::measure(trained.as_ref(), merged_model.as_ref(), &examples, device);
             drop(merged_model);
             drop(trained);
@@ -281,11 +289,17 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 for t in &gguf_types {
                     let t0 = std::time::Instant::now();
                     let s = gguf::write_gguf(&merged_dir, &stage.path().join(t.file_name()), *t, &name)?;
-                    eprintln!("export: wrote gguf/{} ({} tensors, {:.1}s)", t.file_name(), s.tensors, t0.elapsed().as_secs_f64());
+                    eprintln!(
+                        "export: wrote gguf/{} ({} tensors, {:.1}s)",
+                        t.file_name(),
+                        s.tensors,
+                        t0.elapsed().as_secs_f64()
+                    );
                     ctx.check_interrupted("export stopped")?;
                 }
                 if ex.ollama {
-                    let target = if gguf_types.contains(&gguf::GgufType::Q8_0) { gguf::GgufType::Q8_0 } else { gguf_types[0] };
+                    let target =
+                        if gguf_types.contains(&gguf::GgufType::Q8_0) { gguf::GgufType::Q8_0 } else { gguf_types[0] };
                     let tok = crate::data::tokenizer::Tok::load(&merged_dir)?;
                     let text = ollama::modelfile(&target.file_name(), &r.prompt, &tok);
                     util::write_atomic(&stage.path().join("Modelfile"), text.as_bytes())?;
@@ -317,9 +331,13 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     if needs_merge {
         files.push(PathBuf::from(MERGE_CHECK_FILE));
     }
-    crate::pipeline::record(&ctx.run_dir, "export", serde_json::json!({
-        "folders": written,
-        "merge_check": if needs_merge { util::read_json::<serde_json::Value>(&check_path).ok() } else { None },
-    }))?;
+    crate::pipeline::record(
+        &ctx.run_dir,
+        "export",
+        serde_json::json!({
+            "folders": written,
+            "merge_check": if needs_merge { util::read_json::<serde_json::Value>(&check_path).ok() } else { None },
+        }),
+    )?;
     Ok(files)
 }

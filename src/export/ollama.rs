@@ -17,7 +17,8 @@ use crate::data::template::{parse_format, Piece};
 use crate::data::tokenizer::Tok;
 use crate::recipe::PromptSection;
 
-const CHATML: &str = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n";
+const CHATML: &str =
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n";
 const LLAMA3: &str = "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n";
 const ALPACA: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ .Response }}";
 
@@ -61,7 +62,9 @@ fn template_for(prompt: &PromptSection, tok: &Tok) -> (String, Vec<String>, Opti
                 }
             }
             out.push_str("{{ .Response }}");
-            let note = (!dropped.is_empty()).then(|| format!("the fields {dropped:?} of the training format have no Ollama counterpart and are left out"));
+            let note = (!dropped.is_empty()).then(|| {
+                format!("the fields {dropped:?} of the training format have no Ollama counterpart and are left out")
+            });
             (out, vec![], note)
         }
     }
@@ -73,7 +76,8 @@ pub fn modelfile(gguf_file: &str, prompt: &PromptSection, tok: &Tok) -> String {
     if !tok.eos_token.is_empty() && !stops.contains(&tok.eos_token) {
         stops.push(tok.eos_token.clone());
     }
-    let mut s = String::from("# Ollama Modelfile written by tuner. In this folder: ollama create <name> -f Modelfile\n");
+    let mut s =
+        String::from("# Ollama Modelfile written by tuner. In this folder: ollama create <name> -f Modelfile\n");
     s.push_str(&format!("# Prompt format: [prompt] template = {:?}\n", prompt.template));
     if let Some(n) = note {
         s.push_str(&format!("# Note: {n}\n"));

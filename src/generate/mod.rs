@@ -26,8 +26,8 @@ use crate::data::template::{Message, Renderer};
 use crate::data::tokenizer::Tok;
 use crate::error::Failure;
 use crate::model::{self, Batch, CausalLm, KvCache};
-pub use sampling::SamplingParams;
 use sampling::Rng;
+pub use sampling::SamplingParams;
 use stream::TextStream;
 
 /// End-of-turn tokens of common chat formats; each one the vocabulary has also ends generation.
@@ -80,13 +80,25 @@ struct Seq {
 impl Generator {
     /// Load a model for generation: an HF folder, a bnb-4bit folder, a `.gguf` file (imported
     /// once into `cache`), or a run's export; `adapter` is a PEFT adapter folder to attach.
-    pub fn load(model: &Path, adapter: Option<&Path>, dtype: crate::recipe::Dtype, device: Device, cache: &Path) -> Result<Generator> {
+    pub fn load(
+        model: &Path,
+        adapter: Option<&Path>,
+        dtype: crate::recipe::Dtype,
+        device: Device,
+        cache: &Path,
+    ) -> Result<Generator> {
         let dir = crate::score::model_dir(model, cache)?;
         let tok = Tok::load(&dir)?;
-        let opts = model::LoadOptions { dtype: crate::train::kind_of(dtype, device), device, quantize: None, cuda_kernels: true };
+        let opts = model::LoadOptions {
+            dtype: crate::train::kind_of(dtype, device),
+            device,
+            quantize: None,
+            cuda_kernels: true,
+        };
         let mut m = model::load(&dir, &opts)?;
         if let Some(a) = adapter {
-            crate::score::apply_adapter(m.as_mut(), a).with_context(|| format!("cannot apply the adapter {}", a.display()))?;
+            crate::score::apply_adapter(m.as_mut(), a)
+                .with_context(|| format!("cannot apply the adapter {}", a.display()))?;
         }
         let mut g = Generator::from_parts(m, tok, device);
         let gen_cfg = dir.join("generation_config.json");
@@ -129,7 +141,8 @@ impl Generator {
     /// Render messages with the model's chat template, `add_generation_prompt = true`.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<String> {
         let tpl = self.chat_template()?;
-        Renderer::apply_chat_template(tpl, messages, true, &self.tok.bos_token, &self.tok.eos_token).map_err(|e| anyhow!(e))
+        Renderer::apply_chat_template(tpl, messages, true, &self.tok.bos_token, &self.tok.eos_token)
+            .map_err(|e| anyhow!(e))
     }
 
     /// The model's chat template, or a usage error naming where it would come from.
@@ -149,7 +162,12 @@ impl Generator {
     /// a stop string's start); returning false cancels that prompt (finish reason `Stop`).
     /// A prompt stops at an EOS or end-of-turn token, a stop string (the text is cut before it)
     /// or `max_new_tokens`.
-    pub fn generate(&self, prompts: &[String], p: &SamplingParams, on_delta: &mut dyn FnMut(usize, &str) -> bool) -> Result<Vec<Completion>> {
+    pub fn generate(
+        &self,
+        prompts: &[String],
+        p: &SamplingParams,
+        on_delta: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<Completion>> {
         p.validate()?;
         let ids = prompts
             .iter()
@@ -160,7 +178,12 @@ impl Generator {
     }
 
     /// [`Generator::generate`] on prompts given as token ids.
-    pub fn generate_ids(&self, prompts: &[Vec<u32>], p: &SamplingParams, on_delta: &mut dyn FnMut(usize, &str) -> bool) -> Result<Vec<Completion>> {
+    pub fn generate_ids(
+        &self,
+        prompts: &[Vec<u32>],
+        p: &SamplingParams,
+        on_delta: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<Completion>> {
         p.validate()?;
         let vocab = self.model.config().vocab_size;
         for (i, ids) in prompts.iter().enumerate() {
@@ -174,7 +197,10 @@ impl Generator {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let limit = self.model.config().max_position_embeddings as usize;
         if longest + p.max_new_tokens > limit {
-            log::warn!("prompt ({longest} tokens) + max_new_tokens ({}) exceeds the model's context of {limit} positions", p.max_new_tokens);
+            log::warn!(
+                "prompt ({longest} tokens) + max_new_tokens ({}) exceeds the model's context of {limit} positions",
+                p.max_new_tokens
+            );
         }
         let mut seqs: Vec<Seq> = (0..prompts.len())
             .map(|i| Seq { tokens: vec![], stream: TextStream::new(&p.stop), rng: Rng::new(p.seed, i), finish: None })
@@ -191,7 +217,13 @@ impl Generator {
     }
 
     /// Prefill the left-padded batch, then one token per step for the unfinished sequences.
-    fn decode_loop(&self, prompts: &[Vec<u32>], p: &SamplingParams, seqs: &mut [Seq], on_delta: &mut dyn FnMut(usize, &str) -> bool) -> Result<()> {
+    fn decode_loop(
+        &self,
+        prompts: &[Vec<u32>],
+        p: &SamplingParams,
+        seqs: &mut [Seq],
+        on_delta: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> Result<()> {
         let _no_grad = tch::no_grad_guard();
         let dev = self.device;
         let n = prompts.len() as i64;
@@ -213,7 +245,7 @@ impl Generator {
         let input = Tensor::from_slice(&ids).view([n, width]).to_device(dev);
         let real = Tensor::from_slice(&real).view([n, width]).to_device(dev);
         let positions = (real.cumsum(1, Kind::Int64) - 1).clamp_min(0); // (B, T)
-        // The key mask is only needed when some prompt is padded.
+                                                                        // The key mask is only needed when some prompt is padded.
         let padded = prompts.iter().any(|r| r.len() as i64 != width);
         let mut mask = padded.then_some(real);
         let mut last_pos = positions.narrow(1, width - 1, 1); // (B, 1)
@@ -226,7 +258,8 @@ impl Generator {
         let mut logits = self.next_logits(&prefill, &mut cache);
         loop {
             let processed = sampling::process(&logits, seen.as_ref(), p);
-            let units: Vec<f64> = if p.is_greedy() { vec![] } else { active.iter().map(|&i| seqs[i].rng.unit()).collect() };
+            let units: Vec<f64> =
+                if p.is_greedy() { vec![] } else { active.iter().map(|&i| seqs[i].rng.unit()).collect() };
             let next = sampling::choose(&processed, p, &units)?;
             let mut keep: Vec<i64> = vec![];
             for (r, &i) in active.iter().enumerate() {
@@ -259,7 +292,14 @@ impl Generator {
     }
 
     /// Append token `t` to sequence `i` and decide whether it has finished; stream its text.
-    fn step(&self, i: usize, t: u32, p: &SamplingParams, s: &mut Seq, on_delta: &mut dyn FnMut(usize, &str) -> bool) -> Result<()> {
+    fn step(
+        &self,
+        i: usize,
+        t: u32,
+        p: &SamplingParams,
+        s: &mut Seq,
+        on_delta: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> Result<()> {
         s.tokens.push(t);
         if self.eos_ids.contains(&t) {
             s.finish = Some(FinishReason::Eos);

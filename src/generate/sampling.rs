@@ -39,7 +39,15 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     /// Greedy, 256 new tokens, no penalty, no stop strings.
     fn default() -> SamplingParams {
-        SamplingParams { max_new_tokens: 256, temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0, stop: vec![] }
+        SamplingParams {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop: vec![],
+        }
     }
 }
 

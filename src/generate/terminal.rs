@@ -83,7 +83,14 @@ pub fn run(a: &GenerateArgs, interrupted: &AtomicBool) -> Result<()> {
 
 /// The interactive loop: each non-empty line of `input` is a user message, each reply is
 /// streamed to `out` followed by a newline. `terminal` shows a `> ` prompt (on stderr).
-pub fn chat(g: &Generator, p: &SamplingParams, input: &mut dyn BufRead, out: &mut dyn Write, terminal: bool, interrupted: &AtomicBool) -> Result<()> {
+pub fn chat(
+    g: &Generator,
+    p: &SamplingParams,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+    terminal: bool,
+    interrupted: &AtomicBool,
+) -> Result<()> {
     g.chat_template()?; // fail before reading anything when the model cannot chat
     let mut messages: Vec<Message> = vec![];
     let mut line = String::new();
@@ -122,7 +129,14 @@ pub fn chat(g: &Generator, p: &SamplingParams, input: &mut dyn BufRead, out: &mu
 
 /// Generate one completion of `prompt`, streaming it to `out`, then a newline.
 /// Logs the token counts and speeds at `level`.
-fn reply(g: &Generator, prompt: &str, p: &SamplingParams, out: &mut dyn Write, interrupted: &AtomicBool, level: log::Level) -> Result<Completion> {
+fn reply(
+    g: &Generator,
+    prompt: &str,
+    p: &SamplingParams,
+    out: &mut dyn Write,
+    interrupted: &AtomicBool,
+    level: log::Level,
+) -> Result<Completion> {
     let start = Instant::now();
     let mut first = None;
     let mut write_err = None;

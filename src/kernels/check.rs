@@ -80,7 +80,7 @@ pub fn copy_bandwidth(device: Device) -> f64 {
     let src = Tensor::ones([256 << 20], (Kind::Float, device));
     let mut dst = src.empty_like();
     let s = time(device, 10, || {
-        let _ = dst.copy_(&src);
+        dst.copy_(&src);
     });
     2.0 * 4.0 * (256u64 << 20) as f64 / s
 }
@@ -97,7 +97,12 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
     };
 
     // 4-bit dequantize: bit-exact in every dtype, plain and double-quantized absmax, a tail.
-    for (shape, double, big) in [([14336i64, 4096i64], true, true), ([4096, 4096], false, false), ([7, 37], true, false), ([5, 24], false, false)] {
+    for (shape, double, big) in [
+        ([14336i64, 4096i64], true, true),
+        ([4096, 4096], false, false),
+        ([7, 37], true, false),
+        ([5, 24], false, false),
+    ] {
         let w = Tensor::randn(shape, (Kind::Float, device)) * 0.02;
         let q = QuantTensor::quantize(&w, QuantType::Nf4, 64, double).expect("quantize");
         for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
@@ -111,9 +116,16 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
                 timed(&mut rows, label, err, 0.0, bytes, &mut || {
                     let _ = dequant_4bit::cuda(&q, kind, k);
                 });
-                timed(&mut rows, format!("dequant_4bit reference (torch ops) {} {:?}", name(kind), shape), 0.0, 0.0, bytes, &mut || {
-                    let _ = dequant_4bit::reference(&q, kind);
-                });
+                timed(
+                    &mut rows,
+                    format!("dequant_4bit reference (torch ops) {} {:?}", name(kind), shape),
+                    0.0,
+                    0.0,
+                    bytes,
+                    &mut || {
+                        let _ = dequant_4bit::reference(&q, kind);
+                    },
+                );
             } else {
                 rows.push(Row { name: label, err, tol: 0.0, bytes, secs: None });
             }
@@ -122,8 +134,11 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
 
     // RMSNorm forward and backward, each mode and dtype.
     for kind in [Kind::BFloat16, Kind::Float, Kind::Half] {
-        for (mode, label) in [(rms_norm::Mode::Llama, "llama"), (rms_norm::Mode::Scale, "scale"), (rms_norm::Mode::Plain, "plain")] {
-            let (rows_n, h) = if kind == Kind::BFloat16 && mode == rms_norm::Mode::Llama { (4096, 4096) } else { (64, 1000) };
+        for (mode, label) in
+            [(rms_norm::Mode::Llama, "llama"), (rms_norm::Mode::Scale, "scale"), (rms_norm::Mode::Plain, "plain")]
+        {
+            let (rows_n, h) =
+                if kind == Kind::BFloat16 && mode == rms_norm::Mode::Llama { (4096, 4096) } else { (64, 1000) };
             let x = (Tensor::randn([rows_n, h], (Kind::Float, device)) * 3.0).to_kind(kind);
             let w = match mode {
                 rms_norm::Mode::Llama => Some((Tensor::rand([h], (Kind::Float, device)) + 0.5).to_kind(kind)),
@@ -139,20 +154,45 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
                 let _ = rms_norm::forward(&x, w.as_ref(), eps, mode, Some(k));
             };
             if big {
-                timed(&mut rows, format!("rms_norm_fwd {label} {} [{rows_n}×{h}]", name(kind)), rel_err(&y, &y_ref), tol(kind), io, &mut f);
+                timed(
+                    &mut rows,
+                    format!("rms_norm_fwd {label} {} [{rows_n}×{h}]", name(kind)),
+                    rel_err(&y, &y_ref),
+                    tol(kind),
+                    io,
+                    &mut f,
+                );
             } else {
-                rows.push(Row { name: format!("rms_norm_fwd {label} {} [{rows_n}×{h}]", name(kind)), err: rel_err(&y, &y_ref), tol: tol(kind), bytes: io, secs: None });
+                rows.push(Row {
+                    name: format!("rms_norm_fwd {label} {} [{rows_n}×{h}]", name(kind)),
+                    err: rel_err(&y, &y_ref),
+                    tol: tol(kind),
+                    bytes: io,
+                    secs: None,
+                });
             }
             let r_ref = rms_norm::rstd_reference(&x, eps);
             // The 8-wide entry sums in another order: 1/rms agrees to f32 rounding of a long sum.
-            rows.push(Row { name: format!("rms_norm_fwd rstd {label} {}", name(kind)), err: rel_err(&rstd, &r_ref), tol: 1e-5, bytes: 0.0, secs: None });
+            rows.push(Row {
+                name: format!("rms_norm_fwd rstd {label} {}", name(kind)),
+                err: rel_err(&rstd, &r_ref),
+                tol: 1e-5,
+                bytes: 0.0,
+                secs: None,
+            });
             let dy = Tensor::randn([rows_n, h], (Kind::Float, device)).to_kind(kind);
             // The default takes the 8-wide entry points where they apply (2-byte dtypes; 1000 is a
             // multiple of 8 too); there the scalar ones are checked and timed beside them.
             if let Some((y8, r8)) = rms_norm::forward_with_rstd_scalar(&x, w.as_ref(), eps, mode, Some(k)) {
                 let label8 = format!("rms_norm_fwd scalar {label} {} [{rows_n}×{h}]", name(kind));
                 let err = rel_err(&y8, &y_ref);
-                rows.push(Row { name: format!("rms_norm_fwd scalar rstd {label} {}", name(kind)), err: rel_err(&r8, &r_ref), tol: 2e-6, bytes: 0.0, secs: None });
+                rows.push(Row {
+                    name: format!("rms_norm_fwd scalar rstd {label} {}", name(kind)),
+                    err: rel_err(&r8, &r_ref),
+                    tol: 2e-6,
+                    bytes: 0.0,
+                    secs: None,
+                });
                 let mut f = || {
                     let _ = rms_norm::forward_with_rstd_scalar(&x, w.as_ref(), eps, mode, Some(k));
                 };
@@ -161,7 +201,8 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
                 } else {
                     rows.push(Row { name: label8, err, tol: tol(kind), bytes: io, secs: None });
                 }
-                let dx8 = rms_norm::backward_scalar(&dy, &x, w.as_ref(), &r8, mode, Some(k)).expect("applies to x and dy alike");
+                let dx8 = rms_norm::backward_scalar(&dy, &x, w.as_ref(), &r8, mode, Some(k))
+                    .expect("applies to x and dy alike");
                 let dx_ref = rms_norm::backward_reference(&dy, &x, w.as_ref(), &r_ref, mode);
                 let label8 = format!("rms_norm_bwd scalar {label} {} [{rows_n}×{h}]", name(kind));
                 let mut f = || {
@@ -170,7 +211,13 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
                 if big {
                     timed(&mut rows, label8, rel_err(&dx8, &dx_ref), tol(kind), 1.5 * io, &mut f);
                 } else {
-                    rows.push(Row { name: label8, err: rel_err(&dx8, &dx_ref), tol: tol(kind), bytes: 1.5 * io, secs: None });
+                    rows.push(Row {
+                        name: label8,
+                        err: rel_err(&dx8, &dx_ref),
+                        tol: tol(kind),
+                        bytes: 1.5 * io,
+                        secs: None,
+                    });
                 }
             }
             let dx = rms_norm::backward(&dy, &x, w.as_ref(), &rstd, mode, Some(k));
@@ -180,9 +227,22 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
                 let _ = rms_norm::backward(&dy, &x, w.as_ref(), &rstd, mode, Some(k));
             };
             if big {
-                timed(&mut rows, format!("rms_norm_bwd {label} {} [{rows_n}×{h}]", name(kind)), err, tol(kind), 1.5 * io, &mut f);
+                timed(
+                    &mut rows,
+                    format!("rms_norm_bwd {label} {} [{rows_n}×{h}]", name(kind)),
+                    err,
+                    tol(kind),
+                    1.5 * io,
+                    &mut f,
+                );
             } else {
-                rows.push(Row { name: format!("rms_norm_bwd {label} {} [{rows_n}×{h}]", name(kind)), err, tol: tol(kind), bytes: 1.5 * io, secs: None });
+                rows.push(Row {
+                    name: format!("rms_norm_bwd {label} {} [{rows_n}×{h}]", name(kind)),
+                    err,
+                    tol: tol(kind),
+                    bytes: 1.5 * io,
+                    secs: None,
+                });
             }
         }
     }
@@ -191,9 +251,12 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
     for kind in [Kind::BFloat16, Kind::Float] {
         let (b, t, heads, d) = if kind == Kind::BFloat16 { (2, 2048, 32, 128) } else { (2, 33, 4, 64) };
         let x = Tensor::randn([b, t, heads, d], (Kind::Float, device)).to_kind(kind);
-        let pos = Tensor::cat(&[Tensor::arange(t / 2, (Kind::Int64, device)), Tensor::arange(t - t / 2, (Kind::Int64, device))], 0)
-            .unsqueeze(0)
-            .repeat([b, 1]);
+        let pos = Tensor::cat(
+            &[Tensor::arange(t / 2, (Kind::Int64, device)), Tensor::arange(t - t / 2, (Kind::Int64, device))],
+            0,
+        )
+        .unsqueeze(0)
+        .repeat([b, 1]);
         let inv = Tensor::arange_start_step(0, d, 2, (Kind::Float, device)).divide_scalar(d as f64);
         let inv = Tensor::pow_scalar(10000.0, &inv).reciprocal();
         let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * inv;
@@ -217,7 +280,8 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
 
     // Gated activations, forward and backward.
     // The 8-wide kernels (bf16, a multiple of 8) and the scalar ones (odd sizes, f32).
-    for (kind, shape) in [(Kind::BFloat16, [4096i64, 14336i64]), (Kind::BFloat16, [3, 333]), (Kind::Float, [16, 1001])] {
+    for (kind, shape) in [(Kind::BFloat16, [4096i64, 14336i64]), (Kind::BFloat16, [3, 333]), (Kind::Float, [16, 1001])]
+    {
         for (act, label) in [(glu::Act::Silu, "swiglu"), (glu::Act::GeluTanh, "geglu")] {
             let g = (Tensor::randn(shape, (Kind::Float, device)) * 2.0).to_kind(kind);
             let u = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
@@ -230,15 +294,41 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
             let errb = rel_err(&dg, &dg_ref).max(rel_err(&du, &du_ref));
             let dims = format!("{:?}", shape);
             if shape[0] == 4096 {
-                timed(&mut rows, format!("glu_fwd {label} {} {dims}", name(kind)), err, tol(kind), 3.0 * n, &mut || {
-                    let _ = glu::forward(&g, &u, act, Some(k));
-                });
-                timed(&mut rows, format!("glu_bwd {label} {} {dims}", name(kind)), errb, tol(kind), 5.0 * n, &mut || {
-                    let _ = glu::backward(&dh, &g, &u, act, Some(k));
-                });
+                timed(
+                    &mut rows,
+                    format!("glu_fwd {label} {} {dims}", name(kind)),
+                    err,
+                    tol(kind),
+                    3.0 * n,
+                    &mut || {
+                        let _ = glu::forward(&g, &u, act, Some(k));
+                    },
+                );
+                timed(
+                    &mut rows,
+                    format!("glu_bwd {label} {} {dims}", name(kind)),
+                    errb,
+                    tol(kind),
+                    5.0 * n,
+                    &mut || {
+                        let _ = glu::backward(&dh, &g, &u, act, Some(k));
+                    },
+                );
             } else {
-                rows.push(Row { name: format!("glu_fwd {label} {} {dims}", name(kind)), err, tol: tol(kind), bytes: 3.0 * n, secs: None });
-                rows.push(Row { name: format!("glu_bwd {label} {} {dims}", name(kind)), err: errb, tol: tol(kind), bytes: 5.0 * n, secs: None });
+                rows.push(Row {
+                    name: format!("glu_fwd {label} {} {dims}", name(kind)),
+                    err,
+                    tol: tol(kind),
+                    bytes: 3.0 * n,
+                    secs: None,
+                });
+                rows.push(Row {
+                    name: format!("glu_bwd {label} {} {dims}", name(kind)),
+                    err: errb,
+                    tol: tol(kind),
+                    bytes: 5.0 * n,
+                    secs: None,
+                });
             }
         }
     }
@@ -255,7 +345,8 @@ fn varlen_rows(device: Device, iters: usize) -> Vec<Row> {
     use crate::model::Batch;
     let mut rows = Vec::new();
     // (label, kind, [nh, nkv, d], each row's document lengths (the rest of T is padding), T, window)
-    let cases: [(&str, Kind, [i64; 3], Vec<Vec<i64>>, i64, Option<i64>); 3] = [
+    type Case = (&'static str, Kind, [i64; 3], Vec<Vec<i64>>, i64, Option<i64>);
+    let cases: [Case; 3] = [
         ("packed+padded gqa", Kind::BFloat16, [32, 8, 128], vec![vec![300, 700, 1048], vec![1900]], 2048, None),
         ("window 256 padded", Kind::Half, [8, 4, 256], vec![vec![1024], vec![924]], 1024, Some(256)),
         ("packed small", Kind::BFloat16, [4, 2, 64], vec![vec![5, 20, 12]], 37, None),
@@ -282,7 +373,9 @@ fn varlen_rows(device: Device, iters: usize) -> Vec<Row> {
         let (cu, max_len) = batch.segments(device);
         let scale = (d as f64).powf(-0.5);
         // Leaves made as [B, T, n, d] and transposed, as the attention blocks make them.
-        let leaf = |n: i64| Tensor::randn([b, t, n, d], (Kind::Float, device)).to_kind(kind).transpose(1, 2).set_requires_grad(true);
+        let leaf = |n: i64| {
+            Tensor::randn([b, t, n, d], (Kind::Float, device)).to_kind(kind).transpose(1, 2).set_requires_grad(true)
+        };
         let (q, k, v) = (leaf(nh), leaf(nkv), leaf(nkv));
         let keep = real.to_kind(kind).unsqueeze(-1); // [B, T, 1]
         let dy = Tensor::randn([b, t, nh * d], (Kind::Float, device)).to_kind(kind) * &keep;
@@ -312,10 +405,28 @@ fn varlen_rows(device: Device, iters: usize) -> Vec<Row> {
                 })
             })
         };
-        rows.push(Row { name: format!("varlen_attn {label} {dims}"), err: rel_err(&o1, &o0), tol, bytes: 0.0, secs: None });
-        rows.push(Row { name: format!("varlen_attn bwd {label} {dims} (µs: fwd+bwd)"), err: errb, tol, bytes: 0.0, secs: secs(&flash) });
+        rows.push(Row {
+            name: format!("varlen_attn {label} {dims}"),
+            err: rel_err(&o1, &o0),
+            tol,
+            bytes: 0.0,
+            secs: None,
+        });
+        rows.push(Row {
+            name: format!("varlen_attn bwd {label} {dims} (µs: fwd+bwd)"),
+            err: errb,
+            tol,
+            bytes: 0.0,
+            secs: secs(&flash),
+        });
         if let Some(s) = secs(&sdpa) {
-            rows.push(Row { name: format!("  reference (mask SDPA) fwd+bwd {label}"), err: 0.0, tol: 0.0, bytes: 0.0, secs: Some(s) });
+            rows.push(Row {
+                name: format!("  reference (mask SDPA) fwd+bwd {label}"),
+                err: 0.0,
+                tol: 0.0,
+                bytes: 0.0,
+                secs: Some(s),
+            });
         }
     }
     rows
@@ -327,18 +438,34 @@ pub fn table(rows: &[Row], copy_bw: Option<f64>) -> String {
     if let Some(bw) = copy_bw {
         s.push_str(&format!("device copy bandwidth: {:.0} GB/s\n", bw / 1e9));
     }
-    s.push_str(&format!("{:<56} {:>10} {:>9} {:>4} {:>10} {:>9} {:>7}\n", "kernel", "err", "tol", "ok", "µs", "GB/s", "of copy"));
+    s.push_str(&format!(
+        "{:<56} {:>10} {:>9} {:>4} {:>10} {:>9} {:>7}\n",
+        "kernel", "err", "tol", "ok", "µs", "GB/s", "of copy"
+    ));
     for r in rows {
         let (us, gbs, frac) = match r.secs {
             // Not memory-bound (attention): the time alone.
             Some(t) if r.bytes == 0.0 => (format!("{:.1}", t * 1e6), String::new(), String::new()),
             Some(t) => {
                 let bw = r.bytes / t;
-                (format!("{:.1}", t * 1e6), format!("{:.0}", bw / 1e9), copy_bw.map_or(String::new(), |c| format!("{:.0}%", 100.0 * bw / c)))
+                (
+                    format!("{:.1}", t * 1e6),
+                    format!("{:.0}", bw / 1e9),
+                    copy_bw.map_or(String::new(), |c| format!("{:.0}%", 100.0 * bw / c)),
+                )
             }
             None => (String::new(), String::new(), String::new()),
         };
-        s.push_str(&format!("{:<56} {:>10.2e} {:>9.1e} {:>4} {:>10} {:>9} {:>7}\n", r.name, r.err, r.tol, if r.ok() { "yes" } else { "NO" }, us, gbs, frac));
+        s.push_str(&format!(
+            "{:<56} {:>10.2e} {:>9.1e} {:>4} {:>10} {:>9} {:>7}\n",
+            r.name,
+            r.err,
+            r.tol,
+            if r.ok() { "yes" } else { "NO" },
+            us,
+            gbs,
+            frac
+        ));
     }
     s
 }

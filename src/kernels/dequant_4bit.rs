@@ -15,7 +15,9 @@ use crate::quant::{Absmax, QuantTensor};
 /// is given and handles the tensor, else [`reference`].
 pub fn dequantize(q: &QuantTensor, kind: Kind, kernels: Option<&Kernels>) -> Tensor {
     match kernels {
-        Some(k) if supported(q, kind, k) => cuda(q, kind, k).unwrap_or_else(|e| panic!("CUDA 4-bit dequantize failed: {e:#}")),
+        Some(k) if supported(q, kind, k) => {
+            cuda(q, kind, k).unwrap_or_else(|e| panic!("CUDA 4-bit dequantize failed: {e:#}"))
+        }
         _ => reference(q, kind),
     }
 }
@@ -29,7 +31,7 @@ fn supported(q: &QuantTensor, kind: Kind, k: &Kernels) -> bool {
     super::usable(Some(k), &[&q.quant_map]).is_some()
         && q.codes.device() == q.quant_map.device()
         && q.codes.is_contiguous()
-        && q.codes.data_ptr() as usize % 4 == 0
+        && (q.codes.data_ptr() as usize).is_multiple_of(4)
         && q.blocksize % 8 == 0
         && dtype_code(kind).is_some()
 }

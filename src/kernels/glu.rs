@@ -60,7 +60,9 @@ pub fn forward(g: &Tensor, u: &Tensor, act: Act, kernels: Option<&Kernels>) -> T
 pub fn backward(dh: &Tensor, g: &Tensor, u: &Tensor, act: Act, kernels: Option<&Kernels>) -> (Tensor, Tensor) {
     let dh = dh.contiguous();
     match usable(kernels, &[&dh, g, u]) {
-        Some(k) if same(g, u) && same(g, &dh) => cuda_backward(&dh, g, u, act, k).unwrap_or_else(|e| panic!("CUDA GLU backward failed: {e:#}")),
+        Some(k) if same(g, u) && same(g, &dh) => {
+            cuda_backward(&dh, g, u, act, k).unwrap_or_else(|e| panic!("CUDA GLU backward failed: {e:#}"))
+        }
         _ => backward_reference(&dh, g, u, act),
     }
 }
@@ -117,5 +119,6 @@ fn cuda_backward(dh: &Tensor, g: &Tensor, u: &Tensor, act: Act, k: &Kernels) -> 
 
 /// Whether the 8-wide kernels apply: 2-byte elements, a multiple of 8 of them, 16-byte aligned.
 fn wide(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.kind().elt_size_in_bytes() == 2 && t.numel() % 8 == 0 && t.data_ptr() as usize % 16 == 0)
+    ts.iter()
+        .all(|t| t.kind().elt_size_in_bytes() == 2 && t.numel() % 8 == 0 && (t.data_ptr() as usize).is_multiple_of(16))
 }

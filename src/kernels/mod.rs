@@ -45,7 +45,11 @@ pub fn cuda_profiler(on: bool) {
 /// kernels/prelude.cuh in front.
 const SOURCES: [(&str, &str, &[&str]); 4] = [
     ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit"]),
-    ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu"), &["rms_norm_fwd", "rms_norm_bwd", "rms_norm_fwd_x8", "rms_norm_bwd_x8"]),
+    (
+        "rms_norm.cu",
+        include_str!("../../kernels/rms_norm.cu"),
+        &["rms_norm_fwd", "rms_norm_bwd", "rms_norm_fwd_x8", "rms_norm_bwd_x8"],
+    ),
     ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope"]),
     ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),
 ];
@@ -92,17 +96,26 @@ impl Kernels {
         }
         let started = std::time::Instant::now();
         preload_nvrtc()?;
-        let ctx = cudarc::driver::CudaContext::new(ordinal).context("cannot open the CUDA device through the driver API")?;
+        let ctx =
+            cudarc::driver::CudaContext::new(ordinal).context("cannot open the CUDA device through the driver API")?;
         let (major, minor) = ctx.compute_capability()?;
-        let sm_count = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let sm_count =
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let mut funcs = HashMap::new();
         for (file, ptx, names) in compile_ptx(major, minor)? {
             let module = ctx.load_module(ptx).with_context(|| format!("cannot load kernels/{file}"))?;
             for &name in names {
-                funcs.insert(name, module.load_function(name).with_context(|| format!("no `{name}` in kernels/{file}"))?);
+                funcs.insert(
+                    name,
+                    module.load_function(name).with_context(|| format!("no `{name}` in kernels/{file}"))?,
+                );
             }
         }
-        log::info!("compiled {} CUDA kernels for sm_{major}{minor} in {:.2}s", funcs.len(), started.elapsed().as_secs_f64());
+        log::info!(
+            "compiled {} CUDA kernels for sm_{major}{minor} in {:.2}s",
+            funcs.len(),
+            started.elapsed().as_secs_f64()
+        );
         Ok(Kernels { ordinal, ctx, funcs, sm_count })
     }
 
@@ -117,7 +130,14 @@ impl Kernels {
         // 32-bit integers, f32), in order, little-endian in an 8-byte slot; the tensors behind the
         // pointers are alive and on this device for the launch, which is ordered on their stream.
         unsafe {
-            cudarc::driver::result::launch_kernel(f.cu_function(), (grid.max(1), 1, 1), (block, 1, 1), 0, stream as _, &mut params)
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                (grid.max(1), 1, 1),
+                (block, 1, 1),
+                0,
+                stream as _,
+                &mut params,
+            )
         }
         .with_context(|| format!("launching `{name}`"))?;
         Ok(())
@@ -190,7 +210,8 @@ pub(crate) fn dtype_code(kind: Kind) -> Option<i64> {
 /// Whether `kernels` can run on `ts`: all on its device, contiguous, and in a handled dtype.
 pub(crate) fn usable<'a>(kernels: Option<&'a Kernels>, ts: &[&Tensor]) -> Option<&'a Kernels> {
     let k = kernels?;
-    let ok = ts.iter().all(|t| t.device() == Device::Cuda(k.ordinal) && t.is_contiguous() && dtype_code(t.kind()).is_some());
+    let ok =
+        ts.iter().all(|t| t.device() == Device::Cuda(k.ordinal) && t.is_contiguous() && dtype_code(t.kind()).is_some());
     ok.then_some(k)
 }
 
@@ -226,7 +247,9 @@ fn preload_nvrtc() -> Result<()> {
         candidates.push(p.into());
     }
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    if let Some(lib) = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libtorch_cuda.so")) {
+    if let Some(lib) =
+        maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libtorch_cuda.so"))
+    {
         let dir = std::path::Path::new(lib).parent().unwrap_or(std::path::Path::new("/"));
         for rel in ["../../nvidia/cu13/lib/libnvrtc.so.13", "../../nvidia/cuda_nvrtc/lib/libnvrtc.so.12"] {
             candidates.push(dir.join(rel));

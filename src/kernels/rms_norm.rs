@@ -60,7 +60,13 @@ pub fn forward_fused(x: &Tensor, s: Option<&Tensor>, eps: f64) -> Tensor {
 }
 
 /// The normalized `x` and f32 `1/rms` per row `[rows]` (for [`backward`]); no graph.
-pub fn forward_with_rstd(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> (Tensor, Tensor) {
+pub fn forward_with_rstd(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    eps: f64,
+    mode: Mode,
+    kernels: Option<&Kernels>,
+) -> (Tensor, Tensor) {
     match kernel_for(x, w, kernels) {
         Some(k) => {
             let (y, r) = cuda_forward(x, w, eps, mode, true, k);
@@ -71,10 +77,19 @@ pub fn forward_with_rstd(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, k
 }
 
 /// `dx` for upstream `dy`, the input `x` and its `rstd` from [`forward_with_rstd`] (weight frozen).
-pub fn backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, kernels: Option<&Kernels>) -> Tensor {
+pub fn backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: Option<&Tensor>,
+    rstd: &Tensor,
+    mode: Mode,
+    kernels: Option<&Kernels>,
+) -> Tensor {
     let dy = dy.contiguous();
     match kernel_for(x, w, kernels).filter(|_| dy.kind() == x.kind() && dy.device() == x.device()) {
-        Some(k) => cuda_backward(&dy, x, w, rstd, mode, k).unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")),
+        Some(k) => {
+            cuda_backward(&dy, x, w, rstd, mode, k).unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}"))
+        }
         None => backward_reference(&dy, x, w, rstd, mode),
     }
 }
@@ -105,7 +120,7 @@ pub fn backward_reference(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Te
     let xn = x.to_kind(Kind::Float).reshape([-1, h]) * &r;
     let mut dxn = dy.to_kind(Kind::Float).reshape([-1, h]);
     if let (Mode::Llama | Mode::Scale, Some(w)) = (mode, w) {
-        dxn = dxn * w.to_kind(Kind::Float);
+        dxn *= w.to_kind(Kind::Float);
     }
     let mean = (&dxn * &xn).mean_dim(-1, true, Kind::Float);
     (r * (dxn - xn * mean)).to_kind(x.kind()).view(x.size().as_slice())
@@ -122,8 +137,8 @@ fn kernel_for<'a>(x: &Tensor, w: Option<&Tensor>, kernels: Option<&'a Kernels>) 
 fn block_for(h: i64) -> u32 {
     match h {
         ..=256 => 64,
-        ..=1024 => 128,
-        ..=4096 => 256,
+        257..=1024 => 128,
+        1025..=4096 => 256,
         _ => 512,
     }
 }
@@ -133,31 +148,66 @@ fn block_for(h: i64) -> u32 {
 /// at 4096², `tuner kernels --bench`): the forward with 1/rms, or `None` where the 8-wide entries
 /// do not apply (a 4-byte dtype, a width not a multiple of 8, rows not 16-byte aligned: the
 /// default is already scalar there) or no kernel is usable. For the checks and timings.
-pub fn forward_with_rstd_scalar(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, kernels: Option<&Kernels>) -> Option<(Tensor, Tensor)> {
+pub fn forward_with_rstd_scalar(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    eps: f64,
+    mode: Mode,
+    kernels: Option<&Kernels>,
+) -> Option<(Tensor, Tensor)> {
     let k = kernel_for(x, w, kernels).filter(|_| wide(&[x]))?;
     let (y, r) = cuda_launch_forward(x, w, eps, mode, true, k, false);
     Some((y, r.expect("rstd requested")))
 }
 
 /// [`backward`] through `rms_norm_bwd`, or `None` as for [`forward_with_rstd_scalar`].
-pub fn backward_scalar(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, kernels: Option<&Kernels>) -> Option<Tensor> {
+pub fn backward_scalar(
+    dy: &Tensor,
+    x: &Tensor,
+    w: Option<&Tensor>,
+    rstd: &Tensor,
+    mode: Mode,
+    kernels: Option<&Kernels>,
+) -> Option<Tensor> {
     let dy = dy.contiguous();
     let k = kernel_for(x, w, kernels).filter(|_| wide(&[x, &dy]) && dy.kind() == x.kind())?;
-    Some(cuda_launch_backward(&dy, x, w, rstd, mode, k, false).unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")))
+    Some(
+        cuda_launch_backward(&dy, x, w, rstd, mode, k, false)
+            .unwrap_or_else(|e| panic!("CUDA RMSNorm backward failed: {e:#}")),
+    )
 }
 
 /// 2-byte elements, a row width that is a multiple of 8 and 16-byte aligned data.
 fn wide(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.kind().elt_size_in_bytes() == 2 && t.size().last().is_some_and(|h| h % 8 == 0) && t.data_ptr() as usize % 16 == 0)
+    ts.iter().all(|t| {
+        t.kind().elt_size_in_bytes() == 2
+            && t.size().last().is_some_and(|h| h % 8 == 0)
+            && (t.data_ptr() as usize).is_multiple_of(16)
+    })
 }
 
 /// The forward through the 8-wide entry where it applies, the scalar one otherwise.
-fn cuda_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels) -> (Tensor, Option<Tensor>) {
+fn cuda_forward(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    eps: f64,
+    mode: Mode,
+    want_rstd: bool,
+    k: &Kernels,
+) -> (Tensor, Option<Tensor>) {
     cuda_launch_forward(x, w, eps, mode, want_rstd, k, wide(&[x]))
 }
 
 /// The forward through `rms_norm_fwd`, or `rms_norm_fwd_x8` (8 values per load) when `x8`.
-fn cuda_launch_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, want_rstd: bool, k: &Kernels, x8: bool) -> (Tensor, Option<Tensor>) {
+fn cuda_launch_forward(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    eps: f64,
+    mode: Mode,
+    want_rstd: bool,
+    k: &Kernels,
+    x8: bool,
+) -> (Tensor, Option<Tensor>) {
     let h = *x.size().last().unwrap_or(&1);
     let rows = x.numel() as i64 / h.max(1);
     let y = x.empty_like();
@@ -182,12 +232,27 @@ fn cuda_launch_forward(x: &Tensor, w: Option<&Tensor>, eps: f64, mode: Mode, wan
 }
 
 /// The backward through the 8-wide entry where it applies, the scalar one otherwise.
-fn cuda_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels) -> Result<Tensor> {
+fn cuda_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: Option<&Tensor>,
+    rstd: &Tensor,
+    mode: Mode,
+    k: &Kernels,
+) -> Result<Tensor> {
     cuda_launch_backward(dy, x, w, rstd, mode, k, wide(&[x, dy]))
 }
 
 /// The backward through `rms_norm_bwd`, or `rms_norm_bwd_x8` when `x8`.
-fn cuda_launch_backward(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Tensor, mode: Mode, k: &Kernels, x8: bool) -> Result<Tensor> {
+fn cuda_launch_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: Option<&Tensor>,
+    rstd: &Tensor,
+    mode: Mode,
+    k: &Kernels,
+    x8: bool,
+) -> Result<Tensor> {
     let h = *x.size().last().unwrap_or(&1);
     let rows = x.numel() as i64 / h.max(1);
     let dx = x.empty_like();

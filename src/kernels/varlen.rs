@@ -12,7 +12,11 @@ use tch::{Device, Kind, Tensor};
 /// Whether q/k/v of `kind` with `head_dim` on `device` can take the varlen path in this build:
 /// CUDA, a 2-byte float dtype, a head size flash supports.
 pub fn supports(device: Device, kind: Kind, head_dim: i64) -> bool {
-    cfg!(tuner_cuda_shim) && device.is_cuda() && matches!(kind, Kind::BFloat16 | Kind::Half) && head_dim % 8 == 0 && head_dim <= 256
+    cfg!(tuner_cuda_shim)
+        && device.is_cuda()
+        && matches!(kind, Kind::BFloat16 | Kind::Half)
+        && head_dim % 8 == 0
+        && head_dim <= 256
 }
 
 /// Documents of a `[B, T]` batch from each token's segment key (row-major): a document is a
@@ -40,7 +44,15 @@ pub fn segments(keys: &[i64], b: usize, t: usize) -> (Vec<i32>, i64) {
 /// document of `cu_seqlens` (int32 on the device, from [`segments`]) causal and alone, a query
 /// seeing `window` keys at most (itself included) when given. Returns `[B, T, nh·d]`, the
 /// layout [`crate::model`]'s attention blocks hand to `o_proj`.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, cu_seqlens: &Tensor, max_len: i64, scale: f64, window: Option<i64>) -> Tensor {
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &Tensor,
+    max_len: i64,
+    scale: f64,
+    window: Option<i64>,
+) -> Tensor {
     let (b, nh, t, d) = q.size4().expect("q is [B, nh, T, d]");
     let nkv = k.size()[1];
     // [B, n, T, d] → [B·T, n, d]: free when the tensor was made as [B, T, n, d] and transposed.

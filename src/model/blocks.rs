@@ -93,7 +93,11 @@ impl<'a> Loader<'a> {
     /// A frozen linear that is never a LoRA target: bnb-4bit when stored so, else dense in the
     /// compute dtype (never quantized at load).
     pub fn frozen_linear(&self, prefix: &str) -> Result<Linear> {
-        let weight = if self.is_bnb(prefix) { Weight::Quant(self.bnb_weight(prefix)?) } else { Weight::Dense(self.dense(&format!("{prefix}.weight"))?) };
+        let weight = if self.is_bnb(prefix) {
+            Weight::Quant(self.bnb_weight(prefix)?)
+        } else {
+            Weight::Dense(self.dense(&format!("{prefix}.weight"))?)
+        };
         Ok(Linear { weight, bias: None, lora: None, kernels: self.kernels.clone() })
     }
 
@@ -349,7 +353,9 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64
     match mask {
         Mask::Causal => attend_kv(q, k, v, None, true, scale),
         Mask::Dense(m) => attend_kv(q, k, v, Some(m), false, scale),
-        Mask::Varlen { cu_seqlens, max_len, window } => crate::kernels::varlen::attend(q, k, v, cu_seqlens, *max_len, scale, *window),
+        Mask::Varlen { cu_seqlens, max_len, window } => {
+            crate::kernels::varlen::attend(q, k, v, cu_seqlens, *max_len, scale, *window)
+        }
     }
 }
 
@@ -362,7 +368,14 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64
 ///
 /// `softcap` (Gemma 2's `attn_logit_softcapping`) bounds the scores to `tanh(s/c)·c` before the
 /// mask, as HF's eager path does; SDPA has no such step, so softcapped families always come here.
-pub(crate) fn attend_eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Tensor {
+pub(crate) fn attend_eager(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Tensor {
     let (b, nh, t, d) = q.size4().unwrap_or_default();
     let (nkv, s) = (k.size()[1], k.size()[2]);
     let g = nh / nkv;
@@ -392,6 +405,15 @@ pub(crate) fn attend_kv(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor
             x.unsqueeze(2).expand([b, nkv, nh / nkv, s, d], true).reshape([b, nh, s, d])
         }
     };
-    let o = Tensor::scaled_dot_product_attention(q, &repeat(k), &repeat(v), mask, 0.0, causal && mask.is_none(), scale, false);
+    let o = Tensor::scaled_dot_product_attention(
+        q,
+        &repeat(k),
+        &repeat(v),
+        mask,
+        0.0,
+        causal && mask.is_none(),
+        scale,
+        false,
+    );
     o.transpose(1, 2).reshape([b, t, nh * d])
 }

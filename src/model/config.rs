@@ -211,7 +211,11 @@ impl Config {
         let t = family.as_str();
         let gemma = t.starts_with("gemma");
         // Gemma reads `hidden_activation` (its `hidden_act` is a legacy field HF ignores).
-        let act = if gemma { raw.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh") } else { raw.hidden_act.as_deref().unwrap_or("silu") };
+        let act = if gemma {
+            raw.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh")
+        } else {
+            raw.hidden_act.as_deref().unwrap_or("silu")
+        };
         let want = if gemma { "gelu_pytorch_tanh" } else { "silu" };
         if act != want {
             bail!("hidden_act `{act}` is not supported for {t} (expected `{want}`)");
@@ -233,7 +237,8 @@ impl Config {
         let n = raw.num_hidden_layers;
         let rope_params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
         // transformers 5 may give one rope table per layer type.
-        let per_type = rope_params.filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+        let per_type =
+            rope_params.filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
         let full_params = match per_type {
             Some(p) => p.get("full_attention").filter(|v| v.is_object()),
             None => rope_params,
@@ -255,7 +260,11 @@ impl Config {
                         bail!("rope_parameters.sliding_attention: only the default rope type is supported on sliding layers");
                     }
                 }
-                Some(raw.rope_local_base_freq.or_else(|| local.and_then(|l| l.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(1e4))
+                Some(
+                    raw.rope_local_base_freq
+                        .or_else(|| local.and_then(|l| l.get("rope_theta")).and_then(Value::as_f64))
+                        .unwrap_or(1e4),
+                )
             }
             _ => None,
         };
@@ -297,7 +306,10 @@ impl Config {
             Value::Array(items) => {
                 let v: Vec<i64> = items.iter().filter_map(Value::as_i64).collect();
                 if v.len() != items.len() || v.len() as i64 != n {
-                    bail!("intermediate_size is a list of {} entries; expected {n} integers (one per layer)", items.len());
+                    bail!(
+                        "intermediate_size is a list of {} entries; expected {n} integers (one per layer)",
+                        items.len()
+                    );
                 }
                 v
             }
@@ -308,7 +320,11 @@ impl Config {
                 bail!("activation_sparsity_pattern has {} entries; expected {n}", g.activation_sparsity_pattern.len());
             }
             if g.altup_num_inputs < 2 || g.altup_active_idx != 0 {
-                bail!("altup_num_inputs {} / altup_active_idx {}: only ≥ 2 streams with active index 0 are supported", g.altup_num_inputs, g.altup_active_idx);
+                bail!(
+                    "altup_num_inputs {} / altup_active_idx {}: only ≥ 2 streams with active index 0 are supported",
+                    g.altup_num_inputs,
+                    g.altup_active_idx
+                );
             }
             if g.num_kv_shared_layers < 0 || g.num_kv_shared_layers >= n {
                 bail!("num_kv_shared_layers {} must be below num_hidden_layers {n}", g.num_kv_shared_layers);
@@ -358,7 +374,11 @@ impl Config {
             rope_local_theta,
             attn_logit_softcapping: attn_softcap,
             final_logit_softcapping: final_softcap,
-            query_pre_attn_scalar: if gemma && t != "gemma3n_text" { Some(raw.query_pre_attn_scalar.unwrap_or(256.0)) } else { None },
+            query_pre_attn_scalar: if gemma && t != "gemma3n_text" {
+                Some(raw.query_pre_attn_scalar.unwrap_or(256.0))
+            } else {
+                None
+            },
             intermediate_sizes,
             gemma3n,
         })

@@ -34,7 +34,13 @@ impl GemmaRmsNorm {
 
     /// Normalize over the last dimension (the fused kernel when no gradient is needed on a GPU).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        crate::kernels::rms_norm::forward(x, Some(&self.scale), self.eps, crate::kernels::rms_norm::Mode::Scale, self.kernels.as_deref())
+        crate::kernels::rms_norm::forward(
+            x,
+            Some(&self.scale),
+            self.eps,
+            crate::kernels::rms_norm::Mode::Scale,
+            self.kernels.as_deref(),
+        )
     }
 }
 
@@ -217,7 +223,16 @@ impl Gemma {
             }
             None => inv.shallow_clone(),
         };
-        Ok(Gemma { config, prefix: prefix.to_string(), embed_tokens, layers, norm, lm_head, inv_freq: inv, inv_freq_local: inv_local })
+        Ok(Gemma {
+            config,
+            prefix: prefix.to_string(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: inv,
+            inv_freq_local: inv_local,
+        })
     }
 
     fn rope(&self, i: usize, positions: &Tensor, kind: Kind) -> Rope {

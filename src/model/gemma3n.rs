@@ -48,7 +48,8 @@ impl Norm {
         let name = format!("{prefix}.weight");
         let w = l.weights.get(&l.key(&name))?.to_device(l.opts.device).to_kind(Kind::Float).set_requires_grad(false);
         let dtype = l.opts.dtype;
-        let weight_compute = (dtype != Kind::Float).then(|| w.to_kind(dtype)).filter(|low| low.to_kind(Kind::Float).equal(&w));
+        let weight_compute =
+            (dtype != Kind::Float).then(|| w.to_kind(dtype)).filter(|low| low.to_kind(Kind::Float).equal(&w));
         Ok(Norm { weight: Some(w), weight_compute, eps, kernels: l.kernels.clone() })
     }
 
@@ -162,7 +163,8 @@ impl Mlp {
             g = (&g - (mean + std * mult)).relu();
         }
         let u = self.up_proj.forward(x, train);
-        let a = crate::kernels::glu::forward(&g, &u, crate::kernels::glu::Act::GeluTanh, self.gate_proj.kernels.as_deref());
+        let a =
+            crate::kernels::glu::forward(&g, &u, crate::kernels::glu::Act::GeluTanh, self.gate_proj.kernels.as_deref());
         self.down_proj.forward(&a, train)
     }
 }
@@ -262,7 +264,10 @@ fn kv_roles(sliding: &[bool], num_shared: usize) -> Result<Vec<Kv>> {
     let mut slots: Vec<(usize, bool)> = vec![]; // (producer, its type), in layer order
     for i in first..n {
         let producer = (0..first).rev().find(|&j| sliding[j] == sliding[i]).with_context(|| {
-            format!("layer {i} shares K/V but no earlier layer of its type ({}) computes them", if sliding[i] { "sliding" } else { "full" })
+            format!(
+                "layer {i} shares K/V but no earlier layer of its type ({}) computes them",
+                if sliding[i] { "sliding" } else { "full" }
+            )
         })?;
         if !slots.iter().any(|&(p, _)| p == producer) {
             slots.push((producer, sliding[i]));
@@ -313,10 +318,10 @@ impl Gemma3n {
         };
         let names = weights.names();
         let mut layers = Vec::with_capacity(n_layers);
-        for i in 0..n_layers {
+        for (i, role) in kv.iter().enumerate().take(n_layers) {
             let p = format!("{prefix}.layers.{i}");
             let a = format!("{p}.self_attn");
-            let shared = matches!(kv[i], Kv::Share { .. });
+            let shared = matches!(role, Kv::Share { .. });
             if shared {
                 // transformers ≥ 5 never builds them; Google's release ships them unused.
                 for n in ["k_proj", "v_proj", "k_norm"] {
@@ -376,7 +381,11 @@ impl Gemma3n {
             (0..g.altup_num_inputs - 1).map(|k| l.frozen_linear(&format!("{prefix}.{name}.{k}"))).collect()
         };
         let inv = inv_freq(&config).to_device(opts.device);
-        let local = Config { rope_theta: config.rope_local_theta.unwrap_or(config.rope_theta), rope_scaling: RopeScaling::None, ..config.clone() };
+        let local = Config {
+            rope_theta: config.rope_local_theta.unwrap_or(config.rope_theta),
+            rope_scaling: RopeScaling::None,
+            ..config.clone()
+        };
         let inv_local = inv_freq(&local).to_device(opts.device);
         Ok(Gemma3n {
             per_layer_model_projection: l.frozen_linear(&format!("{prefix}.per_layer_model_projection"))?,
@@ -439,7 +448,10 @@ impl Gemma3n {
         let rows = Tensor::embedding(&self.embed_tokens_per_layer, &host_ids, -1, false, false).to_device(device);
         let ple = rows * embed_scale(p, kind);
         let e = self.scaled_embedding(ids).to_device(device);
-        let scale_proj = Tensor::from((self.config.hidden_size as f64).powf(-0.5) as f32).to_kind(kind).to_kind(Kind::Double).double_value(&[]);
+        let scale_proj = Tensor::from((self.config.hidden_size as f64).powf(-0.5) as f32)
+            .to_kind(kind)
+            .to_kind(Kind::Double)
+            .double_value(&[]);
         let proj = self.per_layer_model_projection.forward(&e, false) * scale_proj;
         let proj = self.per_layer_projection_norm.forward(&proj.view([b, t, l, p]));
         let rsqrt2 = Tensor::from(2.0f32).rsqrt().to_kind(kind).to_kind(Kind::Double).double_value(&[]);
@@ -447,12 +459,22 @@ impl Gemma3n {
     }
 
     fn per_layer_input(&self, batch: &Batch, i: usize, device: Device) -> Tensor {
-        batch.per_layer_inputs.get_or_init(|| self.compute_per_layer_inputs(&batch.input_ids, device)).select(2, i as i64)
+        batch
+            .per_layer_inputs
+            .get_or_init(|| self.compute_per_layer_inputs(&batch.input_ids, device))
+            .select(2, i as i64)
     }
 
     /// One decoder layer on the streams `[B, T, N, H]`; `attn` runs self-attention on the normed
     /// active stream. Returns the new streams.
-    fn layer_streams(&self, i: usize, streams: &Tensor, per_layer: &Tensor, train: bool, attn: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+    fn layer_streams(
+        &self,
+        i: usize,
+        streams: &Tensor,
+        per_layer: &Tensor,
+        train: bool,
+        attn: impl FnOnce(&Tensor) -> Tensor,
+    ) -> Tensor {
         let layer = &self.layers[i];
         let (b, t, n, _) = streams.size4().unwrap_or_default();
         // AltUp predict: pred[p] = S[p] + Σ_q R[p, q]·S[q].
@@ -463,10 +485,13 @@ impl Gemma3n {
         let a = pred.select(2, 0);
         let an = layer.input_layernorm.forward(&a);
         let lz = &layer.laurel;
-        let laurel = &an + lz.post_laurel_norm.forward(&lz.linear_right.forward(&lz.linear_left.forward(&an, train), train));
+        let laurel =
+            &an + lz.post_laurel_norm.forward(&lz.linear_right.forward(&lz.linear_left.forward(&an, train), train));
         let att = layer.post_attention_layernorm.forward(&attn(&an));
         let x = (&a + att + laurel) / std::f64::consts::SQRT_2;
-        let f = layer.post_feedforward_layernorm.forward(&layer.mlp.forward(&layer.pre_feedforward_layernorm.forward(&x), train));
+        let f = layer
+            .post_feedforward_layernorm
+            .forward(&layer.mlp.forward(&layer.pre_feedforward_layernorm.forward(&x), train));
         let out = &x + f;
         // AltUp correct: C[p] = pred[p] + (coef[p] + 1)·(out − pred[0]).
         let c = layer.altup.modalities(&out).linear::<Tensor>(&layer.altup.correction_coefs, None) + 1.0;
@@ -567,7 +592,11 @@ impl CausalLm for Gemma3n {
             let window = self.window(i).filter(|&w| w < s);
             let plain = batch.attention_mask.is_none() && window.is_none() && (t == 1 || s == t);
             let mask = (!plain).then(|| cached_attention_mask(batch.attention_mask.as_ref(), b, t, s, window, device));
-            let o = if plain && t > 1 { attend(&q, &k, &v, &Mask::Causal, 1.0) } else { super::blocks::attend_kv(&q, &k, &v, mask.as_ref(), false, 1.0) };
+            let o = if plain && t > 1 {
+                attend(&q, &k, &v, &Mask::Causal, 1.0)
+            } else {
+                super::blocks::attend_kv(&q, &k, &v, mask.as_ref(), false, 1.0)
+            };
             attn.o_proj.forward(&o, false)
         });
         new_streams.view([b, t, n * hd])

@@ -89,7 +89,14 @@ impl KvCache {
 /// over `s` keys: causal, `k > q − window` when sliding, keys with `key_mask == 0` (`[B, S]`,
 /// `None`: all real) hidden. A query left with no key (a left-padded prompt position) keeps its
 /// own key so softmax has no NaN; its output is don't-care.
-pub(crate) fn cached_attention_mask(key_mask: Option<&Tensor>, b: i64, t: i64, s: i64, window: Option<i64>, device: Device) -> Tensor {
+pub(crate) fn cached_attention_mask(
+    key_mask: Option<&Tensor>,
+    b: i64,
+    t: i64,
+    s: i64,
+    window: Option<i64>,
+    device: Device,
+) -> Tensor {
     let q = Tensor::arange_start(s - t, s, (Kind::Int64, device)).unsqueeze(1); // (T, 1)
     let k = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0); // (1, S)
     let mut allowed = k.le_tensor(&q);

@@ -48,8 +48,11 @@ impl Attention for LlamaAttention {
     fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // (B, n, T, d)
-        let q = rope.apply_bthd(self.q_proj.forward(x, train).view([b, t, self.num_heads, self.head_dim])).transpose(1, 2);
-        let k = rope.apply_bthd(self.k_proj.forward(x, train).view([b, t, self.num_kv_heads, self.head_dim])).transpose(1, 2);
+        let q =
+            rope.apply_bthd(self.q_proj.forward(x, train).view([b, t, self.num_heads, self.head_dim])).transpose(1, 2);
+        let k = rope
+            .apply_bthd(self.k_proj.forward(x, train).view([b, t, self.num_kv_heads, self.head_dim]))
+            .transpose(1, 2);
         let v = heads(self.v_proj.forward(x, train), self.num_kv_heads);
         (q, k, v)
     }
@@ -65,7 +68,8 @@ impl Attention for LlamaAttention {
         let (v, zv) = self.v_proj.forward_saving(x);
         // RoPE in the projections' [B, T, n, d] layout (in place with the kernel), then leaves.
         let q = rope.apply_bthd(q.view([b, t, self.num_heads, self.head_dim])).transpose(1, 2).set_requires_grad(true);
-        let k = rope.apply_bthd(k.view([b, t, self.num_kv_heads, self.head_dim])).transpose(1, 2).set_requires_grad(true);
+        let k =
+            rope.apply_bthd(k.view([b, t, self.num_kv_heads, self.head_dim])).transpose(1, 2).set_requires_grad(true);
         let v = v.view([b, t, self.num_kv_heads, self.head_dim]).transpose(1, 2).set_requires_grad(true);
         let core = tch::with_grad(|| attend(&q, &k, &v, mask, self.scale()));
         let (a, _) = self.o_proj.forward_saving(&core.detach());

@@ -81,7 +81,14 @@ impl Batch {
 
     /// A padded batch with explicit RoPE positions `[B, T]` (e.g. new tokens after a KV cache).
     pub fn at(input_ids: Tensor, attention_mask: Option<Tensor>, position_ids: Tensor) -> Batch {
-        Batch { input_ids, attention_mask, position_ids, seq_ids: None, per_layer_inputs: Default::default(), segments: Default::default() }
+        Batch {
+            input_ids,
+            attention_mask,
+            position_ids,
+            seq_ids: None,
+            per_layer_inputs: Default::default(),
+            segments: Default::default(),
+        }
     }
 
     /// A packed batch: `seq_ids` `[B, T]` gives each token its document (one id per document,
@@ -95,7 +102,14 @@ impl Batch {
         let _ = starts.narrow(1, 0, 1).fill_(1);
         let start_idx = idx.where_self(&starts, &idx.zeros_like()).cummax(1).0;
         let position_ids = &idx - start_idx;
-        Batch { input_ids, attention_mask: None, position_ids, seq_ids: Some(seq_ids), per_layer_inputs: Default::default(), segments: Default::default() }
+        Batch {
+            input_ids,
+            attention_mask: None,
+            position_ids,
+            seq_ids: Some(seq_ids),
+            per_layer_inputs: Default::default(),
+            segments: Default::default(),
+        }
     }
 
     /// The documents of the batch for varlen attention ([`crate::kernels::varlen::segments`]):
@@ -106,7 +120,9 @@ impl Batch {
     pub fn segments(&self, device: Device) -> (Tensor, i64) {
         let (cu, longest) = self.segments.get_or_init(|| {
             let (b, t) = self.input_ids.size2().unwrap_or((1, self.input_ids.size()[0]));
-            let host = |x: &Tensor| Vec::<i64>::try_from(x.to_device(Device::Cpu).to_kind(Kind::Int64).reshape([-1])).unwrap_or_default();
+            let host = |x: &Tensor| {
+                Vec::<i64>::try_from(x.to_device(Device::Cpu).to_kind(Kind::Int64).reshape([-1])).unwrap_or_default()
+            };
             let mut keys = self.seq_ids.as_ref().map_or_else(|| vec![0; (b * t) as usize], host);
             if let Some(m) = &self.attention_mask {
                 for (k, m) in keys.iter_mut().zip(host(m)) {

@@ -52,8 +52,11 @@ impl Attention for Qwen3Attention {
     fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]); // (B, T, n, d)
-        let q = rope.apply_bthd(self.q_norm.forward(&heads(self.q_proj.forward(x, train), self.num_heads))).transpose(1, 2);
-        let k = rope.apply_bthd(self.k_norm.forward(&heads(self.k_proj.forward(x, train), self.num_kv_heads))).transpose(1, 2);
+        let q =
+            rope.apply_bthd(self.q_norm.forward(&heads(self.q_proj.forward(x, train), self.num_heads))).transpose(1, 2);
+        let k = rope
+            .apply_bthd(self.k_norm.forward(&heads(self.k_proj.forward(x, train), self.num_kv_heads)))
+            .transpose(1, 2);
         let v = heads(self.v_proj.forward(x, train), self.num_kv_heads).transpose(1, 2);
         (q, k, v)
     }

@@ -79,7 +79,13 @@ impl Weights {
             }
             shards.push(Shard { path, map: Arc::new(map), data_start: 8 + header_len });
         }
-        Ok(Weights { dir: dir.to_path_buf(), shards, index, used: RefCell::new(HashSet::new()), progress: Progress::hidden() })
+        Ok(Weights {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+            used: RefCell::new(HashSet::new()),
+            progress: Progress::hidden(),
+        })
     }
 
     /// Report progress over the checkpoint's bytes as tensors are read (`what`: e.g. "load");
@@ -154,7 +160,9 @@ impl Weights {
         let bytes = shard.map.get(shard.data_start + start..shard.data_start + end)?;
         let elem = kind.elt_size_in_bytes();
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        if (bytes.as_ptr() as usize) % elem != 0 || shape.iter().product::<i64>() as usize * elem != bytes.len() {
+        if !(bytes.as_ptr() as usize).is_multiple_of(elem)
+            || shape.iter().product::<i64>() as usize * elem != bytes.len()
+        {
             return None;
         }
         // SAFETY: the bytes stay mapped while `_map` lives (the Arc is held next to the tensor),

@@ -111,13 +111,19 @@ impl RunLock {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     match util::read_json::<LockInfo>(&path) {
-                        Ok(info) if info.pid == std::process::id() => bail!("run dir {} is already locked by this process", run_dir.display()),
+                        Ok(info) if info.pid == std::process::id() => {
+                            bail!("run dir {} is already locked by this process", run_dir.display())
+                        }
                         Ok(info) if pid_alive(info.pid) => bail!(
                             "run dir {} is in use by another tuner process (pid {}); wait for it or stop it",
                             run_dir.display(),
                             info.pid
                         ),
-                        Ok(info) => log::warn!("taking over a stale lock in {} left by pid {} (no longer running)", run_dir.display(), info.pid),
+                        Ok(info) => log::warn!(
+                            "taking over a stale lock in {} left by pid {} (no longer running)",
+                            run_dir.display(),
+                            info.pid
+                        ),
                         Err(_) => {
                             // A lock being written right now is briefly empty: give it a moment.
                             std::thread::sleep(std::time::Duration::from_millis(200));

@@ -55,16 +55,8 @@ pub(crate) fn quantize_4bit(x: &Tensor, quant_type: QuantType, blocksize: i64) -
         scaled_parts.push((&tail / &am).clamp(-1.0, 1.0));
         absmax_parts.push(am.unsqueeze(0));
     }
-    let mut scaled = if scaled_parts.len() == 1 {
-        scaled_parts.remove(0)
-    } else {
-        Tensor::cat(&scaled_parts, 0)
-    };
-    let absmax = if absmax_parts.len() == 1 {
-        absmax_parts.remove(0)
-    } else {
-        Tensor::cat(&absmax_parts, 0)
-    };
+    let mut scaled = if scaled_parts.len() == 1 { scaled_parts.remove(0) } else { Tensor::cat(&scaled_parts, 0) };
+    let absmax = if absmax_parts.len() == 1 { absmax_parts.remove(0) } else { Tensor::cat(&absmax_parts, 0) };
     if n % 2 == 1 {
         scaled = scaled.constant_pad_nd([0, 1].as_slice());
     }
@@ -98,9 +90,7 @@ pub(crate) fn quantize_nested(absmax: &Tensor, code: &[f32; 256], blocksize: i64
     let nb = v.size()[0];
     let nb2 = num_blocks(nb, blocksize);
     // Zero padding changes no block maximum; the padded codes are dropped below.
-    let vb = v
-        .constant_pad_nd([0, nb2 * blocksize - nb].as_slice())
-        .view([nb2, blocksize]);
+    let vb = v.constant_pad_nd([0, nb2 * blocksize - nb].as_slice()).view([nb2, blocksize]);
     let a2 = vb.abs().amax([1].as_slice(), false);
     let zero = a2.eq(0.0);
     let inv = a2.masked_fill(&zero, 1.0).reciprocal();
@@ -110,10 +100,7 @@ pub(crate) fn quantize_nested(absmax: &Tensor, code: &[f32; 256], blocksize: i64
     let t = (h.to_kind(Kind::Double) * 65535.0 + 0.5).to_kind(Kind::Float);
     let idx = t.to_kind(Kind::Int64).view([-1]);
     let lut = Tensor::from_slice(&blockwise_lut(code)).to_device(device);
-    let q = lut
-        .index_select(0, &idx)
-        .view([nb2, blocksize])
-        .masked_fill(&zero.unsqueeze(1), 0i64);
+    let q = lut.index_select(0, &idx).view([nb2, blocksize]).masked_fill(&zero.unsqueeze(1), 0i64);
     let codes = q.view([-1]).narrow(0, 0, nb).contiguous();
     (codes, a2, offset)
 }
@@ -153,10 +140,6 @@ pub(crate) fn dequantize_4bit(codes: &Tensor, quant_map: &Tensor, absmax: &Tenso
     let lo = bytes.remainder(16);
     let pair_table = Tensor::stack(&[quant_map.index_select(0, &hi), quant_map.index_select(0, &lo)], 1);
     let vals = pair_table.index_select(0, &codes.to_kind(Kind::Int)).view([-1]);
-    let vals = if vals.size()[0] == n {
-        vals
-    } else {
-        vals.narrow(0, 0, n)
-    };
+    let vals = if vals.size()[0] == n { vals } else { vals.narrow(0, 0, n) };
     scale_by_block(&vals, absmax, blocksize)
 }

@@ -39,9 +39,7 @@ fn to_vec_u8(t: &Tensor) -> Result<Vec<u8>> {
 /// An integer field that may be written as a number (integral float) or a string.
 fn json_i64(v: &Value) -> Option<i64> {
     match v {
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)),
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
@@ -89,11 +87,7 @@ pub(crate) fn py_float_repr(x: f64) -> String {
         return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
+        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
     // The fewest significant digits that read back as x, correctly rounded (ties to even,
     // like Python). Rust's own shortest `{:e}` is not used: on an exact tie it rounds up
@@ -119,11 +113,7 @@ pub(crate) fn py_float_repr(x: f64) -> String {
         }
     } else {
         let frac = &digits[1..];
-        let m = if frac.is_empty() {
-            digits[..1].to_string()
-        } else {
-            format!("{}.{frac}", &digits[..1])
-        };
+        let m = if frac.is_empty() { digits[..1].to_string() } else { format!("{}.{frac}", &digits[..1]) };
         format!("{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
     };
     format!("{sign}{body}")
@@ -158,9 +148,7 @@ pub(crate) fn to_bnb(q: &QuantTensor, prefix: &str) -> Vec<(String, Tensor)> {
             out.push((format!("{w}.absmax"), cpu(a)));
             out.push((format!("{w}.quant_map"), cpu(&q.quant_map)));
         }
-        Absmax::Nested {
-            codes, code, absmax, ..
-        } => {
+        Absmax::Nested { codes, code, absmax, .. } => {
             out.push((format!("{w}.absmax"), cpu(codes)));
             out.push((format!("{w}.quant_map"), cpu(&q.quant_map)));
             out.push((format!("{w}.nested_absmax"), cpu(absmax)));
@@ -234,22 +222,14 @@ fn parse_layer(prefix: &str, key_type: QuantType, state: &Tensor) -> Result<Stat
     let nested_blocksize = field("nested_blocksize")
         .map(|v| json_i64(v).ok_or_else(|| anyhow!("bad nested_blocksize `{v}`")))
         .transpose()?;
-    let nested_offset = field("nested_offset")
-        .map(|v| json_f64(v).ok_or_else(|| anyhow!("bad nested_offset `{v}`")))
-        .transpose()?;
+    let nested_offset =
+        field("nested_offset").map(|v| json_f64(v).ok_or_else(|| anyhow!("bad nested_offset `{v}`"))).transpose()?;
     if let Some(d) = field("nested_dtype").and_then(Value::as_str) {
         if parse_dtype(d) != Some(Kind::Float) {
             log::warn!("`{prefix}`: nested_dtype `{d}`; reading nested absmax as float32");
         }
     }
-    Ok(State {
-        quant_type,
-        blocksize,
-        dtype,
-        shape,
-        nested_blocksize,
-        nested_offset,
-    })
+    Ok(State { quant_type, blocksize, dtype, shape, nested_blocksize, nested_offset })
 }
 
 /// Checks a 1-D length, naming the tensor.
@@ -270,11 +250,7 @@ fn finish(prefix: &str, st: State, get: &dyn Fn(&str) -> Option<Tensor>) -> Resu
     let nbytes = (n + 1) / 2;
     let codes = as_bytes(&weight);
     if (codes.numel() as i64) < nbytes {
-        bail!(
-            "`{w}` holds {} bytes, expected {nbytes} for shape {:?}",
-            codes.numel(),
-            st.shape
-        );
+        bail!("`{w}` holds {} bytes, expected {nbytes} for shape {:?}", codes.numel(), st.shape);
     }
     let codes = codes.narrow(0, 0, nbytes).contiguous();
     let nblocks = num_blocks(n, st.blocksize);
@@ -302,18 +278,14 @@ fn finish(prefix: &str, st: State, get: &dyn Fn(&str) -> Option<Tensor>) -> Resu
         }
         Some(nested) => {
             if raw_absmax.is_floating_point() {
-                bail!(
-                    "`{w}.absmax` is {:?}, expected U8 codes with nested_absmax",
-                    raw_absmax.kind()
-                );
+                bail!("`{w}.absmax` is {:?}, expected U8 codes with nested_absmax", raw_absmax.kind());
             }
             let nbs = st.nested_blocksize.unwrap_or(NESTED_BLOCKSIZE);
             if nbs <= 0 {
                 bail!("bad nested_blocksize {nbs}");
             }
-            let offset = st
-                .nested_offset
-                .ok_or_else(|| anyhow!("quant_state has nested_absmax but no nested_offset"))?;
+            let offset =
+                st.nested_offset.ok_or_else(|| anyhow!("quant_state has nested_absmax but no nested_offset"))?;
             let nested = nested.to_device(device).to_kind(Kind::Float).reshape([-1]).contiguous();
             expect_len(&format!("{w}.nested_absmax"), &nested, num_blocks(nblocks, nbs))?;
             let code = match get(&format!("{w}.nested_quant_map")) {

@@ -106,13 +106,7 @@ impl Absmax {
     pub fn shallow_clone(&self) -> Absmax {
         match self {
             Absmax::Plain(t) => Absmax::Plain(t.shallow_clone()),
-            Absmax::Nested {
-                codes,
-                code,
-                absmax,
-                offset,
-                blocksize,
-            } => Absmax::Nested {
+            Absmax::Nested { codes, code, absmax, offset, blocksize } => Absmax::Nested {
                 codes: codes.shallow_clone(),
                 code: code.shallow_clone(),
                 absmax: absmax.shallow_clone(),
@@ -126,26 +120,16 @@ impl Absmax {
     pub fn values(&self) -> Tensor {
         match self {
             Absmax::Plain(t) => t.to_kind(Kind::Float),
-            Absmax::Nested {
-                codes,
-                code,
-                absmax,
-                offset,
-                blocksize,
-            } => blockwise::dequantize_nested(codes, code, absmax, *offset, *blocksize),
+            Absmax::Nested { codes, code, absmax, offset, blocksize } => {
+                blockwise::dequantize_nested(codes, code, absmax, *offset, *blocksize)
+            }
         }
     }
 
     fn to_device(&self, device: Device) -> Absmax {
         match self {
             Absmax::Plain(t) => Absmax::Plain(t.to_device(device)),
-            Absmax::Nested {
-                codes,
-                code,
-                absmax,
-                offset,
-                blocksize,
-            } => Absmax::Nested {
+            Absmax::Nested { codes, code, absmax, offset, blocksize } => Absmax::Nested {
                 codes: codes.to_device(device),
                 code: code.to_device(device),
                 absmax: absmax.to_device(device),
@@ -158,9 +142,9 @@ impl Absmax {
     fn nbytes(&self) -> i64 {
         match self {
             Absmax::Plain(t) => tensor_bytes(t),
-            Absmax::Nested {
-                codes, code, absmax, ..
-            } => tensor_bytes(codes) + tensor_bytes(code) + tensor_bytes(absmax),
+            Absmax::Nested { codes, code, absmax, .. } => {
+                tensor_bytes(codes) + tensor_bytes(code) + tensor_bytes(absmax)
+            }
         }
     }
 }

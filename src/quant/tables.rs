@@ -30,6 +30,7 @@ pub const NF4_TABLE: [f32; 16] = [
 /// FP4 code table (`get_4bit_type("fp4")`): the raw e2m1 values divided by 12 in f32.
 /// Bit 3 is the sign; index 8 is +0.0 like index 0, because bitsandbytes writes it as the
 /// Python integer `-0`, which is plain 0.
+#[allow(clippy::eq_op)] // `12.0 / 12.0` keeps the "raw value / 12" pattern of every entry
 pub const FP4_TABLE: [f32; 16] = [
     0.0,
     0.0625 / 12.0,

@@ -100,7 +100,9 @@ fn key_locations(doc: &toml_edit::Document<&str>, src: &str, file: &str) -> vali
         }
         let inner = match item {
             toml_edit::Item::Table(t) => Some(t.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>()),
-            toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => Some(t.iter().map(|(k, _)| k.to_string()).collect()),
+            toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => {
+                Some(t.iter().map(|(k, _)| k.to_string()).collect())
+            }
             _ => None,
         };
         for key in inner.unwrap_or_default() {
@@ -130,26 +132,30 @@ fn parse_override_value(v: &str) -> toml::Value {
 /// Read, override, validate. Errors are [`Failure::Usage`] (exit code 2).
 pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
     let file = path.display().to_string();
-    let src = std::fs::read_to_string(path)
-        .map_err(|e| Failure::Usage(format!("cannot read recipe {file}: {e}")))?;
+    let src = std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("cannot read recipe {file}: {e}")))?;
     let doc = toml_edit::Document::parse(src.as_str()).map_err(|e| {
         let line = e.span().map(|s| line_of(&src, s.start)).unwrap_or(1);
         Failure::Usage(format!("{file}:{line}: invalid TOML: {}", toml_problem(&src, e.message().trim(), e.span())))
     })?;
     let mut locs = key_locations(&doc, &src, &file);
-    let mut table: toml::Table = src
-        .parse()
-        .map_err(|e: toml::de::Error| Failure::Usage(format!("{file}: invalid TOML: {}", e.message())))?;
+    let mut table: toml::Table =
+        src.parse().map_err(|e: toml::de::Error| Failure::Usage(format!("{file}: invalid TOML: {}", e.message())))?;
 
     let mut diags = Vec::new();
     for o in overrides {
         let Some((key, value)) = o.split_once('=') else {
-            diags.push(Diagnostic { location: format!("--set {o}"), text: "expected SECTION.KEY=VALUE, e.g. train.max_steps=10".into() });
+            diags.push(Diagnostic {
+                location: format!("--set {o}"),
+                text: "expected SECTION.KEY=VALUE, e.g. train.max_steps=10".into(),
+            });
             continue;
         };
         let key = key.trim();
         let Some((section, name)) = key.split_once('.') else {
-            diags.push(Diagnostic { location: format!("--set {o}"), text: format!("expected SECTION.KEY=VALUE, found key `{key}`") });
+            diags.push(Diagnostic {
+                location: format!("--set {o}"),
+                text: format!("expected SECTION.KEY=VALUE, found key `{key}`"),
+            });
             continue;
         };
         let sect = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
@@ -164,17 +170,17 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
     if !diags.is_empty() {
         return Err(Failure::Usage(RecipeErrors(diags).to_string().trim_end().to_string()).into());
     }
-    let mut recipe = Recipe::deserialize_table(table)
-        .map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
+    let mut recipe = Recipe::deserialize_table(table).map_err(|e| Failure::Usage(format!("{file}: {e}")))?;
     if recipe.run.name.is_empty() {
         recipe.run.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     }
-    let dir = path.parent().map(Path::to_path_buf).filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."));
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
     let loc = |key: &str| {
-        locs.get(key)
-            .or_else(|| locs.get(key.split('.').next().unwrap_or("")))
-            .cloned()
-            .unwrap_or_else(|| file.clone())
+        locs.get(key).or_else(|| locs.get(key.split('.').next().unwrap_or(""))).cloned().unwrap_or_else(|| file.clone())
     };
     validate::check_semantics(&recipe, &dir, &loc, &mut diags);
     if !diags.is_empty() {
@@ -224,7 +230,7 @@ pub fn batching(t: &TrainSection, world_size: usize) -> Result<Batching, String>
     let world_size = world_size.max(1);
     let ga = t.gradient_accumulation_steps as usize;
     let accum_per_rank = if t.keep_effective_batch && world_size > 1 {
-        if ga % world_size != 0 {
+        if !ga.is_multiple_of(world_size) {
             return Err(format!(
                 "train.keep_effective_batch = true needs train.gradient_accumulation_steps ({ga}) to be a multiple of the number of processes ({world_size})"
             ));

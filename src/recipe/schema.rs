@@ -364,7 +364,14 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { metrics: vec![], max_samples: 100, max_loss_rows: 0, max_new_tokens: 128, temperature: 0.0, batch_size: 8 }
+        EvalSection {
+            metrics: vec![],
+            max_samples: 100,
+            max_loss_rows: 0,
+            max_new_tokens: 128,
+            temperature: 0.0,
+            batch_size: 8,
+        }
     }
 }
 

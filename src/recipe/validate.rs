@@ -176,10 +176,9 @@ fn apply_rule(rule: Rule, v: &toml::Value) -> Result<(), String> {
             matches!(v, V::Integer(i) if *i >= 16 && *i <= 4096 && (*i as u64).is_power_of_two()),
             "a power of two from 16 to 4096 (bitsandbytes uses 64)".to_string(),
         ),
-        Rule::Words(words) => (
-            matches!(v, V::String(s) if words.contains(&s.as_str())),
-            format!("one of {}", quoted_list(words)),
-        ),
+        Rule::Words(words) => {
+            (matches!(v, V::String(s) if words.contains(&s.as_str())), format!("one of {}", quoted_list(words)))
+        }
         Rule::WordList(words) => {
             let expected = format!("a list of {}", quoted_list(words));
             if let V::Array(items) = v {
@@ -214,9 +213,8 @@ fn humanize(serde_msg: &str, v: &toml::Value) -> String {
         // unknown variant `cosin`, expected one of `linear`, `cosine`, `constant`
         let found = rest.split('`').next().unwrap_or("");
         let variants: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
-        let hint = did_you_mean(found, variants.iter().copied())
-            .map(|w| format!("; did you mean {w:?}?"))
-            .unwrap_or_default();
+        let hint =
+            did_you_mean(found, variants.iter().copied()).map(|w| format!("; did you mean {w:?}?")).unwrap_or_default();
         return format!("expected one of {}, found {found:?}{hint}", quoted_list(&variants));
     }
     let expected = serde_msg.rsplit(", expected ").next().unwrap_or(serde_msg);
@@ -267,13 +265,18 @@ pub type Locations = BTreeMap<String, String>;
 /// Pass 1 and 2: unknown sections and keys, value types and ranges.
 pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &mut Vec<Diagnostic>) {
     let loc = |key: &str| locs.get(key).cloned().unwrap_or_else(|| file_loc.to_string());
-    const SECTIONS: [&str; 9] = ["run", "model", "quantization", "lora", "prompt", "dataset", "train", "eval", "export"];
+    const SECTIONS: [&str; 9] =
+        ["run", "model", "quantization", "lora", "prompt", "dataset", "train", "eval", "export"];
     for (section, value) in table {
         let Some(keys) = section_keys(section) else {
             let hint = did_you_mean(section, SECTIONS.iter().copied())
                 .map(|s| format!("; did you mean [{s}]?"))
                 .unwrap_or_else(|| format!("; sections are {}", SECTIONS.map(|s| format!("[{s}]")).join(" ")));
-            let what = if value.is_table() { format!("unknown section [{section}]") } else { format!("unknown key `{section}` at the top level") };
+            let what = if value.is_table() {
+                format!("unknown section [{section}]")
+            } else {
+                format!("unknown key `{section}` at the top level")
+            };
             out.push(Diagnostic { location: loc(section), text: format!("{what}{hint}") });
             continue;
         };
@@ -290,7 +293,10 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
                 let hint = did_you_mean(key, keys.iter().copied())
                     .map(|k| format!("; did you mean `{k}`?"))
                     .unwrap_or_else(|| format!("; allowed keys: {}", keys.join(", ")));
-                out.push(Diagnostic { location: loc(&dotted), text: format!("unknown key `{key}` in [{section}]{hint}") });
+                out.push(Diagnostic {
+                    location: loc(&dotted),
+                    text: format!("unknown key `{key}` in [{section}]{hint}"),
+                });
                 continue;
             }
             let result = match rule_for(&dotted) {
@@ -360,7 +366,13 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
             Source::Hub { .. } => {}
             Source::Local(p) if p.extension().is_some_and(|e| e == "gguf") => {
                 if !p.is_file() {
-                    err("model.source", format!("GGUF file {} does not exist (scripts/bootstrap fetches the quickstart model)", p.display()));
+                    err(
+                        "model.source",
+                        format!(
+                            "GGUF file {} does not exist (scripts/bootstrap fetches the quickstart model)",
+                            p.display()
+                        ),
+                    );
                 } else if let Ok(g) = crate::gguf::GgufFile::open(&p) {
                     model_type = g.architecture().map(str::to_string);
                 }
@@ -421,7 +433,10 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
                 Err(e) => err("prompt.template", e),
                 Ok(parts) => {
                     let slot = &r.prompt.output_field;
-                    let n = parts.iter().filter(|p| matches!(p, crate::data::template::Piece::Field(f) if f == slot)).count();
+                    let n = parts
+                        .iter()
+                        .filter(|p| matches!(p, crate::data::template::Piece::Field(f) if f == slot))
+                        .count();
                     if n != 1 {
                         err("prompt.template", format!("a format string needs exactly one `{{{slot}}}` slot (where the response starts; see prompt.output_field), found {n}"));
                     }
@@ -438,13 +453,23 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
         Source::Local(p) if p.is_file() => {
             let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
             if !DATA_EXTENSIONS.contains(&ext) {
-                err(key, format!("{} has an unsupported extension; expected one of .{}", p.display(), DATA_EXTENSIONS.join(", .")));
+                err(
+                    key,
+                    format!(
+                        "{} has an unsupported extension; expected one of .{}",
+                        p.display(),
+                        DATA_EXTENSIONS.join(", .")
+                    ),
+                );
             }
         }
         Source::Local(p) => err(key, format!("{} does not exist", p.display())),
     };
     if r.dataset.source.is_empty() {
-        err("dataset.source", "missing; set it to a local .jsonl/.json/.csv/.parquet/.arrow file or folder, or `hf:ORG/NAME`".into());
+        err(
+            "dataset.source",
+            "missing; set it to a local .jsonl/.json/.csv/.parquet/.arrow file or folder, or `hf:ORG/NAME`".into(),
+        );
     } else {
         check_data("dataset.source", &r.dataset.source, &mut err);
     }

@@ -108,9 +108,26 @@ pub struct Limits {
 const GENERATE_FIELDS: &[&str] =
     &["prompt", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream"];
 const OPENAI_FIELDS: &[&str] = &[
-    "model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream",
-    "stream_options", "n", "user", "echo", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-    "best_of", "suffix", "logit_bias",
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "echo",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "best_of",
+    "suffix",
+    "logit_bias",
 ];
 const MAX_STOP: usize = 16;
 
@@ -154,7 +171,11 @@ impl<'a> Fields<'a> {
     fn number(&self, key: &str) -> Result<Option<f64>, ApiError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Number(n)) => n.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| ApiError::field(key, format!("`{key}` must be a finite number"))),
+            Some(Value::Number(n)) => n
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| ApiError::field(key, format!("`{key}` must be a finite number"))),
             Some(v) => Err(ApiError::field(key, format!("`{key}` must be a number (found {})", type_name(v)))),
         }
     }
@@ -185,10 +206,18 @@ impl<'a> Fields<'a> {
                     v => Err(ApiError::field("stop", format!("`stop[{i}]` must be a string (found {})", type_name(v)))),
                 })
                 .collect::<Result<Vec<_>, _>>()?,
-            Some(v) => return Err(ApiError::field("stop", format!("`stop` must be a string or a list of strings (found {})", type_name(v)))),
+            Some(v) => {
+                return Err(ApiError::field(
+                    "stop",
+                    format!("`stop` must be a string or a list of strings (found {})", type_name(v)),
+                ))
+            }
         };
         if list.len() > MAX_STOP {
-            return Err(ApiError::field("stop", format!("`stop` has {} entries; at most {MAX_STOP} are allowed", list.len())));
+            return Err(ApiError::field(
+                "stop",
+                format!("`stop` has {} entries; at most {MAX_STOP} are allowed", list.len()),
+            ));
         }
         if list.iter().any(String::is_empty) {
             return Err(ApiError::field("stop", "`stop` strings must not be empty"));
@@ -199,14 +228,17 @@ impl<'a> Fields<'a> {
     /// An OpenAI field this server does not implement: accepted only at `default`.
     fn only_default(&self, key: &str, is_default: impl Fn(&Value) -> bool, default: &str) -> Result<(), ApiError> {
         match self.get(key) {
-            Some(v) if !is_default(v) => Err(ApiError::field(key, format!("`{key}` is not supported by this server (only {default})"))),
+            Some(v) if !is_default(v) => {
+                Err(ApiError::field(key, format!("`{key}` is not supported by this server (only {default})")))
+            }
             _ => Ok(()),
         }
     }
 }
 
 fn as_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
     match v {
         Value::Object(o) => Ok(o),
         v => Err(ApiError::invalid(format!("the body must be a JSON object (found {})", type_name(&v)))),
@@ -218,7 +250,10 @@ fn check_known(obj: &Map<String, Value>, extra: &[&str], known: &[&str]) -> Resu
         if !known.contains(&key.as_str()) && !extra.contains(&key.as_str()) {
             let mut all: Vec<&str> = extra.iter().chain(known).copied().collect();
             all.sort_unstable();
-            return Err(ApiError::field(key, format!("unknown field `{key}`; this endpoint takes: {}", all.join(", "))));
+            return Err(ApiError::field(
+                key,
+                format!("unknown field `{key}`; this endpoint takes: {}", all.join(", ")),
+            ));
         }
     }
     Ok(())
@@ -231,7 +266,10 @@ fn prompt_text(f: &Fields, endpoint: Endpoint) -> Result<String, ApiError> {
         Some(Value::Array(a)) if endpoint == Endpoint::Completions => match a.as_slice() {
             [Value::String(s)] => Ok(s.clone()),
             [_] => Err(ApiError::field("prompt", "`prompt` must be a string (token-id prompts are not supported)")),
-            _ => Err(ApiError::field("prompt", format!("`prompt` holds {} prompts; this server takes one per request", a.len()))),
+            _ => Err(ApiError::field(
+                "prompt",
+                format!("`prompt` holds {} prompts; this server takes one per request", a.len()),
+            )),
         },
         Some(v) => Err(ApiError::field("prompt", format!("`prompt` must be a string (found {})", type_name(v)))),
     }
@@ -243,13 +281,18 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
         return Err(ApiError::field("messages", format!("`{at}` must be an object (found {})", type_name(v))));
     };
     if let Some(k) = m.keys().find(|k| !["role", "content", "name"].contains(&k.as_str())) {
-        return Err(ApiError::field("messages", format!("unknown field `{at}.{k}`; a message takes role, content and name")));
+        return Err(ApiError::field(
+            "messages",
+            format!("unknown field `{at}.{k}`; a message takes role, content and name"),
+        ));
     }
     let role = match m.get("role") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::String(_)) => return Err(ApiError::field("messages", format!("`{at}.role` is empty"))),
         None | Some(Value::Null) => return Err(ApiError::field("messages", format!("missing field `{at}.role`"))),
-        Some(v) => return Err(ApiError::field("messages", format!("`{at}.role` must be a string (found {})", type_name(v)))),
+        Some(v) => {
+            return Err(ApiError::field("messages", format!("`{at}.role` must be a string (found {})", type_name(v))))
+        }
     };
     let content = match m.get("content") {
         Some(Value::String(s)) => s.clone(),
@@ -259,12 +302,24 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
             for (j, p) in parts.iter().enumerate() {
                 match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => text.push_str(t),
-                    _ => return Err(ApiError::field("messages", format!("`{at}.content[{j}]` must be {{\"type\": \"text\", \"text\": …}} (only text is supported)"))),
+                    _ => {
+                        return Err(ApiError::field(
+                            "messages",
+                            format!(
+                            "`{at}.content[{j}]` must be {{\"type\": \"text\", \"text\": …}} (only text is supported)"
+                        ),
+                        ))
+                    }
                 }
             }
             text
         }
-        Some(v) => return Err(ApiError::field("messages", format!("`{at}.content` must be a string or a list of text parts (found {})", type_name(v)))),
+        Some(v) => {
+            return Err(ApiError::field(
+                "messages",
+                format!("`{at}.content` must be a string or a list of text parts (found {})", type_name(v)),
+            ))
+        }
     };
     Ok(Message { role, content })
 }
@@ -274,7 +329,9 @@ fn messages(f: &Fields) -> Result<Vec<Message>, ApiError> {
         None => Err(ApiError::field("messages", "missing field `messages`")),
         Some(Value::Array(a)) if a.is_empty() => Err(ApiError::field("messages", "`messages` is empty")),
         Some(Value::Array(a)) => a.iter().enumerate().map(|(i, v)| message(i, v)).collect(),
-        Some(v) => Err(ApiError::field("messages", format!("`messages` must be a list of messages (found {})", type_name(v)))),
+        Some(v) => {
+            Err(ApiError::field("messages", format!("`messages` must be a list of messages (found {})", type_name(v))))
+        }
     }
 }
 
@@ -296,7 +353,14 @@ fn openai_defaults(f: &Fields) -> Result<(), ApiError> {
 }
 
 /// The sampling fields common to every endpoint; `max_key` names the length field.
-fn sampling(f: &Fields, max_key: &str, default_max: usize, default_temperature: f64, limits: &Limits, seed: u64) -> Result<SamplingParams, ApiError> {
+fn sampling(
+    f: &Fields,
+    max_key: &str,
+    default_max: usize,
+    default_temperature: f64,
+    limits: &Limits,
+    seed: u64,
+) -> Result<SamplingParams, ApiError> {
     let cap = limits.max_new_tokens_cap;
     let max_new_tokens = match f.uint(max_key)? {
         None => default_max.min(cap),
@@ -317,15 +381,21 @@ fn sampling(f: &Fields, max_key: &str, default_max: usize, default_temperature: 
     let top_k = f.uint("top_k")?.unwrap_or(0) as usize;
     let repetition_penalty = f.number("repetition_penalty")?.unwrap_or(1.0);
     if repetition_penalty <= 0.0 {
-        return Err(ApiError::field("repetition_penalty", format!("`repetition_penalty` must be > 0 (found {repetition_penalty})")));
+        return Err(ApiError::field(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be > 0 (found {repetition_penalty})"),
+        ));
     }
     let seed = match f.get("seed") {
-        Some(Value::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => n.as_u64().or(n.as_i64().map(|x| x as u64)).unwrap_or(seed),
+        Some(Value::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => {
+            n.as_u64().or(n.as_i64().map(|x| x as u64)).unwrap_or(seed)
+        }
         Some(v) => return Err(ApiError::field("seed", format!("`seed` must be an integer (found {})", type_name(v)))),
         None => seed,
     };
     let mut p = SamplingParams::default();
-    (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed) = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed);
+    (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed) =
+        (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed);
     p.stop = f.stop()?;
     Ok(p)
 }
@@ -359,9 +429,19 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits, seed: u64) -> Res
         Some(Value::Object(o)) if endpoint != Endpoint::Generate => match o.get("include_usage") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(v) => return Err(ApiError::field("stream_options", format!("`stream_options.include_usage` must be a boolean (found {})", type_name(v)))),
+            Some(v) => {
+                return Err(ApiError::field(
+                    "stream_options",
+                    format!("`stream_options.include_usage` must be a boolean (found {})", type_name(v)),
+                ))
+            }
         },
-        Some(v) => return Err(ApiError::field("stream_options", format!("`stream_options` must be an object (found {})", type_name(v)))),
+        Some(v) => {
+            return Err(ApiError::field(
+                "stream_options",
+                format!("`stream_options` must be an object (found {})", type_name(v)),
+            ))
+        }
     };
     Ok(Parsed { request: Request { prompt, sampling }, stream, include_usage })
 }

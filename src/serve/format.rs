@@ -72,7 +72,9 @@ fn chunk(e: Endpoint, m: &Meta, choice: Value) -> Value {
 /// The whole (non-streamed) response body.
 pub fn complete(e: Endpoint, m: &Meta, c: &Completion) -> Value {
     match e {
-        Endpoint::Generate => json!({"generated_text": c.text, "finish_reason": reason(c.finish_reason), "tokens": c.tokens.len()}),
+        Endpoint::Generate => {
+            json!({"generated_text": c.text, "finish_reason": reason(c.finish_reason), "tokens": c.tokens.len()})
+        }
         Endpoint::Completions => json!({
             "id": m.id, "object": "text_completion", "created": m.created, "model": m.model,
             "choices": [{"index": 0, "text": c.text, "logprobs": null, "finish_reason": openai_reason(c.finish_reason)}],
@@ -89,7 +91,11 @@ pub fn complete(e: Endpoint, m: &Meta, c: &Completion) -> Value {
 /// Events sent before any text (chat: the role).
 pub fn opening(e: Endpoint, m: &Meta) -> Vec<SseEvent> {
     match e {
-        Endpoint::Chat => vec![SseEvent::data(chunk(e, m, json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})))],
+        Endpoint::Chat => vec![SseEvent::data(chunk(
+            e,
+            m,
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+        ))],
         _ => vec![],
     }
 }
@@ -98,8 +104,12 @@ pub fn opening(e: Endpoint, m: &Meta) -> Vec<SseEvent> {
 pub fn delta(e: Endpoint, m: &Meta, text: &str) -> SseEvent {
     SseEvent::data(match e {
         Endpoint::Generate => json!({"text": text}),
-        Endpoint::Completions => chunk(e, m, json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null})),
-        Endpoint::Chat => chunk(e, m, json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null})),
+        Endpoint::Completions => {
+            chunk(e, m, json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}))
+        }
+        Endpoint::Chat => {
+            chunk(e, m, json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}))
+        }
     })
 }
 
@@ -107,8 +117,12 @@ pub fn delta(e: Endpoint, m: &Meta, text: &str) -> SseEvent {
 pub fn closing(e: Endpoint, m: &Meta, c: &Completion) -> Vec<SseEvent> {
     let last = match e {
         Endpoint::Generate => return vec![SseEvent { name: Some("done"), data: complete(e, m, c).to_string() }],
-        Endpoint::Completions => json!({"index": 0, "text": "", "logprobs": null, "finish_reason": openai_reason(c.finish_reason)}),
-        Endpoint::Chat => json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": openai_reason(c.finish_reason)}),
+        Endpoint::Completions => {
+            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": openai_reason(c.finish_reason)})
+        }
+        Endpoint::Chat => {
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": openai_reason(c.finish_reason)})
+        }
     };
     let mut out = vec![SseEvent::data(chunk(e, m, last))];
     if m.include_usage {

@@ -80,16 +80,33 @@ fn dtype_of(s: &str) -> Result<Dtype> {
 pub fn run(args: &ServeArgs, cache: &Path, interrupted: Arc<AtomicBool>) -> Result<()> {
     let dtype = dtype_of(&args.dtype)?;
     let device = crate::train::device_of(&args.device).map_err(|e| Failure::Usage(format!("--device: {e}")))?;
-    for (name, v) in [("--queue", args.queue), ("--max-batch", args.max_batch), ("--max-new-tokens-cap", args.max_new_tokens_cap), ("--max-body-bytes", args.max_body_bytes)] {
+    for (name, v) in [
+        ("--queue", args.queue),
+        ("--max-batch", args.max_batch),
+        ("--max-new-tokens-cap", args.max_new_tokens_cap),
+        ("--max-body-bytes", args.max_body_bytes),
+    ] {
         if v == 0 {
             return Err(Failure::Usage(format!("{name} must be at least 1")).into());
         }
     }
     let queue = Arc::new(queue::Queue::new(args.queue));
-    let spec = worker::LoadSpec { model: args.model.clone(), adapter: args.adapter.clone(), dtype, device, cache: cache.to_path_buf() };
+    let spec = worker::LoadSpec {
+        model: args.model.clone(),
+        adapter: args.adapter.clone(),
+        dtype,
+        device,
+        cache: cache.to_path_buf(),
+    };
     let (info, _worker) = worker::spawn(spec, queue.clone(), args.max_batch, interrupted.clone())?;
     let limits = api::Limits { max_new_tokens_cap: args.max_new_tokens_cap };
-    let state = Arc::new(routes::AppState::new(queue.clone(), args.model.display().to_string(), info.context, limits, args.max_body_bytes));
+    let state = Arc::new(routes::AppState::new(
+        queue.clone(),
+        args.model.display().to_string(),
+        info.context,
+        limits,
+        args.max_body_bytes,
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("serve")
@@ -109,7 +126,13 @@ async fn serve(args: &ServeArgs, state: Arc<routes::AppState>, interrupted: Arc<
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr().context("cannot read the bound address")?;
-    log::info!("serving {} (context {} tokens, queue {}, batches of up to {})", state.model_id, state.context, args.queue, args.max_batch);
+    log::info!(
+        "serving {} (context {} tokens, queue {}, batches of up to {})",
+        state.model_id,
+        state.context,
+        args.queue,
+        args.max_batch
+    );
     eprintln!("listening on http://{addr}");
     let flag = interrupted.clone();
     let signal = async move {

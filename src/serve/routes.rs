@@ -89,7 +89,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
     if s.queue.is_closed() {
-        return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "unavailable", "model": s.model_id, "queued": 0}));
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "unavailable", "model": s.model_id, "queued": 0}),
+        );
     }
     json_response(StatusCode::OK, &json!({"status": "ok", "model": s.model_id, "queued": s.queue.len()}))
 }
@@ -127,10 +130,17 @@ fn stopped() -> ApiError {
     ApiError::internal("the generation worker stopped before answering")
 }
 
-async fn handle(s: Arc<AppState>, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn handle(
+    s: Arc<AppState>,
+    endpoint: Endpoint,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(format!("the request body is over this server's limit of {} bytes (--max-body-bytes)", s.max_body_bytes))
+            ApiError::too_large(format!(
+                "the request body is over this server's limit of {} bytes (--max-body-bytes)",
+                s.max_body_bytes
+            ))
         } else {
             ApiError::invalid(format!("cannot read the request body: {}", r.body_text()))
         }
@@ -140,7 +150,10 @@ async fn handle(s: Arc<AppState>, endpoint: Endpoint, body: Result<Bytes, BytesR
     let parsed = api::parse(endpoint, &body, &s.limits, nanos ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
     let (tx, mut rx) = unbounded_channel();
     s.queue.push(Job { id: n, request: parsed.request, events: tx }).map_err(|e| match e {
-        PushError::Full => ApiError::busy(format!("the server is busy: {} requests are already waiting; retry shortly", s.queue.capacity()), 1),
+        PushError::Full => ApiError::busy(
+            format!("the server is busy: {} requests are already waiting; retry shortly", s.queue.capacity()),
+            1,
+        ),
         PushError::Closed => ApiError::busy("the server is shutting down (or its generation worker has stopped)", 5),
     })?;
     let prompt_tokens = match rx.recv().await {
@@ -149,7 +162,13 @@ async fn handle(s: Arc<AppState>, endpoint: Endpoint, body: Result<Bytes, BytesR
         _ => return Err(stopped()),
     };
     let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
-    let meta = Meta { id: format!("{prefix}-{nanos:x}{n:x}"), created: unix_now(), model: s.model_id.clone(), prompt_tokens, include_usage: parsed.include_usage };
+    let meta = Meta {
+        id: format!("{prefix}-{nanos:x}{n:x}"),
+        created: unix_now(),
+        model: s.model_id.clone(),
+        prompt_tokens,
+        include_usage: parsed.include_usage,
+    };
     if parsed.stream {
         return Ok(Sse::new(events(endpoint, meta, rx)).keep_alive(KeepAlive::default()).into_response());
     }
@@ -164,7 +183,11 @@ async fn handle(s: Arc<AppState>, endpoint: Endpoint, body: Result<Bytes, BytesR
 }
 
 /// The SSE stream of one request: opening events, deltas, then the closing (or failure) events.
-fn events(endpoint: Endpoint, meta: Meta, rx: UnboundedReceiver<Event>) -> impl Stream<Item = Result<sse::Event, Infallible>> {
+fn events(
+    endpoint: Endpoint,
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+) -> impl Stream<Item = Result<sse::Event, Infallible>> {
     let out: VecDeque<SseEvent> = format::opening(endpoint, &meta).into();
     stream::unfold((rx, out, false), move |(mut rx, mut out, mut ended)| {
         let meta = meta.clone();

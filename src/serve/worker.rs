@@ -63,7 +63,12 @@ struct Worker {
 
 /// Start the worker thread, load the model on it and wait until it is ready.
 /// `stop` set cancels the generation in progress; [`Queue::close`] ends the thread.
-pub fn spawn(spec: LoadSpec, queue: Arc<Queue>, max_batch: usize, stop: Arc<AtomicBool>) -> Result<(ModelInfo, JoinHandle<()>)> {
+pub fn spawn(
+    spec: LoadSpec,
+    queue: Arc<Queue>,
+    max_batch: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<(ModelInfo, JoinHandle<()>)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
     let handle = std::thread::Builder::new()
         .name("generate".into())
@@ -94,7 +99,10 @@ pub fn spawn(spec: LoadSpec, queue: Arc<Queue>, max_batch: usize, stop: Arc<Atom
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Closes the queue when the worker ends, by return or by panic, so that no request
@@ -166,16 +174,28 @@ impl Worker {
         let r = &job.request;
         let (text, field) = match &r.prompt {
             Prompt::Text(t) => (t.clone(), "prompt"),
-            Prompt::Chat(m) => (self.gen.chat_prompt(m).map_err(|e| ApiError::field("messages", format!("cannot apply the chat template: {e:#}")))?, "messages"),
+            Prompt::Chat(m) => (
+                self.gen
+                    .chat_prompt(m)
+                    .map_err(|e| ApiError::field("messages", format!("cannot apply the chat template: {e:#}")))?,
+                "messages",
+            ),
         };
-        let ids = self.gen.encode_prompt(&text).map_err(|e| ApiError::field(field, format!("cannot tokenize the prompt: {e:#}")))?;
+        let ids = self
+            .gen
+            .encode_prompt(&text)
+            .map_err(|e| ApiError::field(field, format!("cannot tokenize the prompt: {e:#}")))?;
         if ids.is_empty() {
             return Err(ApiError::field(field, "the prompt is empty (no tokens): there is nothing to continue"));
         }
         if ids.len() >= self.context {
             return Err(ApiError::field(
                 field,
-                format!("the prompt is {} tokens; the model's context is {} tokens, which leaves no room to generate", ids.len(), self.context),
+                format!(
+                    "the prompt is {} tokens; the model's context is {} tokens, which leaves no room to generate",
+                    ids.len(),
+                    self.context
+                ),
             ));
         }
         let mut sampling = r.sampling.clone();

@@ -67,7 +67,14 @@ pub fn exact_match(generated: &str, expected: &str) -> f64 {
 /// Summed NLL and trained-token count over the eval examples, in shard order, batched;
 /// with several processes, rank r takes batches r, r + world, … (`shard` = (rank, world)).
 /// `bar` counts rows (each rank's batch stands for one batch per rank).
-fn eval_loss(model: &dyn CausalLm, examples: &[crate::data::shards::Example], batch: usize, o: &step::StepOptions, shard: (usize, usize), bar: &Progress) -> (f64, i64) {
+fn eval_loss(
+    model: &dyn CausalLm,
+    examples: &[crate::data::shards::Example],
+    batch: usize,
+    o: &step::StepOptions,
+    shard: (usize, usize),
+    bar: &Progress,
+) -> (f64, i64) {
     let (mut nll, mut n) = (0.0, 0i64);
     for (_, chunk) in examples.chunks(batch.max(1)).enumerate().filter(|(k, _)| k % shard.1 == shard.0) {
         let mb = data::MicroBatch {
@@ -148,7 +155,8 @@ impl Stage for Evaluate {
         let kind = crate::train::kind_of(r.model.dtype, device);
         let tok = Tok::load(&model_rec.dir)?;
         let pad_id = crate::train::pad_id(&tok);
-        let renderer = Renderer::new(&r.prompt, tok.chat_template.as_deref(), &tok.bos_token, &tok.eos_token).map_err(|m| anyhow::anyhow!(m))?;
+        let renderer = Renderer::new(&r.prompt, tok.chat_template.as_deref(), &tok.bos_token, &tok.eos_token)
+            .map_err(|m| anyhow::anyhow!(m))?;
         let rows: Vec<Map<String, Value>> = std::fs::read_to_string(tok_dir.join(rows_file))
             .with_context(|| format!("tokenize/{rows_file} is missing; run again with --from tokenize"))?
             .lines()
@@ -163,7 +171,19 @@ impl Stage for Evaluate {
 
         let mut model = crate::train::load_model(&model_rec.dir, r, device)?;
         crate::model::dequantize_linears(model.as_mut(), kind);
-        let o = step::StepOptions { checkpointing: false, pad_id, pad_multiple: 1, device, seed: r.run.seed, loss_scale: 1.0, hand_backward: false, offload: false, profile: None, coalesce: None, detect_anomaly: false };
+        let o = step::StepOptions {
+            checkpointing: false,
+            pad_id,
+            pad_multiple: 1,
+            device,
+            seed: r.run.seed,
+            loss_scale: 1.0,
+            hand_backward: false,
+            offload: false,
+            profile: None,
+            coalesce: None,
+            detect_anomaly: false,
+        };
         let params = SamplingParams {
             max_new_tokens: e.max_new_tokens as usize,
             temperature: e.temperature,
@@ -180,7 +200,11 @@ impl Stage for Evaluate {
                 crate::score::apply_adapter(generator.model.as_mut(), &ctx.stage_dir("train").join("adapter"))?;
             }
             let t_loss = std::time::Instant::now();
-            let (mut nll, mut n) = if has_eval { eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o, shard, &bar) } else { (0.0, 0) };
+            let (mut nll, mut n) = if has_eval {
+                eval_loss(generator.model.as_ref(), &examples, e.batch_size as usize, &o, shard, &bar)
+            } else {
+                (0.0, 0)
+            };
             if let Some(d) = dist {
                 let mut v = [nll, n as f64];
                 d.all_reduce_f64(&mut v)?;
@@ -189,7 +213,9 @@ impl Stage for Evaluate {
             let loss = nll / n.max(1) as f64;
             let (loss_s, t_gen) = (t_loss.elapsed().as_secs_f64(), std::time::Instant::now());
             let mut texts = vec![];
-            for (_, chunk) in samples.chunks(e.batch_size.max(1) as usize).enumerate().filter(|(k, _)| k % shard.1 == shard.0) {
+            for (_, chunk) in
+                samples.chunks(e.batch_size.max(1) as usize).enumerate().filter(|(k, _)| k % shard.1 == shard.0)
+            {
                 ctx.check_interrupted("evaluate stopped")?;
                 let prompts: Vec<String> = chunk.iter().map(|s| s.prompt.clone()).collect();
                 let done = generator.generate(&prompts, &params, &mut |_, _| true)?;
@@ -199,15 +225,23 @@ impl Stage for Evaluate {
             if let Some(d) = dist {
                 let all = d.gather_json(&format!("evaluate-{phase}"), &json!(texts))?;
                 let Some(all) = all else { continue };
-                texts = interleave_batches(all.iter().map(|v| serde_json::from_value(v.clone()).unwrap_or_default()).collect(), e.batch_size.max(1) as usize);
+                texts = interleave_batches(
+                    all.iter().map(|v| serde_json::from_value(v.clone()).unwrap_or_default()).collect(),
+                    e.batch_size.max(1) as usize,
+                );
             }
             let mut m = metrics_of(&e.metrics, &texts, &samples);
             if has_eval {
                 m.insert("eval_loss".into(), json!(loss));
                 m.insert("perplexity".into(), json!(loss.exp()));
             }
-            let loss_part = if has_eval { format!("eval loss {loss:.4}") } else { "no eval loss (no eval split)".to_string() };
-            let metric_part: String = m.iter().filter(|(k, _)| !k.starts_with("eval") && *k != "perplexity").map(|(k, v)| format!(", {k} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
+            let loss_part =
+                if has_eval { format!("eval loss {loss:.4}") } else { "no eval loss (no eval split)".to_string() };
+            let metric_part: String = m
+                .iter()
+                .filter(|(k, _)| !k.starts_with("eval") && *k != "perplexity")
+                .map(|(k, v)| format!(", {k} {:.3}", v.as_f64().unwrap_or(0.0)))
+                .collect();
             eprintln!(
                 "evaluate: {phase}: {loss_part}{metric_part} (loss {loss_s:.1}s over {n} tokens, generation {:.1}s for {} {} prompts)",
                 t_gen.elapsed().as_secs_f64(),
@@ -270,12 +304,19 @@ fn report_md(r: &crate::recipe::Recipe, res: &Map<String, Value>, curve: bool) -
             r.model.source, res["generation_samples"]
         ));
     } else {
-        s.push_str(&format!("Base model `{}`, {} eval rows ({} trained tokens), {} prompts generated.\n\n", r.model.source, res["eval_rows"], res["eval_tokens"], res["generation_samples"]));
+        s.push_str(&format!(
+            "Base model `{}`, {} eval rows ({} trained tokens), {} prompts generated.\n\n",
+            r.model.source, res["eval_rows"], res["eval_tokens"], res["generation_samples"]
+        ));
     }
     s.push_str("| metric | before (base) | after (tuned) |\n|---|---|---|\n");
     if let (Some(b), Some(a)) = (res["before"].as_object(), res["after"].as_object()) {
         for (k, v) in b {
-            s.push_str(&format!("| {k} | {:.4} | {:.4} |\n", v.as_f64().unwrap_or(f64::NAN), a.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN)));
+            s.push_str(&format!(
+                "| {k} | {:.4} | {:.4} |\n",
+                v.as_f64().unwrap_or(f64::NAN),
+                a.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN)
+            ));
         }
     }
     if curve {
@@ -284,7 +325,14 @@ fn report_md(r: &crate::recipe::Recipe, res: &Map<String, Value>, curve: bool) -
     s.push_str("\n## Samples\n");
     for (i, x) in res["samples"].as_array().into_iter().flatten().enumerate() {
         let block = |v: &Value| format!("```\n{}\n```\n", v.as_str().unwrap_or("").trim_end());
-        s.push_str(&format!("\n### {}\n\nPrompt:\n{}\nExpected:\n{}\nBefore:\n{}\nAfter:\n{}", i + 1, block(&x["prompt"]), block(&x["expected"]), block(&x["before"]), block(&x["after"])));
+        s.push_str(&format!(
+            "\n### {}\n\nPrompt:\n{}\nExpected:\n{}\nBefore:\n{}\nAfter:\n{}",
+            i + 1,
+            block(&x["prompt"]),
+            block(&x["expected"]),
+            block(&x["before"]),
+            block(&x["after"])
+        ));
     }
     s
 }

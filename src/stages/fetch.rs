@@ -69,7 +69,9 @@ pub fn local_data_files(p: &Path) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|f| {
             f.is_file()
-                && f.extension().and_then(|e| e.to_str()).is_some_and(|e| crate::recipe::validate::DATA_EXTENSIONS.contains(&e))
+                && f.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| crate::recipe::validate::DATA_EXTENSIONS.contains(&e))
         })
         .collect();
     files.sort();
@@ -94,9 +96,13 @@ pub fn validate_model_dir(dir: &Path) -> Result<(String, Vec<String>)> {
     let mut files = vec!["config.json".to_string()];
     let tok = dir.join("tokenizer.json");
     if !tok.is_file() {
-        bail!("{} has no tokenizer.json; export the fast tokenizer with transformers (`tokenizer.save_pretrained`)", dir.display());
+        bail!(
+            "{} has no tokenizer.json; export the fast tokenizer with transformers (`tokenizer.save_pretrained`)",
+            dir.display()
+        );
     }
-    tokenizers::Tokenizer::from_file(&tok).map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tok.display()))?;
+    tokenizers::Tokenizer::from_file(&tok)
+        .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tok.display()))?;
     files.push("tokenizer.json".into());
     for extra in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
         if dir.join(extra).is_file() {
@@ -229,18 +235,36 @@ impl Stage for Fetch {
                 let mut hashes = hash_files(&out, &files, &mut cache)?;
                 hashes.insert(format!("source:{}", p.display()), cache.sha256(&p)?);
                 artifacts.extend(files.iter().map(|f| PathBuf::from("model").join(f)));
-                ModelRecord { kind: "gguf".into(), dir: std::fs::canonicalize(&out)?, model_type, commit: None, files: hashes }
+                ModelRecord {
+                    kind: "gguf".into(),
+                    dir: std::fs::canonicalize(&out)?,
+                    model_type,
+                    commit: None,
+                    files: hashes,
+                }
             }
             Source::Local(p) => {
                 let (model_type, files) = validate_model_dir(&p)?;
                 let hashes = hash_files(&p, &files, &mut cache)?;
-                ModelRecord { kind: "local".into(), dir: std::fs::canonicalize(&p)?, model_type, commit: None, files: hashes }
+                ModelRecord {
+                    kind: "local".into(),
+                    dir: std::fs::canonicalize(&p)?,
+                    model_type,
+                    commit: None,
+                    files: hashes,
+                }
             }
             Source::Hub { repo } => {
                 let snap = hub.fetch_model(&repo, &r.model.revision)?;
                 let (model_type, files) = validate_model_dir(&snap.dir)?;
                 let hashes = hash_files(&snap.dir, &files, &mut cache)?;
-                ModelRecord { kind: "hub".into(), dir: snap.dir.clone(), model_type, commit: Some(snap.commit.clone()), files: hashes }
+                ModelRecord {
+                    kind: "hub".into(),
+                    dir: snap.dir.clone(),
+                    model_type,
+                    commit: Some(snap.commit.clone()),
+                    files: hashes,
+                }
             }
         };
         ctx.check_interrupted("fetch stopped")?;
@@ -255,13 +279,16 @@ impl Stage for Fetch {
         cache.save();
         util::write_json_atomic(&dir.join("model.json"), &model)?;
         util::write_json_atomic(&dir.join("data.json"), &data)?;
-        pipeline::record(&ctx.run_dir, "fetch", serde_json::json!({
-            "model": { "kind": model.kind, "dir": model.dir, "commit": model.commit, "files": model.files },
-            "dataset": data,
-        }))?;
+        pipeline::record(
+            &ctx.run_dir,
+            "fetch",
+            serde_json::json!({
+                "model": { "kind": model.kind, "dir": model.dir, "commit": model.commit, "files": model.files },
+                "dataset": data,
+            }),
+        )?;
         artifacts.push("model.json".into());
         artifacts.push("data.json".into());
         Ok(artifacts)
     }
 }
-

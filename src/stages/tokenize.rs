@@ -132,11 +132,9 @@ fn process(job: &Job, s: &Shared) -> Result<ShardInfo> {
     };
     let mut errors = vec![];
     for row in job.rows {
-        let result = row
-            .fields
-            .as_ref()
-            .map_err(|e| e.clone())
-            .and_then(|f| encode_row(f, &s.renderer, &s.tok, r.prompt.add_eos, r.prompt.train_on_responses_only, max_len));
+        let result = row.fields.as_ref().map_err(|e| e.clone()).and_then(|f| {
+            encode_row(f, &s.renderer, &s.tok, r.prompt.add_eos, r.prompt.train_on_responses_only, max_len)
+        });
         match result {
             Ok((Some(ex), truncated)) => {
                 info.truncated += truncated as u64;
@@ -242,13 +240,18 @@ impl Stage for Tokenize {
         let model = fetch::model_record(ctx)?;
         let data = fetch::data_record(ctx)?;
         let tok = Tok::load(&model.dir)?;
-        let renderer = Renderer::new(&r.prompt, tok.chat_template.as_deref(), &tok.bos_token, &tok.eos_token)
-            .map_err(|e| crate::error::Failure::Usage(format!("{}: prompt.template: {e}", ctx.recipe.path.display())))?;
+        let renderer =
+            Renderer::new(&r.prompt, tok.chat_template.as_deref(), &tok.bos_token, &tok.eos_token).map_err(|e| {
+                crate::error::Failure::Usage(format!("{}: prompt.template: {e}", ctx.recipe.path.display()))
+            })?;
 
         let mut train = read_all(&data.train)?;
         let mut eval = read_all(&data.eval)?;
         if train.is_empty() {
-            bail!("the dataset has no rows ({})", data.train.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", "));
+            bail!(
+                "the dataset has no rows ({})",
+                data.train.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
+            );
         }
         if r.dataset.shuffle {
             crate::data::shuffle(&mut train, r.run.seed);
@@ -288,14 +291,22 @@ impl Stage for Tokenize {
         util::write_atomic(&dir.join("eval_rows.jsonl"), eval_rows.as_bytes())?;
         // Without an eval split, evaluate shows generations on the first training prompts.
         let sample_rows = eval.is_empty().then(|| -> String {
-            train.iter().filter_map(|r| r.fields.as_ref().ok()).take(TRAIN_SAMPLE_ROWS).map(|f| format!("{}\n", serde_json::Value::Object(f.clone()))).collect()
+            train
+                .iter()
+                .filter_map(|r| r.fields.as_ref().ok())
+                .take(TRAIN_SAMPLE_ROWS)
+                .map(|f| format!("{}\n", serde_json::Value::Object(f.clone())))
+                .collect()
         });
         if let Some(text) = &sample_rows {
             util::write_atomic(&dir.join(TRAIN_SAMPLE_FILE), text.as_bytes())?;
         }
 
         let shared = Shared { ctx, dir, fp, renderer, tok };
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().context("cannot start worker threads")?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(ctx.threads.max(1))
+            .build()
+            .context("cannot start worker threads")?;
         let bar = crate::progress::Progress::new(jobs.len() as u64, "tokenize", crate::progress::Unit::Items("shards"));
         let results: Vec<Result<ShardInfo>> = pool.install(|| {
             jobs.par_iter()
@@ -316,7 +327,8 @@ impl Stage for Tokenize {
         }
         let infos: Vec<ShardInfo> = results.into_iter().collect::<Result<_>>()?;
 
-        let sum = |split: &str, f: &dyn Fn(&ShardInfo) -> u64| infos.iter().filter(|i| i.split == split).map(f).sum::<u64>();
+        let sum =
+            |split: &str, f: &dyn Fn(&ShardInfo) -> u64| infos.iter().filter(|i| i.split == split).map(f).sum::<u64>();
         let mut stats = serde_json::Map::new();
         for split in ["train", "eval"] {
             let tokens = sum(split, &|i| i.tokens);
@@ -345,7 +357,12 @@ impl Stage for Tokenize {
         let t = &stats["train"];
         eprintln!(
             "tokenize: train {} rows, {} tokens ({:.1}% trained), {} truncated, {} skipped; eval {} rows",
-            t["rows"], t["tokens"], t["trained_fraction"].as_f64().unwrap_or(0.0) * 100.0, t["truncated_rows"], t["skipped_bad_rows"], stats["eval"]["rows"]
+            t["rows"],
+            t["tokens"],
+            t["trained_fraction"].as_f64().unwrap_or(0.0) * 100.0,
+            t["truncated_rows"],
+            t["skipped_bad_rows"],
+            stats["eval"]["rows"]
         );
         if t["dropped_empty_rows"].as_u64().unwrap_or(0) > 0 {
             log::warn!(

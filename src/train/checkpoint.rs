@@ -67,7 +67,12 @@ impl World {
             accum_per_rank: b.accum_per_rank,
             effective_batch: b.effective_batch(),
             ranks: (0..world_size)
-                .map(|rank| RankState { rank, cursor, first_micro_in_step: rank * b.accum_per_rank, dropout_seed: crate::dist::dropout_seed(seed, rank) })
+                .map(|rank| RankState {
+                    rank,
+                    cursor,
+                    first_micro_in_step: rank * b.accum_per_rank,
+                    dropout_seed: crate::dist::dropout_seed(seed, rank),
+                })
                 .collect(),
         }
     }
@@ -78,7 +83,8 @@ impl World {
 pub fn check_world(p: &Progress, path: &Path, world_size: usize, b: &crate::recipe::Batching) -> anyhow::Result<()> {
     let theirs = p.world.as_ref().map(|w| w.world_size).unwrap_or(1);
     if theirs != world_size {
-        let eff = p.world.as_ref().map(|w| w.effective_batch.to_string()).unwrap_or_else(|| "that of one process".into());
+        let eff =
+            p.world.as_ref().map(|w| w.effective_batch.to_string()).unwrap_or_else(|| "that of one process".into());
         anyhow::bail!(
             "{}: this checkpoint (step {}) was written by {theirs} process(es) (effective batch {eff}); this run has {world_size} (effective batch {}). \
              Resume with the same number of processes (`--gpus {theirs}`), or train afresh with `--from train`",
@@ -100,7 +106,13 @@ fn name(step: u64) -> String {
 }
 
 /// Write a checkpoint atomically and prune old ones.
-pub fn save(stage_dir: &Path, p: &Progress, adapter: &[(String, Tensor)], optim: &[(String, Tensor)], keep: usize) -> Result<PathBuf> {
+pub fn save(
+    stage_dir: &Path,
+    p: &Progress,
+    adapter: &[(String, Tensor)],
+    optim: &[(String, Tensor)],
+    keep: usize,
+) -> Result<PathBuf> {
     let root = dir(stage_dir);
     std::fs::create_dir_all(&root)?;
     let final_dir = root.join(name(p.step));
@@ -109,9 +121,13 @@ pub fn save(stage_dir: &Path, p: &Progress, adapter: &[(String, Tensor)], optim:
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let cpu = |v: &[(String, Tensor)]| -> Vec<(String, Tensor)> { v.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous())).collect() };
-    Tensor::write_safetensors(&cpu(adapter), tmp.join("adapter.safetensors")).context("cannot write adapter weights")?;
-    Tensor::write_safetensors(&cpu(optim), tmp.join("optimizer.safetensors")).context("cannot write optimizer state")?;
+    let cpu = |v: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
+        v.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous())).collect()
+    };
+    Tensor::write_safetensors(&cpu(adapter), tmp.join("adapter.safetensors"))
+        .context("cannot write adapter weights")?;
+    Tensor::write_safetensors(&cpu(optim), tmp.join("optimizer.safetensors"))
+        .context("cannot write optimizer state")?;
     util::write_json_atomic(&tmp.join("progress.json"), p)?;
     for f in ["adapter.safetensors", "optimizer.safetensors"] {
         if let Ok(file) = std::fs::File::open(tmp.join(f)) {
@@ -148,9 +164,14 @@ pub fn list(stage_dir: &Path) -> Vec<(Progress, PathBuf)> {
     out
 }
 
-/// Load the tensors of a checkpoint.
-pub fn load(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
-    let a = Tensor::read_safetensors(path.join("adapter.safetensors")).with_context(|| format!("{}: cannot read adapter weights", path.display()))?;
-    let o = Tensor::read_safetensors(path.join("optimizer.safetensors")).with_context(|| format!("{}: cannot read optimizer state", path.display()))?;
+/// Tensors by name, as safetensors files hold them.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
+/// Load the tensors of a checkpoint: (adapter, optimizer state).
+pub fn load(path: &Path) -> Result<(NamedTensors, NamedTensors)> {
+    let a = Tensor::read_safetensors(path.join("adapter.safetensors"))
+        .with_context(|| format!("{}: cannot read adapter weights", path.display()))?;
+    let o = Tensor::read_safetensors(path.join("optimizer.safetensors"))
+        .with_context(|| format!("{}: cannot read optimizer state", path.display()))?;
     Ok((a, o))
 }

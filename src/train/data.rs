@@ -90,7 +90,8 @@ impl Loader {
 
     fn order(&self, epoch: u64) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.examples.len()).collect();
-        let mut mix = crate::data::SplitMix64(self.seed ^ 0x5EED_0000_0000_0000 ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut mix =
+            crate::data::SplitMix64(self.seed ^ 0x5EED_0000_0000_0000 ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         crate::data::shuffle(&mut idx, mix.next_u64());
         idx
     }
@@ -136,14 +137,17 @@ impl Loader {
         }
         let end = (start + self.micro_batch_size).min(rows.len());
         cur.index += 1;
-        let mut mb = MicroBatch { input_ids: vec![], labels: vec![], seq_ids: if self.packing { Some(vec![]) } else { None } };
+        let mut mb =
+            MicroBatch { input_ids: vec![], labels: vec![], seq_ids: if self.packing { Some(vec![]) } else { None } };
         for row in &rows[start..end] {
             let (mut ids, mut labels, mut seq) = (vec![], vec![], vec![]);
             for (doc, &i) in row.iter().enumerate() {
                 let ex = &self.examples[i];
                 ids.extend(ex.input_ids.iter().map(|x| *x as i64));
                 // The first token of a later document is never predicted from the previous one.
-                labels.extend(ex.labels.iter().enumerate().map(|(k, x)| if k == 0 && doc > 0 { -100 } else { *x as i64 }));
+                labels.extend(
+                    ex.labels.iter().enumerate().map(|(k, x)| if k == 0 && doc > 0 { -100 } else { *x as i64 }),
+                );
                 seq.extend(std::iter::repeat_n(doc as i64, ex.input_ids.len()));
             }
             ids.truncate(self.max_len);

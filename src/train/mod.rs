@@ -69,24 +69,43 @@ pub fn lora_spec(r: &Recipe) -> lora::LoraSpec {
         TargetModules::Pattern(p) if p == "all-linear" => lora::Targets::AllLinear,
         TargetModules::Pattern(p) => lora::Targets::Regex(p.clone()),
     };
-    lora::LoraSpec { r: r.lora.r as i64, alpha: r.lora.alpha, dropout: r.lora.dropout, use_rslora: r.lora.use_rslora, targets }
+    lora::LoraSpec {
+        r: r.lora.r as i64,
+        alpha: r.lora.alpha,
+        dropout: r.lora.dropout,
+        use_rslora: r.lora.use_rslora,
+        targets,
+    }
 }
 
 /// Load the base model as the recipe asks (quantized at load when `[quantization]` says so).
 pub fn load_model(dir: &Path, r: &Recipe, device: Device) -> Result<Box<dyn CausalLm>> {
     let quantize = match r.quantization.method {
         QuantMethod::None => None,
-        QuantMethod::Nf4 => Some((crate::quant::QuantType::Nf4, r.quantization.block_size as i64, r.quantization.double_quant)),
-        QuantMethod::Fp4 => Some((crate::quant::QuantType::Fp4, r.quantization.block_size as i64, r.quantization.double_quant)),
+        QuantMethod::Nf4 => {
+            Some((crate::quant::QuantType::Nf4, r.quantization.block_size as i64, r.quantization.double_quant))
+        }
+        QuantMethod::Fp4 => {
+            Some((crate::quant::QuantType::Fp4, r.quantization.block_size as i64, r.quantization.double_quant))
+        }
     };
-    model::load(dir, &model::LoadOptions { dtype: kind_of(r.model.dtype, device), device, quantize, cuda_kernels: r.train.cuda_kernels })
+    model::load(
+        dir,
+        &model::LoadOptions {
+            dtype: kind_of(r.model.dtype, device),
+            device,
+            quantize,
+            cuda_kernels: r.train.cuda_kernels,
+        },
+    )
 }
 
 /// The kernel-profile window from `TUNER_CUDA_PROFILE=STEP:LAYER` ([`step::ProfileWindow`]), on
 /// CUDA only; a malformed value is an error that says the expected form.
 fn profile_window(device: Device) -> Result<Option<step::ProfileWindow>> {
     let Ok(v) = std::env::var("TUNER_CUDA_PROFILE") else { return Ok(None) };
-    let w = step::ProfileWindow::parse(&v).with_context(|| format!("TUNER_CUDA_PROFILE={v:?}: expected STEP:LAYER, e.g. 2:10"))?;
+    let w = step::ProfileWindow::parse(&v)
+        .with_context(|| format!("TUNER_CUDA_PROFILE={v:?}: expected STEP:LAYER, e.g. 2:10"))?;
     if !device.is_cuda() {
         log::warn!("TUNER_CUDA_PROFILE is set but training runs on {device:?}; no profile window");
         return Ok(None);
@@ -104,7 +123,9 @@ fn offload_activations(ctx: &RunContext, dir: &Path, device: Device) -> Result<b
     let on = match t.offload_activations.as_str() {
         "off" => false,
         "on" if !possible => {
-            log::warn!("train.offload_activations = \"on\" needs a CUDA device and gradient checkpointing; not offloading");
+            log::warn!(
+                "train.offload_activations = \"on\" needs a CUDA device and gradient checkpointing; not offloading"
+            );
             false
         }
         "on" => true,
@@ -219,20 +240,34 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     let names = lora::attach(model.as_mut(), &lora_spec(r), r.run.seed as i64)?;
     let params = lora::trainable_parameters(model.as_ref());
     let n_params: i64 = params.iter().map(|p| p.numel() as i64).sum();
-    let dist_params: Vec<tch::Tensor> = if dist.is_some() { params.iter().map(|p| p.shallow_clone()).collect() } else { vec![] };
+    let dist_params: Vec<tch::Tensor> =
+        if dist.is_some() { params.iter().map(|p| p.shallow_clone()).collect() } else { vec![] };
     if leader {
         eprintln!(
             "train: {} on {:?} ({:?}), LoRA r={} on {} modules ({} trainable parameters), loaded in {:.1}s",
-            model_rec.model_type, device, kind_of(r.model.dtype, device), r.lora.r, names.len(), n_params, t_load.elapsed().as_secs_f64()
+            model_rec.model_type,
+            device,
+            kind_of(r.model.dtype, device),
+            r.lora.r,
+            names.len(),
+            n_params,
+            t_load.elapsed().as_secs_f64()
         );
     }
-    let mut opt = optim::AdamW::new(params, t.optimizer, optim::AdamWConfig { weight_decay: t.weight_decay, ..Default::default() });
-    let loader = data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
+    let mut opt = optim::AdamW::new(
+        params,
+        t.optimizer,
+        optim::AdamWConfig { weight_decay: t.weight_decay, ..Default::default() },
+    );
+    let loader =
+        data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
     let ga = batching.accum_per_rank;
     let micro_per_step = batching.micro_per_step();
     let total = match (t.max_steps, t.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) => ((e * loader.micro_batches_per_epoch() as f64) / micro_per_step as f64).ceil().max(1.0) as u64,
+        (None, Some(e)) => {
+            ((e * loader.micro_batches_per_epoch() as f64) / micro_per_step as f64).ceil().max(1.0) as u64
+        }
         (None, None) => bail!("set train.max_steps or train.epochs"),
     };
 
@@ -242,7 +277,11 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             batching.effective_batch(),
             batching.micro_batch_size,
             ga,
-            if t.keep_effective_batch { format!(" (train.keep_effective_batch: accumulation {} / {world})", t.gradient_accumulation_steps) } else { String::new() }
+            if t.keep_effective_batch {
+                format!(" (train.keep_effective_batch: accumulation {} / {world})", t.gradient_accumulation_steps)
+            } else {
+                String::new()
+            }
         );
     }
 
@@ -254,7 +293,9 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         let decided = d.agree("train-resume", || resume_decision(dir, fp, world, &batching))?;
         let step: u64 = decided.parse().unwrap_or(0);
         if step > 0 {
-            let (p, path) = checkpoint::list(dir).into_iter().find(|(p, _)| p.step == step).with_context(|| format!("rank {rank}: checkpoint step {step} is not readable here (is the run dir shared?)"))?;
+            let (p, path) = checkpoint::list(dir).into_iter().find(|(p, _)| p.step == step).with_context(|| {
+                format!("rank {rank}: checkpoint step {step} is not readable here (is the run dir shared?)")
+            })?;
             let (adapter, optim_state) = checkpoint::load(&path)?;
             lora::load_adapter_tensors(model.as_mut(), &adapter)?;
             opt.load_state(&optim_state, p.optimizer_step)?;
@@ -269,9 +310,15 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     }
     let ckpts = if dist.is_some() { vec![] } else { checkpoint::list(dir) };
     if ckpts.iter().any(|(p, _)| p.fingerprint != fp) {
-        let aside = dir.join(format!("checkpoints.old-{}", util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()));
+        let aside = dir.join(format!(
+            "checkpoints.old-{}",
+            util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()
+        ));
         std::fs::rename(checkpoint::dir(dir), &aside)?;
-        eprintln!("train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})", aside.display());
+        eprintln!(
+            "train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})",
+            aside.display()
+        );
     } else if let Some((p, path)) = ckpts.last() {
         checkpoint::check_world(p, path, 1, &batching)?;
         let (adapter, optim_state) = checkpoint::load(path)?;
@@ -323,7 +370,13 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         profile: profile_window(device)?,
         coalesce: {
             let c = model.config();
-            step::coalesce_budget(t, device, kind_of(r.model.dtype, device), c.head_dim, c.attn_logit_softcapping.is_some())
+            step::coalesce_budget(
+                t,
+                device,
+                kind_of(r.model.dtype, device),
+                c.head_dim,
+                c.attn_logit_softcapping.is_some(),
+            )
         },
         detect_anomaly: t.detect_anomaly,
     };
@@ -352,11 +405,23 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             // Σ NLL, Σ trained tokens, Σ tokens and the stop flag over the world; then the
             // gradients, re-weighted from this rank's token count to the world's.
             let local_trained = res.trained_tokens as f64;
-            let mut v = [res.loss * local_trained, local_trained, res.tokens as f64, ctx.interrupted.load(Ordering::SeqCst) as u8 as f64];
-            d.all_reduce_f64(&mut v).with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
+            let mut v = [
+                res.loss * local_trained,
+                local_trained,
+                res.tokens as f64,
+                ctx.interrupted.load(Ordering::SeqCst) as u8 as f64,
+            ];
+            d.all_reduce_f64(&mut v)
+                .with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
             let weight = if v[1] > 0.0 { local_trained / v[1] } else { 0.0 };
-            d.all_reduce_grads(&dist_params, weight).with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
-            res = step::StepResult { loss: v[0] / v[1].max(1.0), trained_tokens: v[1] as i64, tokens: v[2] as i64, anomaly: res.anomaly };
+            d.all_reduce_grads(&dist_params, weight)
+                .with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
+            res = step::StepResult {
+                loss: v[0] / v[1].max(1.0),
+                trained_tokens: v[1] as i64,
+                tokens: v[2] as i64,
+                anomaly: res.anomaly,
+            };
             stop_all = v[3] > 0.0;
         }
         if fp16 {
@@ -370,10 +435,22 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 Some(a) => Some(a),
                 None => {
                     opt.zero_grad();
-                    step::forward_backward(model.as_ref(), &micro, s, &step::StepOptions { detect_anomaly: true, ..opts }).anomaly
+                    step::forward_backward(
+                        model.as_ref(),
+                        &micro,
+                        s,
+                        &step::StepOptions { detect_anomaly: true, ..opts },
+                    )
+                    .anomaly
                 }
             };
-            let mut e = anyhow::anyhow!(nonfinite_report(s + 1, res.loss, raw_norm, found.as_ref(), kind_of(r.model.dtype, device)));
+            let mut e = anyhow::anyhow!(nonfinite_report(
+                s + 1,
+                res.loss,
+                raw_norm,
+                found.as_ref(),
+                kind_of(r.model.dtype, device)
+            ));
             if dist.is_some() {
                 e = e.context(format!("rank {rank}"));
             }
@@ -392,11 +469,13 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 if let Some(i) = cuda_index {
                     tch::Cuda::synchronize(i as i64);
                 }
-                let peak = cuda_index.and_then(crate::device_mem::cuda).map(|m| format!(", peak so far {:.2} GiB", m.peak_allocated as f64 / (1u64 << 30) as f64));
+                let peak = cuda_index
+                    .and_then(crate::device_mem::cuda)
+                    .map(|m| format!(", peak so far {:.2} GiB", m.peak_allocated as f64 / (1u64 << 30) as f64));
                 log::debug!(target: "tuner::train::step", "optimizer step {:.1} ms{}", t_opt.elapsed().as_secs_f64() * 1e3, peak.unwrap_or_default());
             }
             good_steps += 1;
-            if fp16 && good_steps % 2000 == 0 {
+            if fp16 && good_steps.is_multiple_of(2000) {
                 loss_scale *= 2.0;
             }
         }
@@ -426,7 +505,13 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             first_step_logged = true;
         }
         if done % t.logging_steps == 0 || done == total {
-            let msg = format!("step {done}/{total} loss {:.4} lr {:.2e} grad {:.3} {:.0} tok/s", res.loss, lr, grad_norm, res.tokens as f64 / secs.max(1e-9));
+            let msg = format!(
+                "step {done}/{total} loss {:.4} lr {:.2e} grad {:.3} {:.0} tok/s",
+                res.loss,
+                lr,
+                grad_norm,
+                res.tokens as f64 / secs.max(1e-9)
+            );
             if !bar.is_bar() && leader {
                 bar.set_position(done);
                 let eta = bar.eta().map(|e| format!(", ETA {}", crate::progress::duration(e))).unwrap_or_default();
@@ -459,7 +544,13 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 loss_scale,
                 world: (world > 1).then(|| checkpoint::World::of(world, &batching, r.run.seed, cursor)),
             };
-            checkpoint::save(dir, &p, &lora::adapter_tensors(model.as_ref()), &opt.state_tensors(), t.keep_checkpoints as usize)?;
+            checkpoint::save(
+                dir,
+                &p,
+                &lora::adapter_tensors(model.as_ref()),
+                &opt.state_tensors(),
+                t.keep_checkpoints as usize,
+            )?;
         }
         if stop && done < total {
             bar.abandon();
@@ -482,7 +573,8 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         crate::recipe::Source::Local(p) => p.display().to_string(),
     };
     let mut files = write_peft_adapter(&dir.join("adapter"), model.as_ref(), r, &base_name)?;
-    let losses: Vec<(f64, f64)> = history.iter().filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?))).collect();
+    let losses: Vec<(f64, f64)> =
+        history.iter().filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?))).collect();
     plot::line_png(&dir.join("loss.png"), "train loss", &losses)?;
     files.push(dir.join("loss.png"));
     files.push(metrics_path);
@@ -494,7 +586,11 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
 /// that place. No optimizer step was taken, so the last checkpoint is the adapter before it.
 fn nonfinite_report(step: u64, loss: f64, grad_norm: f64, found: Option<&step::Anomaly>, kind: Kind) -> String {
     use step::Phase;
-    let what = if loss.is_finite() { format!("the gradient norm became {grad_norm} (loss {loss:.4})") } else { format!("the loss became {loss}") };
+    let what = if loss.is_finite() {
+        format!("the gradient norm became {grad_norm} (loss {loss:.4})")
+    } else {
+        format!("the loss became {loss}")
+    };
     let mut msg = format!("train: {what} at step {step}");
     let Some(a) = found else {
         msg.push_str("; re-running the step with checks found no non-finite value (non-deterministic?); set train.detect_anomaly = true to check every step");
@@ -502,7 +598,11 @@ fn nonfinite_report(step: u64, loss: f64, grad_norm: f64, found: Option<&step::A
     };
     msg.push_str(&format!(". The first non-finite value appeared in {a}. "));
     let dtype = format!("{kind:?}").to_lowercase();
-    let lr_note = if step == 1 { "This is the first step, before any update, so the learning rate is not the cause. " } else { "" };
+    let lr_note = if step == 1 {
+        "This is the first step, before any update, so the learning rate is not the cause. "
+    } else {
+        ""
+    };
     msg.push_str(lr_note);
     msg.push_str(&match a.phase {
         Phase::Embed => "The checkpoint's embedding table holds NaN/inf: check the model file.".to_string(),
@@ -524,9 +624,15 @@ fn nonfinite_report(step: u64, loss: f64, grad_norm: f64, found: Option<&step::A
 fn resume_decision(dir: &Path, fp: &str, world: usize, batching: &crate::recipe::Batching) -> Result<String> {
     let ckpts = checkpoint::list(dir);
     if ckpts.iter().any(|(p, _)| p.fingerprint != fp) {
-        let aside = dir.join(format!("checkpoints.old-{}", util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()));
+        let aside = dir.join(format!(
+            "checkpoints.old-{}",
+            util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()
+        ));
         std::fs::rename(checkpoint::dir(dir), &aside)?;
-        eprintln!("train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})", aside.display());
+        eprintln!(
+            "train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})",
+            aside.display()
+        );
         return Ok("0".into());
     }
     let Some((p, path)) = ckpts.last() else { return Ok("0".into()) };

@@ -95,8 +95,18 @@ impl Offloader {
             let like = like.as_ptr() as *const c_void;
             // SAFETY: `like` is a live tensor; the shim returns a new heap at::Tensor (or null)
             // whose ownership passes to the returned Tensor.
-            let p = unsafe { if pinned_host { tuner_empty_pinned_like(like) } else { tuner_empty_device_like(like, self.ordinal) } };
-            assert!(!p.is_null(), "cannot allocate an offload buffer ({})", if pinned_host { "pinned host" } else { "device" });
+            let p = unsafe {
+                if pinned_host {
+                    tuner_empty_pinned_like(like)
+                } else {
+                    tuner_empty_device_like(like, self.ordinal)
+                }
+            };
+            assert!(
+                !p.is_null(),
+                "cannot allocate an offload buffer ({})",
+                if pinned_host { "pinned host" } else { "device" }
+            );
             unsafe { Tensor::from_ptr(p as *mut _) }
         }
         #[cfg(not(tuner_cuda_shim))]
@@ -111,7 +121,9 @@ impl Offloader {
         {
             // SAFETY: both tensors are live; the shim keeps their memory from being reused until
             // the copy is done (recordStream) and returns a new event (or null).
-            let ev = unsafe { tuner_copy_on_side_stream(dst.as_ptr() as *mut c_void, src.as_ptr() as *const c_void, self.ordinal) };
+            let ev = unsafe {
+                tuner_copy_on_side_stream(dst.as_ptr() as *mut c_void, src.as_ptr() as *const c_void, self.ordinal)
+            };
             assert!(!ev.is_null(), "side-stream copy failed");
             Event(ev)
         }

@@ -31,9 +31,13 @@ pub fn dynamic_map(signed: bool) -> Vec<f32> {
     let max_exp = 7;
     let mut data: Vec<f32> = vec![];
     for i in 0..max_exp {
-        let items = if signed { (1usize << (i + non_sign_bits - max_exp)) + 1 } else { (1usize << (i + non_sign_bits - max_exp + 1)) + 1 };
+        let items = if signed {
+            (1usize << (i + non_sign_bits - max_exp)) + 1
+        } else {
+            (1usize << (i + non_sign_bits - max_exp + 1)) + 1
+        };
         let bounds: Vec<f32> = (0..items).map(|k| 0.1 + 0.9 * k as f32 / (items - 1) as f32).collect();
-        let scale = 10f32.powi(i as i32 - (max_exp as i32 - 1));
+        let scale = 10f32.powi(i - (max_exp - 1));
         for w in bounds.windows(2) {
             let m = (w[0] + w[1]) / 2.0;
             data.push(scale * m);
@@ -95,7 +99,8 @@ impl Tables {
 
     fn dequantize(&self, q: &Q8, shape: &[i64]) -> Tensor {
         let n: i64 = shape.iter().product();
-        let vals = self.map.index_select(0, &q.codes.to_kind(Kind::Int64)).view([-1, STATE_BLOCK]) * q.absmax.unsqueeze(1);
+        let vals =
+            self.map.index_select(0, &q.codes.to_kind(Kind::Int64)).view([-1, STATE_BLOCK]) * q.absmax.unsqueeze(1);
         vals.flatten(0, -1).narrow(0, 0, n).view(shape)
     }
 }
@@ -160,7 +165,8 @@ impl AdamW {
     pub fn new(mut params: Vec<Tensor>, kind: Optimizer, cfg: AdamWConfig) -> AdamW {
         let device = params.first().map(|p| p.device()).unwrap_or(tch::Device::Cpu);
         let eight = kind == Optimizer::Adamw8bit;
-        let (signed, unsigned) = if eight { (Some(Tables::new(true, device)), Some(Tables::new(false, device))) } else { (None, None) };
+        let (signed, unsigned) =
+            if eight { (Some(Tables::new(true, device)), Some(Tables::new(false, device))) } else { (None, None) };
         let mut keys: Vec<(bool, bool)> = Vec::new(); // (8-bit state, weight decay), in first-seen order
         let mut members: Vec<Vec<usize>> = Vec::new();
         for (i, p) in params.iter().enumerate() {
@@ -235,7 +241,13 @@ impl AdamW {
         self.flatten_grads();
         let _guard = tch::no_grad_guard();
         // Per parameter, then summed: the same reduction order as a per-tensor loop.
-        let sq: Vec<Tensor> = self.params.iter().map(|p| p.grad()).filter(|g| g.defined()).map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+        let sq: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
+            .collect();
         if sq.is_empty() {
             return 0.0;
         }
@@ -278,8 +290,14 @@ impl AdamW {
                 let (mut m, mut v) = match &grp.state {
                     State::Fp32 { m, v } => (m.narrow(0, off, n), v.narrow(0, off, n)),
                     State::Int8 { m, v } => (
-                        self.signed.as_ref().map(|t| t.dequantize(&m.chunk(off, n), &[n])).unwrap_or_else(|| g.zeros_like()),
-                        self.unsigned.as_ref().map(|t| t.dequantize(&v.chunk(off, n), &[n])).unwrap_or_else(|| g.zeros_like()),
+                        self.signed
+                            .as_ref()
+                            .map(|t| t.dequantize(&m.chunk(off, n), &[n]))
+                            .unwrap_or_else(|| g.zeros_like()),
+                        self.unsigned
+                            .as_ref()
+                            .map(|t| t.dequantize(&v.chunk(off, n), &[n]))
+                            .unwrap_or_else(|| g.zeros_like()),
                     ),
                 };
                 let _ = m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
@@ -299,8 +317,11 @@ impl AdamW {
 
     /// Each parameter's index, group and segment offset, in parameter order.
     fn segments(&self) -> Vec<(usize, &Group, i64)> {
-        let mut out: Vec<(usize, &Group, i64)> =
-            self.groups.iter().flat_map(|g| g.members.iter().zip(&g.offsets).map(move |(&i, &off)| (i, g, off))).collect();
+        let mut out: Vec<(usize, &Group, i64)> = self
+            .groups
+            .iter()
+            .flat_map(|g| g.members.iter().zip(&g.offsets).map(move |(&i, &off)| (i, g, off)))
+            .collect();
         out.sort_by_key(|(i, _, _)| *i);
         out
     }

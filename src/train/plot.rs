@@ -101,7 +101,9 @@ pub fn line_png(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<()> {
     let pad = (y1 - y0) * 0.05;
     let (y0, y1) = ((y0 - pad).max(0.0f64.min(y0)), y1 + pad);
     let xspan = if x1 > x0 { x1 - x0 } else { 1.0 };
-    let map = |(x, y): (f64, f64)| (LEFT as f64 + (x - x0.min(x1)) / xspan * pw, TOP as f64 + (1.0 - (y - y0) / (y1 - y0)) * ph);
+    let map = |(x, y): (f64, f64)| {
+        (LEFT as f64 + (x - x0.min(x1)) / xspan * pw, TOP as f64 + (1.0 - (y - y0) / (y1 - y0)) * ph)
+    };
     // Axes and grid.
     for k in 0..=4 {
         let y = TOP as f64 + ph * k as f64 / 4.0;

@@ -60,9 +60,14 @@ pub fn read_rows(path: &Path) -> Result<Vec<(Vec<i64>, Vec<i64>)>> {
             input_ids: Vec<i64>,
             labels: Vec<i64>,
         }
-        let r: Row = serde_json::from_str(line).with_context(|| format!("{at}: expected {{\"input_ids\": [int, …], \"labels\": [int, …]}}"))?;
+        let r: Row = serde_json::from_str(line)
+            .with_context(|| format!("{at}: expected {{\"input_ids\": [int, …], \"labels\": [int, …]}}"))?;
         if r.input_ids.len() != r.labels.len() || r.input_ids.is_empty() {
-            bail!("{at}: input_ids ({}) and labels ({}) must be non-empty and of the same length", r.input_ids.len(), r.labels.len());
+            bail!(
+                "{at}: input_ids ({}) and labels ({}) must be non-empty and of the same length",
+                r.input_ids.len(),
+                r.labels.len()
+            );
         }
         rows.push((r.input_ids, r.labels));
     }
@@ -76,13 +81,20 @@ pub fn read_rows(path: &Path) -> Result<Vec<(Vec<i64>, Vec<i64>)>> {
 pub fn run(a: GradsInputs) -> Result<GradReport> {
     let tok = crate::data::tokenizer::Tok::load(a.model_dir)?;
     let pad_id = a.pad_id.unwrap_or_else(|| super::pad_id(&tok));
-    let mut m = model::load(a.model_dir, &model::LoadOptions { dtype: a.kind, device: a.device, quantize: a.quantize, cuda_kernels: a.kernels })?;
+    let mut m = model::load(
+        a.model_dir,
+        &model::LoadOptions { dtype: a.kind, device: a.device, quantize: a.quantize, cuda_kernels: a.kernels },
+    )?;
     crate::score::apply_adapter(m.as_mut(), a.adapter)?;
     let vocab = m.config().vocab_size;
     if let Some(bad) = a.rows.iter().flat_map(|(ids, _)| ids).find(|&&x| x < 0 || x >= vocab) {
         bail!("token id {bad} is outside the model's vocabulary (0..{vocab})");
     }
-    let mb = MicroBatch { input_ids: a.rows.iter().map(|r| r.0.clone()).collect(), labels: a.rows.iter().map(|r| r.1.clone()).collect(), seq_ids: None };
+    let mb = MicroBatch {
+        input_ids: a.rows.iter().map(|r| r.0.clone()).collect(),
+        labels: a.rows.iter().map(|r| r.1.clone()).collect(),
+        seq_ids: None,
+    };
     let o = step::StepOptions {
         checkpointing: a.checkpointing,
         pad_id,
@@ -104,11 +116,20 @@ fn report(m: &dyn CausalLm, res: &step::StepResult, pad_id: i64) -> GradReport {
     let mut grads = vec![];
     let mut nonfinite = vec![];
     let mut sq = 0.0;
-    let params = m.linears().into_iter().filter_map(|(path, l)| l.lora.as_ref().map(|lo| (path, lo.a.shallow_clone(), lo.b.shallow_clone())));
-    let params = params.flat_map(|(path, a, b)| [(format!("base_model.model.{path}.lora_A.weight"), a), (format!("base_model.model.{path}.lora_B.weight"), b)]);
+    let params = m
+        .linears()
+        .into_iter()
+        .filter_map(|(path, l)| l.lora.as_ref().map(|lo| (path, lo.a.shallow_clone(), lo.b.shallow_clone())));
+    let params = params.flat_map(|(path, a, b)| {
+        [(format!("base_model.model.{path}.lora_A.weight"), a), (format!("base_model.model.{path}.lora_B.weight"), b)]
+    });
     for (key, p) in params {
         let g = p.grad();
-        let g = if g.defined() { g.to_device(Device::Cpu).to_kind(Kind::Float) } else { p.zeros_like().to_device(Device::Cpu).to_kind(Kind::Float) };
+        let g = if g.defined() {
+            g.to_device(Device::Cpu).to_kind(Kind::Float)
+        } else {
+            p.zeros_like().to_device(Device::Cpu).to_kind(Kind::Float)
+        };
         if g.isfinite().all().int64_value(&[]) == 0 {
             nonfinite.push(key.clone());
         } else {
@@ -117,7 +138,15 @@ fn report(m: &dyn CausalLm, res: &step::StepResult, pad_id: i64) -> GradReport {
         grads.push((key, g.contiguous()));
     }
     let grad_norm = if nonfinite.is_empty() { sq.sqrt() } else { f64::NAN };
-    GradReport { loss: res.loss, trained_tokens: res.trained_tokens, pad_id, grad_norm, nonfinite, anomaly: res.anomaly.as_ref().map(|a| a.to_string()), grads }
+    GradReport {
+        loss: res.loss,
+        trained_tokens: res.trained_tokens,
+        pad_id,
+        grad_norm,
+        nonfinite,
+        anomaly: res.anomaly.as_ref().map(|a| a.to_string()),
+        grads,
+    }
 }
 
 /// Write the gradients under their PEFT keys (a temp file, then renamed).

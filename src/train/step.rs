@@ -126,7 +126,12 @@ impl std::fmt::Display for Anomaly {
         write!(f, "{what}, pass {}", self.pass + 1)?;
         if !self.modules.is_empty() {
             let shown: Vec<&str> = self.modules.iter().take(4).map(String::as_str).collect();
-            write!(f, " (non-finite LoRA gradients in {}{})", shown.join(", "), if self.modules.len() > 4 { format!(" and {} more", self.modules.len() - 4) } else { String::new() })?;
+            write!(
+                f,
+                " (non-finite LoRA gradients in {}{})",
+                shown.join(", "),
+                if self.modules.len() > 4 { format!(" and {} more", self.modules.len() - 4) } else { String::new() }
+            )?;
         }
         Ok(())
     }
@@ -165,7 +170,13 @@ fn nonfinite_modules(model: &dyn CausalLm, layer: Option<usize>) -> Vec<String> 
 /// boolean mask and would attend across the whole pass), so the passes do no work across
 /// documents or on padding. A pass holds at most `micro_batch_size × max_seq_length` tokens, the
 /// micro-batch the memory plan sizes, so coalescing never raises the planned peak.
-pub fn coalesce_budget(t: &crate::recipe::TrainSection, device: Device, kind: Kind, head_dim: i64, attn_softcap: bool) -> Option<usize> {
+pub fn coalesce_budget(
+    t: &crate::recipe::TrainSection,
+    device: Device,
+    kind: Kind,
+    head_dim: i64,
+    attn_softcap: bool,
+) -> Option<usize> {
     use crate::recipe::Coalesce;
     let on = match t.coalesce {
         Coalesce::Off => false,
@@ -192,7 +203,11 @@ pub fn coalesce(micro: &[MicroBatch], budget: usize) -> Vec<MicroBatch> {
     let mut doc = -1i64;
     let flush = |ids: &mut Vec<i64>, labels: &mut Vec<i64>, seq: &mut Vec<i64>, out: &mut Vec<MicroBatch>| {
         if !ids.is_empty() {
-            out.push(MicroBatch { input_ids: vec![std::mem::take(ids)], labels: vec![std::mem::take(labels)], seq_ids: Some(vec![std::mem::take(seq)]) });
+            out.push(MicroBatch {
+                input_ids: vec![std::mem::take(ids)],
+                labels: vec![std::mem::take(labels)],
+                seq_ids: Some(vec![std::mem::take(seq)]),
+            });
         }
     };
     for mb in micro {
@@ -231,7 +246,9 @@ pub fn ce_chunk_rows(vocab: i64, device: Device) -> i64 {
 }
 
 fn layer_seed(seed: u64, step: u64, micro: usize, layer: usize) -> i64 {
-    let mut m = crate::data::SplitMix64(seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407) ^ ((micro as u64) << 32) ^ layer as u64);
+    let mut m = crate::data::SplitMix64(
+        seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407) ^ ((micro as u64) << 32) ^ layer as u64,
+    );
     (m.next_u64() >> 1) as i64
 }
 
@@ -305,7 +322,12 @@ impl PhaseClock {
                 .laps
                 .iter()
                 .map(|(n, i, t, p)| match p {
-                    Some(p) => format!("{n} {:.1} ms (issued in {:.1} ms; peak so far {:.2} GiB)", t * 1e3, i * 1e3, *p as f64 / (1u64 << 30) as f64),
+                    Some(p) => format!(
+                        "{n} {:.1} ms (issued in {:.1} ms; peak so far {:.2} GiB)",
+                        t * 1e3,
+                        i * 1e3,
+                        *p as f64 / (1u64 << 30) as f64
+                    ),
                     None => format!("{n} {:.1} ms", t * 1e3),
                 })
                 .collect();
@@ -383,7 +405,8 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
         let n_layers = model.num_layers();
         if o.checkpointing {
             let mut inputs = Vec::with_capacity(n_layers);
-            let mut offload = o.offload.then(|| super::offload::Offloader::new(o.device, n_layers).expect("activation offload"));
+            let mut offload =
+                o.offload.then(|| super::offload::Offloader::new(o.device, n_layers).expect("activation offload"));
             let h = {
                 let _g = tch::no_grad_guard();
                 let mut h = model.embed(&batch);
@@ -517,7 +540,9 @@ pub fn eval_nll(model: &dyn CausalLm, mb: &MicroBatch, o: &StepOptions) -> (f64,
         let len = rows.min(n - start);
         let idx = keep.narrow(0, start, len);
         let logits = model.logits(&flat.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
-        total += logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0).to_kind(Kind::Double);
+        total += logits
+            .cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0)
+            .to_kind(Kind::Double);
         start += len;
     }
     (total.double_value(&[]), n)
