@@ -102,11 +102,11 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
-        #[arg(long, default_value = "auto")]
-        dtype: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        dtype: recipe::Dtype,
         /// auto | cpu | cuda | cuda:N.
         #[arg(long, default_value = "auto")]
-        device: String,
+        device: recipe::DeviceSpec,
     },
     /// One training step's LoRA gradients on given rows (no optimizer step), through the path
     /// `tuner run` trains with; names where a NaN/inf first appears. For comparing with HF +
@@ -129,7 +129,7 @@ enum Command {
         dtype: recipe::Dtype,
         /// auto | cpu | cuda | cuda:N.
         #[arg(long, default_value = "auto")]
-        device: String,
+        device: recipe::DeviceSpec,
         /// Quantize the base linears at load, as a QLoRA recipe does.
         #[arg(long, value_enum, default_value = "none")]
         quantize: GradsQuant,
@@ -148,7 +148,7 @@ enum Command {
     Kernels {
         /// cuda | cuda:N.
         #[arg(long, default_value = "cuda")]
-        device: String,
+        device: recipe::DeviceSpec,
         #[arg(long)]
         bench: bool,
     },
@@ -189,11 +189,11 @@ enum Command {
         #[arg(long)]
         chat: bool,
         /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
-        #[arg(long, default_value = "auto")]
-        dtype: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        dtype: recipe::Dtype,
         /// auto | cpu | cuda | cuda:N.
         #[arg(long, default_value = "auto")]
-        device: String,
+        device: recipe::DeviceSpec,
     },
     /// Serve a model over HTTP: /generate, OpenAI-compatible /v1/completions and
     /// /v1/chat/completions (SSE streaming), /v1/models, /health.
@@ -232,8 +232,8 @@ fn context(
 }
 
 /// "cpu" or "cuda": where a recipe's training ran (what an expectation file is valid for).
-fn device_name(device: &str) -> Result<String> {
-    Ok(if crate::train::device_of(device)?.is_cuda() { "cuda" } else { "cpu" }.to_string())
+fn device_name(device: recipe::DeviceSpec) -> Result<String> {
+    Ok(if device.resolve().is_cuda() { "cuda" } else { "cpu" }.to_string())
 }
 
 fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -> Result<()> {
@@ -278,7 +278,7 @@ fn lead(
     expected: Option<PathBuf>,
 ) -> Result<()> {
     pipeline::run(ctx, &RunOptions { from, until })?;
-    let device = device_name(&ctx.recipe.recipe.train.device)?;
+    let device = device_name(ctx.recipe.recipe.train.device)?;
     let expected = expected.unwrap_or_else(|| crate::verify::expected_path(&ra.recipe));
     if write_expected {
         crate::verify::write_expected(&expected, &ra.set, &ctx.run_dir, &device)?;
@@ -310,15 +310,15 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
                     if let Some(why) = recipe::effective_batch_problem(t, gpus) {
                         return Err(Failure::Usage(why).into());
                     }
-                    if t.device.starts_with("cuda:") {
-                        return Err(Failure::Usage(format!("--gpus {gpus} starts one process per GPU (each on cuda:LOCAL_RANK), but train.device = {:?} names one GPU; set it to \"auto\" or \"cuda\"", t.device)).into());
+                    if let recipe::DeviceSpec::Cuda(Some(_)) = t.device {
+                        return Err(Failure::Usage(format!("--gpus {gpus} starts one process per GPU (each on cuda:LOCAL_RANK), but train.device = \"{}\" names one GPU; set it to \"auto\" or \"cuda\"", t.device)).into());
                     }
                     return crate::dist::launch::run(gpus, &ctx.run_dir);
                 }
                 None => {}
                 Some(w) => {
                     let timeout = std::time::Duration::from_secs(t.collective_timeout_s);
-                    ctx.dist = Some(crate::dist::Dist::connect(w, &t.device, timeout)?);
+                    ctx.dist = Some(crate::dist::Dist::connect(w, t.device, timeout)?);
                     let d = ctx.dist.as_ref().expect("just set");
                     if !d.is_leader() {
                         return crate::dist::follow(&ctx);
@@ -331,7 +331,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             lead(&ctx, &ra, from, until, verify, write_expected, expected)
         }
         Command::Grads { model, adapter, data, out, dtype, device, quantize, pad_id, no_checkpointing, no_kernels } => {
-            let device = crate::train::device_of(&device).map_err(|e| Failure::Usage(format!("--device: {e}")))?;
+            let device = device.resolve();
             let hub = crate::hub::HubConfig::from_env()?;
             let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
             let dir = crate::score::model_dir(&model, &cache)?;
@@ -357,7 +357,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             Ok(())
         }
         Command::Kernels { device, bench } => {
-            let device = crate::train::device_of(&device)?;
+            let device = device.resolve();
             let Device::Cuda(ordinal) = device else {
                 return Err(Failure::Usage("tuner kernels needs a CUDA device (--device cuda[:N])".into()).into());
             };
@@ -380,7 +380,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             let recipe_path = PathBuf::from(&rec.recipe_path);
             let r = recipe::load(&recipe_path, &rec.overrides)?;
             let expected = expected.unwrap_or_else(|| crate::verify::expected_path(&recipe_path));
-            crate::verify::verify(&expected, &rec.overrides, &run_dir, &device_name(&r.recipe.train.device)?)
+            crate::verify::verify(&expected, &rec.overrides, &run_dir, &device_name(r.recipe.train.device)?)
         }
         Command::Plan { recipe: ra, run_dir, json } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
@@ -438,16 +438,6 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             crate::generate::terminal::run(&args, &interrupted)
         }
         Command::Score { model, adapter, data, json, dtype, device } => {
-            let dtype = match dtype.as_str() {
-                "auto" => recipe::Dtype::Auto,
-                "bf16" => recipe::Dtype::Bf16,
-                "fp16" => recipe::Dtype::Fp16,
-                "fp32" => recipe::Dtype::Fp32,
-                other => {
-                    return Err(Failure::Usage(format!("--dtype {other}: expected auto, bf16, fp16 or fp32")).into())
-                }
-            };
-            crate::train::device_of(&device).map_err(|e| Failure::Usage(format!("--device: {e}")))?;
             let hub = crate::hub::HubConfig::from_env()?;
             let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
             let s = crate::score::run(&crate::score::ScoreArgs {
@@ -455,7 +445,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
                 adapter: adapter.as_deref(),
                 data: &data,
                 dtype,
-                device: &device,
+                device,
                 cache: &cache,
             })?;
             if json {

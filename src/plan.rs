@@ -178,7 +178,7 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
             (Shape::from_dir(&rec.dir)?, safetensors_bytes(&rec.dir))
         }
     };
-    let device = crate::train::device_of(&r.train.device)?;
+    let device = r.train.device.resolve();
     let dt = dtype_bytes(crate::train::kind_of(r.model.dtype, device));
     let t = &r.train;
     let (b, seq) = (t.micro_batch_size as i64, t.max_seq_length as i64);
@@ -277,7 +277,7 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let hand = device.is_cuda() && t.cuda_kernels && s.hand_backward && r.lora.dropout == 0.0;
     // Offloaded layer inputs live in pinned host memory; the GPU holds the one in use and the one
     // prefetched. ("auto" is decided from this estimate without offload, so it counts as off.)
-    let offload = device.is_cuda() && t.gradient_checkpointing && t.offload_activations == "on";
+    let offload = device.is_cuda() && t.gradient_checkpointing && t.offload_activations == crate::recipe::Switch::On;
     if t.gradient_checkpointing {
         let inputs = s.layers * tokens * width * dt;
         if offload {

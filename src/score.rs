@@ -141,14 +141,14 @@ pub struct ScoreArgs<'a> {
     pub adapter: Option<&'a Path>,
     pub data: &'a Path,
     pub dtype: Dtype,
-    pub device: &'a str,
+    pub device: crate::recipe::DeviceSpec,
     pub cache: &'a Path,
 }
 
 /// Load, score, return the result.
 pub fn run(a: &ScoreArgs) -> Result<Score> {
     let dir = model_dir(a.model, a.cache)?;
-    let device = crate::train::device_of(a.device)?;
+    let device = a.device.resolve();
     let tok = Tok::load(&dir)?;
     let rows = encode_rows(a.data, &tok)?;
     let opts = model::LoadOptions {

@@ -395,8 +395,8 @@ fn cli_prints_the_completion_and_rejects_bad_flags() {
     for (args, code, msg) in [
         (vec!["--temperature", "-1"], 2, "temperature must be ≥ 0 (found `-1`)"),
         (vec!["--top-p", "0"], 2, "top_p must be in (0, 1] (found `0`)"),
-        (vec!["--dtype", "fp8"], 2, "--dtype fp8: expected auto, bf16, fp16 or fp32"),
-        (vec!["--device", "tpu"], 2, "--device"),
+        (vec!["--dtype", "fp8"], 2, "invalid value 'fp8' for '--dtype <DTYPE>'"),
+        (vec!["--device", "tpu"], 2, "invalid device \"tpu\", expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""),
         (vec!["--max-new-tokens", "many"], 2, "invalid value 'many'"),
         (vec!["--stop", ""], 2, "stop strings must not be empty"),
     ] {

@@ -210,3 +210,43 @@ fn resolved_recipe_fills_every_default() {
     let again = tuner::recipe::load(Path::new(&p), &[]).unwrap();
     assert_eq!(again.recipe, loaded.recipe);
 }
+
+#[test]
+fn typed_settings_name_their_key_and_the_accepted_values() {
+    // Settings that are serde enums (or a parsed device) report a bad value with every accepted
+    // one and a suggestion, at their key; a good value round-trips into the resolved recipe.
+    let sets = [
+        "train.device=\"gpu\"",
+        "train.offload_activations=\"maybe\"",
+        "lora.bias=\"all\"",
+        "eval.metrics=[\"exact_mach\"]",
+        "export.merged_dtype=\"fp8\"",
+        "export.gguf=[\"q4_k\"]",
+    ];
+    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", *s]).collect();
+    let (code, err) = validate(GOOD, &args);
+    assert_eq!(code, 2, "{err}");
+    for want in [
+        "train.device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", found \"gpu\"",
+        "train.offload_activations: expected one of \"auto\", \"on\", \"off\", found \"maybe\"",
+        "lora.bias: expected one of \"none\", found \"all\"",
+        "eval.metrics: expected one of \"exact_match\", \"json_fields\", found \"exact_mach\"; did you mean \"exact_match\"?",
+        "export.merged_dtype: expected one of \"bf16\", \"fp16\", \"fp32\", found \"fp8\"; did you mean \"fp16\"?",
+        "export.gguf: expected one of \"f16\", \"q8_0\", found \"q4_k\"; did you mean \"q8_0\"?",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    let good = ["train.device=\"cuda:1\"", "export.gguf=[\"f16\", \"q8_0\"]", "eval.metrics=[\"json_fields\"]"];
+    let d = tmp();
+    tiny_model(&d.path().join("model"));
+    std::fs::write(d.path().join("data.jsonl"), "{\"instruction\":\"a\",\"output\":\"b\"}\n").unwrap();
+    std::fs::write(d.path().join("x.toml"), GOOD).unwrap();
+    let r = tuner::recipe::load(&d.path().join("x.toml"), &good.map(String::from)).unwrap().recipe;
+    assert_eq!(r.train.device, tuner::recipe::DeviceSpec::Cuda(Some(1)));
+    assert_eq!(r.train.device.to_string(), "cuda:1");
+    assert_eq!(r.export.gguf, [tuner::recipe::GgufType::F16, tuner::recipe::GgufType::Q8_0]);
+    assert_eq!(
+        toml::to_string(&r.train).unwrap().lines().find(|l| l.starts_with("device")),
+        Some("device = \"cuda:1\"")
+    );
+}

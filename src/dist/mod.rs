@@ -25,6 +25,7 @@ pub mod c10d;
 pub mod env;
 pub mod launch;
 
+use crate::recipe::DeviceSpec;
 use anyhow::{anyhow, bail, Result};
 use c10d::{Backend, ProcessGroup, Store};
 use env::{Rendezvous, WorldEnv};
@@ -55,14 +56,14 @@ pub struct Dist {
 }
 
 /// The device and backend of rank `local_rank` for `train.device`.
-pub fn device_for(setting: &str, local_rank: usize) -> Result<(Device, Backend)> {
+pub fn device_for(setting: DeviceSpec, local_rank: usize) -> Result<(Device, Backend)> {
     let cuda = tch::Cuda::is_available();
     match setting {
-        "cpu" => Ok((Device::Cpu, Backend::Gloo)),
-        "auto" if !cuda => Ok((Device::Cpu, Backend::Gloo)),
-        s if s == "auto" || s == "cuda" || s.starts_with("cuda:") => {
+        DeviceSpec::Cpu => Ok((Device::Cpu, Backend::Gloo)),
+        DeviceSpec::Auto if !cuda => Ok((Device::Cpu, Backend::Gloo)),
+        s => {
             if !cuda {
-                bail!("train.device = {s:?} but no CUDA device is visible");
+                bail!("train.device = \"{s}\" but no CUDA device is visible");
             }
             let n = tch::Cuda::device_count() as usize;
             if local_rank >= n {
@@ -70,7 +71,6 @@ pub fn device_for(setting: &str, local_rank: usize) -> Result<(Device, Backend)>
             }
             Ok((Device::Cuda(local_rank), Backend::Nccl))
         }
-        other => bail!("train.device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", found {other:?}"),
     }
 }
 
@@ -107,7 +107,7 @@ pub fn exit(code: i32) -> ! {
 impl Dist {
     /// Rendezvous and join the process group; collectives time out after `timeout`. From here
     /// on a panic ends the process at once (after its message), for the reason given at [`exit`].
-    pub fn connect(world: WorldEnv, device_setting: &str, timeout: Duration) -> Result<Dist> {
+    pub fn connect(world: WorldEnv, device_setting: DeviceSpec, timeout: Duration) -> Result<Dist> {
         if world.world_size > 1 {
             let report = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {

@@ -281,7 +281,7 @@ pub fn readme(ctx: &RunContext, format: Format, model: &ModelRecord, check: Opti
         let _ = writeln!(
             s,
             "| merged dtype | {} |",
-            if format == Format::Merged { r.export.merged_dtype.as_str() } else { "bf16 + NF4/GGUF" }
+            if format == Format::Merged { r.export.merged_dtype.name() } else { "bf16 + NF4/GGUF" }
         );
     }
 

@@ -41,24 +41,9 @@ pub const ALIGNMENT: u64 = 32;
 pub const Q8_0_BLOCK: usize = 32;
 
 /// The GGUF file types tuner writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgufType {
-    /// 2-D tensors in IEEE half.
-    F16,
-    /// 2-D tensors in Q8_0 blocks.
-    Q8_0,
-}
+pub use crate::recipe::GgufType;
 
 impl GgufType {
-    /// Parse an `[export] gguf` entry.
-    pub fn from_name(s: &str) -> Option<GgufType> {
-        match s {
-            "f16" => Some(GgufType::F16),
-            "q8_0" => Some(GgufType::Q8_0),
-            _ => None,
-        }
-    }
-
     /// The recipe name (`f16`, `q8_0`).
     pub fn name(self) -> &'static str {
         match self {

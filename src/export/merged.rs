@@ -26,16 +26,6 @@ use tch::{Device, Kind, Tensor};
 /// Largest shard transformers writes by default ("2GB" = 2·10⁹ bytes).
 pub const MAX_SHARD_BYTES: u64 = 2_000_000_000;
 
-/// The storage kind for `[export] merged_dtype`.
-pub fn store_kind(name: &str) -> Result<Kind> {
-    Ok(match name {
-        "bf16" => Kind::BFloat16,
-        "fp16" => Kind::Half,
-        "fp32" => Kind::Float,
-        other => bail!("[export] merged_dtype: expected \"bf16\", \"fp16\" or \"fp32\", found {other:?}"),
-    })
-}
-
 /// The torch dtype name transformers writes in config.json for a kind.
 pub fn dtype_name(kind: Kind) -> &'static str {
     match kind {

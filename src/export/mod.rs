@@ -162,21 +162,14 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         bail!("{} has no trained adapter; run the train stage first", adapter_src.display());
     }
     // Everything that can be refused is refused before any work.
-    let gguf_types: Vec<gguf::GgufType> = ex
-        .gguf
-        .iter()
-        .map(|s| {
-            gguf::GgufType::from_name(s)
-                .with_context(|| format!("[export] gguf: unknown type {s:?}; expected \"f16\" or \"q8_0\""))
-        })
-        .collect::<Result<_>>()?;
+    let gguf_types: Vec<gguf::GgufType> = ex.gguf.clone();
     if !gguf_types.is_empty() {
         gguf::check_supported(&model_rec.dir)?;
     }
     if ex.ollama && gguf_types.is_empty() {
         bail!("[export] ollama = true needs a GGUF file to point at: set [export] gguf = [\"q8_0\"] (or [\"f16\"])");
     }
-    let store = merged::store_kind(&ex.merged_dtype)?;
+    let store = ex.merged_dtype.kind();
 
     // Leftovers of an interrupted run are never complete: remove them.
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -212,7 +205,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         if is_current(&merged_dir, fp) && gate_done {
             eprintln!("export: {merged_name}/ is up to date");
         } else {
-            let device = crate::train::device_of(&r.train.device)?;
+            let device = r.train.device.resolve();
             let compute = crate::train::kind_of(r.model.dtype, device);
             let t0 = std::time::Instant::now();
             let stage = Staging::new(dir, merged_name)?;
@@ -242,7 +235,8 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             let m = check::measure(trained.as_ref(), merged_model.as_ref(), &examples, device);
             drop(merged_model);
             drop(trained);
-            let rec = check::MergeCheck::new(m, source, ex.max_merge_loss_delta, fp, &ex.merged_dtype, compute, device);
+            let rec =
+                check::MergeCheck::new(m, source, ex.max_merge_loss_delta, fp, ex.merged_dtype.name(), compute, device);
             util::write_json_atomic(&check_path, &rec)?;
             eprintln!(
                 "export: merge check on {} {source} examples: loss {:.6} (adapter) vs {:.6} (merged), delta {:.2e}, max |Δlogit| {:.2e}",

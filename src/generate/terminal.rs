@@ -33,9 +33,9 @@ pub struct GenerateArgs {
     /// Sampling and stopping.
     pub params: SamplingParams,
     /// auto | bf16 | fp16 | fp32.
-    pub dtype: String,
+    pub dtype: Dtype,
     /// auto | cpu | cuda | cuda:N.
-    pub device: String,
+    pub device: crate::recipe::DeviceSpec,
     /// Where a .gguf model is imported.
     pub cache: PathBuf,
 }
@@ -43,14 +43,8 @@ pub struct GenerateArgs {
 /// Run `tuner generate`. Bad flags are usage errors (exit 2); Ctrl-C stops a one-shot
 /// completion with exit 130 and only the current reply in a chat.
 pub fn run(a: &GenerateArgs, interrupted: &AtomicBool) -> Result<()> {
-    let dtype = match a.dtype.as_str() {
-        "auto" => Dtype::Auto,
-        "bf16" => Dtype::Bf16,
-        "fp16" => Dtype::Fp16,
-        "fp32" => Dtype::Fp32,
-        other => return Err(Failure::Usage(format!("--dtype {other}: expected auto, bf16, fp16 or fp32")).into()),
-    };
-    let device = crate::train::device_of(&a.device).map_err(|e| Failure::Usage(format!("--device: {e}")))?;
+    let dtype = a.dtype;
+    let device = a.device.resolve();
     if device.is_cuda() && !tch::Cuda::is_available() {
         return Err(Failure::Usage(format!("--device {}: CUDA is not available on this machine", a.device)).into());
     }

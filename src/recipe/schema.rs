@@ -123,7 +123,7 @@ pub struct LoraSection {
     /// Scale by alpha/√r instead of alpha/r.
     pub use_rslora: bool,
     /// Only "none" is supported (as in the Unsloth guide).
-    pub bias: String,
+    pub bias: LoraBias,
 }
 
 impl Default for LoraSection {
@@ -134,7 +134,7 @@ impl Default for LoraSection {
             dropout: 0.0,
             target_modules: TargetModules::default(),
             use_rslora: false,
-            bias: "none".into(),
+            bias: LoraBias::None,
         }
     }
 }
@@ -244,15 +244,147 @@ pub enum Optimizer {
     Adamw8bit,
 }
 
-/// `train.coalesce`: whether a step's micro-batches run as packed passes.
+/// A feature that is on, off, or decided by tuner (`train.coalesce`, `train.offload_activations`;
+/// each field's doc says what "auto" decides).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Coalesce {
-    /// On where attention takes the varlen path (CUDA, bf16/fp16, no attention softcap).
+pub enum Switch {
     #[default]
     Auto,
     On,
     Off,
+}
+
+/// `train.device` and `--device`: "auto" (CUDA when libtorch sees a GPU, else the CPU), "cpu",
+/// "cuda" (the first GPU) or "cuda:N". Written back as the same string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    /// `cuda` (None) or `cuda:N`.
+    Cuda(Option<usize>),
+}
+
+impl DeviceSpec {
+    /// The libtorch device this names (for "auto": CUDA 0 when available, else the CPU).
+    pub fn resolve(self) -> tch::Device {
+        match self {
+            DeviceSpec::Auto => tch::Device::cuda_if_available(),
+            DeviceSpec::Cpu => tch::Device::Cpu,
+            DeviceSpec::Cuda(n) => tch::Device::Cuda(n.unwrap_or(0)),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(None)),
+            other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                Some(n) => Ok(DeviceSpec::Cuda(Some(n))),
+                // The ", expected …" form is what recipe validation turns into its message.
+                None => Err(format!("invalid device {other:?}, expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(None) => f.write_str("cuda"),
+            DeviceSpec::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+/// `lora.bias`: which biases train. Only "none" (as in the Unsloth guide and PEFT's default).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraBias {
+    #[default]
+    None,
+}
+
+/// `eval.metrics`: task metrics over the generations.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// The generation equals the expected response (trimmed).
+    ExactMatch,
+    /// The share of the expected JSON object's fields the generation gets right.
+    JsonFields,
+}
+
+impl Metric {
+    /// The name used in the recipe and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ExactMatch => "exact_match",
+            Metric::JsonFields => "json_fields",
+        }
+    }
+}
+
+/// `export.merged_dtype`: how the merged model's floating-point tensors are stored.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MergedDtype {
+    #[default]
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+impl MergedDtype {
+    /// The recipe name (`bf16`, `fp16`, `fp32`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MergedDtype::Bf16 => "bf16",
+            MergedDtype::Fp16 => "fp16",
+            MergedDtype::Fp32 => "fp32",
+        }
+    }
+
+    /// The libtorch kind stored.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            MergedDtype::Bf16 => tch::Kind::BFloat16,
+            MergedDtype::Fp16 => tch::Kind::Half,
+            MergedDtype::Fp32 => tch::Kind::Float,
+        }
+    }
+}
+
+/// `export.gguf`: the tensor type of a GGUF file's 2-D weights.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum GgufType {
+    /// IEEE half.
+    #[serde(rename = "f16")]
+    F16,
+    /// Q8_0 blocks (32 int8 values and an f16 scale).
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 /// `[train]`: the training loop.
@@ -281,7 +413,7 @@ pub struct TrainSection {
     /// Pad each batch to a multiple of this (dynamic padding otherwise).
     pub pad_to_multiple_of: u64,
     /// "auto", "cpu" or "cuda[:N]".
-    pub device: String,
+    pub device: DeviceSpec,
     /// On a CUDA device, the fast path: the kernels of `kernels/` (4-bit dequantize, RMSNorm,
     /// RoPE, gated activations) and the hand-written layer backward. `false` runs the
     /// reference (torch-op, autograd) path, as on a CPU.
@@ -289,12 +421,12 @@ pub struct TrainSection {
     /// Keep the checkpointed layer inputs in pinned host memory during a step (CUDA, with
     /// gradient checkpointing): "on", "off", or "auto" (on when `tuner plan`'s estimate exceeds
     /// 90% of the device's memory).
-    pub offload_activations: String,
+    pub offload_activations: Switch,
     /// Run the rows of a step's micro-batches together as packed varlen passes (one document
     /// per row, no padding; the same loss and gradients): "auto" (on where attention takes the
     /// varlen path: CUDA, bf16/fp16, no attention softcap), "on" or "off". `tuner plan` shows
     /// the choice and the pass size.
-    pub coalesce: Coalesce,
+    pub coalesce: Switch,
     /// Check each layer's output, the loss and each layer's gradients for NaN/inf at every
     /// step and name where the first one appeared (a device synchronisation per layer; off by
     /// default, when a non-finite loss or gradient re-runs that one step with the checks).
@@ -333,10 +465,10 @@ impl Default for TrainSection {
             keep_checkpoints: 2,
             packing: false,
             pad_to_multiple_of: 1,
-            device: "auto".into(),
+            device: DeviceSpec::Auto,
             cuda_kernels: true,
-            offload_activations: "auto".into(),
-            coalesce: Coalesce::Auto,
+            offload_activations: Switch::Auto,
+            coalesce: Switch::Auto,
             detect_anomaly: false,
             gpus: 1,
             keep_effective_batch: false,
@@ -350,7 +482,7 @@ impl Default for TrainSection {
 #[serde(deny_unknown_fields, default)]
 pub struct EvalSection {
     /// Task metrics: "exact_match", "json_fields".
-    pub metrics: Vec<String>,
+    pub metrics: Vec<Metric>,
     /// Generate for at most this many eval prompts.
     pub max_samples: u64,
     /// The eval loss over at most this many eval rows, the first in split order (0: all).
@@ -389,11 +521,11 @@ pub struct ExportSection {
     /// Merged full model (HF safetensors).
     pub merged: bool,
     /// dtype of the merged model: "bf16" or "fp16".
-    pub merged_dtype: String,
+    pub merged_dtype: MergedDtype,
     /// Merged and re-quantized to NF4 (bnb layout).
     pub nf4: bool,
     /// GGUF files to write: any of "f16", "q8_0".
-    pub gguf: Vec<String>,
+    pub gguf: Vec<GgufType>,
     /// Write an Ollama Modelfile next to the GGUF.
     pub ollama: bool,
     /// Fail the stage if merged loss − adapter loss exceeds this.
@@ -405,7 +537,7 @@ impl Default for ExportSection {
         ExportSection {
             adapter: true,
             merged: true,
-            merged_dtype: "bf16".into(),
+            merged_dtype: MergedDtype::Bf16,
             nf4: false,
             gguf: vec![],
             ollama: false,

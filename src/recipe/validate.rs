@@ -104,8 +104,6 @@ enum Rule {
     Ratio,
     /// A power of two in 16..=4096.
     BlockSize,
-    Words(&'static [&'static str]),
-    WordList(&'static [&'static str]),
 }
 
 fn rule_for(key: &str) -> Option<Rule> {
@@ -116,7 +114,6 @@ fn rule_for(key: &str) -> Option<Rule> {
         "lora.r" => PositiveInt,
         "lora.alpha" => PositiveNumber,
         "lora.dropout" => Dropout,
-        "lora.bias" => Words(&["none"]),
         "dataset.eval_ratio" => Ratio,
         "dataset.max_samples" | "dataset.shard_rows" => PositiveInt,
         "train.max_seq_length"
@@ -135,9 +132,6 @@ fn rule_for(key: &str) -> Option<Rule> {
         "eval.max_samples" | "eval.max_loss_rows" => NonNegativeInt,
         "eval.max_new_tokens" | "eval.batch_size" => PositiveInt,
         "eval.temperature" => NonNegativeNumber,
-        "eval.metrics" => WordList(&["exact_match", "json_fields"]),
-        "export.merged_dtype" => Words(&["bf16", "fp16", "fp32"]),
-        "export.gguf" => WordList(&["f16", "q8_0"]),
         "export.max_merge_loss_delta" => NonNegativeNumber,
         _ => return None,
     })
@@ -176,29 +170,6 @@ fn apply_rule(rule: Rule, v: &toml::Value) -> Result<(), String> {
             matches!(v, V::Integer(i) if *i >= 16 && *i <= 4096 && (*i as u64).is_power_of_two()),
             "a power of two from 16 to 4096 (bitsandbytes uses 64)".to_string(),
         ),
-        Rule::Words(words) => {
-            (matches!(v, V::String(s) if words.contains(&s.as_str())), format!("one of {}", quoted_list(words)))
-        }
-        Rule::WordList(words) => {
-            let expected = format!("a list of {}", quoted_list(words));
-            if let V::Array(items) = v {
-                for item in items {
-                    match item {
-                        V::String(s) if words.contains(&s.as_str()) => {}
-                        V::String(s) => {
-                            let hint = did_you_mean(s, words.iter().copied())
-                                .map(|w| format!("; did you mean {w:?}?"))
-                                .unwrap_or_default();
-                            return Err(format!("expected {expected}, found {s:?}{hint}"));
-                        }
-                        other => return Err(format!("expected {expected}, found {}", show(other))),
-                    }
-                }
-                (true, expected)
-            } else {
-                (false, expected)
-            }
-        }
     };
     if ok {
         Ok(())
@@ -487,20 +458,9 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
     if r.train.max_steps.is_some() && r.train.epochs.is_some() {
         err("train.epochs", "set either train.max_steps or train.epochs, not both".into());
     }
-    let dev = r.train.device.as_str();
-    let dev_ok = dev == "auto"
-        || dev == "cpu"
-        || dev == "cuda"
-        || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-    if !dev_ok {
-        err("train.device", format!("expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", found {dev:?}"));
-    }
-    let off = r.train.offload_activations.as_str();
-    if !matches!(off, "auto" | "on" | "off") {
-        err("train.offload_activations", format!("expected \"auto\", \"on\" or \"off\", found {off:?}"));
-    }
-    if r.train.gpus > 1 && dev.starts_with("cuda:") {
-        err("train.device", format!("{dev:?} names one GPU, but train.gpus = {} starts one process per GPU (each on cuda:LOCAL_RANK); set train.device to \"auto\" or \"cuda\"", r.train.gpus));
+    if let (true, crate::recipe::DeviceSpec::Cuda(Some(_))) = (r.train.gpus > 1, r.train.device) {
+        let dev = r.train.device;
+        err("train.device", format!("\"{dev}\" names one GPU, but train.gpus = {} starts one process per GPU (each on cuda:LOCAL_RANK); set train.device to \"auto\" or \"cuda\"", r.train.gpus));
     }
     if let Some(why) = crate::recipe::effective_batch_problem(&r.train, r.train.gpus as usize) {
         err("train.keep_effective_batch", why);

@@ -45,11 +45,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: Dtype,
     /// auto | cpu | cuda | cuda:N.
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: crate::recipe::DeviceSpec,
     /// Largest request body; bigger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -64,22 +64,12 @@ pub struct ServeArgs {
     pub max_batch: usize,
 }
 
-fn dtype_of(s: &str) -> Result<Dtype> {
-    Ok(match s {
-        "auto" => Dtype::Auto,
-        "bf16" => Dtype::Bf16,
-        "fp16" => Dtype::Fp16,
-        "fp32" => Dtype::Fp32,
-        other => return Err(Failure::Usage(format!("--dtype {other}: expected auto, bf16, fp16 or fp32")).into()),
-    })
-}
-
 /// Load the model, listen, and serve until `interrupted` is set (Ctrl-C); then stop
 /// taking connections, give open ones [`SHUTDOWN_GRACE`] to finish, and return.
 /// `cache` is the cache root for GGUF imports.
 pub fn run(args: &ServeArgs, cache: &Path, interrupted: Arc<AtomicBool>) -> Result<()> {
-    let dtype = dtype_of(&args.dtype)?;
-    let device = crate::train::device_of(&args.device).map_err(|e| Failure::Usage(format!("--device: {e}")))?;
+    let dtype = args.dtype;
+    let device = args.device.resolve();
     for (name, v) in [
         ("--queue", args.queue),
         ("--max-batch", args.max_batch),

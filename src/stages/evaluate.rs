@@ -18,6 +18,7 @@ use crate::generate::{Generator, SamplingParams};
 use crate::model::CausalLm;
 use crate::pipeline::{self, RunContext, Stage};
 use crate::progress::{Progress, Unit};
+use crate::recipe::Metric;
 use crate::train::{data, step};
 use crate::util;
 use anyhow::{Context, Result};
@@ -95,20 +96,19 @@ struct Sample {
     expected: String,
 }
 
-fn metrics_of(names: &[String], outputs: &[String], samples: &[Sample]) -> Map<String, Value> {
+fn metrics_of(metrics: &[Metric], outputs: &[String], samples: &[Sample]) -> Map<String, Value> {
     let mut m = Map::new();
-    for name in names {
+    for metric in metrics {
         let scores: Vec<f64> = outputs
             .iter()
             .zip(samples)
-            .filter_map(|(g, s)| match name.as_str() {
-                "exact_match" => Some(exact_match(g, &s.expected)),
-                "json_fields" => json_fields(g, &s.expected),
-                _ => None,
+            .filter_map(|(g, s)| match metric {
+                Metric::ExactMatch => Some(exact_match(g, &s.expected)),
+                Metric::JsonFields => json_fields(g, &s.expected),
             })
             .collect();
         let mean = if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 };
-        m.insert(name.clone(), json!(mean));
+        m.insert(metric.name().to_string(), json!(mean));
     }
     m
 }
@@ -150,7 +150,7 @@ impl Stage for Evaluate {
         let model_rec = crate::stages::fetch::model_record(ctx)?;
         let device = match dist {
             Some(d) => d.device,
-            None => crate::train::device_of(&r.train.device)?,
+            None => r.train.device.resolve(),
         };
         let kind = crate::train::kind_of(r.model.dtype, device);
         let tok = Tok::load(&model_rec.dir)?;

@@ -34,7 +34,7 @@ impl Stage for Train {
             // recorded; the same loss and gradients up to rounding): out, so fingerprints of
             // recipes that do not set them are unchanged.
             t.remove("detect_anomaly");
-            if r.train.coalesce == crate::recipe::Coalesce::Auto {
+            if r.train.coalesce == crate::recipe::Switch::Auto {
                 t.remove("coalesce");
             }
         }

@@ -17,7 +17,7 @@ use crate::error::Failure;
 use crate::model::{self, lora, CausalLm};
 use crate::pipeline::RunContext;
 use crate::progress::{Progress, Unit};
-use crate::recipe::{Dtype, QuantMethod, Recipe, TargetModules};
+use crate::recipe::{DeviceSpec, Dtype, QuantMethod, Recipe, Switch, TargetModules};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -26,22 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use tch::{Device, Kind};
 
-/// The device named by `train.device`.
-pub fn device_of(s: &str) -> Result<Device> {
-    Ok(match s {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!("train.device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", found {other:?}"),
-        },
-    })
-}
-
 /// When `train.device = "auto"` resolved to the CPU: why, in a sentence for the log.
-pub fn cpu_fallback_reason(setting: &str, device: Device) -> Option<String> {
-    if setting != "auto" || device.is_cuda() {
+pub fn cpu_fallback_reason(setting: DeviceSpec, device: Device) -> Option<String> {
+    if setting != DeviceSpec::Auto || device.is_cuda() {
         return None;
     }
     let build = crate::pipeline::libtorch_version();
@@ -120,17 +107,17 @@ fn profile_window(device: Device) -> Result<Option<step::ProfileWindow>> {
 fn offload_activations(ctx: &RunContext, dir: &Path, device: Device) -> Result<bool> {
     let t = &ctx.recipe.recipe.train;
     let possible = device.is_cuda() && t.gradient_checkpointing;
-    let on = match t.offload_activations.as_str() {
-        "off" => false,
-        "on" if !possible => {
+    let on = match t.offload_activations {
+        Switch::Off => false,
+        Switch::On if !possible => {
             log::warn!(
                 "train.offload_activations = \"on\" needs a CUDA device and gradient checkpointing; not offloading"
             );
             false
         }
-        "on" => true,
-        _ if !possible => false,
-        _ => {
+        Switch::On => true,
+        Switch::Auto if !possible => false,
+        Switch::Auto => {
             let Device::Cuda(i) = device else { return Ok(false) };
             let planned = crate::plan::estimate(&ctx.recipe, dir).map(|p| p.total_bytes).unwrap_or(0);
             let total = crate::device_mem::cuda_total_bytes(i).unwrap_or(u64::MAX);
@@ -229,10 +216,10 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     let leader = rank == 0;
     let device = match dist {
         Some(d) => d.device,
-        None => device_of(&t.device)?,
+        None => t.device.resolve(),
     };
     let batching = crate::recipe::batching(t, world).map_err(Failure::Usage)?;
-    if let (Some(why), true) = (cpu_fallback_reason(&t.device, device), leader) {
+    if let (Some(why), true) = (cpu_fallback_reason(t.device, device), leader) {
         eprintln!("train: training on the CPU (train.device = \"auto\"): {why}");
     }
     let t_load = std::time::Instant::now();

@@ -177,11 +177,11 @@ pub fn coalesce_budget(
     head_dim: i64,
     attn_softcap: bool,
 ) -> Option<usize> {
-    use crate::recipe::Coalesce;
+    use crate::recipe::Switch;
     let on = match t.coalesce {
-        Coalesce::Off => false,
-        Coalesce::On => true,
-        Coalesce::Auto => !attn_softcap && crate::kernels::varlen::supports(device, kind, head_dim),
+        Switch::Off => false,
+        Switch::On => true,
+        Switch::Auto => !attn_softcap && crate::kernels::varlen::supports(device, kind, head_dim),
     };
     // One micro-batch of one row has nothing to coalesce.
     let several = t.micro_batch_size * t.gradient_accumulation_steps > 1;
