@@ -334,12 +334,12 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             let device = device.resolve();
             let hub = crate::hub::HubConfig::from_env()?;
             let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
-            let dir = crate::score::model_dir(&model, &cache)?;
+            let dir = crate::model::open::resolve_dir(&model, &cache)?;
             let report = crate::train::probe::run(crate::train::probe::GradsInputs {
                 model_dir: &dir,
                 adapter: &adapter,
                 rows: crate::train::probe::read_rows(&data)?,
-                kind: crate::train::kind_of(dtype, device),
+                kind: crate::model::open::compute_kind(dtype, device),
                 device,
                 quantize: match quantize {
                     GradsQuant::None => None,

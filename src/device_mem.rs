@@ -61,3 +61,17 @@ pub fn reset_cuda_peak(device: usize) {
     #[cfg(not(tuner_cuda_shim))]
     let _ = device;
 }
+
+/// Peak and current resident memory of this process in bytes (CPU), from /proc.
+pub fn rss_bytes() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}

@@ -142,7 +142,7 @@ fn dtype_bytes(k: tch::Kind) -> i64 {
 
 /// Resident bytes of this process now (the runtime baseline on CPU).
 fn current_rss() -> u64 {
-    crate::train::rss_bytes().1
+    crate::device_mem::rss_bytes().1
 }
 
 /// Build the estimate for a recipe.
@@ -179,7 +179,7 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
         }
     };
     let device = r.train.device.resolve();
-    let dt = dtype_bytes(crate::train::kind_of(r.model.dtype, device));
+    let dt = dtype_bytes(crate::model::open::compute_kind(r.model.dtype, device));
     let t = &r.train;
     let (b, seq) = (t.micro_batch_size as i64, t.max_seq_length as i64);
     let tokens = b * seq;
@@ -254,7 +254,7 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
     let kv = s.kv_heads * s.head_dim;
     // Scores and probabilities in f32, where they exist: on a GPU SDPA's fused kernels keep only
     // per-row statistics, unless the family writes attention out (a softcap).
-    let kind = crate::train::kind_of(r.model.dtype, device);
+    let kind = crate::model::open::compute_kind(r.model.dtype, device);
     let coalesce_tokens =
         crate::train::step::coalesce_budget(t, device, kind, s.head_dim, s.eager_attention).map(|n| n as u64);
     // A coalesced pass is one row of up to b·seq tokens: its scores, where written out, are

@@ -8,12 +8,12 @@
 
 use crate::data::template::{Message, Renderer};
 use crate::data::tokenizer::Tok;
-use crate::model::{self, lora, CausalLm};
+use crate::model::{self, CausalLm};
 use crate::recipe::Dtype;
-use crate::util;
+
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// One row's result.
@@ -33,43 +33,6 @@ pub struct Score {
     pub mean_loss: f64,
     pub perplexity: f64,
     pub per_row: Vec<RowScore>,
-}
-
-/// An HF folder for `path`: the folder itself, or a `.gguf` imported once into a cache folder.
-pub fn model_dir(path: &Path, cache: &Path) -> Result<PathBuf> {
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    if path.extension().is_some_and(|e| e == "gguf") && path.is_file() {
-        let sha = util::sha256_file(path)?;
-        let dir = cache.join("gguf-import").join(&sha[..16]);
-        if !dir.join("config.json").is_file() {
-            crate::gguf_import::import_gguf(path, &dir).with_context(|| format!("cannot import {}", path.display()))?;
-        }
-        return Ok(dir);
-    }
-    bail!("--model {}: expected an HF model folder or a .gguf file", path.display())
-}
-
-/// Attach and load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
-pub fn apply_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<()> {
-    let cfg: serde_json::Value = util::read_json(&dir.join("adapter_config.json"))?;
-    let r = cfg["r"].as_i64().with_context(|| format!("{}/adapter_config.json: no `r`", dir.display()))?;
-    let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
-    let targets = match &cfg["target_modules"] {
-        serde_json::Value::Array(a) => {
-            lora::Targets::Names(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-        }
-        serde_json::Value::String(s) if s == "all-linear" => lora::Targets::AllLinear,
-        serde_json::Value::String(s) => lora::Targets::Regex(s.clone()),
-        _ => bail!("{}/adapter_config.json: `target_modules` must be a list or a string", dir.display()),
-    };
-    let spec =
-        lora::LoraSpec { r, alpha, dropout: 0.0, use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false), targets };
-    lora::attach(model, &spec, 0)?;
-    let tensors = Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
-        .with_context(|| format!("cannot read {}/adapter_model.safetensors", dir.display()))?;
-    lora::load_adapter_tensors(model, &tensors)
 }
 
 /// Token ids of each row of a JSONL file.
@@ -147,19 +110,19 @@ pub struct ScoreArgs<'a> {
 
 /// Load, score, return the result.
 pub fn run(a: &ScoreArgs) -> Result<Score> {
-    let dir = model_dir(a.model, a.cache)?;
+    let dir = crate::model::open::resolve_dir(a.model, a.cache)?;
     let device = a.device.resolve();
     let tok = Tok::load(&dir)?;
     let rows = encode_rows(a.data, &tok)?;
     let opts = model::LoadOptions {
-        dtype: crate::train::kind_of(a.dtype, device),
+        dtype: crate::model::open::compute_kind(a.dtype, device),
         device,
         quantize: None,
         cuda_kernels: true,
     };
     let mut m = model::load(&dir, &opts)?;
     if let Some(ad) = a.adapter {
-        apply_adapter(m.as_mut(), ad)?;
+        crate::model::open::apply_adapter(m.as_mut(), ad)?;
     }
     Ok(score_rows(m.as_ref(), &rows, device))
 }

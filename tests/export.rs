@@ -181,7 +181,7 @@ fn qlora_export_merges_exactly_and_loads_in_transformers_peft_and_bitsandbytes()
     let merged_model = load(&ex.join("merged"));
     let got = logits(merged_model.as_ref(), &ids);
     let merge_err = rel(&got, &want);
-    let nf4_base = tuner::train::load_model(&root.join("model"), &ctx.recipe.recipe, Device::Cpu).unwrap();
+    let nf4_base = tuner::model::open::load_for_recipe(&root.join("model"), &ctx.recipe.recipe, Device::Cpu).unwrap();
     let adapter_effect = rel(&logits(nf4_base.as_ref(), &ids), &want);
     eprintln!("qlora fp32 merge: rel logit error {merge_err:.2e}, adapter effect {adapter_effect:.2e}");
     assert!(merge_err <= 1e-5, "merged vs base+adapter: {merge_err:e}");
@@ -281,7 +281,7 @@ fn qlora_export_merges_exactly_and_loads_in_transformers_peft_and_bitsandbytes()
     assert_eq!(report["peft"]["lora_modules"], 14, "{report}");
     // PEFT on the dense base = tuner's dense base + the same adapter.
     let mut dense = load(&root.join("model"));
-    tuner::score::apply_adapter(dense.as_mut(), &ex.join("adapter")).unwrap();
+    tuner::model::open::apply_adapter(dense.as_mut(), &ex.join("adapter")).unwrap();
     let peft_err = rel(tensor(&ts, "peft_logits"), &logits(dense.as_ref(), &ids));
     let hf_merged_err = rel(tensor(&ts, "merged_logits"), &got);
     eprintln!("HF: peft vs tuner {peft_err:.2e}; merged folder vs tuner {hf_merged_err:.2e}");
@@ -691,7 +691,7 @@ fn merge_gate_rejects_a_merge_that_changes_the_loss() {
     let (examples, source) = export::gate_examples(&ctx).unwrap();
     assert_eq!(source, "eval");
     let trained_model = export::load_trained(&ctx, &root.join("model"), Device::Cpu).unwrap();
-    let base = tuner::train::load_model(&root.join("model"), &ctx.recipe.recipe, Device::Cpu).unwrap();
+    let base = tuner::model::open::load_for_recipe(&root.join("model"), &ctx.recipe.recipe, Device::Cpu).unwrap();
     // A "merge" that dropped the adapter: whichever way the loss moved, score it as the merged side.
     let m = check::measure(trained_model.as_ref(), base.as_ref(), &examples, Device::Cpu);
     let m = if m.merged_loss > m.adapter_loss {

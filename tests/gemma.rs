@@ -225,12 +225,12 @@ fn a_gemma3n_adapter_and_merged_export_load_in_transformers_and_peft_with_the_sa
     let rel = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);
     // PEFT puts the adapter on the dense base: tuner's dense base + adapter.
     let mut dense = model::load(&model, &opts).unwrap();
-    tuner::score::apply_adapter(dense.as_mut(), &ex.join("adapter")).unwrap();
+    tuner::model::open::apply_adapter(dense.as_mut(), &ex.join("adapter")).unwrap();
     let want_dense = tch::no_grad(|| dense.forward(&batch()));
     // The recipe trained QLoRA: the merged export is the dequantized NF4 base + adapter.
     let nf4 = model::LoadOptions { quantize: Some((tuner::quant::QuantType::Nf4, 64, true)), ..opts };
     let mut qlora = model::load(&model, &nf4).unwrap();
-    tuner::score::apply_adapter(qlora.as_mut(), &ex.join("adapter")).unwrap();
+    tuner::model::open::apply_adapter(qlora.as_mut(), &ex.join("adapter")).unwrap();
     let want = tch::no_grad(|| qlora.forward(&batch()));
     let base = tch::no_grad(|| model::load(&model, &opts).unwrap().forward(&batch()));
     let (peft, merged, effect) =

@@ -101,11 +101,11 @@ fn text_field(row: &Map<String, Value>, name: &str, required: bool) -> Result<St
         None | Some(Value::Null) if !required => Ok(String::new()),
         None | Some(Value::Null) => Err(format!("missing field `{name}`")),
         Some(Value::Number(n)) => Err(format!("field `{name}`: expected a string, found the number {n}")),
-        Some(other) => Err(format!("field `{name}`: expected a string, found {}", kind_of(other))),
+        Some(other) => Err(format!("field `{name}`: expected a string, found {}", json_type_name(other))),
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -153,7 +153,7 @@ impl Renderer {
                 return Err(format!(
                     "field `{}`: expected a list of {{role, content}} objects, found {}",
                     self.p.messages_field,
-                    kind_of(v)
+                    json_type_name(v)
                 ));
             };
             for (i, m) in items.iter().enumerate() {

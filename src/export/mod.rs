@@ -127,8 +127,8 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<String>> {
 /// Load the base model as the recipe trained it (4-bit when it was) with the run's adapter attached.
 pub fn load_trained(ctx: &RunContext, base_dir: &Path, device: tch::Device) -> Result<Box<dyn CausalLm>> {
     let adapter_dir = ctx.stage_dir("train").join("adapter");
-    let mut model = crate::train::load_model(base_dir, &ctx.recipe.recipe, device)?;
-    crate::score::apply_adapter(model.as_mut(), &adapter_dir)
+    let mut model = crate::model::open::load_for_recipe(base_dir, &ctx.recipe.recipe, device)?;
+    crate::model::open::apply_adapter(model.as_mut(), &adapter_dir)
         .with_context(|| format!("cannot apply the trained adapter {}", adapter_dir.display()))?;
     Ok(model)
 }
@@ -206,7 +206,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             eprintln!("export: {merged_name}/ is up to date");
         } else {
             let device = r.train.device.resolve();
-            let compute = crate::train::kind_of(r.model.dtype, device);
+            let compute = crate::model::open::compute_kind(r.model.dtype, device);
             let t0 = std::time::Instant::now();
             let stage = Staging::new(dir, merged_name)?;
             let mut trained = load_trained(ctx, &model_rec.dir, device)?;

@@ -87,17 +87,17 @@ impl Generator {
         device: Device,
         cache: &Path,
     ) -> Result<Generator> {
-        let dir = crate::score::model_dir(model, cache)?;
+        let dir = crate::model::open::resolve_dir(model, cache)?;
         let tok = Tok::load(&dir)?;
         let opts = model::LoadOptions {
-            dtype: crate::train::kind_of(dtype, device),
+            dtype: crate::model::open::compute_kind(dtype, device),
             device,
             quantize: None,
             cuda_kernels: true,
         };
         let mut m = model::load(&dir, &opts)?;
         if let Some(a) = adapter {
-            crate::score::apply_adapter(m.as_mut(), a)
+            crate::model::open::apply_adapter(m.as_mut(), a)
                 .with_context(|| format!("cannot apply the adapter {}", a.display()))?;
         }
         let mut g = Generator::from_parts(m, tok, device);

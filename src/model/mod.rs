@@ -10,13 +10,14 @@
 //! Files: [`config`] (config.json), [`weights`] (safetensors), [`linear`] (dense/4-bit linear +
 //! LoRA), `blocks` (norm, MLP, RoPE, masks, attention core), `decoder` (the shared model
 //! skeleton), one file per family (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3`,
-//! `gemma3n`), [`lora`], and
-//! [`kv_cache`] (the per-layer K/V cache for generation).
+//! `gemma3n`), [`lora`], [`kv_cache`] (the per-layer K/V cache for generation), and [`open`]
+//! (opening a model: compute dtype, model folder, recipe load, PEFT adapters read and written).
 
 pub mod config;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
+pub mod open;
 pub mod weights;
 
 pub(crate) mod blocks;

@@ -133,7 +133,7 @@ impl Weights {
     pub fn try_get(&self, name: &str) -> Result<Option<Tensor>> {
         let Some((shard, info)) = self.index.get(name) else { return Ok(None) };
         let shard = &self.shards[*shard];
-        let kind = kind_of(info.dtype).with_context(|| {
+        let kind = torch_kind(info.dtype).with_context(|| {
             format!("tensor `{name}` in {} has unsupported dtype {}", shard.path.display(), info.dtype)
         })?;
         let (start, end) = info.data_offsets;
@@ -153,7 +153,7 @@ impl Weights {
     pub fn mapped(&self, name: &str, kind: Kind) -> Option<MappedTensor> {
         let (shard, info) = self.index.get(name)?;
         let shard = &self.shards[*shard];
-        if kind_of(info.dtype) != Some(kind) {
+        if torch_kind(info.dtype) != Some(kind) {
             return None;
         }
         let (start, end) = info.data_offsets;
@@ -198,7 +198,7 @@ impl Weights {
 }
 
 /// safetensors dtype → libtorch kind.
-fn kind_of(dtype: Dtype) -> Option<Kind> {
+fn torch_kind(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::BOOL => Kind::Bool,
         Dtype::U8 => Kind::Uint8,

@@ -152,9 +152,9 @@ impl Stage for Evaluate {
             Some(d) => d.device,
             None => r.train.device.resolve(),
         };
-        let kind = crate::train::kind_of(r.model.dtype, device);
+        let kind = crate::model::open::compute_kind(r.model.dtype, device);
         let tok = Tok::load(&model_rec.dir)?;
-        let pad_id = crate::train::pad_id(&tok);
+        let pad_id = crate::model::open::pad_id(&tok);
         let renderer = Renderer::new(&r.prompt, tok.chat_template.as_deref(), &tok.bos_token, &tok.eos_token)
             .map_err(|m| anyhow::anyhow!(m))?;
         let rows: Vec<Map<String, Value>> = std::fs::read_to_string(tok_dir.join(rows_file))
@@ -169,7 +169,7 @@ impl Stage for Evaluate {
             .map(|(prompt, expected)| Sample { prompt, expected })
             .collect();
 
-        let mut model = crate::train::load_model(&model_rec.dir, r, device)?;
+        let mut model = crate::model::open::load_for_recipe(&model_rec.dir, r, device)?;
         crate::model::dequantize_linears(model.as_mut(), kind);
         let o = step::StepOptions {
             checkpointing: false,
@@ -197,7 +197,7 @@ impl Stage for Evaluate {
         let mut outputs: Vec<Vec<String>> = vec![];
         for phase in ["before", "after"] {
             if phase == "after" {
-                crate::score::apply_adapter(generator.model.as_mut(), &ctx.stage_dir("train").join("adapter"))?;
+                crate::model::open::apply_adapter(generator.model.as_mut(), &ctx.stage_dir("train").join("adapter"))?;
             }
             let t_loss = std::time::Instant::now();
             let (mut nll, mut n) = if has_eval {

@@ -14,10 +14,10 @@ pub mod schedule;
 pub mod step;
 
 use crate::error::Failure;
-use crate::model::{self, lora, CausalLm};
+use crate::model::lora;
 use crate::pipeline::RunContext;
 use crate::progress::{Progress, Unit};
-use crate::recipe::{DeviceSpec, Dtype, QuantMethod, Recipe, Switch, TargetModules};
+use crate::recipe::{DeviceSpec, Recipe, Switch, TargetModules};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -39,16 +39,6 @@ pub fn cpu_fallback_reason(setting: DeviceSpec, device: Device) -> Option<String
     })
 }
 
-/// The compute dtype for `model.dtype` on `device`: "auto" is bf16 on CUDA, fp32 on CPU.
-pub fn kind_of(d: Dtype, device: Device) -> Kind {
-    match d {
-        Dtype::Auto if device.is_cuda() => Kind::BFloat16,
-        Dtype::Auto | Dtype::Fp32 => Kind::Float,
-        Dtype::Bf16 => Kind::BFloat16,
-        Dtype::Fp16 => Kind::Half,
-    }
-}
-
 /// The LoRA settings of a recipe.
 pub fn lora_spec(r: &Recipe) -> lora::LoraSpec {
     let targets = match &r.lora.target_modules {
@@ -63,28 +53,6 @@ pub fn lora_spec(r: &Recipe) -> lora::LoraSpec {
         use_rslora: r.lora.use_rslora,
         targets,
     }
-}
-
-/// Load the base model as the recipe asks (quantized at load when `[quantization]` says so).
-pub fn load_model(dir: &Path, r: &Recipe, device: Device) -> Result<Box<dyn CausalLm>> {
-    let quantize = match r.quantization.method {
-        QuantMethod::None => None,
-        QuantMethod::Nf4 => {
-            Some((crate::quant::QuantType::Nf4, r.quantization.block_size as i64, r.quantization.double_quant))
-        }
-        QuantMethod::Fp4 => {
-            Some((crate::quant::QuantType::Fp4, r.quantization.block_size as i64, r.quantization.double_quant))
-        }
-    };
-    model::load(
-        dir,
-        &model::LoadOptions {
-            dtype: kind_of(r.model.dtype, device),
-            device,
-            quantize,
-            cuda_kernels: r.train.cuda_kernels,
-        },
-    )
 }
 
 /// The kernel-profile window from `TUNER_CUDA_PROFILE=STEP:LAYER` ([`step::ProfileWindow`]), on
@@ -131,27 +99,6 @@ fn offload_activations(ctx: &RunContext, dir: &Path, device: Device) -> Result<b
     Ok(on)
 }
 
-/// The token id batches are padded with: the tokenizer's `<|endoftext|>`, else its EOS.
-/// (Padding positions attend only to padding and are never trained, so any id works; this one
-/// is fixed so that runs are reproducible.)
-pub fn pad_id(tok: &crate::data::tokenizer::Tok) -> i64 {
-    tok.tokenizer.token_to_id("<|endoftext|>").map(|x| x as i64).unwrap_or(tok.eos_id as i64)
-}
-
-/// Peak and current resident memory of this process in bytes (CPU), from /proc.
-pub fn rss_bytes() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |k: &str| {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
-
 /// The train examples of a run's tokenize stage, in shard order.
 pub fn read_split(tokenize_dir: &Path, split: &str) -> Result<Vec<crate::data::shards::Example>> {
     let infos: Vec<crate::stages::tokenize::ShardInfo> = util::read_json(&tokenize_dir.join("shards.json"))?;
@@ -160,43 +107,6 @@ pub fn read_split(tokenize_dir: &Path, split: &str) -> Result<Vec<crate::data::s
         out.extend(crate::data::shards::read(&tokenize_dir.join(&i.file))?);
     }
     Ok(out)
-}
-
-/// Write the final adapter in PEFT format: adapter_config.json + adapter_model.safetensors.
-pub fn write_peft_adapter(out: &Path, model: &dyn CausalLm, r: &Recipe, base_name: &str) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(out)?;
-    let tensors: Vec<(String, tch::Tensor)> =
-        lora::adapter_tensors(model).into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous())).collect();
-    let tmp = out.join(".adapter_model.safetensors.tmp");
-    tch::Tensor::write_safetensors(&tensors, &tmp).context("cannot write the adapter")?;
-    std::fs::rename(&tmp, out.join("adapter_model.safetensors"))?;
-    let target_modules = match &r.lora.target_modules {
-        TargetModules::List(v) => json!(v),
-        TargetModules::Pattern(p) => json!(p),
-    };
-    let cfg = json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name,
-        "revision": null,
-        "inference_mode": true,
-        "r": r.lora.r,
-        "lora_alpha": r.lora.alpha,
-        "lora_dropout": r.lora.dropout,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "use_rslora": r.lora.use_rslora,
-        "use_dora": false,
-        "init_lora_weights": true,
-        "target_modules": target_modules,
-        "modules_to_save": null,
-        "layers_to_transform": null,
-        "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    });
-    util::write_json_atomic(&out.join("adapter_config.json"), &cfg)?;
-    Ok(vec![out.join("adapter_config.json"), out.join("adapter_model.safetensors")])
 }
 
 /// Run (or resume) training in `dir` for a run whose train fingerprint is `fp`.
@@ -223,7 +133,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         eprintln!("train: training on the CPU (train.device = \"auto\"): {why}");
     }
     let t_load = std::time::Instant::now();
-    let mut model = load_model(&model_rec.dir, r, device)?;
+    let mut model = crate::model::open::load_for_recipe(&model_rec.dir, r, device)?;
     let names = lora::attach(model.as_mut(), &lora_spec(r), r.run.seed as i64)?;
     let params = lora::trainable_parameters(model.as_ref());
     let n_params: i64 = params.iter().map(|p| p.numel() as i64).sum();
@@ -234,7 +144,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             "train: {} on {:?} ({:?}), LoRA r={} on {} modules ({} trainable parameters), loaded in {:.1}s",
             model_rec.model_type,
             device,
-            kind_of(r.model.dtype, device),
+            crate::model::open::compute_kind(r.model.dtype, device),
             r.lora.r,
             names.len(),
             n_params,
@@ -332,7 +242,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
 
     // fp16 trains with dynamic loss scaling: start at 2^16, halve and skip the step on
     // non-finite gradients, double after 2000 good steps (torch.cuda.amp.GradScaler's rule).
-    let fp16 = kind_of(r.model.dtype, device) == Kind::Half;
+    let fp16 = crate::model::open::compute_kind(r.model.dtype, device) == Kind::Half;
     let mut loss_scale = if fp16 { 65536.0 } else { 1.0 };
     let mut good_steps = 0u64;
     if let Some((p, _)) = checkpoint::list(dir).last().filter(|(p, _)| p.fingerprint == fp && p.step == start) {
@@ -347,7 +257,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
     }
     let mut opts = step::StepOptions {
         checkpointing: t.gradient_checkpointing,
-        pad_id: pad_id(&tok),
+        pad_id: crate::model::open::pad_id(&tok),
         pad_multiple: t.pad_to_multiple_of as usize,
         device,
         seed: crate::dist::dropout_seed(r.run.seed, rank),
@@ -360,7 +270,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             step::coalesce_budget(
                 t,
                 device,
-                kind_of(r.model.dtype, device),
+                crate::model::open::compute_kind(r.model.dtype, device),
                 c.head_dim,
                 c.attn_logit_softcapping.is_some(),
             )
@@ -436,7 +346,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 res.loss,
                 raw_norm,
                 found.as_ref(),
-                kind_of(r.model.dtype, device)
+                crate::model::open::compute_kind(r.model.dtype, device)
             ));
             if dist.is_some() {
                 e = e.context(format!("rank {rank}"));
@@ -468,7 +378,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         }
         let done = s + 1;
         let secs = t0.elapsed().as_secs_f64();
-        let (mut peak, rss) = rss_bytes();
+        let (mut peak, rss) = crate::device_mem::rss_bytes();
         let gpu = cuda_index.and_then(crate::device_mem::cuda);
         if let Some(g) = gpu {
             peak = g.peak_allocated as u64;
@@ -559,7 +469,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         crate::recipe::Source::Hub { repo } => repo,
         crate::recipe::Source::Local(p) => p.display().to_string(),
     };
-    let mut files = write_peft_adapter(&dir.join("adapter"), model.as_ref(), r, &base_name)?;
+    let mut files = crate::model::open::write_peft_adapter(&dir.join("adapter"), model.as_ref(), r, &base_name)?;
     let losses: Vec<(f64, f64)> =
         history.iter().filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?))).collect();
     plot::line_png(&dir.join("loss.png"), "train loss", &losses)?;

@@ -80,12 +80,12 @@ pub fn read_rows(path: &Path) -> Result<Vec<(Vec<i64>, Vec<i64>)>> {
 /// Load the model and adapter, run one step over the rows, return the gradients.
 pub fn run(a: GradsInputs) -> Result<GradReport> {
     let tok = crate::data::tokenizer::Tok::load(a.model_dir)?;
-    let pad_id = a.pad_id.unwrap_or_else(|| super::pad_id(&tok));
+    let pad_id = a.pad_id.unwrap_or_else(|| crate::model::open::pad_id(&tok));
     let mut m = model::load(
         a.model_dir,
         &model::LoadOptions { dtype: a.kind, device: a.device, quantize: a.quantize, cuda_kernels: a.kernels },
     )?;
-    crate::score::apply_adapter(m.as_mut(), a.adapter)?;
+    crate::model::open::apply_adapter(m.as_mut(), a.adapter)?;
     let vocab = m.config().vocab_size;
     if let Some(bad) = a.rows.iter().flat_map(|(ids, _)| ids).find(|&&x| x < 0 || x >= vocab) {
         bail!("token id {bad} is outside the model's vocabulary (0..{vocab})");
