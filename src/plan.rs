@@ -65,7 +65,7 @@ impl Shape {
                 (g.vocab_size_per_layer_input, g.hidden_size_per_layer_input, g.laurel_rank, g.num_kv_shared_layers)
             }),
             eager_attention: c.attn_logit_softcapping.is_some(),
-            hand_backward: matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3"),
+            hand_backward: crate::model::family::by_model_type(&c.model_type).is_some_and(|f| f.hand_backward),
         })
     }
 

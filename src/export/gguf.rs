@@ -23,6 +23,7 @@
 //! Other families, and tokenizers that are not byte-level BPE, are refused by name.
 
 use crate::gguf::{GgmlType, GgufArray, GgufFile, GgufValue, GgufValueType};
+use crate::model::family::GgufArch;
 use crate::model::{Config, RopeScaling, Weights};
 use crate::progress::{Progress, Unit};
 use crate::util;
@@ -81,14 +82,13 @@ pub struct Support {
 pub fn check_supported(model_dir: &Path) -> Result<Support> {
     let raw: Value = util::read_json(&model_dir.join("config.json"))?;
     let model_type = raw["model_type"].as_str().unwrap_or("unknown");
-    let (arch, permute_qk) = match model_type {
-        "llama" | "mistral" => ("llama", true),
-        "qwen2" => ("qwen2", false),
-        "qwen3" => ("qwen3", false),
-        other => bail!(
-            "GGUF export supports llama, mistral, qwen2 and qwen3 models; this model is `{other}`. \
-             Export the merged model (`[export] merged = true`) and convert it with llama.cpp's convert_hf_to_gguf.py"
-        ),
+    let Some(GgufArch { arch, permute_qk }) = crate::model::family::by_model_type(model_type).and_then(|f| f.gguf)
+    else {
+        bail!(
+            "GGUF export supports {} models; this model is `{model_type}`. \
+             Export the merged model (`[export] merged = true`) and convert it with llama.cpp's convert_hf_to_gguf.py",
+            crate::model::family::gguf_names()
+        )
     };
     let cfg = Config::from_dir(model_dir)?;
     match (&cfg.rope_scaling, arch) {

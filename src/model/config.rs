@@ -12,9 +12,6 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
-/// Model families this module can build, by their `model_type`.
-pub const SUPPORTED: [&str; 7] = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3n_text"];
-
 /// How RoPE frequencies are rescaled (`rope_scaling.rope_type`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -52,7 +49,7 @@ pub struct QuantizationConfig {
 /// The normalized architecture description every family builds from.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `model_type`, one of [`SUPPORTED`].
+    /// `model_type`, a name of [`super::family::FAMILIES`].
     pub model_type: String,
     /// Residual width.
     pub hidden_size: i64,
@@ -198,8 +195,8 @@ impl Config {
             obj.insert("model_type".into(), Value::from(model_type.clone()));
             value = tc;
         }
-        if !SUPPORTED.contains(&model_type.as_str()) {
-            bail!("model type `{model_type}` is not supported; supported: {}", SUPPORTED.join(", "));
+        if super::family::by_model_type(&model_type).is_none() {
+            bail!("model type `{model_type}` is not supported; supported: {}", super::family::names());
         }
         let gemma3n: Option<Gemma3nConfig> = if model_type == "gemma3n_text" {
             Some(serde_json::from_value(value.clone()).context("config.json misses a Gemma 3n field")?)

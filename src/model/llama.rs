@@ -1,24 +1,30 @@
 //! Llama (1/2/3.x) decoder: GQA self-attention with RoPE (default, linear or llama3
 //! scaling), SiLU MLP, Llama RMSNorm. Its attention block also serves Mistral (sliding
-//! window, from the config) and Qwen2 (q/k/v bias, from the config).
+//! window, from the config), Qwen2 (q/k/v bias, from the config) and Qwen3 (per-head q/k
+//! RMSNorm before RoPE, explicit head_dim); `model/family.rs` registers all four.
 //!
-//! Reference: transformers `models/llama/modeling_llama.py` (`LlamaAttention`,
-//! eager path) and arch-spec §0, §3.
+//! Reference: transformers `models/llama/modeling_llama.py` (`LlamaAttention`, eager path),
+//! `models/qwen3/modeling_qwen3.py` (`Qwen3Attention`), arch-spec §0, §3. The hand-written
+//! backward undoes o_proj, the attention core (autograd on the leaves), RoPE, the q/k norms
+//! (weights frozen) and the projections.
 
 use anyhow::Result;
 use tch::Tensor;
 
-use super::blocks::{attend, Loader, Mask, Rope};
+use super::blocks::{attend, Loader, Mask, RmsNorm, Rope};
 use super::decoder::{Attention, AttnSaved, Decoder};
 use super::linear::Linear;
 use super::{Config, LoadOptions, Weights};
 
-/// `self_attn`: q/k/v/o projections, biases as the config says.
+/// `self_attn`: q/k/v/o projections, biases as the config says; Qwen3 adds `q_norm` and
+/// `k_norm` (RMSNorm over head_dim, per head) after the projections and before RoPE.
 pub(crate) struct LlamaAttention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -27,15 +33,37 @@ pub(crate) struct LlamaAttention {
 impl LlamaAttention {
     /// Read `<prefix>.{q,k,v,o}_proj`.
     pub fn load(l: &Loader, prefix: &str, cfg: &Config) -> Result<LlamaAttention> {
+        LlamaAttention::load_with(l, prefix, cfg, false)
+    }
+
+    /// Read `<prefix>.{q,k,v,o}_proj` and `<prefix>.{q,k}_norm` (Qwen3).
+    pub fn load_qk_norm(l: &Loader, prefix: &str, cfg: &Config) -> Result<LlamaAttention> {
+        LlamaAttention::load_with(l, prefix, cfg, true)
+    }
+
+    fn load_with(l: &Loader, prefix: &str, cfg: &Config, qk_norm: bool) -> Result<LlamaAttention> {
+        let norm = |n: &str| -> Result<Option<RmsNorm>> {
+            Ok(if qk_norm { Some(RmsNorm::load(l, &format!("{prefix}.{n}"), cfg.rms_norm_eps)?) } else { None })
+        };
         Ok(LlamaAttention {
             q_proj: l.linear(&format!("{prefix}.q_proj"), cfg.qkv_bias)?,
             k_proj: l.linear(&format!("{prefix}.k_proj"), cfg.qkv_bias)?,
             v_proj: l.linear(&format!("{prefix}.v_proj"), cfg.qkv_bias)?,
             o_proj: l.linear(&format!("{prefix}.o_proj"), cfg.o_bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
         })
+    }
+}
+
+/// `y` through `norm` when there is one.
+fn maybe_norm(y: Tensor, norm: &Option<RmsNorm>) -> Tensor {
+    match norm {
+        Some(n) => n.forward(&y),
+        None => y,
     }
 }
 
@@ -47,14 +75,11 @@ impl Attention for LlamaAttention {
 
     fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // (B, n, T, d)
-        let q =
-            rope.apply_bthd(self.q_proj.forward(x, train).view([b, t, self.num_heads, self.head_dim])).transpose(1, 2);
-        let k = rope
-            .apply_bthd(self.k_proj.forward(x, train).view([b, t, self.num_kv_heads, self.head_dim]))
-            .transpose(1, 2);
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]); // (B, T, n, d)
+        let q = rope.apply_bthd(maybe_norm(heads(self.q_proj.forward(x, train), self.num_heads), &self.q_norm));
+        let k = rope.apply_bthd(maybe_norm(heads(self.k_proj.forward(x, train), self.num_kv_heads), &self.k_norm));
         let v = heads(self.v_proj.forward(x, train), self.num_kv_heads);
-        (q, k, v)
+        (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     }
 
     fn out(&self, o: &Tensor, train: bool) -> Tensor {
@@ -66,30 +91,43 @@ impl Attention for LlamaAttention {
         let (q, zq) = self.q_proj.forward_saving(x);
         let (k, zk) = self.k_proj.forward_saving(x);
         let (v, zv) = self.v_proj.forward_saving(x);
+        let q = q.view([b, t, self.num_heads, self.head_dim]);
+        let k = k.view([b, t, self.num_kv_heads, self.head_dim]);
+        // With q/k norms their inputs [B, T, n, d] and 1/rms are kept for their backward.
+        let (q, k, norm_inputs) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let (q_out, rq) = qn.forward_with_rstd(&q);
+                let (k_out, rk) = kn.forward_with_rstd(&k);
+                (q_out, k_out, Some([(q, rq), (k, rk)]))
+            }
+            _ => (q, k, None),
+        };
         // RoPE in the projections' [B, T, n, d] layout (in place with the kernel), then leaves.
-        let q = rope.apply_bthd(q.view([b, t, self.num_heads, self.head_dim])).transpose(1, 2).set_requires_grad(true);
-        let k =
-            rope.apply_bthd(k.view([b, t, self.num_kv_heads, self.head_dim])).transpose(1, 2).set_requires_grad(true);
+        let q = rope.apply_bthd(q).transpose(1, 2).set_requires_grad(true);
+        let k = rope.apply_bthd(k).transpose(1, 2).set_requires_grad(true);
         let v = v.view([b, t, self.num_kv_heads, self.head_dim]).transpose(1, 2).set_requires_grad(true);
         let core = tch::with_grad(|| attend(&q, &k, &v, mask, self.scale()));
         let (a, _) = self.o_proj.forward_saving(&core.detach());
-        (a, AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, norm_inputs: None })
+        (a, AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, norm_inputs })
     }
 
     fn backward(&self, x: &Tensor, rope: &Rope, saved: AttnSaved, dy: &Tensor) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, .. } = saved;
+        let AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, norm_inputs } = saved;
         let d_core = self.o_proj.backward(&core.detach(), None, dy);
         tch::with_grad(|| (core * d_core).sum(tch::Kind::Float).backward());
-        // Leaf gradients [B, n, T, d] → [B, T, n, d], RoPE undone, → [B, T, n·d].
-        let back = |g: Tensor, n: i64, rotate: bool| {
-            let g = g.transpose(1, 2).contiguous();
-            let g = if rotate { rope.backward_bthd(g) } else { g };
-            g.reshape([b, t, n * self.head_dim])
+        // Leaf gradients [B, n, T, d] → [B, T, n, d], RoPE undone, through the norms, → [B, T, n·d].
+        let dq = rope.backward_bthd(q.grad().transpose(1, 2).contiguous());
+        let dk = rope.backward_bthd(k.grad().transpose(1, 2).contiguous());
+        let (dq, dk) = match (norm_inputs, &self.q_norm, &self.k_norm) {
+            (Some([(qi, rq), (ki, rk)]), Some(qn), Some(kn)) => {
+                (qn.backward(&dq, &qi, &rq), kn.backward(&dk, &ki, &rk))
+            }
+            _ => (dq, dk),
         };
-        let dq = back(q.grad(), self.num_heads, true);
-        let dk = back(k.grad(), self.num_kv_heads, true);
-        let dv = back(v.grad(), self.num_kv_heads, false);
+        let dq = dq.reshape([b, t, self.num_heads * self.head_dim]);
+        let dk = dk.reshape([b, t, self.num_kv_heads * self.head_dim]);
+        let dv = v.grad().transpose(1, 2).contiguous().reshape([b, t, self.num_kv_heads * self.head_dim]);
         drop((q, k, v));
         let dx = self.q_proj.backward(x, zq.as_ref(), &dq);
         let dx = self.k_proj.backward_into(x, zk.as_ref(), &dk, Some(dx));

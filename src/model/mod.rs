@@ -9,11 +9,12 @@
 //!
 //! Files: [`config`] (config.json), [`weights`] (safetensors), [`linear`] (dense/4-bit linear +
 //! LoRA), `blocks` (norm, MLP, RoPE, masks, attention core), `decoder` (the shared model
-//! skeleton), one file per family (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3`,
-//! `gemma3n`), [`lora`], [`kv_cache`] (the per-layer K/V cache for generation), and [`open`]
+//! skeleton), the family files (`llama` for Llama, Mistral, Qwen2 and Qwen3; `gemma2` for Gemma 2
+//! and 3; `gemma3n`) registered in [`family`], [`lora`], [`kv_cache`] (the per-layer K/V cache for generation), and [`open`]
 //! (opening a model: compute dtype, model folder, recipe load, PEFT adapters read and written).
 
 pub mod config;
+pub mod family;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
@@ -23,12 +24,8 @@ pub mod weights;
 pub(crate) mod blocks;
 mod decoder;
 mod gemma2;
-mod gemma3;
 mod gemma3n;
 mod llama;
-mod mistral;
-mod qwen2;
-mod qwen3;
 
 use std::path::Path;
 
@@ -226,16 +223,10 @@ fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
     let config = Config::from_dir(dir)?;
     let mut weights = Weights::open(dir)?;
     weights.track(&format!("load {}", dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-    let model: Box<dyn CausalLm> = match config.model_type.as_str() {
-        "llama" => Box::new(llama::load(config, &weights, opts)?),
-        "mistral" => Box::new(mistral::load(config, &weights, opts)?),
-        "qwen2" => Box::new(qwen2::load(config, &weights, opts)?),
-        "qwen3" => Box::new(qwen3::load(config, &weights, opts)?),
-        "gemma2" => Box::new(gemma2::load(config, &weights, opts)?),
-        "gemma3_text" => Box::new(gemma3::load(config, &weights, opts)?),
-        "gemma3n_text" => Box::new(gemma3n::load(config, &weights, opts)?),
-        other => anyhow::bail!("model type `{other}` is not supported; supported: {}", config::SUPPORTED.join(", ")),
+    let Some(fam) = family::by_model_type(&config.model_type) else {
+        anyhow::bail!("model type `{}` is not supported; supported: {}", config.model_type, family::names());
     };
+    let model = (fam.load)(config, &weights, opts)?;
     // A multimodal checkpoint's other towers are not read by the text decoder.
     let (_, stored) = gemma2::decoder_prefix(&weights);
     let towers = weights

@@ -285,14 +285,9 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
     }
 }
 
-/// The linear modules a LoRA adapter can target in each supported family.
+/// The linear modules a LoRA adapter can target in a family (config.json's `model_type`).
 pub fn family_linear_modules(model_type: &str) -> Option<&'static [&'static str]> {
-    const DECODER: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    match model_type {
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "gemma3_text" | "gemma3n"
-        | "gemma3n_text" => Some(DECODER),
-        _ => None,
-    }
+    crate::model::family::by_model_type(model_type).map(|f| f.linears)
 }
 
 /// What a `source` string names.
@@ -375,11 +370,17 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
                                 .unwrap_or_default();
                             err(
                                 "lora.target_modules",
-                                format!("`{n}` is not a linear module of {mt} models; {hint}expected some of {}", known.join(", ")),
+                                format!(
+                                    "`{n}` is not a linear module of {mt} models; {hint}expected some of {}",
+                                    known.join(", ")
+                                ),
                             );
                         }
                     }
-                    None => err("model.source", format!("model type `{mt}` is not supported; supported: llama, mistral, qwen2, qwen3, gemma2, gemma3, gemma3n")),
+                    None => err(
+                        "model.source",
+                        format!("model type `{mt}` is not supported; supported: {}", crate::model::family::names()),
+                    ),
                 }
             }
         }

@@ -12,6 +12,7 @@
 //! `curl -d '{"prompt": "Hello", "max_new_tokens": 8}' localhost:8080/generate`.
 
 pub mod api;
+pub mod error;
 pub mod format;
 pub mod queue;
 pub mod routes;

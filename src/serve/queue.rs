@@ -7,7 +7,7 @@
 
 use crate::data::template::Message;
 use crate::generate::{Completion, SamplingParams};
-use crate::serve::api::ApiError;
+use crate::serve::error::ApiError;
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use tokio::sync::mpsc::UnboundedSender;
