@@ -12,7 +12,7 @@ What it writes (see the generated tests/fixtures/README.md for the full descript
                                    plus reference.safetensors / reference.json / score.json computed by
                                    HF transformers in fp32 with attn_implementation="eager"
     models/<family>/generate.json  HF greedy `generate` tokens on a left-padded batch of two prompts (llama, llama-tied,
-                                   mistral, qwen2, qwen3, gemma2, gemma3, gemma3n), written after README.md
+                                   mistral, qwen2, qwen3, phi3, gemma2, gemma3, gemma3n), written after README.md
     models/llama-bnb4/             the `llama` model saved by transformers as a bitsandbytes NF4 double-quant checkpoint
     models/gemma3n-bnb4/           the `gemma3n` model quantized the same way, in Gemma3nForConditionalGeneration's
                                    multimodal key layout (written last)
@@ -493,6 +493,28 @@ FAMILIES = [
         "exercises": "q_norm/k_norm with random weights in [0.5,1.5]; explicit head_dim 16 with hidden 48 and 4 heads; tied",
     },
     {
+        "name": "phi3",
+        "arch": "Phi3ForCausalLM",
+        "tokenizer": "chatml-bos",
+        "config_style": "hub",
+        "norm": "mul",
+        "config": dict(
+            model_type="phi3",
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            sliding_window=5,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+        "exercises": "fused qkv_proj (GQA 4 heads / 2 kv heads: q, k, v column blocks of 64/32/32) and fused gate_up_proj (gate rows first); sliding_window 5; untied",
+    },
+    {
         "name": "gemma2",
         "arch": "Gemma2ForCausalLM",
         "tokenizer": "gemma",
@@ -793,6 +815,16 @@ def feature_checks(fam: dict, folder: Path, model, ref: dict) -> dict:
         )
     elif name == "mistral":
         checks["sliding_window"] = rel_change(base, with_config(sliding_window=None))
+    elif name == "phi3":
+        checks["sliding_window"] = rel_change(base, with_config(sliding_window=None))
+
+        def swap_gate_up(mm):
+            # gate and up exchanged: the reading order of the fused rows matters
+            for layer in mm.model.layers:
+                w = layer.mlp.gate_up_proj.weight
+                w.copy_(torch.cat(w.chunk(2, 0)[::-1], 0))
+
+        checks["gate_up_order"] = rel_change(base, with_weights(swap_gate_up))
     elif name == "qwen2":
 
         def zero_bias(mm):
@@ -1154,9 +1186,22 @@ def gen_bnb_model(out: Path, toks: dict) -> dict:
     return {"family": "llama-bnb4", "params": info["num_params_dequantized"], "loss": info["loss"], "score_mean_loss": score["mean_loss"]}
 
 
+# What this script writes under tests/fixtures/; grads/ (scripts/grad_parity.py) and plan/
+# (scripts/bench/make_model.py) belong to other scripts and are never touched or listed here.
+OWNED = ("README.md", "bnb", "models", "score", "tokenizers")
+
+
+def owned_files(root: Path) -> list[Path]:
+    files = []
+    for name in OWNED:
+        p = root / name
+        files += [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    return sorted(files)
+
+
 def file_table(out: Path) -> list[tuple[str, int, str]]:
     rows = []
-    for p in sorted(out.rglob("*")):
+    for p in owned_files(out):
         if p.is_file():
             rows.append((p.relative_to(out).as_posix(), p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()))
     return rows
@@ -1317,7 +1362,12 @@ def generate(out: Path) -> list[dict]:
         readme = out / "README.md"
         if not (readme.is_file() and readme.read_text(encoding="utf-8").startswith("# Test fixtures (generated)")):
             sys.exit(f"refusing to replace {out}: it is not empty and has no generated README.md")
-        shutil.rmtree(out)
+        for name in OWNED:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
     merges = learn_merges(BPE_TRAINING_TEXT, N_MERGES)
@@ -1357,7 +1407,7 @@ def generate(out: Path) -> list[dict]:
 # above stays byte-identical; `tuner generate` must reproduce these greedy tokens exactly.
 # ---------------------------------------------------------------------------
 
-GEN_FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3n"]
+GEN_FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3n"]
 GEN_PROMPTS = [
     "The model reads the text and predicts",
     "When the model is right the loss is small; when it is wrong the loss is large.",
@@ -1527,8 +1577,8 @@ def gen_gemma3n_bnb(out: Path, toks: dict) -> dict:
 
 def compare_trees(a: Path, b: Path) -> list[str]:
     diffs = []
-    fa = {p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()}
-    fb = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()}
+    fa = {p.relative_to(a).as_posix() for p in owned_files(a)}
+    fb = {p.relative_to(b).as_posix() for p in owned_files(b)}
     for p in sorted(fa ^ fb):
         diffs.append(f"only in one tree: {p}")
     for p in sorted(fa & fb):

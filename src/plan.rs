@@ -45,6 +45,9 @@ pub struct Shape {
     /// CUDA fast path uses instead of autograd.
     #[serde(default)]
     pub hand_backward: bool,
+    /// q/k/v and gate/up are fused linears (`qkv_proj`, `gate_up_proj`: Phi-3).
+    #[serde(default)]
+    pub fused: bool,
 }
 
 impl Shape {
@@ -66,6 +69,7 @@ impl Shape {
             }),
             eager_attention: c.attn_logit_softcapping.is_some(),
             hand_backward: crate::model::family::by_model_type(&c.model_type).is_some_and(|f| f.hand_backward),
+            fused: crate::model::family::by_model_type(&c.model_type).is_some_and(|f| f.linears.contains(&"qkv_proj")),
         })
     }
 
@@ -86,12 +90,21 @@ impl Shape {
             gemma3n: None,
             eager_attention: false,
             hand_backward: true,
+            fused: false,
         })
     }
 
     /// (name, in, out) of each decoder linear of one layer.
     pub fn linears(&self) -> Vec<(&'static str, i64, i64)> {
         let (h, i, q, kv) = (self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        if self.fused {
+            return vec![
+                ("qkv_proj", h, q + 2 * kv),
+                ("o_proj", q, h),
+                ("gate_up_proj", h, 2 * i),
+                ("down_proj", i, h),
+            ];
+        }
         vec![
             ("q_proj", h, q),
             ("k_proj", h, kv),

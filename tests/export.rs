@@ -803,3 +803,48 @@ fn full_pipeline_through_export() {
     let readme = std::fs::read_to_string(d.path().join("runs/t/export/merged/README.md")).unwrap();
     assert!(readme.contains("## Evaluation"), "the evaluate report reaches the model card: {readme}");
 }
+
+#[test]
+fn phi3_trains_merges_and_requantizes_its_fused_linears() {
+    // Phi-3 through the whole pipeline: LoRA on the fused qkv_proj and gate_up_proj under their
+    // checkpoint names, the merge gate, and the NF4 re-quantization of the fused weights.
+    let d = tmp();
+    let r = train_recipe(d.path(), "");
+    std::fs::remove_dir_all(d.path().join("model")).unwrap();
+    fixture_model("phi3", &d.path().join("model"));
+    let targets = "target_modules = [\"qkv_proj\", \"o_proj\", \"gate_up_proj\", \"down_proj\"]";
+    let text = std::fs::read_to_string(&r).unwrap().replace("alpha = 8", &format!("alpha = 8\n{targets}"));
+    std::fs::write(&r, format!("{text}\n[export]\nmerged = true\nmerged_dtype = \"fp32\"\nnf4 = true\n")).unwrap();
+
+    // Llama's names are refused for Phi-3, naming the ones it has.
+    let (code, _, err) = run(&["validate", r.to_str().unwrap(), "--set", "lora.target_modules=[\"q_proj\"]"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`q_proj` is not a linear module of phi3 models; did you mean `o_proj`? expected some of qkv_proj, o_proj, gate_up_proj, down_proj"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(&["run", r.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let rd = d.path().join("runs/t");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rd.join("train/adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["target_modules"], serde_json::json!(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]));
+    let adapter = Tensor::read_safetensors(rd.join("train/adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter.len(), 2 * 4 * 2, "A and B for 4 modules in 2 layers");
+    let b = |n: &str| adapter.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("no {n}")).1.size();
+    // q 4×16 + k and v 2×16 each = 128 rows; gate and up 96 each = 192 rows.
+    assert_eq!(b("base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"), [128, 4]);
+    assert_eq!(b("base_model.model.model.layers.1.mlp.gate_up_proj.lora_B.weight"), [192, 4]);
+    let mc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rd.join("export/merge_check.json")).unwrap()).unwrap();
+    assert_eq!(mc["passed"], true, "{mc}");
+    assert!(mc["loss_delta"].as_f64().unwrap().abs() < 1e-4, "fp32 merge: {mc}");
+    // The merged folder loads back as Phi-3 and the NF4 one holds the fused weights quantized.
+    let merged = load(&rd.join("export/merged"));
+    assert!(merged.linears().iter().any(|(n, _)| n == "model.layers.1.self_attn.qkv_proj"));
+    let nf4 = Tensor::read_safetensors(rd.join("export/nf4/model.safetensors")).unwrap();
+    for key in ["model.layers.0.self_attn.qkv_proj.weight.absmax", "model.layers.0.mlp.gate_up_proj.weight.absmax"] {
+        assert!(nf4.iter().any(|(n, _)| n == key), "{key} missing");
+    }
+}

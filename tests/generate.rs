@@ -16,7 +16,7 @@ use tuner::model::{self, Batch, CausalLm, Config, KvCache, Linear, LoadOptions};
 
 use crate::common::{repo, run, tmp, tuner};
 
-const FAMILIES: [&str; 8] = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3n"];
+const FAMILIES: [&str; 9] = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3n"];
 
 fn fixture(name: &str) -> PathBuf {
     repo().join("tests/fixtures/models").join(name)

@@ -131,7 +131,7 @@ fn hand_written_layer_backward_matches_autograd() {
     // Padded rows (a mask), several lengths; Mistral's window is shorter than the rows.
     let loader = data::Loader::new(crate::common::examples(3, 5), 3, 0, false, 64);
     let micro = vec![loader.next(&mut data::Cursor::default())];
-    for name in ["llama", "mistral", "qwen2", "qwen3"] {
+    for name in ["llama", "mistral", "qwen2", "qwen3", "phi3"] {
         for quantize in [false, true] {
             let m = crate::common::lora_fixture(name, quantize, 3, 11);
             let (l_auto, g_auto) = grads(m.as_ref(), &micro, false, false, Device::Cpu);

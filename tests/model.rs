@@ -98,6 +98,23 @@ fn qwen3_matches_hf() {
 }
 
 #[test]
+fn phi3_matches_hf_with_fused_qkv_and_gate_up() {
+    check_parity("phi3");
+    // The fused projections are the LoRA targets, under the checkpoint's names.
+    let m = model::load(&fixture("phi3"), &cpu_f32()).unwrap();
+    let names: Vec<String> = m.linears().into_iter().map(|(n, _)| n).take(4).collect();
+    assert_eq!(
+        names,
+        [
+            "model.layers.0.self_attn.qkv_proj",
+            "model.layers.0.self_attn.o_proj",
+            "model.layers.0.mlp.gate_up_proj",
+            "model.layers.0.mlp.down_proj"
+        ]
+    );
+}
+
+#[test]
 fn gemma2_matches_hf() {
     check_parity("gemma2");
 }

@@ -29,6 +29,7 @@ fn score_matches_hf_for_every_family() {
         "mistral",
         "qwen2",
         "qwen3",
+        "phi3",
         "llama-bnb4",
         "gemma2",
         "gemma3",

@@ -62,6 +62,11 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// Whether the checkpoint holds module `<prefix>` (its `.weight`, dense or bnb-4bit).
+    pub fn has(&self, prefix: &str) -> bool {
+        self.weights.contains(&self.key(&format!("{prefix}.weight")))
+    }
+
     /// Whether `<prefix>.weight` is stored bnb-4bit.
     pub fn is_bnb(&self, prefix: &str) -> bool {
         self.bnb.contains(&self.key(prefix))
@@ -156,57 +161,104 @@ impl RmsNorm {
     }
 }
 
-/// `down_proj(silu(gate_proj(x)) · up_proj(x))`.
+/// `down_proj(silu(gate) · up)`, with gate and up from `gate_proj` and `up_proj`, or from one
+/// fused `gate_up_proj` whose first half of rows is gate and second half up (Phi-3's
+/// `Phi3MLP`: `gate, up = gate_up_proj(x).chunk(2, -1)`). Which one is read from the checkpoint.
 pub(crate) struct Mlp {
-    /// `mlp.gate_proj`.
-    pub gate_proj: Linear,
-    /// `mlp.up_proj`.
-    pub up_proj: Linear,
+    gate_up: GateUp,
     /// `mlp.down_proj`.
     pub down_proj: Linear,
 }
 
+enum GateUp {
+    Split { gate_proj: Linear, up_proj: Linear },
+    Fused { gate_up_proj: Linear },
+}
+
 impl Mlp {
-    /// Read `<prefix>.{gate,up,down}_proj`.
+    /// Read `<prefix>.{gate,up,down}_proj`, or `<prefix>.{gate_up,down}_proj` when the
+    /// checkpoint holds a fused `gate_up_proj`.
     pub fn load(l: &Loader, prefix: &str, bias: bool) -> Result<Mlp> {
-        Ok(Mlp {
-            gate_proj: l.linear(&format!("{prefix}.gate_proj"), bias)?,
-            up_proj: l.linear(&format!("{prefix}.up_proj"), bias)?,
-            down_proj: l.linear(&format!("{prefix}.down_proj"), bias)?,
-        })
+        let gate_up = if l.has(&format!("{prefix}.gate_up_proj")) {
+            GateUp::Fused { gate_up_proj: l.linear(&format!("{prefix}.gate_up_proj"), bias)? }
+        } else {
+            GateUp::Split {
+                gate_proj: l.linear(&format!("{prefix}.gate_proj"), bias)?,
+                up_proj: l.linear(&format!("{prefix}.up_proj"), bias)?,
+            }
+        };
+        Ok(Mlp { gate_up, down_proj: l.linear(&format!("{prefix}.down_proj"), bias)? })
+    }
+
+    fn kernels(&self) -> Option<&Kernels> {
+        self.down_proj.kernels.as_deref()
     }
 
     /// `[B, T, H]` → `[B, T, H]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let g = self.gate_proj.forward(x, train);
-        let u = self.up_proj.forward(x, train);
-        self.down_proj.forward(&glu::forward(&g, &u, glu::Act::Silu, self.gate_proj.kernels.as_deref()), train)
+        let (g, u) = match &self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => (gate_proj.forward(x, train), up_proj.forward(x, train)),
+            GateUp::Fused { gate_up_proj } => halves(gate_up_proj.forward(x, train)),
+        };
+        self.down_proj.forward(&glu::forward(&g, &u, glu::Act::Silu, self.kernels()), train)
     }
 
     /// The hand-written backward of [`Mlp::forward`] (no LoRA dropout): recomputes the forward
     /// without a graph from the input `x`, accumulates the adapters' gradients and returns `dx`.
     pub fn backward(&self, x: &Tensor, dy: &Tensor) -> Tensor {
-        let k = self.gate_proj.kernels.as_deref();
-        let (g, g_saved) = self.gate_proj.forward_saving(x);
-        let (u, u_saved) = self.up_proj.forward_saving(x);
-        let act = glu::forward(&g, &u, glu::Act::Silu, k);
-        let d_act = self.down_proj.backward(&act, None, dy);
-        drop(act);
-        let (dg, du) = glu::backward(&d_act, &g, &u, glu::Act::Silu, k);
-        drop((g, u, d_act));
-        let dx = self.gate_proj.backward(x, g_saved.as_ref(), &dg);
-        self.up_proj.backward_into(x, u_saved.as_ref(), &du, Some(dx))
+        let k = self.kernels();
+        match &self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => {
+                let (g, g_saved) = gate_proj.forward_saving(x);
+                let (u, u_saved) = up_proj.forward_saving(x);
+                let act = glu::forward(&g, &u, glu::Act::Silu, k);
+                let d_act = self.down_proj.backward(&act, None, dy);
+                drop(act);
+                let (dg, du) = glu::backward(&d_act, &g, &u, glu::Act::Silu, k);
+                drop((g, u, d_act));
+                let dx = gate_proj.backward(x, g_saved.as_ref(), &dg);
+                up_proj.backward_into(x, u_saved.as_ref(), &du, Some(dx))
+            }
+            GateUp::Fused { gate_up_proj } => {
+                let (gu, saved) = gate_up_proj.forward_saving(x);
+                let (g, u) = halves(gu);
+                let act = glu::forward(&g, &u, glu::Act::Silu, k);
+                let d_act = self.down_proj.backward(&act, None, dy);
+                drop(act);
+                let (dg, du) = glu::backward(&d_act, &g, &u, glu::Act::Silu, k);
+                drop((g, u, d_act));
+                gate_up_proj.backward(x, saved.as_ref(), &Tensor::cat(&[dg, du], -1))
+            }
+        }
     }
 
-    /// The three linears by leaf name, in module order.
+    /// The linears by leaf name, in module order.
     pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
-        vec![("gate_proj", &self.gate_proj), ("up_proj", &self.up_proj), ("down_proj", &self.down_proj)]
+        match &self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => {
+                vec![("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", &self.down_proj)]
+            }
+            GateUp::Fused { gate_up_proj } => vec![("gate_up_proj", gate_up_proj), ("down_proj", &self.down_proj)],
+        }
     }
 
-    /// The three linears by leaf name, in module order, mutably.
+    /// The linears by leaf name, in module order, mutably.
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![("gate_proj", &mut self.gate_proj), ("up_proj", &mut self.up_proj), ("down_proj", &mut self.down_proj)]
+        match &mut self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => {
+                vec![("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", &mut self.down_proj)]
+            }
+            GateUp::Fused { gate_up_proj } => {
+                vec![("gate_up_proj", gate_up_proj), ("down_proj", &mut self.down_proj)]
+            }
+        }
     }
+}
+
+/// The two halves of the last dimension (contiguous: the GLU kernel reads them as flat rows).
+fn halves(y: Tensor) -> (Tensor, Tensor) {
+    let n = y.size()[y.dim() - 1] / 2;
+    (y.narrow(-1, 0, n).contiguous(), y.narrow(-1, n, n).contiguous())
 }
 
 /// RoPE inverse frequencies, f32 `[head_dim/2]` on the CPU, rescaled per `rope_scaling`.

@@ -148,6 +148,7 @@ struct Raw {
     rope_parameters: Option<Value>,
     sliding_window: Option<i64>,
     use_sliding_window: Option<bool>,
+    partial_rotary_factor: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
@@ -231,6 +232,9 @@ impl Config {
                 raw.num_attention_heads
             );
         }
+        if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
+            bail!("partial_rotary_factor {f} is not supported (RoPE on part of each head, as in Phi-4-mini); only 1.0");
+        }
         let n = raw.num_hidden_layers;
         let rope_params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
         // transformers 5 may give one rope table per layer type.
@@ -266,7 +270,7 @@ impl Config {
             _ => None,
         };
         let sliding_window = match t {
-            "mistral" | "gemma2" | "gemma3_text" | "gemma3n_text" => raw.sliding_window,
+            "mistral" | "phi3" | "gemma2" | "gemma3_text" | "gemma3n_text" => raw.sliding_window,
             "qwen2" | "qwen3" if raw.use_sliding_window == Some(true) => {
                 bail!("use_sliding_window = true is not supported for {t}")
             }

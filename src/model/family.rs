@@ -4,9 +4,9 @@
 //! ([`super::load`]), config parsing, recipe validation, `tuner plan` and the GGUF export ask
 //! this table instead of keeping their own lists.
 //!
-//! Families that share a block point at it: Mistral, Qwen2 and Qwen3 are Llama's decoder
+//! Families that share a block point at it: Mistral, Qwen2, Qwen3 and Phi-3 are Llama's decoder
 //! (`llama.rs`; sliding window, q/k/v bias and head_dim come from the config, Qwen3 adds its
-//! q/k norms), Gemma 3 is Gemma 2's (`gemma2.rs`, with q/k norms). References: transformers
+//! q/k norms, Phi-3's fused projections are read as stored), Gemma 3 is Gemma 2's (`gemma2.rs`, with q/k norms). References: transformers
 //! `models/<family>/modeling_<family>.py`, llama.cpp `convert_hf_to_gguf.py` for the GGUF names.
 
 use anyhow::Result;
@@ -50,7 +50,7 @@ impl Family {
 const DECODER_LINEARS: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// Every family tuner builds.
-pub static FAMILIES: [Family; 7] = [
+pub static FAMILIES: [Family; 8] = [
     Family {
         model_types: &["llama"],
         load: |c, w, o| Ok(Box::new(llama::load(c, w, o)?)),
@@ -81,6 +81,15 @@ pub static FAMILIES: [Family; 7] = [
         linears: DECODER_LINEARS,
         hand_backward: true,
         gguf: Some(GgufArch { arch: "qwen3", permute_qk: false }),
+    },
+    Family {
+        // Llama's decoder with fused `qkv_proj` and `gate_up_proj` (read from the checkpoint's
+        // keys) and a sliding window from the config.
+        model_types: &["phi3"],
+        load: |c, w, o| Ok(Box::new(llama::load(c, w, o)?)),
+        linears: &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        hand_backward: true,
+        gguf: None,
     },
     Family {
         model_types: &["gemma2"],

@@ -19,9 +19,7 @@ use super::{Config, LoadOptions, Weights};
 /// `self_attn`: q/k/v/o projections, biases as the config says; Qwen3 adds `q_norm` and
 /// `k_norm` (RMSNorm over head_dim, per head) after the projections and before RoPE.
 pub(crate) struct LlamaAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -45,10 +43,17 @@ impl LlamaAttention {
         let norm = |n: &str| -> Result<Option<RmsNorm>> {
             Ok(if qk_norm { Some(RmsNorm::load(l, &format!("{prefix}.{n}"), cfg.rms_norm_eps)?) } else { None })
         };
+        let qkv = if l.has(&format!("{prefix}.qkv_proj")) {
+            Qkv::Fused { qkv_proj: l.linear(&format!("{prefix}.qkv_proj"), cfg.qkv_bias)? }
+        } else {
+            Qkv::Split {
+                q_proj: l.linear(&format!("{prefix}.q_proj"), cfg.qkv_bias)?,
+                k_proj: l.linear(&format!("{prefix}.k_proj"), cfg.qkv_bias)?,
+                v_proj: l.linear(&format!("{prefix}.v_proj"), cfg.qkv_bias)?,
+            }
+        };
         Ok(LlamaAttention {
-            q_proj: l.linear(&format!("{prefix}.q_proj"), cfg.qkv_bias)?,
-            k_proj: l.linear(&format!("{prefix}.k_proj"), cfg.qkv_bias)?,
-            v_proj: l.linear(&format!("{prefix}.v_proj"), cfg.qkv_bias)?,
+            qkv,
             o_proj: l.linear(&format!("{prefix}.o_proj"), cfg.o_bias)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
@@ -56,6 +61,68 @@ impl LlamaAttention {
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
         })
+    }
+}
+
+/// The q, k, v projections: three linears, or Phi-3's one `qkv_proj` whose rows are q's
+/// (heads · head_dim), then k's and v's (kv_heads · head_dim each).
+#[allow(clippy::large_enum_variant)] // one per layer; boxing the split case buys nothing
+enum Qkv {
+    Split { q_proj: Linear, k_proj: Linear, v_proj: Linear },
+    Fused { qkv_proj: Linear },
+}
+
+impl LlamaAttention {
+    /// The fused output's q, k and v column widths.
+    fn widths(&self) -> [i64; 3] {
+        let kv = self.num_kv_heads * self.head_dim;
+        [self.num_heads * self.head_dim, kv, kv]
+    }
+
+    /// q, k, v `[B, T, n·d]`.
+    fn project(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        match &self.qkv {
+            Qkv::Split { q_proj, k_proj, v_proj } => {
+                (q_proj.forward(x, train), k_proj.forward(x, train), v_proj.forward(x, train))
+            }
+            Qkv::Fused { qkv_proj } => self.split(qkv_proj.forward(x, train)),
+        }
+    }
+
+    /// [`LlamaAttention::project`] keeping each adapter's rank-r activation for the backward.
+    fn project_saving(&self, x: &Tensor) -> ((Tensor, Tensor, Tensor), [Option<Tensor>; 3]) {
+        match &self.qkv {
+            Qkv::Split { q_proj, k_proj, v_proj } => {
+                let (q, zq) = q_proj.forward_saving(x);
+                let (k, zk) = k_proj.forward_saving(x);
+                let (v, zv) = v_proj.forward_saving(x);
+                ((q, k, v), [zq, zk, zv])
+            }
+            Qkv::Fused { qkv_proj } => {
+                let (y, z) = qkv_proj.forward_saving(x);
+                (self.split(y), [z, None, None])
+            }
+        }
+    }
+
+    /// The projections' backward from dq, dk, dv `[B, T, n·d]`: accumulates the adapters'
+    /// gradients and returns dx.
+    fn project_backward(&self, x: &Tensor, z: [Option<Tensor>; 3], dq: &Tensor, dk: &Tensor, dv: &Tensor) -> Tensor {
+        let [zq, zk, zv] = z;
+        match &self.qkv {
+            Qkv::Split { q_proj, k_proj, v_proj } => {
+                let dx = q_proj.backward(x, zq.as_ref(), dq);
+                let dx = k_proj.backward_into(x, zk.as_ref(), dk, Some(dx));
+                v_proj.backward_into(x, zv.as_ref(), dv, Some(dx))
+            }
+            Qkv::Fused { qkv_proj } => qkv_proj.backward(x, zq.as_ref(), &Tensor::cat(&[dq, dk, dv], -1)),
+        }
+    }
+
+    /// A fused output `[B, T, (nh + 2·nkv)·d]` as contiguous q, k, v.
+    fn split(&self, y: Tensor) -> (Tensor, Tensor, Tensor) {
+        let [wq, wk, wv] = self.widths();
+        (y.narrow(-1, 0, wq).contiguous(), y.narrow(-1, wq, wk).contiguous(), y.narrow(-1, wq + wk, wv).contiguous())
     }
 }
 
@@ -76,9 +143,10 @@ impl Attention for LlamaAttention {
     fn qkv(&self, x: &Tensor, rope: &Rope, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]); // (B, T, n, d)
-        let q = rope.apply_bthd(maybe_norm(heads(self.q_proj.forward(x, train), self.num_heads), &self.q_norm));
-        let k = rope.apply_bthd(maybe_norm(heads(self.k_proj.forward(x, train), self.num_kv_heads), &self.k_norm));
-        let v = heads(self.v_proj.forward(x, train), self.num_kv_heads);
+        let (q, k, v) = self.project(x, train);
+        let q = rope.apply_bthd(maybe_norm(heads(q, self.num_heads), &self.q_norm));
+        let k = rope.apply_bthd(maybe_norm(heads(k, self.num_kv_heads), &self.k_norm));
+        let v = heads(v, self.num_kv_heads);
         (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     }
 
@@ -88,9 +156,7 @@ impl Attention for LlamaAttention {
 
     fn forward_saving(&self, x: &Tensor, rope: &Rope, mask: &Mask) -> (Tensor, AttnSaved) {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let (q, zq) = self.q_proj.forward_saving(x);
-        let (k, zk) = self.k_proj.forward_saving(x);
-        let (v, zv) = self.v_proj.forward_saving(x);
+        let ((q, k, v), z) = self.project_saving(x);
         let q = q.view([b, t, self.num_heads, self.head_dim]);
         let k = k.view([b, t, self.num_kv_heads, self.head_dim]);
         // With q/k norms their inputs [B, T, n, d] and 1/rms are kept for their backward.
@@ -108,12 +174,12 @@ impl Attention for LlamaAttention {
         let v = v.view([b, t, self.num_kv_heads, self.head_dim]).transpose(1, 2).set_requires_grad(true);
         let core = tch::with_grad(|| attend(&q, &k, &v, mask, self.scale()));
         let (a, _) = self.o_proj.forward_saving(&core.detach());
-        (a, AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, norm_inputs })
+        (a, AttnSaved { z, leaves: [q, k, v], core, norm_inputs })
     }
 
     fn backward(&self, x: &Tensor, rope: &Rope, saved: AttnSaved, dy: &Tensor) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let AttnSaved { z: [zq, zk, zv], leaves: [q, k, v], core, norm_inputs } = saved;
+        let AttnSaved { z, leaves: [q, k, v], core, norm_inputs } = saved;
         let d_core = self.o_proj.backward(&core.detach(), None, dy);
         tch::with_grad(|| (core * d_core).sum(tch::Kind::Float).backward());
         // Leaf gradients [B, n, T, d] → [B, T, n, d], RoPE undone, through the norms, → [B, T, n·d].
@@ -129,9 +195,7 @@ impl Attention for LlamaAttention {
         let dk = dk.reshape([b, t, self.num_kv_heads * self.head_dim]);
         let dv = v.grad().transpose(1, 2).contiguous().reshape([b, t, self.num_kv_heads * self.head_dim]);
         drop((q, k, v));
-        let dx = self.q_proj.backward(x, zq.as_ref(), &dq);
-        let dx = self.k_proj.backward_into(x, zk.as_ref(), &dk, Some(dx));
-        self.v_proj.backward_into(x, zv.as_ref(), &dv, Some(dx))
+        self.project_backward(x, z, &dq, &dk, &dv)
     }
 
     fn scale(&self) -> f64 {
@@ -139,16 +203,21 @@ impl Attention for LlamaAttention {
     }
 
     fn linears(&self) -> Vec<(&'static str, &Linear)> {
-        vec![("q_proj", &self.q_proj), ("k_proj", &self.k_proj), ("v_proj", &self.v_proj), ("o_proj", &self.o_proj)]
+        match &self.qkv {
+            Qkv::Split { q_proj, k_proj, v_proj } => {
+                vec![("q_proj", q_proj), ("k_proj", k_proj), ("v_proj", v_proj), ("o_proj", &self.o_proj)]
+            }
+            Qkv::Fused { qkv_proj } => vec![("qkv_proj", qkv_proj), ("o_proj", &self.o_proj)],
+        }
     }
 
     fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![
-            ("q_proj", &mut self.q_proj),
-            ("k_proj", &mut self.k_proj),
-            ("v_proj", &mut self.v_proj),
-            ("o_proj", &mut self.o_proj),
-        ]
+        match &mut self.qkv {
+            Qkv::Split { q_proj, k_proj, v_proj } => {
+                vec![("q_proj", q_proj), ("k_proj", k_proj), ("v_proj", v_proj), ("o_proj", &mut self.o_proj)]
+            }
+            Qkv::Fused { qkv_proj } => vec![("qkv_proj", qkv_proj), ("o_proj", &mut self.o_proj)],
+        }
     }
 }
 
