@@ -193,7 +193,10 @@ fn every_kernel_compiles_with_nvrtc() {
 #[test]
 fn cuda_kernels_match_their_references_on_a_gpu() {
     if !tch::Cuda::is_available() {
-        eprintln!("no CUDA device: the kernel checks run on a GPU machine (scripts/gpu_check.sh)");
+        crate::common::skipped(
+            "kernels::cuda_kernels_match_their_references_on_a_gpu",
+            "no CUDA device (run .device/all kernels:: on the GPU machine)",
+        );
         return;
     }
     let k = tuner::kernels::Kernels::compile(0).expect("NVRTC compiles every kernel");
@@ -323,7 +326,10 @@ fn step_grads(
 #[test]
 fn coalesced_steps_and_zero_pad_rows_on_a_gpu() {
     if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device (runs on a GPU machine: .device/all kernels::)");
+        crate::common::skipped(
+            "kernels::coalesced_steps_and_zero_pad_rows_on_a_gpu",
+            "no CUDA device (run .device/all kernels:: on the GPU machine)",
+        );
         return;
     }
     let dev = Device::Cuda(0);

@@ -50,7 +50,7 @@ fn causal_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> (f64, Vec<f64>) 
     (total, rows)
 }
 
-/// Loads a family fixture, checks logits (≤ 1e-4 relative, non-padded positions) and loss.
+/// Loads a family fixture, checks logits (≤ 5e-6 relative, padded positions too) and losses (≤ 1e-6 relative).
 fn check_parity(name: &str) {
     let dir = fixture(name);
     let r = reference(&dir);
@@ -64,11 +64,14 @@ fn check_parity(name: &str) {
     let ref_loss = r["loss"].double_value(&[]);
     let ref_rows: Vec<f64> = r["loss_per_row"].iter::<f64>().unwrap().collect();
     eprintln!("parity {name}: logits rel err {err:.3e} (all positions {err_all:.3e}); loss {loss:.7} vs {ref_loss:.7}; rows {rows:?} vs {ref_rows:?}");
-    assert!(err <= 1e-4, "{name}: logits relative error {err:e} > 1e-4");
-    assert!(err_all <= 1e-4, "{name}: logits relative error on padded positions {err_all:e} > 1e-4");
-    assert!((loss - ref_loss).abs() <= 1e-4 * ref_loss.abs().max(1.0), "{name}: loss {loss} vs {ref_loss}");
+    // What the README claims (~1e-6 relative in fp32): every family measures 0–1.5e-6 here
+    // (Gemma 3n the most), so 5e-6 leaves room for another CPU's summation order, no more.
+    const LOGITS: f64 = 5e-6;
+    assert!(err <= LOGITS, "{name}: logits relative error {err:e} > {LOGITS:e}");
+    assert!(err_all <= LOGITS, "{name}: logits relative error on padded positions {err_all:e} > {LOGITS:e}");
+    assert!((loss - ref_loss).abs() <= 1e-6 * ref_loss.abs().max(1.0), "{name}: loss {loss} vs {ref_loss}");
     for (a, b) in rows.iter().zip(&ref_rows) {
-        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{name}: row losses {rows:?} vs {ref_rows:?}");
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name}: row losses {rows:?} vs {ref_rows:?}");
     }
 }
 
