@@ -81,10 +81,16 @@ gradient_checkpointing = "yes"
         "x.toml:11: train.optimizer: expected one of \"adamw\", \"adamw_8bit\", found \"sgd\"",
         "x.toml:12: train.micro_batch_size: expected a positive integer, found -2",
         "x.toml:13: train.gradient_checkpointing: expected true or false, found \"yes\"",
+        // The cross-key and file checks run too, on the keys that passed.
+        "x.toml:2: model.source: no-such-dir is not a folder, a .gguf file or `hf:ORG/NAME`",
+        "dataset.source: missing; set it to a local .jsonl/.json/.csv/.parquet/.arrow file or folder, or `hf:ORG/NAME`",
+        "train.max_steps: missing; set train.max_steps (optimizer steps) or train.epochs",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
-    assert!(err.contains("invalid recipe (6 problems)"), "{err}");
+    assert!(err.contains("invalid recipe (9 problems)"), "{err}");
+    // Nothing is said twice about a refused key (lora.r's default would pass the cross-key checks).
+    assert_eq!(err.matches("lora.r:").count(), 1, "{err}");
 }
 
 #[test]

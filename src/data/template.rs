@@ -6,61 +6,8 @@
 //! transformers' `apply_chat_template` renders it), or an inline format string
 //! whose `{output}` slot starts the response.
 
-use crate::recipe::PromptSection;
+use crate::recipe::{Piece, PromptSection, PromptTemplate};
 use serde_json::{Map, Value};
-
-/// A piece of an inline format string.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Piece {
-    Text(String),
-    Field(String),
-}
-
-/// Parse `"### 指令\n{instruction}\n### 回答\n{output}"` into pieces; `{{` and `}}` are literal braces.
-pub fn parse_format(s: &str) -> Result<Vec<Piece>, String> {
-    let mut out = vec![];
-    let mut text = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '{' if chars.peek() == Some(&'{') => {
-                chars.next();
-                text.push('{');
-            }
-            '}' if chars.peek() == Some(&'}') => {
-                chars.next();
-                text.push('}');
-            }
-            '{' => {
-                let mut name = String::new();
-                loop {
-                    match chars.next() {
-                        Some('}') => break,
-                        Some(ch) => name.push(ch),
-                        None => {
-                            return Err(format!(
-                                "unclosed `{{{name}` in the format string; write `{{{{` for a literal brace"
-                            ))
-                        }
-                    }
-                }
-                if name.is_empty() || !name.chars().all(|ch| ch.is_alphanumeric() || ch == '_') {
-                    return Err(format!("`{{{name}}}` is not a field slot; slots look like `{{instruction}}`, literal braces are `{{{{` and `}}}}`"));
-                }
-                if !text.is_empty() {
-                    out.push(Piece::Text(std::mem::take(&mut text)));
-                }
-                out.push(Piece::Field(name));
-            }
-            '}' => return Err("a lone `}` in the format string; write `}}` for a literal brace".into()),
-            _ => text.push(c),
-        }
-    }
-    if !text.is_empty() {
-        out.push(Piece::Text(text));
-    }
-    Ok(out)
-}
 
 /// A run of text and whether it is trained.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,15 +71,15 @@ impl Renderer {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<Renderer, String> {
-        let kind = match p.template.as_str() {
-            "alpaca" => Kind::Alpaca,
-            "chatml" => Kind::ChatMl,
-            "chat" => Kind::Chat(
+        let kind = match &p.template {
+            PromptTemplate::Alpaca => Kind::Alpaca,
+            PromptTemplate::ChatMl => Kind::ChatMl,
+            PromptTemplate::Chat => Kind::Chat(
                 chat_template
                     .ok_or("prompt.template = \"chat\" needs a chat_template in the model's tokenizer_config.json; use \"chatml\" or \"alpaca\" instead")?
                     .to_string(),
             ),
-            other => Kind::Inline(parse_format(other)?),
+            PromptTemplate::Inline(text) => Kind::Inline(crate::recipe::parse_format(text)?),
         };
         Ok(Renderer { kind, p: p.clone(), bos_token: bos_token.into(), eos_token: eos_token.into() })
     }

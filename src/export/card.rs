@@ -236,7 +236,7 @@ pub fn readme(ctx: &RunContext, format: Format, model: &ModelRecord, check: Opti
             let _ = writeln!(s, "- {split}: {rows} examples, {tokens} tokens");
         }
     }
-    let _ = writeln!(s, "- prompt format: {:?}", r.prompt.template);
+    let _ = writeln!(s, "- prompt format: {:?}", r.prompt.template.as_str());
 
     s.push_str("\n## Settings\n\n| setting | value |\n| --- | --- |\n");
     let targets = serde_json::to_string(&r.lora.target_modules).unwrap_or_default();

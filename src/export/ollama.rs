@@ -13,9 +13,8 @@
 //! Reference: Ollama's Modelfile documentation (`FROM`, `TEMPLATE` with `.Messages`,
 //! `.Role`, `.Content`, `.System`, `.Prompt`, `.Response`, `PARAMETER stop`, `SYSTEM`).
 
-use crate::data::template::{parse_format, Piece};
 use crate::data::tokenizer::Tok;
-use crate::recipe::PromptSection;
+use crate::recipe::{parse_format, Piece, PromptSection, PromptTemplate};
 
 const CHATML: &str =
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n";
@@ -30,9 +29,9 @@ fn go_literal(s: &str) -> String {
 /// (template, stop strings, note) for a recipe's prompt format.
 fn template_for(prompt: &PromptSection, tok: &Tok) -> (String, Vec<String>, Option<String>) {
     let chatml_stops = vec!["<|im_start|>".to_string(), "<|im_end|>".to_string()];
-    match prompt.template.as_str() {
-        "chatml" => (CHATML.into(), chatml_stops, None),
-        "chat" => {
+    match &prompt.template {
+        PromptTemplate::ChatMl => (CHATML.into(), chatml_stops, None),
+        PromptTemplate::Chat => {
             let t = tok.chat_template.as_deref().unwrap_or("");
             if t.contains("<|start_header_id|>") {
                 let stops = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"].map(String::from).to_vec();
@@ -44,8 +43,8 @@ fn template_for(prompt: &PromptSection, tok: &Tok) -> (String, Vec<String>, Opti
                 (CHATML.into(), chatml_stops, Some(note.into()))
             }
         }
-        "alpaca" => (ALPACA.into(), vec![], None),
-        inline => {
+        PromptTemplate::Alpaca => (ALPACA.into(), vec![], None),
+        PromptTemplate::Inline(inline) => {
             let pieces = parse_format(inline).unwrap_or_default();
             let mut out = String::new();
             let mut prompt_used = false;
@@ -78,13 +77,13 @@ pub fn modelfile(gguf_file: &str, prompt: &PromptSection, tok: &Tok) -> String {
     }
     let mut s =
         String::from("# Ollama Modelfile written by tuner. In this folder: ollama create <name> -f Modelfile\n");
-    s.push_str(&format!("# Prompt format: [prompt] template = {:?}\n", prompt.template));
+    s.push_str(&format!("# Prompt format: [prompt] template = {:?}\n", prompt.template.as_str()));
     if let Some(n) = note {
         s.push_str(&format!("# Note: {n}\n"));
     }
     s.push_str(&format!("FROM ./{gguf_file}\n"));
     s.push_str(&format!("TEMPLATE \"\"\"{template}\"\"\"\n"));
-    if !prompt.system.is_empty() && prompt.template != "alpaca" {
+    if !prompt.system.is_empty() && prompt.template != PromptTemplate::Alpaca {
         s.push_str(&format!("SYSTEM \"\"\"{}\"\"\"\n", prompt.system));
     }
     for stop in stops {

@@ -4,9 +4,11 @@
 //! its line, applies `--set section.key=value` overrides, then runs all checks
 //! in `validate` and reports every problem at once.
 
+pub mod prompt;
 pub mod schema;
 pub mod validate;
 
+pub use prompt::{parse_format, Piece, PromptTemplate};
 pub use schema::*;
 pub use validate::{classify_source, Diagnostic, Source};
 
@@ -166,8 +168,38 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
         locs.entry(section.to_string()).or_insert_with(|| format!("--set {key}"));
     }
 
-    validate::check_keys(&table, &file, &locs, &mut diags);
+    let bad = validate::check_keys(&table, &file, &locs, &mut diags);
     if !diags.is_empty() {
+        // Every problem at once: the cross-key and file checks still run on the recipe without
+        // the refused keys (their defaults stand in), leaving out what they say of those keys.
+        let mut pruned = table.clone();
+        for b in &bad {
+            match b.split_once('.') {
+                Some((s, k)) => {
+                    if let Some(t) = pruned.get_mut(s).and_then(toml::Value::as_table_mut) {
+                        t.remove(k);
+                    }
+                }
+                None => {
+                    pruned.remove(b.as_str());
+                }
+            }
+        }
+        if let Ok(r) = Recipe::deserialize_table(pruned) {
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let loc = |key: &str| {
+                locs.get(key)
+                    .or_else(|| locs.get(key.split('.').next().unwrap_or("")))
+                    .cloned()
+                    .unwrap_or_else(|| file.clone())
+            };
+            let mut more = vec![];
+            validate::check_semantics(&r, dir, &loc, &mut more);
+            let about_bad = |d: &Diagnostic| {
+                bad.iter().any(|b| d.text.starts_with(&format!("{b}:")) || d.text.starts_with(&format!("{b}.")))
+            };
+            diags.extend(more.into_iter().filter(|d| !about_bad(d)));
+        }
         return Err(Failure::Usage(RecipeErrors(diags).to_string().trim_end().to_string()).into());
     }
     let mut recipe = Recipe::deserialize_table(table).map_err(|e| Failure::Usage(format!("{file}: {e}")))?;

@@ -145,7 +145,7 @@ impl Default for LoraSection {
 pub struct PromptSection {
     /// "alpaca", "chatml", "chat" (the tokenizer's Jinja template) or an inline
     /// format string with `{field}` slots; the response starts at `{<output_field>}`.
-    pub template: String,
+    pub template: crate::recipe::PromptTemplate,
     pub instruction_field: String,
     pub input_field: String,
     pub output_field: String,
@@ -162,7 +162,7 @@ pub struct PromptSection {
 impl Default for PromptSection {
     fn default() -> Self {
         PromptSection {
-            template: "alpaca".into(),
+            template: crate::recipe::PromptTemplate::Alpaca,
             instruction_field: "instruction".into(),
             input_field: "input".into(),
             output_field: "output".into(),

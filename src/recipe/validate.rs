@@ -104,6 +104,8 @@ enum Rule {
     Ratio,
     /// A power of two in 16..=4096.
     BlockSize,
+    /// A prompt template ([`crate::recipe::PromptTemplate::parse`] says what is wrong).
+    Template,
 }
 
 fn rule_for(key: &str) -> Option<Rule> {
@@ -133,6 +135,7 @@ fn rule_for(key: &str) -> Option<Rule> {
         "eval.max_new_tokens" | "eval.batch_size" => PositiveInt,
         "eval.temperature" => NonNegativeNumber,
         "export.max_merge_loss_delta" => NonNegativeNumber,
+        "prompt.template" => Template,
         _ => return None,
     })
 }
@@ -160,6 +163,12 @@ fn apply_rule(rule: Rule, v: &toml::Value) -> Result<(), String> {
         _ => None,
     };
     let (ok, expected) = match rule {
+        Rule::Template => {
+            return match v {
+                V::String(s) => crate::recipe::PromptTemplate::parse(s).map(|_| ()),
+                other => Err(format!("expected a template name or a format string, found {}", show(other))),
+            }
+        }
         Rule::PositiveInt => (matches!(v, V::Integer(i) if *i > 0), "a positive integer".to_string()),
         Rule::NonNegativeInt => (matches!(v, V::Integer(i) if *i >= 0), "an integer ≥ 0".to_string()),
         Rule::PositiveNumber => (num.is_some_and(|x| x > 0.0), "a positive number".to_string()),
@@ -233,8 +242,10 @@ fn levenshtein(a: &str, b: &str) -> usize {
 /// Where each dotted key was written: `file:line` or `--set key`.
 pub type Locations = BTreeMap<String, String>;
 
-/// Pass 1 and 2: unknown sections and keys, value types and ranges.
-pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &mut Vec<Diagnostic>) {
+/// Pass 1 and 2: unknown sections and keys, value types and ranges. Returns the dotted keys
+/// (or section names) that were refused, so that the cross-key checks can still run on the rest.
+pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &mut Vec<Diagnostic>) -> Vec<String> {
+    let mut bad = vec![];
     let loc = |key: &str| locs.get(key).cloned().unwrap_or_else(|| file_loc.to_string());
     const SECTIONS: [&str; 9] =
         ["run", "model", "quantization", "lora", "prompt", "dataset", "train", "eval", "export"];
@@ -249,6 +260,7 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
                 format!("unknown key `{section}` at the top level")
             };
             out.push(Diagnostic { location: loc(section), text: format!("{what}{hint}") });
+            bad.push(section.to_string());
             continue;
         };
         let Some(body) = value.as_table() else {
@@ -256,6 +268,7 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
                 location: loc(section),
                 text: format!("{section}: expected a section [{section}], found {}", show(value)),
             });
+            bad.push(section.to_string());
             continue;
         };
         for (key, v) in body {
@@ -268,6 +281,7 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
                     location: loc(&dotted),
                     text: format!("unknown key `{key}` in [{section}]{hint}"),
                 });
+                bad.push(dotted);
                 continue;
             }
             let result = match rule_for(&dotted) {
@@ -280,9 +294,11 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
             };
             if let Err(msg) = result {
                 out.push(Diagnostic { location: loc(&dotted), text: format!("{dotted}: {msg}") });
+                bad.push(dotted);
             }
         }
     }
+    bad
 }
 
 /// The linear modules a LoRA adapter can target in a family (config.json's `model_type`).
@@ -392,27 +408,13 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
         }
     }
 
-    // [prompt]
-    let t = &r.prompt.template;
-    if !["alpaca", "chatml", "chat"].contains(&t.as_str()) {
-        if !t.contains('{') {
-            let hint = did_you_mean(t, ["alpaca", "chatml", "chat"].into_iter())
-                .map(|w| format!("; did you mean {w:?}?"))
-                .unwrap_or_default();
-            err("prompt.template", format!("expected \"alpaca\", \"chatml\", \"chat\" or a format string with {{field}} slots, found {t:?}{hint}"));
-        } else {
-            match crate::data::template::parse_format(t) {
-                Err(e) => err("prompt.template", e),
-                Ok(parts) => {
-                    let slot = &r.prompt.output_field;
-                    let n = parts
-                        .iter()
-                        .filter(|p| matches!(p, crate::data::template::Piece::Field(f) if f == slot))
-                        .count();
-                    if n != 1 {
-                        err("prompt.template", format!("a format string needs exactly one `{{{slot}}}` slot (where the response starts; see prompt.output_field), found {n}"));
-                    }
-                }
+    // [prompt] (the template itself was parsed with the types; here its slot)
+    if let crate::recipe::PromptTemplate::Inline(t) = &r.prompt.template {
+        if let Ok(parts) = crate::recipe::parse_format(t) {
+            let slot = &r.prompt.output_field;
+            let n = parts.iter().filter(|p| matches!(p, crate::recipe::Piece::Field(f) if f == slot)).count();
+            if n != 1 {
+                err("prompt.template", format!("a format string needs exactly one `{{{slot}}}` slot (where the response starts; see prompt.output_field), found {n}"));
             }
         }
     }
