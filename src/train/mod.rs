@@ -410,10 +410,11 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 res.tokens as f64 / secs.max(1e-9)
             );
             if !bar.is_bar() && leader {
+                // This line carries the ETA: the plain progress line is not due again for a while.
+                bar.touch();
                 bar.set_position(done);
                 let eta = bar.eta().map(|e| format!(", ETA {}", crate::progress::duration(e))).unwrap_or_default();
                 eprintln!("train: {msg} epoch {epoch:.2}{eta}");
-                bar.touch();
             }
             bar.set_message(msg);
         }
