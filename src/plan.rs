@@ -54,6 +54,7 @@ impl Shape {
     /// From an HF folder's config.json.
     pub fn from_dir(dir: &Path) -> Result<Shape> {
         let c = crate::model::Config::from_dir(dir)?;
+        let family = crate::model::family::by_model_type(&c.model_type);
         Ok(Shape {
             layers: c.num_hidden_layers,
             hidden: c.hidden_size,
@@ -68,8 +69,8 @@ impl Shape {
                 (g.vocab_size_per_layer_input, g.hidden_size_per_layer_input, g.laurel_rank, g.num_kv_shared_layers)
             }),
             eager_attention: c.attn_logit_softcapping.is_some(),
-            hand_backward: crate::model::family::by_model_type(&c.model_type).is_some_and(|f| f.hand_backward),
-            fused: crate::model::family::by_model_type(&c.model_type).is_some_and(|f| f.linears.contains(&"qkv_proj")),
+            hand_backward: family.is_some_and(|f| f.hand_backward),
+            fused: family.is_some_and(|f| f.linears.contains(&"qkv_proj")),
         })
     }
 

@@ -168,6 +168,14 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
         locs.entry(section.to_string()).or_insert_with(|| format!("--set {key}"));
     }
 
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let loc = |key: &str| {
+        locs.get(key).or_else(|| locs.get(key.split('.').next().unwrap_or(""))).cloned().unwrap_or_else(|| file.clone())
+    };
     let bad = validate::check_keys(&table, &file, &locs, &mut diags);
     if !diags.is_empty() {
         // Every problem at once: the cross-key and file checks still run on the recipe without
@@ -186,15 +194,8 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
             }
         }
         if let Ok(r) = Recipe::deserialize_table(pruned) {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let loc = |key: &str| {
-                locs.get(key)
-                    .or_else(|| locs.get(key.split('.').next().unwrap_or("")))
-                    .cloned()
-                    .unwrap_or_else(|| file.clone())
-            };
             let mut more = vec![];
-            validate::check_semantics(&r, dir, &loc, &mut more);
+            validate::check_semantics(&r, &dir, &loc, &mut more);
             let about_bad = |d: &Diagnostic| {
                 bad.iter().any(|b| d.text.starts_with(&format!("{b}:")) || d.text.starts_with(&format!("{b}.")))
             };
@@ -206,14 +207,6 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
     if recipe.run.name.is_empty() {
         recipe.run.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     }
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| PathBuf::from("."));
-    let loc = |key: &str| {
-        locs.get(key).or_else(|| locs.get(key.split('.').next().unwrap_or(""))).cloned().unwrap_or_else(|| file.clone())
-    };
     validate::check_semantics(&recipe, &dir, &loc, &mut diags);
     if !diags.is_empty() {
         return Err(Failure::Usage(RecipeErrors(diags).to_string().trim_end().to_string()).into());
