@@ -89,24 +89,14 @@ enum Command {
     },
     /// Score a JSONL dataset ({"text"} or {"messages"} rows): per-row and mean loss, perplexity.
     Score {
-        /// An HF folder, a bnb-4bit folder, a .gguf file, or a run's export.
-        #[arg(long)]
-        model: PathBuf,
-        /// A PEFT adapter folder to apply.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        model: crate::model::open::ModelArgs,
         /// The JSONL file.
         #[arg(long)]
         data: PathBuf,
         /// Print {"rows", "tokens", "mean_loss", "perplexity", "per_row": [{"tokens", "loss"}]}.
         #[arg(long)]
         json: bool,
-        /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
-        #[arg(long, value_enum, default_value = "auto")]
-        dtype: recipe::Dtype,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: recipe::DeviceSpec,
     },
     /// One training step's LoRA gradients on given rows (no optimizer step), through the path
     /// `tuner run` trains with; names where a NaN/inf first appears. For comparing with HF +
@@ -155,12 +145,8 @@ enum Command {
     /// Generate text: `--prompt` prints one completion (streamed); without it, chat on the
     /// terminal (one message per line; /reset, /exit; end of input quits).
     Generate {
-        /// An HF folder, a bnb-4bit folder, a .gguf file, or a run's export.
-        #[arg(long)]
-        model: PathBuf,
-        /// A PEFT adapter folder to apply.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        model: crate::model::open::ModelArgs,
         /// The prompt (encoded with the tokenizer's special tokens, e.g. BOS).
         #[arg(long)]
         prompt: Option<String>,
@@ -188,12 +174,6 @@ enum Command {
         /// Send --prompt as one user message through the model's chat template.
         #[arg(long)]
         chat: bool,
-        /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
-        #[arg(long, value_enum, default_value = "auto")]
-        dtype: recipe::Dtype,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: recipe::DeviceSpec,
     },
     /// Serve a model over HTTP: /generate, OpenAI-compatible /v1/completions and
     /// /v1/chat/completions (SSE streaming), /v1/models, /health.
@@ -249,7 +229,7 @@ fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -
         let ctx = context(recipe::load(target, set)?, run_dir, None, never.clone())?;
         (ctx.run_dir.clone(), Some(ctx))
     };
-    let stages = pipeline::status(&dir, ctx.as_ref())?;
+    let stages = pipeline::status(&dir, &crate::stages::all(), ctx.as_ref())?;
     if json {
         let v = serde_json::json!({
             "run_dir": dir.display().to_string(),
@@ -277,7 +257,7 @@ fn lead(
     write_expected: bool,
     expected: Option<PathBuf>,
 ) -> Result<()> {
-    pipeline::run(ctx, &RunOptions { from, until })?;
+    pipeline::run(ctx, &crate::stages::all(), &RunOptions { from, until })?;
     let device = device_name(ctx.recipe.recipe.train.device)?;
     let expected = expected.unwrap_or_else(|| crate::verify::expected_path(&ra.recipe));
     if write_expected {
@@ -296,7 +276,8 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             let r = recipe::load(&ra.recipe, &ra.set)?;
             let mut ctx = context(r, run_dir, threads, interrupted)?;
             if dry_run {
-                eprint!("{}", crate::plan::render(&crate::plan::estimate(&ctx.recipe, &ctx.run_dir)?));
+                let model = crate::stages::fetch::model_path(&ctx.recipe, &ctx.run_dir)?;
+                eprint!("{}", crate::plan::render(&crate::plan::estimate(&ctx.recipe.recipe, &model)?));
                 return Ok(());
             }
             // Several processes: launch them (`--gpus N`), or be one of them (torchrun, Slurm,
@@ -321,7 +302,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
                     ctx.dist = Some(crate::dist::Dist::connect(w, t.device, timeout)?);
                     let d = ctx.dist.as_ref().expect("just set");
                     if !d.is_leader() {
-                        return crate::dist::follow(&ctx);
+                        return crate::stages::follow(&ctx);
                     }
                     let res = lead(&ctx, &ra, from, until, verify, write_expected, expected);
                     let told = d.finish(res.is_ok());
@@ -385,7 +366,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         Command::Plan { recipe: ra, run_dir, json } => {
             let r = recipe::load(&ra.recipe, &ra.set)?;
             let run_dir = run_dir.unwrap_or_else(|| r.default_run_dir());
-            let p = crate::plan::estimate(&r, &run_dir)?;
+            let p = crate::plan::estimate(&r.recipe, &crate::stages::fetch::model_path(&r, &run_dir)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {
@@ -409,7 +390,6 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         }
         Command::Generate {
             model,
-            adapter,
             prompt,
             max_new_tokens,
             temperature,
@@ -419,8 +399,6 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             seed,
             stop,
             chat,
-            dtype,
-            device,
         } => {
             let hub = crate::hub::HubConfig::from_env()?;
             let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
@@ -433,21 +411,13 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
                 seed,
                 stop,
             };
-            let args =
-                crate::generate::terminal::GenerateArgs { model, adapter, prompt, chat, params, dtype, device, cache };
+            let args = crate::generate::terminal::GenerateArgs { model, prompt, chat, params, cache };
             crate::generate::terminal::run(&args, &interrupted)
         }
-        Command::Score { model, adapter, data, json, dtype, device } => {
+        Command::Score { model, data, json } => {
             let hub = crate::hub::HubConfig::from_env()?;
             let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
-            let s = crate::score::run(&crate::score::ScoreArgs {
-                model: &model,
-                adapter: adapter.as_deref(),
-                data: &data,
-                dtype,
-                device,
-                cache: &cache,
-            })?;
+            let s = crate::score::run(&model, &data, &cache)?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {

@@ -29,3 +29,14 @@ impl Failure {
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     err.chain().find_map(|e| e.downcast_ref::<Failure>()).map(Failure::exit_code).unwrap_or(1)
 }
+
+/// Err([`Failure::Interrupted`]) once `flag` (set by Ctrl-C) is set: `what` says what stopped.
+pub fn check_interrupted(flag: &std::sync::atomic::AtomicBool, what: &str) -> anyhow::Result<()> {
+    if flag.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Failure::Interrupted(format!(
+            "{what}; finished work is kept, run the same command again to resume"
+        ))
+        .into());
+    }
+    Ok(())
+}

@@ -9,6 +9,7 @@ pub mod data;
 pub mod device_mem;
 pub mod dist;
 pub mod error;
+pub mod evaluate;
 pub mod export;
 pub mod generate;
 pub mod gguf;

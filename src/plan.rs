@@ -15,9 +15,9 @@
 //! working set depends on the backward (hand-written or autograd); its factor is fitted to the
 //! allocator peaks measured on an H200 (docs/benchmarks.md), which tests/plan.rs checks.
 
-use crate::recipe::{Loaded, QuantMethod, Source};
+use crate::recipe::{QuantMethod, Recipe};
 use crate::train::optim::AdamW;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::Path;
 
@@ -159,9 +159,9 @@ fn current_rss() -> u64 {
     crate::device_mem::rss_bytes().1
 }
 
-/// Build the estimate for a recipe.
-pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
-    let r = &l.recipe;
+/// Build the estimate for a recipe whose base model is `model`: an HF folder or a `.gguf` file
+/// (for a hub source, the folder the fetch stage downloaded: `stages::fetch::model_path`).
+pub fn estimate(r: &Recipe, model: &Path) -> Result<Plan> {
     let safetensors_bytes = |dir: &Path| -> u64 {
         std::fs::read_dir(dir)
             .map(|rd| {
@@ -173,24 +173,14 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
             })
             .unwrap_or(0)
     };
-    let (shape, file_bytes) = match l.source(&r.model.source) {
-        Source::Local(p) if p.extension().is_some_and(|e| e == "gguf") => {
-            let s = Shape::from_gguf(&p)?;
-            // The import writes f32 safetensors.
-            let params = s.layers * s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>()
-                + s.vocab * s.hidden * if s.tied { 1 } else { 2 };
-            (s, 4 * params as u64)
-        }
-        Source::Local(p) => (Shape::from_dir(&p)?, safetensors_bytes(&p)),
-        Source::Hub { repo } => {
-            let rec = crate::util::read_json::<crate::stages::fetch::ModelRecord>(&run_dir.join("fetch/model.json"))
-                .with_context(|| {
-                    format!(
-                        "the shape of `{repo}` is known once it is fetched: run `tuner run RECIPE --until fetch` first"
-                    )
-                })?;
-            (Shape::from_dir(&rec.dir)?, safetensors_bytes(&rec.dir))
-        }
+    let (shape, file_bytes) = if model.extension().is_some_and(|e| e == "gguf") {
+        let s = Shape::from_gguf(model)?;
+        // The import writes f32 safetensors.
+        let params = s.layers * s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>()
+            + s.vocab * s.hidden * if s.tied { 1 } else { 2 };
+        (s, 4 * params as u64)
+    } else {
+        (Shape::from_dir(model)?, safetensors_bytes(model))
     };
     let device = r.train.device.resolve();
     let dt = dtype_bytes(crate::model::open::compute_kind(r.model.dtype, device));

@@ -9,7 +9,6 @@
 use crate::data::template::{Message, Renderer};
 use crate::data::tokenizer::Tok;
 use crate::model::{self, CausalLm};
-use crate::recipe::Dtype;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -98,31 +97,10 @@ pub fn score_rows(model: &dyn CausalLm, rows: &[Vec<i64>], device: Device) -> Sc
     Score { rows: rows.len(), tokens: n, mean_loss: mean, perplexity: mean.exp(), per_row }
 }
 
-/// Options of `tuner score`.
-pub struct ScoreArgs<'a> {
-    pub model: &'a Path,
-    pub adapter: Option<&'a Path>,
-    pub data: &'a Path,
-    pub dtype: Dtype,
-    pub device: crate::recipe::DeviceSpec,
-    pub cache: &'a Path,
-}
-
-/// Load, score, return the result.
-pub fn run(a: &ScoreArgs) -> Result<Score> {
-    let dir = crate::model::open::resolve_dir(a.model, a.cache)?;
-    let device = a.device.resolve();
-    let tok = Tok::load(&dir)?;
-    let rows = encode_rows(a.data, &tok)?;
-    let opts = model::LoadOptions {
-        dtype: crate::model::open::compute_kind(a.dtype, device),
-        device,
-        quantize: None,
-        cuda_kernels: true,
-    };
-    let mut m = model::load(&dir, &opts)?;
-    if let Some(ad) = a.adapter {
-        crate::model::open::apply_adapter(m.as_mut(), ad)?;
-    }
-    Ok(score_rows(m.as_ref(), &rows, device))
+/// Load the model (`cache`: where a `.gguf` is imported), score the rows of `data`, return the result.
+pub fn run(model: &crate::model::open::ModelArgs, data: &Path, cache: &Path) -> Result<Score> {
+    let resolved = crate::model::open::resolve_dir(&model.model, cache)?;
+    let rows = encode_rows(data, &Tok::load(&resolved)?)?;
+    let m = model.open(cache)?;
+    Ok(score_rows(m.model.as_ref(), &rows, m.device))
 }

@@ -103,3 +103,15 @@ impl HashCache {
         }
     }
 }
+
+/// The libtorch version tch was built against.
+pub fn libtorch_version() -> String {
+    let dir = option_env!("TUNER_LIBTORCH_DIR").unwrap_or("");
+    let version_file = Path::new(dir).join("../version.py");
+    std::fs::read_to_string(version_file)
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("__version__")).map(|l| l.split('\'').nth(1).unwrap_or("").to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -68,7 +68,7 @@ pub fn results(run_dir: &Path, device: &str) -> Result<Value> {
     let report: Value = util::read_json(&run_dir.join("evaluate/report.json")).unwrap_or(Value::Null);
     Ok(json!({
         "tuner_version": env!("CARGO_PKG_VERSION"),
-        "libtorch_version": crate::pipeline::libtorch_version(),
+        "libtorch_version": crate::util::libtorch_version(),
         "device": device,
         "cpu_kernels": if device == "cpu" { json!(cpu_kernels()) } else { Value::Null },
         "adapter_sha256": util::sha256_file(&adapter)?,

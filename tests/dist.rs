@@ -213,9 +213,9 @@ fn effective_batch_is_micro_times_accumulation_times_processes() {
 fn generated_texts_come_back_in_batch_order() {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     // 7 prompts, batch 2, 2 ranks: rank 0 did batches 0 and 2 (a,b,e,f), rank 1 batches 1 and 3 (c,d,g).
-    let out = tuner::stages::evaluate::interleave_batches(vec![s(&["a", "b", "e", "f"]), s(&["c", "d", "g"])], 2);
+    let out = tuner::evaluate::interleave_batches(vec![s(&["a", "b", "e", "f"]), s(&["c", "d", "g"])], 2);
     assert_eq!(out, s(&["a", "b", "c", "d", "e", "f", "g"]));
-    assert_eq!(tuner::stages::evaluate::interleave_batches(vec![s(&["a"]), vec![]], 2), s(&["a"]));
+    assert_eq!(tuner::evaluate::interleave_batches(vec![s(&["a"]), vec![]], 2), s(&["a"]));
 }
 
 // ---- two processes on the CPU (gloo) ----

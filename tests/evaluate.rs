@@ -3,7 +3,7 @@
 
 use crate::common::*;
 use serde_json::Value;
-use tuner::stages::evaluate::{exact_match, first_json_object, json_fields};
+use tuner::evaluate::{exact_match, first_json_object, json_fields};
 
 #[test]
 fn task_metrics_score_what_they_say() {

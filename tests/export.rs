@@ -15,10 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use tch::{Device, Kind, Tensor};
+use tuner::export::GateExamples;
 use tuner::export::{self, check, gguf as xgguf, merged};
 use tuner::gguf::{GgmlType, GgufFile};
 use tuner::model::{self, Batch, CausalLm, LoadOptions};
-use tuner::pipeline::RunContext;
+use tuner::pipeline::{RunContext, Stage};
+use tuner::stages::export::Export;
 
 const FP: &str = "test-export-fingerprint";
 
@@ -99,7 +101,7 @@ fn export_run(root: &Path, sets: &[&str]) -> (RunContext, anyhow::Result<Vec<Pat
     let ctx = context(root, sets);
     let dir = ctx.stage_dir("export");
     std::fs::create_dir_all(&dir).unwrap();
-    let r = export::run(&ctx, &dir, FP);
+    let r = Export.run(&ctx, &dir, FP);
     (ctx, r)
 }
 
@@ -176,7 +178,13 @@ fn qlora_export_merges_exactly_and_loads_in_transformers_peft_and_bitsandbytes()
 
     // The merged model (fp32) equals the model as trained: dequantized NF4 base + adapter.
     let ids = ids();
-    let trained_model = export::load_trained(&ctx, &root.join("model"), Device::Cpu).unwrap();
+    let trained_model = export::load_trained(
+        &ctx.recipe.recipe,
+        &root.join("model"),
+        &ctx.stage_dir("train").join("adapter"),
+        Device::Cpu,
+    )
+    .unwrap();
     let want = logits(trained_model.as_ref(), &ids);
     let merged_model = load(&ex.join("merged"));
     let got = logits(merged_model.as_ref(), &ids);
@@ -342,7 +350,13 @@ fn bf16_merge_is_within_bf16_rounding_and_shards_load() {
     let w = tuner::model::Weights::open(&ex.join("merged")).unwrap();
     assert_eq!(w.get("model.layers.0.self_attn.q_proj.weight").unwrap().kind(), Kind::BFloat16);
     let ids = ids();
-    let trained_model = export::load_trained(&ctx, &root.join("model"), Device::Cpu).unwrap();
+    let trained_model = export::load_trained(
+        &ctx.recipe.recipe,
+        &root.join("model"),
+        &ctx.stage_dir("train").join("adapter"),
+        Device::Cpu,
+    )
+    .unwrap();
     let want = logits(trained_model.as_ref(), &ids);
 
     // The bf16 folder is exactly the f32 merge rounded to bf16 (every tensor, bit for bit) ...
@@ -519,7 +533,7 @@ fn gguf_round_trips_through_the_importer_with_logits_and_tokenizer() {
 
     // A second run with the same fingerprint keeps the finished folders.
     let before = std::fs::metadata(ex.join("gguf/model-q8_0.gguf")).unwrap().modified().unwrap();
-    let again = export::run(&ctx, &ex, FP).unwrap();
+    let again = Export.run(&ctx, &ex, FP).unwrap();
     assert_eq!(again, files);
     assert_eq!(std::fs::metadata(ex.join("gguf/model-q8_0.gguf")).unwrap().modified().unwrap(), before);
     assert!(!ex.join(".merged-work").exists());
@@ -567,7 +581,13 @@ fn gguf_of_a_llama3_rope_model_keeps_tensors_rope_factors_and_tokenizer() {
         assert!((*got as f64 - want).abs() <= 1e-5 * want, "rope factor {i}: {got} vs {want}");
     }
     // Every merged tensor, in F16 (F32 for norms), un-permuted for Q and K.
-    let trained_model = export::load_trained(&ctx, &root.join("model"), Device::Cpu).unwrap();
+    let trained_model = export::load_trained(
+        &ctx.recipe.recipe,
+        &root.join("model"),
+        &ctx.stage_dir("train").join("adapter"),
+        Device::Cpu,
+    )
+    .unwrap();
     let src = tmp();
     merged::write_merged(
         trained_model.as_ref(),
@@ -691,9 +711,15 @@ fn merge_gate_rejects_a_merge_that_changes_the_loss() {
     let d = fresh(Base::Qlora);
     let root = d.path();
     let ctx = context(root, &[]);
-    let (examples, source) = export::gate_examples(&ctx).unwrap();
+    let GateExamples { examples, split: source } = tuner::stages::export::gate_examples(&ctx).unwrap();
     assert_eq!(source, "eval");
-    let trained_model = export::load_trained(&ctx, &root.join("model"), Device::Cpu).unwrap();
+    let trained_model = export::load_trained(
+        &ctx.recipe.recipe,
+        &root.join("model"),
+        &ctx.stage_dir("train").join("adapter"),
+        Device::Cpu,
+    )
+    .unwrap();
     let base = tuner::model::open::load_for_recipe(&root.join("model"), &ctx.recipe.recipe, Device::Cpu).unwrap();
     // A "merge" that dropped the adapter: whichever way the loss moved, score it as the merged side.
     let m = check::measure(trained_model.as_ref(), base.as_ref(), &examples, Device::Cpu);
@@ -729,7 +755,7 @@ fn merge_gate_rejects_a_merge_that_changes_the_loss() {
 /// before the evaluate stage exists (and keeps working after: it is skipped as up to date).
 fn fake_evaluate(root: &Path) {
     let ctx = context(root, &[]);
-    let stages = tuner::pipeline::stages();
+    let stages = tuner::stages::all();
     let train_fp = json(&root.join("runs/t/train/manifest.json"))["fingerprint"].as_str().unwrap().to_string();
     let eval = &stages[3];
     assert_eq!(eval.name(), "evaluate");

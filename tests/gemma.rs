@@ -174,14 +174,13 @@ fn gemma_chat_template_trains_end_of_turn_and_generation_stops_on_it() {
             "{text:?}"
         );
     }
-    let g = tuner::generate::Generator::load(
-        &model,
-        None,
-        tuner::recipe::Dtype::Fp32,
-        Device::Cpu,
-        &d.path().join("cache"),
-    )
-    .unwrap();
+    let args = tuner::model::open::ModelArgs {
+        model: model.clone(),
+        adapter: None,
+        dtype: tuner::recipe::Dtype::Fp32,
+        device: tuner::recipe::DeviceSpec::Cpu,
+    };
+    let g = tuner::generate::Generator::load(&args, &d.path().join("cache")).unwrap();
     assert!(g.eos_ids.contains(&tok.token_to_id("<end_of_turn>").unwrap()), "{:?}", g.eos_ids);
 }
 

@@ -178,7 +178,13 @@ fn dechunk(mut s: &str) -> String {
 }
 
 fn generator(model: &Path, cache: &Path) -> Generator {
-    Generator::load(model, None, Dtype::Fp32, tch::Device::Cpu, cache).unwrap()
+    let args = tuner::model::open::ModelArgs {
+        model: model.to_path_buf(),
+        adapter: None,
+        dtype: Dtype::Fp32,
+        device: tuner::recipe::DeviceSpec::Cpu,
+    };
+    Generator::load(&args, cache).unwrap()
 }
 
 fn engine(g: &Generator, prompt: &str, p: &SamplingParams) -> Completion {

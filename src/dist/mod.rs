@@ -33,6 +33,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
+/// What the leader tells the other ranks to do next, sent through the store as JSON.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    /// Run the stage `name` (one whose `Stage::distributed` is true) for this fingerprint.
+    Stage { name: String, fingerprint: String },
+    /// The run is over; `ok` says whether rank 0 finished it.
+    Exit { ok: bool },
+}
+
 // SAFETY: c10d stores and process groups are thread-safe C++ objects (torch.distributed
 // calls them from several threads); the handles are only freed on drop.
 unsafe impl Send for Store {}
@@ -204,10 +214,10 @@ impl Dist {
         Ok(Some(out))
     }
 
-    /// Leader: tell the other ranks what to do next (`train FP`, `evaluate FP`, `exit ok`, `exit error`).
-    pub fn announce(&self, command: &str) -> Result<()> {
+    /// Leader: tell the other ranks what to do next.
+    pub fn announce(&self, command: &Command) -> Result<()> {
         let n = self.cmd.fetch_add(1, Ordering::SeqCst);
-        self.store.set(&format!("cmd/{n}"), command.as_bytes())
+        self.store.set(&format!("cmd/{n}"), serde_json::to_string(command)?.as_bytes())
     }
 
     /// Leader: tell the other ranks the run is over (`ok` or not). After a success, wait
@@ -215,7 +225,7 @@ impl Dist {
     /// process, so rank 0 must not exit before the others are told. After a failure, do
     /// not wait: the others may be inside a collective, which fails once rank 0 is gone.
     pub fn finish(&self, ok: bool) -> Result<()> {
-        self.announce(if ok { "exit ok" } else { "exit error" })?;
+        self.announce(&Command::Exit { ok })?;
         if !ok {
             return Ok(());
         }
@@ -231,12 +241,20 @@ impl Dist {
 
     /// Follower: wait for the leader's next command, however long fetch and tokenize take
     /// (the store fails, and so does this, when the leader's TCPStore goes away).
-    pub fn next_command(&self) -> Result<String> {
+    pub fn next_command(&self) -> Result<Command> {
         let key = format!("cmd/{}", self.cmd.fetch_add(1, Ordering::SeqCst));
         while !self.store.check(&key)? {
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(String::from_utf8_lossy(&self.store.get(&key, self.timeout())?).into_owned())
+        let bytes = self.store.get(&key, self.timeout())?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow!("unexpected command {:?} from rank 0: {e}", String::from_utf8_lossy(&bytes)))
+    }
+
+    /// Follower: confirm that the leader's `Exit` was read (see [`Dist::finish`]).
+    pub fn ack_exit(&self) -> Result<()> {
+        self.store.add("exit-ack", 1)?;
+        Ok(())
     }
 
     /// Sum `v` across ranks (f64, on this rank's device).
@@ -328,32 +346,4 @@ pub fn buckets(items: &[(Kind, i64)], cap: i64) -> Vec<Vec<usize>> {
         }
     }
     out
-}
-
-/// A rank other than 0: join the stages rank 0 announces (train, evaluate) until it says
-/// it is done. Writes nothing; rank 0 writes every file.
-pub fn follow(ctx: &crate::pipeline::RunContext) -> Result<()> {
-    use crate::pipeline::Stage;
-    let d = ctx.dist.as_ref().ok_or_else(|| anyhow!("not a multi-process run"))?;
-    loop {
-        let cmd = d.next_command()?;
-        let (what, arg) = cmd.split_once(' ').unwrap_or((cmd.as_str(), ""));
-        match what {
-            "train" => {
-                crate::stages::train::Train.run(ctx, &ctx.stage_dir("train"), arg)?;
-            }
-            "evaluate" => {
-                crate::stages::evaluate::Evaluate.run(ctx, &ctx.stage_dir("evaluate"), arg)?;
-            }
-            "exit" if arg == "ok" => {
-                d.store.add("exit-ack", 1)?;
-                return Ok(());
-            }
-            "exit" => {
-                d.store.add("exit-ack", 1)?;
-                bail!("rank 0 failed (see its messages); rank {} stops too", d.world.rank)
-            }
-            other => bail!("unexpected command {other:?} from rank 0"),
-        }
-    }
 }

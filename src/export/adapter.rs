@@ -5,26 +5,20 @@
 //! Reference: PEFT `utils/save_and_load.py` (file names and tensor keys) and the
 //! Hub model-card convention (`base_model` and `library_name: peft` in the YAML header).
 
-use super::{card, Staging};
-use crate::pipeline::RunContext;
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The files of a PEFT adapter folder.
 pub const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
-/// Write `<export>/adapter/` from the train stage's adapter folder `src`; returns the folder.
-pub fn export(ctx: &RunContext, src: &Path, export_dir: &Path, prov: &card::Provenance) -> Result<PathBuf> {
-    let stage = Staging::new(export_dir, "adapter")?;
+/// Copy the train stage's adapter folder `src` into `out` (the card is added by the caller).
+pub fn write(src: &Path, out: &Path) -> Result<()> {
     for f in FILES {
         let from = src.join(f);
         if !from.is_file() {
             bail!("{} is missing; the train stage did not finish writing the adapter", from.display());
         }
-        std::fs::copy(&from, stage.path().join(f)).with_context(|| format!("cannot copy {}", from.display()))?;
+        std::fs::copy(&from, out.join(f)).with_context(|| format!("cannot copy {}", from.display()))?;
     }
-    let model_rec = crate::stages::fetch::model_record(ctx)?;
-    let readme = card::readme(ctx, card::Format::Adapter, &model_rec, None);
-    card::finish(stage.path(), card::Format::Adapter, prov, &readme)?;
-    stage.commit()
+    Ok(())
 }

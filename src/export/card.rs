@@ -10,11 +10,9 @@
 
 use super::check::MergeCheck;
 use super::PROVENANCE_FILE;
-use crate::pipeline::{self, run_dir, RunContext};
-use crate::recipe::{QuantMethod, Source};
-use crate::stages::fetch::ModelRecord;
+use crate::recipe::{QuantMethod, Recipe};
 use crate::util;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -54,6 +52,29 @@ impl Format {
     }
 }
 
+/// What the cards and `tuner-export.json` say about the run, gathered from the run folder by
+/// the export stage.
+#[derive(Debug, Clone, Default)]
+pub struct RunFacts {
+    /// How the card names the base: the hub repo, else the recipe's source.
+    pub base_name: String,
+    /// The hub commit of the base, for hub sources.
+    pub commit: Option<String>,
+    /// `model_type` of the base.
+    pub model_type: String,
+    /// sha256 of the base model's files.
+    pub base_files: BTreeMap<String, String>,
+    /// `{"fingerprint", "artifacts": {path: sha256}}` of the fetch and train stages.
+    pub fetch: Value,
+    pub train: Value,
+    /// The dataset files and their hashes, when known.
+    pub dataset: Option<Value>,
+    /// Examples and tokens per split ("train", "eval") of the tokenized data.
+    pub splits: Vec<(String, u64, u64)>,
+    /// The evaluate stage's report, when it ran.
+    pub eval_report: Option<Value>,
+}
+
 /// The run-wide part of `tuner-export.json`, collected once per export.
 #[derive(Debug, Clone)]
 pub struct Provenance {
@@ -61,35 +82,25 @@ pub struct Provenance {
     pub value: Value,
 }
 
-fn manifest_summary(ctx: &RunContext, stage: &str) -> Result<Value> {
-    let m = run_dir::read_manifest(&ctx.stage_dir(stage)).with_context(|| {
-        format!("{} has no manifest; the {stage} stage has not finished", ctx.stage_dir(stage).display())
-    })?;
-    let artifacts: BTreeMap<String, String> = m.artifacts.into_iter().map(|a| (a.path, a.sha256)).collect();
-    Ok(json!({ "fingerprint": m.fingerprint, "artifacts": artifacts }))
-}
-
 impl Provenance {
-    /// Gather the fingerprints, hashes, settings and versions of a run.
-    pub fn collect(ctx: &RunContext, fp: &str, model: &ModelRecord) -> Result<Provenance> {
-        let r = &ctx.recipe.recipe;
-        let data = crate::stages::fetch::data_record(ctx).ok().map(|d| serde_json::to_value(d).unwrap_or(Value::Null));
+    /// The fingerprints, hashes, settings and versions of a run.
+    pub fn new(r: &Recipe, fp: &str, facts: &RunFacts) -> Provenance {
         let value = json!({
             "recipe_fingerprint": fp,
             "run_name": r.run.name,
             "tuner_version": env!("CARGO_PKG_VERSION"),
-            "libtorch_version": pipeline::libtorch_version(),
+            "libtorch_version": crate::util::libtorch_version(),
             "base_model": {
                 "source": r.model.source,
                 "revision": r.model.revision,
-                "commit": model.commit,
-                "model_type": model.model_type,
-                "files": model.files,
+                "commit": facts.commit,
+                "model_type": facts.model_type,
+                "files": facts.base_files,
             },
             "inputs": {
-                "fetch": manifest_summary(ctx, "fetch")?,
-                "train": manifest_summary(ctx, "train")?,
-                "dataset": data,
+                "fetch": facts.fetch,
+                "train": facts.train,
+                "dataset": facts.dataset,
             },
             "settings": {
                 "model": r.model,
@@ -101,7 +112,7 @@ impl Provenance {
                 "export": r.export,
             },
         });
-        Ok(Provenance { value })
+        Provenance { value }
     }
 }
 
@@ -127,9 +138,8 @@ fn num(v: &Value) -> Option<String> {
     v.as_f64().map(|x| if x.fract() == 0.0 && x.abs() < 1e12 { format!("{x:.0}") } else { format!("{x:.4}") })
 }
 
-/// The before/after table of `<run>/evaluate/report.json`, if there is one.
-fn eval_table(ctx: &RunContext) -> Option<String> {
-    let report: Value = util::read_json(&ctx.stage_dir("evaluate").join("report.json")).ok()?;
+/// The before/after table of the evaluate stage's report.
+fn eval_table(report: &Value) -> Option<String> {
     let flat = |v: &Value| -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
@@ -150,7 +160,7 @@ fn eval_table(ctx: &RunContext) -> Option<String> {
     let (before, after) = (flat(&report["before"]), flat(&report["after"]));
     let mut s = String::new();
     if before.is_empty() && after.is_empty() {
-        let all = flat(&report);
+        let all = flat(report);
         if all.is_empty() {
             return None;
         }
@@ -189,12 +199,8 @@ fn usage(format: Format, base: &str) -> String {
 }
 
 /// The README model card of one exported folder.
-pub fn readme(ctx: &RunContext, format: Format, model: &ModelRecord, check: Option<&MergeCheck>) -> String {
-    let r = &ctx.recipe.recipe;
-    let base = match ctx.recipe.source(&r.model.source) {
-        Source::Hub { repo } => repo,
-        Source::Local(_) => r.model.source.clone(),
-    };
+pub fn readme(r: &Recipe, facts: &RunFacts, format: Format, check: Option<&MergeCheck>) -> String {
+    let base = &facts.base_name;
     let library = match format {
         Format::Adapter => "peft",
         Format::Merged | Format::Nf4 => "transformers",
@@ -216,25 +222,22 @@ pub fn readme(ctx: &RunContext, format: Format, model: &ModelRecord, check: Opti
         env!("CARGO_PKG_VERSION")
     );
     s.push_str("## Usage\n\n");
-    s.push_str(&usage(format, &base));
+    s.push_str(&usage(format, base));
 
     s.push_str("\n## Base model\n\n| | |\n| --- | --- |\n");
     let _ = writeln!(s, "| source | `{}` |", r.model.source);
-    if let Some(c) = &model.commit {
+    if let Some(c) = &facts.commit {
         let _ = writeln!(s, "| commit | `{c}` |");
     }
-    let _ = writeln!(s, "| architecture | {} |", model.model_type);
+    let _ = writeln!(s, "| architecture | {} |", facts.model_type);
 
     s.push_str("\n## Data\n\n");
     let _ = writeln!(s, "- dataset: `{}`", r.dataset.source);
     if !r.dataset.eval_source.is_empty() {
         let _ = writeln!(s, "- eval set: `{}`", r.dataset.eval_source);
     }
-    let stats: Value = util::read_json(&ctx.stage_dir("tokenize").join("stats.json")).unwrap_or(Value::Null);
-    for split in ["train", "eval"] {
-        if let (Some(rows), Some(tokens)) = (stats[split]["rows"].as_u64(), stats[split]["tokens"].as_u64()) {
-            let _ = writeln!(s, "- {split}: {rows} examples, {tokens} tokens");
-        }
+    for (split, rows, tokens) in &facts.splits {
+        let _ = writeln!(s, "- {split}: {rows} examples, {tokens} tokens");
     }
     let _ = writeln!(s, "- prompt format: {:?}", r.prompt.template.as_str());
 
@@ -285,7 +288,7 @@ pub fn readme(ctx: &RunContext, format: Format, model: &ModelRecord, check: Opti
         );
     }
 
-    if let Some(t) = eval_table(ctx) {
+    if let Some(t) = facts.eval_report.as_ref().and_then(eval_table) {
         s.push_str("\n## Evaluation\n\nFrom the run's evaluate stage (`evaluate/report.json`).\n\n");
         s.push_str(&t);
     }
@@ -309,7 +312,7 @@ pub fn readme(ctx: &RunContext, format: Format, model: &ModelRecord, check: Opti
         "tuner {}, libtorch {}. `{PROVENANCE_FILE}` holds the recipe fingerprint, the hashes of the base model, data \
          and adapter this was built from, the full settings, and the sha256 of every file here.",
         env!("CARGO_PKG_VERSION"),
-        pipeline::libtorch_version()
+        crate::util::libtorch_version()
     );
     s
 }

@@ -1,4 +1,7 @@
-//! The export stage's work: turn a trained run into files other tools load.
+//! The export stage's work: turn a trained run into files other tools load. The stage
+//! (`stages/export.rs`) resolves the inputs from the run folder ([`ExportInputs`]); [`run`]
+//! writes the merged model behind the merge gate, then loops over the table of the other
+//! formats ([`FORMATS`]): stage the folder, write, add the card, commit.
 //!
 //! Each folder under `<run>/export/` is one format, switched on and off in `[export]`:
 //! - `adapter/`: the PEFT adapter as trained ([`adapter`]);
@@ -25,11 +28,13 @@ pub mod merged;
 pub mod nf4;
 pub mod ollama;
 
+use crate::data::shards::Example;
 use crate::model::CausalLm;
-use crate::pipeline::RunContext;
+use crate::recipe::{ExportSection, Recipe};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 /// File name of the provenance record in every exported folder.
 pub const PROVENANCE_FILE: &str = "tuner-export.json";
@@ -124,53 +129,88 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<String>> {
     Ok(copied)
 }
 
-/// Load the base model as the recipe trained it (4-bit when it was) with the run's adapter attached.
-pub fn load_trained(ctx: &RunContext, base_dir: &Path, device: tch::Device) -> Result<Box<dyn CausalLm>> {
-    let adapter_dir = ctx.stage_dir("train").join("adapter");
-    let mut model = crate::model::open::load_for_recipe(base_dir, &ctx.recipe.recipe, device)?;
-    crate::model::open::apply_adapter(model.as_mut(), &adapter_dir)
+/// Load the base model as the recipe trained it (4-bit when it was) with the adapter attached.
+pub fn load_trained(r: &Recipe, base_dir: &Path, adapter_dir: &Path, device: tch::Device) -> Result<Box<dyn CausalLm>> {
+    let mut model = crate::model::open::load_for_recipe(base_dir, r, device)?;
+    crate::model::open::apply_adapter(model.as_mut(), adapter_dir)
         .with_context(|| format!("cannot apply the trained adapter {}", adapter_dir.display()))?;
     Ok(model)
 }
 
 /// The examples the merge gate scores: the eval split, else the first train examples; at most
 /// [`check::MAX_EXAMPLES`].
-pub fn gate_examples(ctx: &RunContext) -> Result<(Vec<crate::data::shards::Example>, &'static str)> {
-    let tok_dir = ctx.stage_dir("tokenize");
-    let mut eval = crate::train::read_split(&tok_dir, "eval")?;
-    let source = if eval.is_empty() {
-        eval = crate::train::read_split(&tok_dir, "train")?;
-        "train"
-    } else {
-        "eval"
-    };
-    eval.truncate(check::MAX_EXAMPLES);
-    if eval.is_empty() {
-        bail!("the tokenize stage has no examples to check the merge on");
-    }
-    Ok((eval, source))
+pub struct GateExamples {
+    pub examples: Vec<Example>,
+    /// "eval" or "train".
+    pub split: &'static str,
 }
 
-/// Run the export stage in `dir` (the run's `export/` folder) for fingerprint `fp`;
-/// returns every file written, relative to `dir`.
-pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
-    let r = &ctx.recipe.recipe;
-    let ex = &r.export;
-    let model_rec = crate::stages::fetch::model_record(ctx)?;
-    let adapter_src = ctx.stage_dir("train").join("adapter");
-    if !adapter_src.join("adapter_model.safetensors").is_file() {
-        bail!("{} has no trained adapter; run the train stage first", adapter_src.display());
+/// What the export needs, resolved from the run folder by the export stage.
+pub struct ExportInputs<'a> {
+    pub recipe: &'a Recipe,
+    /// The base model's HF folder.
+    pub base_dir: &'a Path,
+    /// The trained adapter (PEFT folder).
+    pub adapter_dir: &'a Path,
+    pub gate: GateExamples,
+    /// What the model cards and `tuner-export.json` say about the run.
+    pub facts: card::RunFacts,
+    /// The export fingerprint: folders carrying it are up to date.
+    pub fingerprint: &'a str,
+    /// Set by Ctrl-C.
+    pub interrupted: &'a AtomicBool,
+}
+
+/// What an export wrote.
+pub struct Exported {
+    /// Every file, relative to the export folder.
+    pub files: Vec<PathBuf>,
+    /// The format folders, in order.
+    pub folders: Vec<String>,
+    /// The merge gate's record, when something needed the merged model.
+    pub merge_check: Option<check::MergeCheck>,
+}
+
+/// A format written from the merged model or the adapter into its own folder.
+struct FormatSpec {
+    /// The folder name.
+    name: &'static str,
+    card: card::Format,
+    /// Whether `[export]` asks for it.
+    wanted: fn(&ExportSection) -> bool,
+    /// Write the folder's files (not the card) into the staging folder.
+    write: fn(&Job, &Path) -> Result<()>,
+}
+
+/// The formats besides `merged/` (which the merge gate guards, [`ensure_merged`]), in order.
+const FORMATS: [FormatSpec; 3] = [
+    FormatSpec { name: "adapter", card: card::Format::Adapter, wanted: |ex| ex.adapter, write: write_adapter },
+    FormatSpec { name: "nf4", card: card::Format::Nf4, wanted: |ex| ex.nf4, write: write_nf4 },
+    FormatSpec { name: "gguf", card: card::Format::Gguf, wanted: |ex| !ex.gguf.is_empty(), write: write_gguf },
+];
+
+/// One export in progress: the inputs and, once written and checked, the merged model.
+struct Job<'a> {
+    inp: &'a ExportInputs<'a>,
+    prov: card::Provenance,
+    /// The merged folder (`merged/` or the work folder) and its gate record.
+    merged: Option<(PathBuf, check::MergeCheck)>,
+}
+
+/// Export into `dir` (the run's `export/` folder) every format `[export]` asks for; folders
+/// already written under this fingerprint are kept, the others removed.
+pub fn run(inp: &ExportInputs, dir: &Path) -> Result<Exported> {
+    let ex = &inp.recipe.export;
+    if !inp.adapter_dir.join("adapter_model.safetensors").is_file() {
+        bail!("{} has no trained adapter; run the train stage first", inp.adapter_dir.display());
     }
     // Everything that can be refused is refused before any work.
-    let gguf_types: Vec<gguf::GgufType> = ex.gguf.clone();
-    if !gguf_types.is_empty() {
-        gguf::check_supported(&model_rec.dir)?;
+    if !ex.gguf.is_empty() {
+        gguf::check_supported(inp.base_dir)?;
     }
-    if ex.ollama && gguf_types.is_empty() {
+    if ex.ollama && ex.gguf.is_empty() {
         bail!("[export] ollama = true needs a GGUF file to point at: set [export] gguf = [\"q8_0\"] (or [\"f16\"])");
     }
-    let store = ex.merged_dtype.kind();
-
     // Leftovers of an interrupted run are never complete: remove them.
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -179,159 +219,163 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
             }
         }
     }
-    let prov = card::Provenance::collect(ctx, fp, &model_rec)?;
-    let mut written: Vec<String> = Vec::new();
-
-    if ex.adapter {
-        let folder = dir.join("adapter");
-        if is_current(&folder, fp) {
-            eprintln!("export: adapter/ is up to date");
-        } else {
-            adapter::export(ctx, &adapter_src, dir, &prov)?;
-            eprintln!("export: wrote adapter/");
-        }
-        written.push("adapter".into());
-    } else if dir.join("adapter").exists() {
-        std::fs::remove_dir_all(dir.join("adapter")).ok();
-    }
-
-    let needs_merge = ex.merged || ex.nf4 || !gguf_types.is_empty();
-    let check_path = dir.join(MERGE_CHECK_FILE);
+    let mut job = Job { inp, prov: card::Provenance::new(inp.recipe, inp.fingerprint, &inp.facts), merged: None };
+    let needs_merge = ex.merged || ex.nf4 || !ex.gguf.is_empty();
+    // The adapter, then the merged model behind its gate, then what is derived from it.
+    let (before, after) = FORMATS.split_at(1);
+    let mut folders = write_formats(&job, dir, before)?;
     if needs_merge {
-        let merged_name = if ex.merged { "merged" } else { MERGE_WORK };
-        let merged_dir = dir.join(merged_name);
-        let gate_done =
-            util::read_json::<check::MergeCheck>(&check_path).ok().is_some_and(|c| c.fingerprint == fp && c.passed);
-        if is_current(&merged_dir, fp) && gate_done {
-            eprintln!("export: {merged_name}/ is up to date");
-        } else {
-            let device = r.train.device.resolve();
-            let compute = crate::model::open::compute_kind(r.model.dtype, device);
-            let t0 = std::time::Instant::now();
-            let stage = Staging::new(dir, merged_name)?;
-            let mut trained = load_trained(ctx, &model_rec.dir, device)?;
-            let summary =
-                merged::write_merged(trained.as_ref(), &model_rec.dir, stage.path(), store, merged::MAX_SHARD_BYTES)?;
-            eprintln!(
-                "export: merged {} LoRA modules into {} tensors ({}) in {:.1}s",
-                summary.merged_modules.len(),
-                summary.tensors,
-                merged::dtype_name(store),
-                t0.elapsed().as_secs_f64()
-            );
-            ctx.check_interrupted("export stopped")?;
-            // The gate: the files just written, loaded back, against base + adapter.
-            let (examples, source) = gate_examples(ctx)?;
-            // The merged tensors are written. On the CPU base + adapter is scored with its 4-bit
-            // weights dequantized once (the same numbers every forward computes); on a GPU that
-            // would hold a second dense copy of the base next to the merged model, so it is not.
-            if device == tch::Device::Cpu {
-                crate::model::dequantize_linears(trained.as_mut(), compute);
-            }
-            let merged_model = crate::model::load(
-                stage.path(),
-                &crate::model::LoadOptions { dtype: compute, device, quantize: None, cuda_kernels: true },
-            )?;
-            let m = check::measure(trained.as_ref(), merged_model.as_ref(), &examples, device);
-            drop(merged_model);
-            drop(trained);
-            let rec =
-                check::MergeCheck::new(m, source, ex.max_merge_loss_delta, fp, ex.merged_dtype.name(), compute, device);
-            util::write_json_atomic(&check_path, &rec)?;
-            eprintln!(
-                "export: merge check on {} {source} examples: loss {:.6} (adapter) vs {:.6} (merged), delta {:.2e}, max |Δlogit| {:.2e}",
-                rec.examples, rec.adapter_loss, rec.merged_loss, rec.loss_delta, rec.max_abs_logit_diff
-            );
-            check::enforce(&rec)?;
-            let readme = card::readme(ctx, card::Format::Merged, &model_rec, Some(&rec));
-            card::finish(stage.path(), card::Format::Merged, &prov, &readme)?;
-            stage.commit()?;
-        }
-        let rec: check::MergeCheck = util::read_json(&check_path)?;
+        job.merged = Some(ensure_merged(&job, dir)?);
         if ex.merged {
-            written.push("merged".into());
-        } else if dir.join("merged").exists() {
-            std::fs::remove_dir_all(dir.join("merged")).ok();
-        }
-        ctx.check_interrupted("export stopped")?;
-
-        if ex.nf4 {
-            let folder = dir.join("nf4");
-            if is_current(&folder, fp) {
-                eprintln!("export: nf4/ is up to date");
-            } else {
-                let stage = Staging::new(dir, "nf4")?;
-                let n = nf4::write_nf4(&merged_dir, stage.path(), merged::MAX_SHARD_BYTES)?;
-                let readme = card::readme(ctx, card::Format::Nf4, &model_rec, Some(&rec));
-                card::finish(stage.path(), card::Format::Nf4, &prov, &readme)?;
-                stage.commit()?;
-                eprintln!("export: wrote nf4/ ({n} linears quantized)");
-            }
-            written.push("nf4".into());
-        } else if dir.join("nf4").exists() {
-            std::fs::remove_dir_all(dir.join("nf4")).ok();
-        }
-        ctx.check_interrupted("export stopped")?;
-
-        if !gguf_types.is_empty() {
-            let folder = dir.join("gguf");
-            if is_current(&folder, fp) {
-                eprintln!("export: gguf/ is up to date");
-            } else {
-                let stage = Staging::new(dir, "gguf")?;
-                let name = if r.run.name.is_empty() { "model".to_string() } else { r.run.name.clone() };
-                for t in &gguf_types {
-                    let t0 = std::time::Instant::now();
-                    let s = gguf::write_gguf(&merged_dir, &stage.path().join(t.file_name()), *t, &name)?;
-                    eprintln!(
-                        "export: wrote gguf/{} ({} tensors, {:.1}s)",
-                        t.file_name(),
-                        s.tensors,
-                        t0.elapsed().as_secs_f64()
-                    );
-                    ctx.check_interrupted("export stopped")?;
-                }
-                if ex.ollama {
-                    let target =
-                        if gguf_types.contains(&gguf::GgufType::Q8_0) { gguf::GgufType::Q8_0 } else { gguf_types[0] };
-                    let tok = crate::data::tokenizer::Tok::load(&merged_dir)?;
-                    let text = ollama::modelfile(&target.file_name(), &r.prompt, &tok);
-                    util::write_atomic(&stage.path().join("Modelfile"), text.as_bytes())?;
-                }
-                let readme = card::readme(ctx, card::Format::Gguf, &model_rec, Some(&rec));
-                card::finish(stage.path(), card::Format::Gguf, &prov, &readme)?;
-                stage.commit()?;
-            }
-            written.push("gguf".into());
-        } else if dir.join("gguf").exists() {
-            std::fs::remove_dir_all(dir.join("gguf")).ok();
-        }
-        if !ex.merged && merged_dir.exists() {
-            std::fs::remove_dir_all(&merged_dir).with_context(|| format!("cannot remove {}", merged_dir.display()))?;
+            folders.push("merged".into());
         }
     } else {
-        for n in ["merged", "nf4", "gguf"] {
-            if dir.join(n).exists() {
-                std::fs::remove_dir_all(dir.join(n)).ok();
-            }
-        }
-        std::fs::remove_file(&check_path).ok();
+        std::fs::remove_file(dir.join(MERGE_CHECK_FILE)).ok();
     }
-
+    if !ex.merged && dir.join("merged").exists() {
+        std::fs::remove_dir_all(dir.join("merged")).ok();
+    }
+    folders.extend(write_formats(&job, dir, after)?);
+    let work = dir.join(MERGE_WORK);
+    if !ex.merged && work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("cannot remove {}", work.display()))?;
+    }
     let mut files = Vec::new();
-    for w in &written {
+    for w in &folders {
         files.extend(files_under(&dir.join(w), dir)?);
     }
     if needs_merge {
         files.push(PathBuf::from(MERGE_CHECK_FILE));
     }
-    crate::pipeline::record(
-        &ctx.run_dir,
-        "export",
-        serde_json::json!({
-            "folders": written,
-            "merge_check": if needs_merge { util::read_json::<serde_json::Value>(&check_path).ok() } else { None },
-        }),
+    Ok(Exported { files, folders, merge_check: job.merged.map(|m| m.1) })
+}
+
+/// Write (or keep, when current) each format of `specs` that `[export]` asks for, and remove
+/// the folders of those it does not; returns the folders kept.
+fn write_formats(job: &Job, dir: &Path, specs: &[FormatSpec]) -> Result<Vec<String>> {
+    let inp = job.inp;
+    let mut folders = vec![];
+    for f in specs {
+        let folder = dir.join(f.name);
+        if !(f.wanted)(&inp.recipe.export) {
+            if folder.exists() {
+                std::fs::remove_dir_all(&folder).ok();
+            }
+            continue;
+        }
+        if is_current(&folder, inp.fingerprint) {
+            eprintln!("export: {}/ is up to date", f.name);
+        } else {
+            let stage = Staging::new(dir, f.name)?;
+            (f.write)(job, stage.path())?;
+            let readme = card::readme(inp.recipe, &inp.facts, f.card, job.merged.as_ref().map(|m| &m.1));
+            card::finish(stage.path(), f.card, &job.prov, &readme)?;
+            stage.commit()?;
+        }
+        folders.push(f.name.to_string());
+        crate::error::check_interrupted(inp.interrupted, "export stopped")?;
+    }
+    Ok(folders)
+}
+
+/// The merged model (`merged/`, or a work folder when only nf4/GGUF need it), written and
+/// checked against base + adapter unless this fingerprint's folder and passed gate exist.
+fn ensure_merged(job: &Job, dir: &Path) -> Result<(PathBuf, check::MergeCheck)> {
+    let (inp, ex) = (job.inp, &job.inp.recipe.export);
+    let fp = inp.fingerprint;
+    let merged_name = if ex.merged { "merged" } else { MERGE_WORK };
+    let merged_dir = dir.join(merged_name);
+    let check_path = dir.join(MERGE_CHECK_FILE);
+    let gate_done =
+        util::read_json::<check::MergeCheck>(&check_path).ok().is_some_and(|c| c.fingerprint == fp && c.passed);
+    if is_current(&merged_dir, fp) && gate_done {
+        eprintln!("export: {merged_name}/ is up to date");
+        return Ok((merged_dir, util::read_json(&check_path)?));
+    }
+    let r = inp.recipe;
+    let device = r.train.device.resolve();
+    let compute = crate::model::open::compute_kind(r.model.dtype, device);
+    let store = ex.merged_dtype.kind();
+    let t0 = std::time::Instant::now();
+    let stage = Staging::new(dir, merged_name)?;
+    let mut trained = load_trained(r, inp.base_dir, inp.adapter_dir, device)?;
+    let summary = merged::write_merged(trained.as_ref(), inp.base_dir, stage.path(), store, merged::MAX_SHARD_BYTES)?;
+    eprintln!(
+        "export: merged {} LoRA modules into {} tensors ({}) in {:.1}s",
+        summary.merged_modules.len(),
+        summary.tensors,
+        merged::dtype_name(store),
+        t0.elapsed().as_secs_f64()
+    );
+    crate::error::check_interrupted(inp.interrupted, "export stopped")?;
+    // The gate: the files just written, loaded back, against base + adapter.
+    let gate = &inp.gate;
+    if gate.examples.is_empty() {
+        bail!("the tokenize stage has no examples to check the merge on");
+    }
+    // On the CPU base + adapter is scored with its 4-bit weights dequantized once (the same
+    // numbers every forward computes); on a GPU that would hold a second dense copy of the base
+    // next to the merged model, so it is not.
+    if device == tch::Device::Cpu {
+        crate::model::dequantize_linears(trained.as_mut(), compute);
+    }
+    let merged_model = crate::model::load(
+        stage.path(),
+        &crate::model::LoadOptions { dtype: compute, device, quantize: None, cuda_kernels: true },
     )?;
-    Ok(files)
+    let m = check::measure(trained.as_ref(), merged_model.as_ref(), &gate.examples, device);
+    drop(merged_model);
+    drop(trained);
+    let rec =
+        check::MergeCheck::new(m, gate.split, ex.max_merge_loss_delta, fp, ex.merged_dtype.name(), compute, device);
+    util::write_json_atomic(&check_path, &rec)?;
+    eprintln!(
+        "export: merge check on {} {} examples: loss {:.6} (adapter) vs {:.6} (merged), delta {:.2e}, max |Δlogit| {:.2e}",
+        rec.examples, gate.split, rec.adapter_loss, rec.merged_loss, rec.loss_delta, rec.max_abs_logit_diff
+    );
+    check::enforce(&rec)?;
+    let readme = card::readme(r, &inp.facts, card::Format::Merged, Some(&rec));
+    card::finish(stage.path(), card::Format::Merged, &job.prov, &readme)?;
+    stage.commit()?;
+    crate::error::check_interrupted(inp.interrupted, "export stopped")?;
+    Ok((merged_dir, rec))
+}
+
+/// `adapter/`: the PEFT adapter as trained.
+fn write_adapter(job: &Job, out: &Path) -> Result<()> {
+    adapter::write(job.inp.adapter_dir, out)?;
+    eprintln!("export: wrote adapter/");
+    Ok(())
+}
+
+fn merged_dir<'a>(job: &'a Job) -> &'a Path {
+    &job.merged.as_ref().expect("nf4 and GGUF are written after the merged model").0
+}
+
+/// `nf4/`: the merged model re-quantized to bitsandbytes NF4.
+fn write_nf4(job: &Job, out: &Path) -> Result<()> {
+    let n = nf4::write_nf4(merged_dir(job), out, merged::MAX_SHARD_BYTES)?;
+    eprintln!("export: wrote nf4/ ({n} linears quantized)");
+    Ok(())
+}
+
+/// `gguf/`: one GGUF file per `[export] gguf` type, and an Ollama Modelfile when asked.
+fn write_gguf(job: &Job, out: &Path) -> Result<()> {
+    let r = job.inp.recipe;
+    let types = &r.export.gguf;
+    let merged = merged_dir(job);
+    let name = if r.run.name.is_empty() { "model".to_string() } else { r.run.name.clone() };
+    for t in types {
+        let t0 = std::time::Instant::now();
+        let s = gguf::write_gguf(merged, &out.join(t.file_name()), *t, &name)?;
+        eprintln!("export: wrote gguf/{} ({} tensors, {:.1}s)", t.file_name(), s.tensors, t0.elapsed().as_secs_f64());
+        crate::error::check_interrupted(job.inp.interrupted, "export stopped")?;
+    }
+    if r.export.ollama {
+        let target = if types.contains(&gguf::GgufType::Q8_0) { gguf::GgufType::Q8_0 } else { types[0] };
+        let tok = crate::data::tokenizer::Tok::load(merged)?;
+        let text = ollama::modelfile(&target.file_name(), &r.prompt, &tok);
+        util::write_atomic(&out.join("Modelfile"), text.as_bytes())?;
+    }
+    Ok(())
 }

@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::template::{Message, Renderer};
 use crate::data::tokenizer::Tok;
 use crate::error::Failure;
-use crate::model::{self, Batch, CausalLm, KvCache};
+use crate::model::{Batch, CausalLm, KvCache};
 use sampling::Rng;
 pub use sampling::SamplingParams;
 use stream::TextStream;
@@ -80,27 +80,11 @@ struct Seq {
 impl Generator {
     /// Load a model for generation: an HF folder, a bnb-4bit folder, a `.gguf` file (imported
     /// once into `cache`), or a run's export; `adapter` is a PEFT adapter folder to attach.
-    pub fn load(
-        model: &Path,
-        adapter: Option<&Path>,
-        dtype: crate::recipe::Dtype,
-        device: Device,
-        cache: &Path,
-    ) -> Result<Generator> {
-        let dir = crate::model::open::resolve_dir(model, cache)?;
+    pub fn load(args: &crate::model::open::ModelArgs, cache: &Path) -> Result<Generator> {
+        let opened = args.open(cache)?;
+        let dir = opened.dir;
         let tok = Tok::load(&dir)?;
-        let opts = model::LoadOptions {
-            dtype: crate::model::open::compute_kind(dtype, device),
-            device,
-            quantize: None,
-            cuda_kernels: true,
-        };
-        let mut m = model::load(&dir, &opts)?;
-        if let Some(a) = adapter {
-            crate::model::open::apply_adapter(m.as_mut(), a)
-                .with_context(|| format!("cannot apply the adapter {}", a.display()))?;
-        }
-        let mut g = Generator::from_parts(m, tok, device);
+        let mut g = Generator::from_parts(opened.model, tok, opened.device);
         let gen_cfg = dir.join("generation_config.json");
         if gen_cfg.is_file() {
             let v: serde_json::Value = crate::util::read_json(&gen_cfg)?;

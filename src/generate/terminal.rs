@@ -17,25 +17,18 @@ use anyhow::{Context, Result};
 use super::{Completion, FinishReason, Generator, SamplingParams};
 use crate::data::template::Message;
 use crate::error::Failure;
-use crate::recipe::Dtype;
 
 /// Options of `tuner generate`.
 #[derive(Debug, Clone)]
 pub struct GenerateArgs {
-    /// An HF folder, a bnb-4bit folder, a .gguf file, or a run's export.
-    pub model: PathBuf,
-    /// A PEFT adapter folder to apply.
-    pub adapter: Option<PathBuf>,
+    /// The model, adapter, dtype and device.
+    pub model: crate::model::open::ModelArgs,
     /// The prompt; `None` starts the interactive chat.
     pub prompt: Option<String>,
     /// Wrap `prompt` as one user message through the chat template.
     pub chat: bool,
     /// Sampling and stopping.
     pub params: SamplingParams,
-    /// auto | bf16 | fp16 | fp32.
-    pub dtype: Dtype,
-    /// auto | cpu | cuda | cuda:N.
-    pub device: crate::recipe::DeviceSpec,
     /// Where a .gguf model is imported.
     pub cache: PathBuf,
 }
@@ -43,13 +36,14 @@ pub struct GenerateArgs {
 /// Run `tuner generate`. Bad flags are usage errors (exit 2); Ctrl-C stops a one-shot
 /// completion with exit 130 and only the current reply in a chat.
 pub fn run(a: &GenerateArgs, interrupted: &AtomicBool) -> Result<()> {
-    let dtype = a.dtype;
-    let device = a.device.resolve();
+    let device = a.model.device.resolve();
     if device.is_cuda() && !tch::Cuda::is_available() {
-        return Err(Failure::Usage(format!("--device {}: CUDA is not available on this machine", a.device)).into());
+        return Err(
+            Failure::Usage(format!("--device {}: CUDA is not available on this machine", a.model.device)).into()
+        );
     }
     a.params.validate().map_err(|e| Failure::Usage(format!("invalid sampling options: {e}")))?;
-    let g = Generator::load(&a.model, a.adapter.as_deref(), dtype, device, &a.cache)?;
+    let g = Generator::load(&a.model, &a.cache)?;
     let stdout = std::io::stdout();
     match &a.prompt {
         Some(prompt) => {
@@ -68,7 +62,7 @@ pub fn run(a: &GenerateArgs, interrupted: &AtomicBool) -> Result<()> {
             let stdin = std::io::stdin();
             let terminal = stdin.is_terminal();
             if terminal {
-                eprintln!("chat with {} (/reset starts over, /exit or Ctrl-D quits)", a.model.display());
+                eprintln!("chat with {} (/reset starts over, /exit or Ctrl-D quits)", a.model.model.display());
             }
             chat(&g, &a.params, &mut stdin.lock(), &mut stdout.lock(), terminal, interrupted)
         }

@@ -40,6 +40,47 @@ pub fn resolve_dir(path: &Path, cache: &Path) -> Result<PathBuf> {
     bail!("--model {}: expected an HF model folder or a .gguf file", path.display())
 }
 
+/// The model flags shared by `tuner score`, `generate` and `serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// An HF folder, a bnb-4bit folder, a .gguf file, or a run's export.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter folder to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: Dtype,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: crate::recipe::DeviceSpec,
+}
+
+/// A model opened from [`ModelArgs`]: its HF folder, the weights with the adapter applied, and
+/// the device they are on.
+pub struct Opened {
+    pub dir: PathBuf,
+    pub model: Box<dyn CausalLm>,
+    pub device: Device,
+}
+
+impl ModelArgs {
+    /// Resolve the folder (a `.gguf` imported once into `cache`), load the model in the
+    /// compute dtype on the device, and apply the adapter.
+    pub fn open(&self, cache: &Path) -> Result<Opened> {
+        let dir = resolve_dir(&self.model, cache)?;
+        let device = self.device.resolve();
+        let opts =
+            super::LoadOptions { dtype: compute_kind(self.dtype, device), device, quantize: None, cuda_kernels: true };
+        let mut model = super::load(&dir, &opts)?;
+        if let Some(a) = &self.adapter {
+            apply_adapter(model.as_mut(), a).with_context(|| format!("cannot apply the adapter {}", a.display()))?;
+        }
+        Ok(Opened { dir, model, device })
+    }
+}
+
 /// Load the base model as the recipe asks (quantized at load when `[quantization]` says so).
 pub fn load_for_recipe(dir: &Path, r: &Recipe, device: Device) -> Result<Box<dyn CausalLm>> {
     let quantize = match r.quantization.method {

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use run_dir::{Manifest, RunLock, FORMAT_VERSION};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// Everything a stage may read: the recipe, the run dir and run-wide settings.
@@ -43,13 +43,7 @@ impl RunContext {
 
     /// Err(Interrupted) once Ctrl-C was pressed.
     pub fn check_interrupted(&self, what: &str) -> Result<()> {
-        if self.interrupted.load(Ordering::SeqCst) {
-            return Err(Failure::Interrupted(format!(
-                "{what}; finished work is kept, run the same command again to resume"
-            ))
-            .into());
-        }
-        Ok(())
+        crate::error::check_interrupted(&self.interrupted, what)
     }
 }
 
@@ -63,26 +57,19 @@ pub trait Stage {
     /// Do the work in `dir`, resuming from partial files whose own fingerprint is
     /// `fingerprint`; return the artifacts (paths relative to `dir`).
     fn run(&self, ctx: &RunContext, dir: &Path, fingerprint: &str) -> Result<Vec<PathBuf>>;
+    /// Whether every rank of a multi-process run takes part (train, evaluate); the leader
+    /// then tells the others to run it ([`crate::dist::Command::Stage`]). Otherwise rank 0
+    /// runs it alone.
+    fn distributed(&self) -> bool {
+        false
+    }
 }
 
-/// The stages in order.
-pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![
-        Box::new(crate::stages::fetch::Fetch),
-        Box::new(crate::stages::tokenize::Tokenize),
-        Box::new(crate::stages::train::Train),
-        Box::new(crate::stages::evaluate::Evaluate),
-        Box::new(crate::stages::export::Export),
-    ]
-}
-
-/// Names of the stages in order.
-pub const STAGE_NAMES: [&str; 5] = ["fetch", "tokenize", "train", "evaluate", "export"];
-
-/// Check a stage name given on the command line.
-pub fn stage_index(name: &str, flag: &str) -> Result<usize> {
-    STAGE_NAMES.iter().position(|s| *s == name).ok_or_else(|| {
-        Failure::Usage(format!("{flag} {name}: unknown stage; stages are {}", STAGE_NAMES.join(", "))).into()
+/// The index of a stage named on the command line (`--from`, `--until`) in `stages`.
+pub fn stage_index(stages: &[Box<dyn Stage>], name: &str, flag: &str) -> Result<usize> {
+    stages.iter().position(|s| s.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+        Failure::Usage(format!("{flag} {name}: unknown stage; stages are {}", names.join(", "))).into()
     })
 }
 
@@ -125,22 +112,11 @@ pub fn record(run_dir: &Path, stage: &str, value: serde_json::Value) -> Result<(
     util::write_json_atomic(&path, &rec)
 }
 
-/// The libtorch version tch was built against.
-pub fn libtorch_version() -> String {
-    let dir = option_env!("TUNER_LIBTORCH_DIR").unwrap_or("");
-    let version_file = Path::new(dir).join("../version.py");
-    std::fs::read_to_string(version_file)
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("__version__")).map(|l| l.split('\'').nth(1).unwrap_or("").to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// Run the pipeline for a loaded recipe.
-pub fn run(ctx: &RunContext, opts: &RunOptions) -> Result<()> {
-    let from = opts.from.as_deref().map(|s| stage_index(s, "--from")).transpose()?;
-    let until = opts.until.as_deref().map(|s| stage_index(s, "--until")).transpose()?.unwrap_or(STAGE_NAMES.len() - 1);
+/// Run `stages` (in order; `crate::stages::all()`) for a loaded recipe.
+pub fn run(ctx: &RunContext, stages: &[Box<dyn Stage>], opts: &RunOptions) -> Result<()> {
+    let from = opts.from.as_deref().map(|s| stage_index(stages, s, "--from")).transpose()?;
+    let until =
+        opts.until.as_deref().map(|s| stage_index(stages, s, "--until")).transpose()?.unwrap_or(stages.len() - 1);
     let lock = RunLock::acquire(&ctx.run_dir)?;
     util::write_atomic(&ctx.run_dir.join("recipe.resolved.toml"), ctx.recipe.resolved_toml().as_bytes())?;
     let rec_path = ctx.run_dir.join("tuner.lock.json");
@@ -148,7 +124,7 @@ pub fn run(ctx: &RunContext, opts: &RunOptions) -> Result<()> {
     rec.recipe_path = std::fs::canonicalize(&ctx.recipe.path).unwrap_or(ctx.recipe.path.clone()).display().to_string();
     rec.tuner_version = env!("CARGO_PKG_VERSION").into();
     rec.overrides = ctx.recipe.overrides.clone();
-    rec.libtorch_version = libtorch_version();
+    rec.libtorch_version = util::libtorch_version();
     util::write_json_atomic(&rec_path, &rec)?;
     log::info!("run dir: {}", ctx.run_dir.display());
     for w in &ctx.recipe.warnings {
@@ -156,7 +132,7 @@ pub fn run(ctx: &RunContext, opts: &RunOptions) -> Result<()> {
     }
 
     let mut upstream: Option<String> = None;
-    for (i, stage) in stages().into_iter().enumerate().take(until + 1) {
+    for (i, stage) in stages.iter().enumerate().take(until + 1) {
         let name = stage.name();
         let dir = ctx.stage_dir(name);
         let inputs = stage.inputs(ctx).with_context(|| format!("stage `{name}`"))?;
@@ -180,6 +156,9 @@ pub fn run(ctx: &RunContext, opts: &RunOptions) -> Result<()> {
         lock.set_stage(name)?;
         eprintln!("{name}: running");
         let t0 = std::time::Instant::now();
+        if let Some(d) = ctx.dist.as_ref().filter(|d| d.is_leader() && stage.distributed()) {
+            d.announce(&crate::dist::Command::Stage { name: name.to_string(), fingerprint: fp.clone() })?;
+        }
         let files = stage.run(ctx, &dir, &fp).with_context(|| format!("stage `{name}` failed"))?;
         let manifest = Manifest {
             stage: name.to_string(),
@@ -209,11 +188,11 @@ pub struct StageStatus {
 }
 
 /// The state of every stage of a run dir; with a recipe, fingerprints are compared too.
-pub fn status(run_dir: &Path, ctx: Option<&RunContext>) -> Result<Vec<StageStatus>> {
+pub fn status(run_dir: &Path, stages: &[Box<dyn Stage>], ctx: Option<&RunContext>) -> Result<Vec<StageStatus>> {
     let lock = run_dir::read_lock(run_dir).filter(|l| run_dir::pid_alive(l.pid));
     let mut out = Vec::new();
     let mut upstream: Option<String> = None;
-    for stage in stages() {
+    for stage in stages {
         let name = stage.name();
         let dir = run_dir.join(name);
         let manifest = run_dir::read_manifest(&dir);

@@ -74,7 +74,17 @@ pub fn spawn(
         .name("generate".into())
         .spawn(move || {
             let loaded = catch_unwind(AssertUnwindSafe(|| {
-                Generator::load(&spec.model, spec.adapter.as_deref(), spec.dtype, spec.device, &spec.cache)
+                let device = match spec.device {
+                    Device::Cuda(i) => crate::recipe::DeviceSpec::Cuda(Some(i)),
+                    _ => crate::recipe::DeviceSpec::Cpu,
+                };
+                let args = crate::model::open::ModelArgs {
+                    model: spec.model.clone(),
+                    adapter: spec.adapter.clone(),
+                    dtype: spec.dtype,
+                    device,
+                };
+                Generator::load(&args, &spec.cache)
             }));
             let gen = match loaded {
                 Ok(Ok(g)) => g,

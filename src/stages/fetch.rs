@@ -54,6 +54,19 @@ pub fn model_record(ctx: &RunContext) -> Result<ModelRecord> {
     util::read_json(&ctx.stage_dir("fetch").join("model.json"))
 }
 
+/// The base model of a recipe for `tuner plan`: a local folder or `.gguf` file as the recipe
+/// names it, or for a hub source the folder this run's fetch stage downloaded.
+pub fn model_path(l: &crate::recipe::Loaded, run_dir: &Path) -> Result<PathBuf> {
+    match l.source(&l.recipe.model.source) {
+        Source::Local(p) => Ok(p),
+        Source::Hub { repo } => util::read_json::<ModelRecord>(&run_dir.join("fetch").join("model.json"))
+            .map(|m| m.dir)
+            .with_context(|| {
+                format!("the shape of `{repo}` is known once it is fetched: run `tuner run RECIPE --until fetch` first")
+            }),
+    }
+}
+
 /// Read `fetch/data.json` of a run.
 pub fn data_record(ctx: &RunContext) -> Result<DataRecord> {
     util::read_json(&ctx.stage_dir("fetch").join("data.json"))

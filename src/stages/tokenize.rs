@@ -49,6 +49,17 @@ pub struct ShardInfo {
     pub skipped_examples: Vec<String>,
 }
 
+/// The examples of one split (`train` or `eval`) of a run's tokenize stage, in shard order.
+pub fn read_split(ctx: &RunContext, split: &str) -> Result<Vec<Example>> {
+    let dir = ctx.stage_dir("tokenize");
+    let infos: Vec<ShardInfo> = util::read_json(&dir.join("shards.json"))?;
+    let mut out = vec![];
+    for i in infos.iter().filter(|i| i.split == split) {
+        out.extend(shards::read(&dir.join(&i.file))?);
+    }
+    Ok(out)
+}
+
 /// Encode one row into an example: template segments tokenized one by one,
 /// EOS appended (not after a chat template's end-of-turn marker), prompt labels masked, truncated. Ok(None) when nothing is trained.
 pub fn encode_row(

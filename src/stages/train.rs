@@ -1,5 +1,6 @@
 //! Train stage: NF4 (or dense) base + LoRA adapters, trained on the tokenize
-//! shards; resumable from checkpoints. The loop itself is in `crate::train`.
+//! shards; resumable from checkpoints. The loop itself is in `crate::train`, which gets the
+//! fetched model's folder and the tokenized examples from here.
 
 use crate::pipeline::{RunContext, Stage};
 use anyhow::Result;
@@ -48,9 +49,29 @@ impl Stage for Train {
     }
 
     fn run(&self, ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
-        if let Some(d) = ctx.dist.as_ref().filter(|d| d.is_leader()) {
-            d.announce(&format!("train {fp}"))?;
-        }
-        crate::train::run(ctx, dir, fp)
+        let r = &ctx.recipe.recipe;
+        let model = super::fetch::model_record(ctx)?;
+        let base_name = match ctx.recipe.source(&r.model.source) {
+            crate::recipe::Source::Hub { repo } => repo,
+            crate::recipe::Source::Local(p) => p.display().to_string(),
+        };
+        let planned_bytes = (r.train.offload_activations == crate::recipe::Switch::Auto)
+            .then(|| crate::plan::estimate(r, &model.dir).ok().map(|p| p.total_bytes))
+            .flatten();
+        let inputs = crate::train::TrainInputs {
+            recipe: r,
+            model_dir: &model.dir,
+            base_name,
+            examples: super::tokenize::read_split(ctx, "train")?,
+            fingerprint: fp,
+            planned_bytes,
+            interrupted: &ctx.interrupted,
+            dist: ctx.dist.as_ref(),
+        };
+        crate::train::run(inputs, dir)
+    }
+
+    fn distributed(&self) -> bool {
+        true
     }
 }

@@ -13,17 +13,18 @@ pub mod probe;
 pub mod schedule;
 pub mod step;
 
+use crate::data::shards::Example;
+use crate::dist::Dist;
 use crate::error::Failure;
 use crate::model::lora;
-use crate::pipeline::RunContext;
 use crate::progress::{Progress, Unit};
-use crate::recipe::{DeviceSpec, Recipe, Switch, TargetModules};
+use crate::recipe::{DeviceSpec, Recipe, Switch, TargetModules, TrainSection};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind};
 
 /// When `train.device = "auto"` resolved to the CPU: why, in a sentence for the log.
@@ -31,7 +32,7 @@ pub fn cpu_fallback_reason(setting: DeviceSpec, device: Device) -> Option<String
     if setting != DeviceSpec::Auto || device.is_cuda() {
         return None;
     }
-    let build = crate::pipeline::libtorch_version();
+    let build = crate::util::libtorch_version();
     Some(if build.contains("+cpu") {
         format!("this libtorch ({build}) is a CPU-only build")
     } else {
@@ -71,9 +72,8 @@ fn profile_window(device: Device) -> Result<Option<step::ProfileWindow>> {
 
 /// Whether to offload the checkpointed layer inputs (`train.offload_activations`): "on" and
 /// "auto" apply only on CUDA with gradient checkpointing; "auto" when `tuner plan`'s estimate
-/// exceeds 90% of the device's memory. Says what it decided.
-fn offload_activations(ctx: &RunContext, dir: &Path, device: Device) -> Result<bool> {
-    let t = &ctx.recipe.recipe.train;
+/// (`planned_bytes`) exceeds 90% of the device's memory. Says what it decided.
+fn offload_activations(t: &TrainSection, planned_bytes: Option<u64>, device: Device) -> Result<bool> {
     let possible = device.is_cuda() && t.gradient_checkpointing;
     let on = match t.offload_activations {
         Switch::Off => false,
@@ -87,9 +87,8 @@ fn offload_activations(ctx: &RunContext, dir: &Path, device: Device) -> Result<b
         Switch::Auto if !possible => false,
         Switch::Auto => {
             let Device::Cuda(i) = device else { return Ok(false) };
-            let planned = crate::plan::estimate(&ctx.recipe, dir).map(|p| p.total_bytes).unwrap_or(0);
             let total = crate::device_mem::cuda_total_bytes(i).unwrap_or(u64::MAX);
-            planned as f64 > 0.9 * total as f64
+            planned_bytes.unwrap_or(0) as f64 > 0.9 * total as f64
         }
     };
     if on {
@@ -99,326 +98,442 @@ fn offload_activations(ctx: &RunContext, dir: &Path, device: Device) -> Result<b
     Ok(on)
 }
 
-/// The train examples of a run's tokenize stage, in shard order.
-pub fn read_split(tokenize_dir: &Path, split: &str) -> Result<Vec<crate::data::shards::Example>> {
-    let infos: Vec<crate::stages::tokenize::ShardInfo> = util::read_json(&tokenize_dir.join("shards.json"))?;
-    let mut out = vec![];
-    for i in infos.iter().filter(|i| i.split == split) {
-        out.extend(crate::data::shards::read(&tokenize_dir.join(&i.file))?);
-    }
-    Ok(out)
+/// What training needs, resolved from the run folder by the train stage.
+pub struct TrainInputs<'a> {
+    pub recipe: &'a Recipe,
+    /// The base model's HF folder.
+    pub model_dir: &'a Path,
+    /// How the adapter names its base (`base_model_name_or_path`).
+    pub base_name: String,
+    /// The tokenized training examples, in shard order.
+    pub examples: Vec<Example>,
+    /// The train fingerprint: checkpoints written under another one are set aside.
+    pub fingerprint: &'a str,
+    /// `tuner plan`'s estimate of the peak memory, for `offload_activations = "auto"`.
+    pub planned_bytes: Option<u64>,
+    /// Set by Ctrl-C: training stops after the step, with a checkpoint.
+    pub interrupted: &'a AtomicBool,
+    /// The process group when this process is one rank of several.
+    pub dist: Option<&'a Dist>,
 }
 
-/// Run (or resume) training in `dir` for a run whose train fingerprint is `fp`.
-pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
-    let r = &ctx.recipe.recipe;
-    let t = &r.train;
-    let model_rec = crate::stages::fetch::model_record(ctx)?;
-    let tok = crate::data::tokenizer::Tok::load(&model_rec.dir)?;
-    let examples = read_split(&ctx.stage_dir("tokenize"), "train")?;
-    if examples.is_empty() {
-        bail!("the tokenize stage produced no training examples");
+/// Run (or resume) training, writing checkpoints, `metrics.jsonl`, `adapter/` and `loss.png`
+/// into `dir`; returns the files written (none on ranks other than 0).
+pub fn run(mut inp: TrainInputs, dir: &Path) -> Result<Vec<PathBuf>> {
+    let examples = std::mem::take(&mut inp.examples);
+    let mut s = Session::open(&inp, examples, dir)?;
+    let t = &inp.recipe.train;
+    let t_run = std::time::Instant::now();
+    for step in s.start..s.total {
+        let t0 = std::time::Instant::now();
+        let (res, lr, grad_norm) = s.step(step)?;
+        let done = step + 1;
+        s.log(done, &res, lr, grad_norm, t0.elapsed().as_secs_f64())?;
+        let stop = s.stop_requested();
+        if s.leader && (done.is_multiple_of(t.save_steps) || done == s.total || stop) {
+            s.save(done)?;
+        }
+        if stop && done < s.total {
+            s.bar.abandon();
+            return Err(Failure::Interrupted(format!(
+                "training stopped after step {done} of {}; a checkpoint was written; run the same command again to resume",
+                s.total
+            ))
+            .into());
+        }
     }
-    // With several processes (crate::dist) each rank trains on its own device and draws
-    // its block of every step's micro-batches; rank 0 alone writes files.
-    let dist = ctx.dist.as_ref();
-    let (rank, world) = dist.map(|d| (d.world.rank, d.world.world_size)).unwrap_or((0, 1));
-    let leader = rank == 0;
-    let device = match dist {
-        Some(d) => d.device,
-        None => t.device.resolve(),
-    };
-    let batching = crate::recipe::batching(t, world).map_err(Failure::Usage)?;
-    if let (Some(why), true) = (cpu_fallback_reason(t.device, device), leader) {
-        eprintln!("train: training on the CPU (train.device = \"auto\"): {why}");
+    s.bar.finish();
+    if !s.leader {
+        return Ok(vec![]);
     }
-    let t_load = std::time::Instant::now();
-    let mut model = crate::model::open::load_for_recipe(&model_rec.dir, r, device)?;
-    let names = lora::attach(model.as_mut(), &lora_spec(r), r.run.seed as i64)?;
-    let params = lora::trainable_parameters(model.as_ref());
-    let n_params: i64 = params.iter().map(|p| p.numel() as i64).sum();
-    let dist_params: Vec<tch::Tensor> =
-        if dist.is_some() { params.iter().map(|p| p.shallow_clone()).collect() } else { vec![] };
-    if leader {
-        eprintln!(
-            "train: {} on {:?} ({:?}), LoRA r={} on {} modules ({} trainable parameters), loaded in {:.1}s",
-            model_rec.model_type,
+    s.finish(t_run)
+}
+
+/// fp16's dynamic loss scaling (torch.cuda.amp.GradScaler's rule): start at 2^16, halve and
+/// skip the step on non-finite gradients, double after 2000 good steps. Off (scale 1, every
+/// step taken), for other dtypes.
+struct LossScaler {
+    on: bool,
+    scale: f64,
+    good_steps: u64,
+}
+
+impl LossScaler {
+    fn new(on: bool) -> LossScaler {
+        LossScaler { on, scale: if on { 65536.0 } else { 1.0 }, good_steps: 0 }
+    }
+
+    /// After a backward whose unscaled gradient norm is `raw_norm`: whether to take the
+    /// optimizer step, adjusting the scale.
+    fn update(&mut self, raw_norm: f64, step: u64) -> bool {
+        if self.on && !raw_norm.is_finite() {
+            self.scale /= 2.0;
+            self.good_steps = 0;
+            log::warn!("step {step}: non-finite fp16 gradients; step skipped, loss scale lowered to {}", self.scale);
+            return false;
+        }
+        self.good_steps += 1;
+        if self.on && self.good_steps.is_multiple_of(2000) {
+            self.scale *= 2.0;
+        }
+        true
+    }
+}
+
+/// One training run's state, from loading to the adapter.
+struct Session<'a> {
+    inp: &'a TrainInputs<'a>,
+    dir: &'a Path,
+    model: Box<dyn crate::model::CausalLm>,
+    opt: optim::AdamW,
+    loader: data::Loader,
+    cursor: data::Cursor,
+    batching: crate::recipe::Batching,
+    opts: step::StepOptions,
+    scaler: LossScaler,
+    /// LoRA parameters shared with the process group (empty on one process).
+    dist_params: Vec<tch::Tensor>,
+    /// Whether any rank was interrupted during the last step (all-reduced with its loss).
+    stop_all: bool,
+    rank: usize,
+    world: usize,
+    leader: bool,
+    start: u64,
+    total: u64,
+    history: Vec<serde_json::Value>,
+    metrics: Box<dyn Write>,
+    bar: Progress,
+    t_load: std::time::Instant,
+    first_step_logged: bool,
+}
+
+impl<'a> Session<'a> {
+    /// Load the model with fresh LoRA adapters, build the optimizer and the data loader,
+    /// resume from the newest checkpoint of this fingerprint, and open `metrics.jsonl`.
+    fn open(inp: &'a TrainInputs<'a>, examples: Vec<Example>, dir: &'a Path) -> Result<Session<'a>> {
+        let (r, t) = (inp.recipe, &inp.recipe.train);
+        if examples.is_empty() {
+            bail!("the tokenize stage produced no training examples");
+        }
+        // With several processes (crate::dist) each rank trains on its own device and draws
+        // its block of every step's micro-batches; rank 0 alone writes files.
+        let (rank, world) = inp.dist.map(|d| (d.world.rank, d.world.world_size)).unwrap_or((0, 1));
+        let leader = rank == 0;
+        let device = inp.dist.map(|d| d.device).unwrap_or_else(|| t.device.resolve());
+        let compute = crate::model::open::compute_kind(r.model.dtype, device);
+        let batching = crate::recipe::batching(t, world).map_err(Failure::Usage)?;
+        if let (Some(why), true) = (cpu_fallback_reason(t.device, device), leader) {
+            eprintln!("train: training on the CPU (train.device = \"auto\"): {why}");
+        }
+        let t_load = std::time::Instant::now();
+        let tok = crate::data::tokenizer::Tok::load(inp.model_dir)?;
+        let mut model = crate::model::open::load_for_recipe(inp.model_dir, r, device)?;
+        let names = lora::attach(model.as_mut(), &lora_spec(r), r.run.seed as i64)?;
+        let params = lora::trainable_parameters(model.as_ref());
+        let n_params: i64 = params.iter().map(|p| p.numel() as i64).sum();
+        let dist_params = if inp.dist.is_some() { params.iter().map(|p| p.shallow_clone()).collect() } else { vec![] };
+        if leader {
+            eprintln!(
+                "train: {} on {device:?} ({compute:?}), LoRA r={} on {} modules ({n_params} trainable parameters), loaded in {:.1}s",
+                model.config().model_type,
+                r.lora.r,
+                names.len(),
+                t_load.elapsed().as_secs_f64()
+            );
+        }
+        let opt = optim::AdamW::new(
+            params,
+            t.optimizer,
+            optim::AdamWConfig { weight_decay: t.weight_decay, ..Default::default() },
+        );
+        let loader =
+            data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
+        let micro_per_step = batching.micro_per_step();
+        let total = match (t.max_steps, t.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => {
+                ((e * loader.micro_batches_per_epoch() as f64) / micro_per_step as f64).ceil().max(1.0) as u64
+            }
+            (None, None) => bail!("set train.max_steps or train.epochs"),
+        };
+        if world > 1 && leader {
+            eprintln!(
+                "train: {world} processes; effective batch {} = micro-batch {} × accumulation {} × {world} processes{}",
+                batching.effective_batch(),
+                batching.micro_batch_size,
+                batching.accum_per_rank,
+                if t.keep_effective_batch {
+                    format!(" (train.keep_effective_batch: accumulation {} / {world})", t.gradient_accumulation_steps)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let opts = step::StepOptions {
+            checkpointing: t.gradient_checkpointing,
+            pad_id: crate::model::open::pad_id(&tok),
+            pad_multiple: t.pad_to_multiple_of as usize,
             device,
-            crate::model::open::compute_kind(r.model.dtype, device),
-            r.lora.r,
-            names.len(),
-            n_params,
-            t_load.elapsed().as_secs_f64()
-        );
-    }
-    let mut opt = optim::AdamW::new(
-        params,
-        t.optimizer,
-        optim::AdamWConfig { weight_decay: t.weight_decay, ..Default::default() },
-    );
-    let loader =
-        data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
-    let ga = batching.accum_per_rank;
-    let micro_per_step = batching.micro_per_step();
-    let total = match (t.max_steps, t.epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => {
-            ((e * loader.micro_batches_per_epoch() as f64) / micro_per_step as f64).ceil().max(1.0) as u64
+            seed: crate::dist::dropout_seed(r.run.seed, rank),
+            loss_scale: 1.0,
+            hand_backward: device.is_cuda() && t.cuda_kernels,
+            offload: offload_activations(t, inp.planned_bytes, device)?,
+            profile: profile_window(device)?,
+            coalesce: {
+                let c = model.config();
+                step::coalesce_budget(t, device, compute, c.head_dim, c.attn_logit_softcapping.is_some())
+            },
+            detect_anomaly: t.detect_anomaly,
+        };
+        let mut s = Session {
+            inp,
+            dir,
+            model,
+            opt,
+            loader,
+            cursor: data::Cursor::default(),
+            batching,
+            opts,
+            scaler: LossScaler::new(compute == Kind::Half),
+            dist_params,
+            stop_all: false,
+            rank,
+            world,
+            leader,
+            start: 0,
+            total,
+            history: vec![],
+            metrics: Box::new(std::io::sink()),
+            bar: Progress::hidden(),
+            t_load,
+            first_step_logged: false,
+        };
+        s.resume()?;
+        s.open_metrics()?;
+        if let Device::Cuda(i) = device {
+            crate::device_mem::reset_cuda_peak(i);
         }
-        (None, None) => bail!("set train.max_steps or train.epochs"),
-    };
-
-    if world > 1 && leader {
-        eprintln!(
-            "train: {world} processes; effective batch {} = micro-batch {} × accumulation {} × {world} processes{}",
-            batching.effective_batch(),
-            batching.micro_batch_size,
-            ga,
-            if t.keep_effective_batch {
-                format!(" (train.keep_effective_batch: accumulation {} / {world})", t.gradient_accumulation_steps)
-            } else {
-                String::new()
-            }
-        );
-    }
-
-    // Resume from the newest checkpoint of this fingerprint; set older runs' checkpoints aside.
-    let mut start = 0u64;
-    let mut cursor = data::Cursor::default();
-    if let Some(d) = dist {
-        // Rank 0 decides (and sets old checkpoints aside); the others load what it names.
-        let decided = d.agree("train-resume", || resume_decision(dir, fp, world, &batching))?;
-        let step: u64 = decided.parse().unwrap_or(0);
-        if step > 0 {
-            let (p, path) = checkpoint::list(dir).into_iter().find(|(p, _)| p.step == step).with_context(|| {
-                format!("rank {rank}: checkpoint step {step} is not readable here (is the run dir shared?)")
-            })?;
-            let (adapter, optim_state) = checkpoint::load(&path)?;
-            lora::load_adapter_tensors(model.as_mut(), &adapter)?;
-            opt.load_state(&optim_state, p.optimizer_step)?;
-            start = p.step;
-            cursor = p.cursor;
-            if leader {
-                eprintln!("train: resuming from {} (step {start} of {total})", path.display());
-            }
-        }
-        // Every rank starts from rank 0's adapter (identical by construction; made certain).
-        d.broadcast_params(&dist_params)?;
-    }
-    let ckpts = if dist.is_some() { vec![] } else { checkpoint::list(dir) };
-    if ckpts.iter().any(|(p, _)| p.fingerprint != fp) {
-        let aside = dir.join(format!(
-            "checkpoints.old-{}",
-            util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()
-        ));
-        std::fs::rename(checkpoint::dir(dir), &aside)?;
-        eprintln!(
-            "train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})",
-            aside.display()
-        );
-    } else if let Some((p, path)) = ckpts.last() {
-        checkpoint::check_world(p, path, 1, &batching)?;
-        let (adapter, optim_state) = checkpoint::load(path)?;
-        lora::load_adapter_tensors(model.as_mut(), &adapter)?;
-        opt.load_state(&optim_state, p.optimizer_step)?;
-        start = p.step;
-        cursor = p.cursor;
-        eprintln!("train: resuming from {} (step {start} of {total})", path.display());
-    }
-    let metrics_path = dir.join("metrics.jsonl");
-    let mut history: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["step"].as_u64().is_some_and(|s| s <= start))
-        .collect();
-    let text: String = history.iter().map(|v| format!("{v}\n")).collect();
-    let mut metrics: Box<dyn Write> = if leader {
-        util::write_atomic(&metrics_path, text.as_bytes())?;
-        Box::new(std::fs::OpenOptions::new().append(true).open(&metrics_path)?)
-    } else {
-        Box::new(std::io::sink())
-    };
-
-    // fp16 trains with dynamic loss scaling: start at 2^16, halve and skip the step on
-    // non-finite gradients, double after 2000 good steps (torch.cuda.amp.GradScaler's rule).
-    let fp16 = crate::model::open::compute_kind(r.model.dtype, device) == Kind::Half;
-    let mut loss_scale = if fp16 { 65536.0 } else { 1.0 };
-    let mut good_steps = 0u64;
-    if let Some((p, _)) = checkpoint::list(dir).last().filter(|(p, _)| p.fingerprint == fp && p.step == start) {
-        loss_scale = p.loss_scale;
-    }
-    let cuda_index = match device {
-        Device::Cuda(i) => Some(i),
-        _ => None,
-    };
-    if let Some(i) = cuda_index {
-        crate::device_mem::reset_cuda_peak(i);
-    }
-    let mut opts = step::StepOptions {
-        checkpointing: t.gradient_checkpointing,
-        pad_id: crate::model::open::pad_id(&tok),
-        pad_multiple: t.pad_to_multiple_of as usize,
-        device,
-        seed: crate::dist::dropout_seed(r.run.seed, rank),
-        loss_scale,
-        hand_backward: device.is_cuda() && t.cuda_kernels,
-        offload: offload_activations(ctx, dir, device)?,
-        profile: profile_window(device)?,
-        coalesce: {
-            let c = model.config();
-            step::coalesce_budget(
-                t,
-                device,
-                crate::model::open::compute_kind(r.model.dtype, device),
-                c.head_dim,
-                c.attn_logit_softcapping.is_some(),
-            )
-        },
-        detect_anomaly: t.detect_anomaly,
-    };
-    if leader {
-        if let Some(n) = opts.coalesce {
+        if let (Some(n), true) = (s.opts.coalesce, leader) {
             eprintln!("train: each step's {micro_per_step} micro-batches run as packed varlen passes of up to {n} tokens (train.coalesce)");
         }
+        s.bar = Progress::leader(leader, total, "train", Unit::Items("steps"));
+        s.bar.set_position(s.start);
+        Ok(s)
     }
-    let bar = Progress::leader(leader, total, "train", Unit::Items("steps"));
-    bar.set_position(start);
-    let epoch_len = loader.micro_batches_per_epoch().max(1) as f64;
-    let t_run = std::time::Instant::now();
-    let mut first_step_logged = false;
-    for s in start..total {
-        let t0 = std::time::Instant::now();
+
+    /// Continue from the newest checkpoint of this fingerprint; set older recipes' checkpoints
+    /// aside. With several processes rank 0 decides and the others load what it names.
+    fn resume(&mut self) -> Result<()> {
+        let (dir, fp) = (self.dir, self.inp.fingerprint);
+        let chosen = if let Some(d) = self.inp.dist {
+            let decided = d.agree("train-resume", || resume_decision(dir, fp, self.world, &self.batching))?;
+            let step: u64 = decided.parse().unwrap_or(0);
+            let found = (step > 0)
+                .then(|| {
+                    checkpoint::list(dir).into_iter().find(|(p, _)| p.step == step).with_context(|| {
+                        format!(
+                            "rank {}: checkpoint step {step} is not readable here (is the run dir shared?)",
+                            self.rank
+                        )
+                    })
+                })
+                .transpose()?;
+            found
+        } else {
+            let ckpts = checkpoint::list(dir);
+            if ckpts.iter().any(|(p, _)| p.fingerprint != fp) {
+                set_aside(dir, &ckpts)?;
+                None
+            } else if let Some((p, path)) = ckpts.last() {
+                checkpoint::check_world(p, path, 1, &self.batching)?;
+                Some((p.clone(), path.clone()))
+            } else {
+                None
+            }
+        };
+        if let Some((p, path)) = chosen {
+            let (adapter, optim_state) = checkpoint::load(&path)?;
+            lora::load_adapter_tensors(self.model.as_mut(), &adapter)?;
+            self.opt.load_state(&optim_state, p.optimizer_step)?;
+            self.start = p.step;
+            self.cursor = p.cursor;
+            self.scaler.scale = p.loss_scale;
+            if self.leader {
+                eprintln!("train: resuming from {} (step {} of {})", path.display(), self.start, self.total);
+            }
+        }
+        if let Some(d) = self.inp.dist {
+            // Every rank starts from rank 0's adapter (identical by construction; made certain).
+            d.broadcast_params(&self.dist_params)?;
+        }
+        Ok(())
+    }
+
+    /// `metrics.jsonl` up to the resumed step (rank 0; the others write nowhere).
+    fn open_metrics(&mut self) -> Result<()> {
+        let path = self.dir.join("metrics.jsonl");
+        self.history = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["step"].as_u64().is_some_and(|s| s <= self.start))
+            .collect();
+        if self.leader {
+            let text: String = self.history.iter().map(|v| format!("{v}\n")).collect();
+            util::write_atomic(&path, text.as_bytes())?;
+            self.metrics = Box::new(std::fs::OpenOptions::new().append(true).open(&path)?);
+        }
+        Ok(())
+    }
+
+    /// One optimizer step (0-based `s`): its micro-batches forward and backward, the gradients
+    /// summed over the process group, clipped, and applied. Returns the step's result, its
+    /// learning rate and the gradient norm before clipping.
+    fn step(&mut self, s: u64) -> Result<(step::StepResult, f64, f64)> {
+        let t = &self.inp.recipe.train;
+        let ga = self.batching.accum_per_rank;
         // The step's micro-batches come from one cursor shared by every rank; rank r trains
         // the r-th block of `ga` (all of them on one process).
-        let mut micro: Vec<data::MicroBatch> = (0..micro_per_step).map(|_| loader.next(&mut cursor)).collect();
-        let micro: Vec<data::MicroBatch> = micro.drain(crate::dist::shard_range(rank, ga)).collect();
-        let lr = schedule::lr_at(t.lr_scheduler, t.learning_rate, s, t.warmup_steps, total);
-        opt.zero_grad();
-        opts.loss_scale = loss_scale;
-        let mut res = step::forward_backward(model.as_ref(), &micro, s, &opts);
-        let mut stop_all = false;
-        if let Some(d) = dist {
-            // Σ NLL, Σ trained tokens, Σ tokens and the stop flag over the world; then the
-            // gradients, re-weighted from this rank's token count to the world's.
-            let local_trained = res.trained_tokens as f64;
-            let mut v = [
-                res.loss * local_trained,
-                local_trained,
-                res.tokens as f64,
-                ctx.interrupted.load(Ordering::SeqCst) as u8 as f64,
-            ];
-            d.all_reduce_f64(&mut v)
-                .with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
-            let weight = if v[1] > 0.0 { local_trained / v[1] } else { 0.0 };
-            d.all_reduce_grads(&dist_params, weight)
-                .with_context(|| format!("rank {rank}: step {} stopped: another rank failed or timed out", s + 1))?;
-            res = step::StepResult {
-                loss: v[0] / v[1].max(1.0),
-                trained_tokens: v[1] as i64,
-                tokens: v[2] as i64,
-                anomaly: res.anomaly,
-            };
-            stop_all = v[3] > 0.0;
+        let mut micro: Vec<data::MicroBatch> =
+            (0..self.batching.micro_per_step()).map(|_| self.loader.next(&mut self.cursor)).collect();
+        let micro: Vec<data::MicroBatch> = micro.drain(crate::dist::shard_range(self.rank, ga)).collect();
+        let lr = schedule::lr_at(t.lr_scheduler, t.learning_rate, s, t.warmup_steps, self.total);
+        self.opt.zero_grad();
+        self.opts.loss_scale = self.scaler.scale;
+        let mut res = step::forward_backward(self.model.as_ref(), &micro, s, &self.opts);
+        if let Some(d) = self.inp.dist {
+            res = self.reduce(d, res, s)?;
         }
-        if fp16 {
-            opt.scale_grads(1.0 / loss_scale);
+        if self.scaler.on {
+            self.opt.scale_grads(1.0 / self.scaler.scale);
         }
-        let raw_norm = opt.clip_grad_norm(0.0);
-        // fp16's loss scaler handles overflowing gradients below; anything else non-finite stops
+        let raw_norm = self.opt.clip_grad_norm(0.0);
+        // fp16's loss scaler handles overflowing gradients; anything else non-finite stops
         // the run before the adapter is touched, saying where it first appeared.
-        if !res.loss.is_finite() || (!fp16 && !raw_norm.is_finite()) {
-            let found = match res.anomaly.clone() {
-                Some(a) => Some(a),
-                None => {
-                    opt.zero_grad();
-                    step::forward_backward(
-                        model.as_ref(),
-                        &micro,
-                        s,
-                        &step::StepOptions { detect_anomaly: true, ..opts },
-                    )
-                    .anomaly
-                }
-            };
-            let mut e = anyhow::anyhow!(nonfinite_report(
-                s + 1,
-                res.loss,
-                raw_norm,
-                found.as_ref(),
-                crate::model::open::compute_kind(r.model.dtype, device)
-            ));
-            if dist.is_some() {
-                e = e.context(format!("rank {rank}"));
-            }
-            return Err(e);
+        if !res.loss.is_finite() || (!self.scaler.on && !raw_norm.is_finite()) {
+            return Err(self.nonfinite(&res, raw_norm, &micro, s));
         }
-        let grad_norm = if raw_norm.is_finite() { opt.clip_grad_norm(t.max_grad_norm) } else { raw_norm };
-        if fp16 && !raw_norm.is_finite() {
-            loss_scale /= 2.0;
-            good_steps = 0;
-            log::warn!("step {}: non-finite fp16 gradients; step skipped, loss scale lowered to {loss_scale}", s + 1);
-        } else {
+        let grad_norm = if raw_norm.is_finite() { self.opt.clip_grad_norm(t.max_grad_norm) } else { raw_norm };
+        if self.scaler.update(raw_norm, s + 1) {
             let t_opt = std::time::Instant::now();
-            opt.step(lr);
-            if log::log_enabled!(target: "tuner::train::step", log::Level::Debug) {
-                // What the optimizer adds to the peak (its f32 temporaries), beside the step's phases.
-                if let Some(i) = cuda_index {
-                    tch::Cuda::synchronize(i as i64);
-                }
-                let peak = cuda_index
-                    .and_then(crate::device_mem::cuda)
-                    .map(|m| format!(", peak so far {:.2} GiB", m.peak_allocated as f64 / (1u64 << 30) as f64));
-                log::debug!(target: "tuner::train::step", "optimizer step {:.1} ms{}", t_opt.elapsed().as_secs_f64() * 1e3, peak.unwrap_or_default());
-            }
-            good_steps += 1;
-            if fp16 && good_steps.is_multiple_of(2000) {
-                loss_scale *= 2.0;
-            }
+            self.opt.step(lr);
+            self.debug_optimizer_time(t_opt);
         }
-        let done = s + 1;
-        let secs = t0.elapsed().as_secs_f64();
+        Ok((res, lr, grad_norm))
+    }
+
+    /// Σ NLL, Σ trained tokens, Σ tokens and the stop flag over the world; then the gradients,
+    /// re-weighted from this rank's token count to the world's.
+    fn reduce(&mut self, d: &Dist, res: step::StepResult, s: u64) -> Result<step::StepResult> {
+        let local_trained = res.trained_tokens as f64;
+        let mut v = [
+            res.loss * local_trained,
+            local_trained,
+            res.tokens as f64,
+            self.inp.interrupted.load(Ordering::SeqCst) as u8 as f64,
+        ];
+        let failed = || format!("rank {}: step {} stopped: another rank failed or timed out", self.rank, s + 1);
+        d.all_reduce_f64(&mut v).with_context(failed)?;
+        let weight = if v[1] > 0.0 { local_trained / v[1] } else { 0.0 };
+        d.all_reduce_grads(&self.dist_params, weight).with_context(failed)?;
+        self.stop_all = v[3] > 0.0;
+        Ok(step::StepResult {
+            loss: v[0] / v[1].max(1.0),
+            trained_tokens: v[1] as i64,
+            tokens: v[2] as i64,
+            anomaly: res.anomaly,
+        })
+    }
+
+    /// The error for a non-finite step, after re-running it with checks to find where.
+    fn nonfinite(
+        &mut self,
+        res: &step::StepResult,
+        raw_norm: f64,
+        micro: &[data::MicroBatch],
+        s: u64,
+    ) -> anyhow::Error {
+        let found = res.anomaly.clone().or_else(|| {
+            self.opt.zero_grad();
+            let checked = step::StepOptions { detect_anomaly: true, ..self.opts };
+            step::forward_backward(self.model.as_ref(), micro, s, &checked).anomaly
+        });
+        let kind = crate::model::open::compute_kind(self.inp.recipe.model.dtype, self.opts.device);
+        let e = anyhow::anyhow!(nonfinite_report(s + 1, res.loss, raw_norm, found.as_ref(), kind));
+        if self.inp.dist.is_some() {
+            e.context(format!("rank {}", self.rank))
+        } else {
+            e
+        }
+    }
+
+    /// With `RUST_LOG=tuner::train::step=debug`: the optimizer's time and what it adds to the
+    /// peak (its f32 temporaries), beside the step's phases.
+    fn debug_optimizer_time(&self, t_opt: std::time::Instant) {
+        if !log::log_enabled!(target: "tuner::train::step", log::Level::Debug) {
+            return;
+        }
+        let cuda = match self.opts.device {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        if let Some(i) = cuda {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let peak = cuda
+            .and_then(crate::device_mem::cuda)
+            .map(|m| format!(", peak so far {:.2} GiB", m.peak_allocated as f64 / (1u64 << 30) as f64));
+        log::debug!(target: "tuner::train::step", "optimizer step {:.1} ms{}", t_opt.elapsed().as_secs_f64() * 1e3, peak.unwrap_or_default());
+    }
+
+    /// The step's row in `metrics.jsonl`, its line every `logging_steps`, and the memory line
+    /// every `memory_log_steps`.
+    fn log(&mut self, done: u64, res: &step::StepResult, lr: f64, grad_norm: f64, secs: f64) -> Result<()> {
+        let t = &self.inp.recipe.train;
         let (mut peak, rss) = crate::device_mem::rss_bytes();
-        let gpu = cuda_index.and_then(crate::device_mem::cuda);
+        let gpu = match self.opts.device {
+            Device::Cuda(i) => crate::device_mem::cuda(i),
+            _ => None,
+        };
         if let Some(g) = gpu {
             peak = g.peak_allocated as u64;
         }
-        let epoch = (cursor.epoch as f64 + cursor.index as f64 / epoch_len).min(cursor.epoch as f64 + 1.0);
+        let epoch_len = self.loader.micro_batches_per_epoch().max(1) as f64;
+        let c = self.cursor;
+        let epoch = (c.epoch as f64 + c.index as f64 / epoch_len).min(c.epoch as f64 + 1.0);
+        let tok_s = res.tokens as f64 / secs.max(1e-9);
         let mut row = json!({
             "step": done, "epoch": (epoch * 1000.0).round() / 1000.0, "loss": res.loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens": res.tokens, "trained_tokens": res.trained_tokens, "tokens_per_s": res.tokens as f64 / secs.max(1e-9),
+            "tokens": res.tokens, "trained_tokens": res.trained_tokens, "tokens_per_s": tok_s,
             "step_s": secs, "peak_mem_bytes": peak,
             "mem_source": if gpu.is_some() { "cuda_allocator_peak" } else { "rss_peak" },
-            "loss_scale": loss_scale,
+            "loss_scale": self.scaler.scale,
         });
-        if world > 1 {
-            row["world_size"] = json!(world);
-            row["effective_batch"] = json!(batching.effective_batch());
+        if self.world > 1 {
+            row["world_size"] = json!(self.world);
+            row["effective_batch"] = json!(self.batching.effective_batch());
         }
-        writeln!(metrics, "{row}")?;
-        history.push(row);
-        if !first_step_logged && leader {
-            eprintln!("train: first step done {:.1}s after the start of loading", t_load.elapsed().as_secs_f64());
-            first_step_logged = true;
+        writeln!(self.metrics, "{row}")?;
+        self.history.push(row);
+        if !self.first_step_logged && self.leader {
+            eprintln!("train: first step done {:.1}s after the start of loading", self.t_load.elapsed().as_secs_f64());
+            self.first_step_logged = true;
         }
-        if done % t.logging_steps == 0 || done == total {
+        if done.is_multiple_of(t.logging_steps) || done == self.total {
             let msg = format!(
-                "step {done}/{total} loss {:.4} lr {:.2e} grad {:.3} {:.0} tok/s",
-                res.loss,
-                lr,
-                grad_norm,
-                res.tokens as f64 / secs.max(1e-9)
+                "step {done}/{} loss {:.4} lr {lr:.2e} grad {grad_norm:.3} {tok_s:.0} tok/s",
+                self.total, res.loss
             );
-            if !bar.is_bar() && leader {
+            if !self.bar.is_bar() && self.leader {
                 // This line carries the ETA: the plain progress line is not due again for a while.
-                bar.touch();
-                bar.set_position(done);
-                let eta = bar.eta().map(|e| format!(", ETA {}", crate::progress::duration(e))).unwrap_or_default();
+                self.bar.touch();
+                self.bar.set_position(done);
+                let eta = self.bar.eta().map(|e| format!(", ETA {}", crate::progress::duration(e))).unwrap_or_default();
                 eprintln!("train: {msg} epoch {epoch:.2}{eta}");
             }
-            bar.set_message(msg);
+            self.bar.set_message(msg);
         }
-        if leader && t.memory_log_steps > 0 && done % t.memory_log_steps == 0 {
+        if self.leader && t.memory_log_steps > 0 && done.is_multiple_of(t.memory_log_steps) {
             let gib = |b: i64| b as f64 / 1073741824.0;
             match gpu {
                 Some(g) => eprintln!(
@@ -428,55 +543,80 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
                 None => eprintln!("train: memory at step {done}: peak RSS {:.2} GiB, current {:.2} GiB", gib(peak as i64), gib(rss as i64)),
             }
         }
-        bar.set_position(done);
-        let stop = if dist.is_some() { stop_all } else { ctx.interrupted.load(Ordering::SeqCst) };
-        if leader && (done % t.save_steps == 0 || done == total || stop) {
-            let p = checkpoint::Progress {
-                step: done,
-                total_steps: total,
-                cursor,
-                fingerprint: fp.to_string(),
-                rng: "derived from run.seed, step, micro-batch and layer; data order from run.seed and epoch".into(),
-                seed: r.run.seed,
-                optimizer_step: opt.step,
-                loss_scale,
-                world: (world > 1).then(|| checkpoint::World::of(world, &batching, r.run.seed, cursor)),
-            };
-            checkpoint::save(
-                dir,
-                &p,
-                &lora::adapter_tensors(model.as_ref()),
-                &opt.state_tensors(),
-                t.keep_checkpoints as usize,
-            )?;
-        }
-        if stop && done < total {
-            bar.abandon();
-            return Err(Failure::Interrupted(format!(
-                "training stopped after step {done} of {total}; a checkpoint was written; run the same command again to resume"
-            ))
-            .into());
-        }
+        self.bar.set_position(done);
+        Ok(())
     }
-    bar.finish();
-    if !leader {
-        return Ok(vec![]);
-    }
-    let first = history.first().and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
-    let last = history.last().and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
-    eprintln!("train: {} steps in {:.1}s; loss {first:.4} → {last:.4}", total - start, t_run.elapsed().as_secs_f64());
 
-    let base_name = match ctx.recipe.source(&r.model.source) {
-        crate::recipe::Source::Hub { repo } => repo,
-        crate::recipe::Source::Local(p) => p.display().to_string(),
-    };
-    let mut files = crate::model::open::write_peft_adapter(&dir.join("adapter"), model.as_ref(), r, &base_name)?;
-    let losses: Vec<(f64, f64)> =
-        history.iter().filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?))).collect();
-    plot::line_png(&dir.join("loss.png"), "train loss", &losses)?;
-    files.push(dir.join("loss.png"));
-    files.push(metrics_path);
-    Ok(files)
+    /// Ctrl-C: on one process this process's flag; with several, any rank's (all-reduced).
+    fn stop_requested(&self) -> bool {
+        if self.inp.dist.is_some() {
+            self.stop_all
+        } else {
+            self.inp.interrupted.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A checkpoint after `done` steps: adapter, optimizer state and the data cursor.
+    fn save(&self, done: u64) -> Result<()> {
+        let (r, t) = (self.inp.recipe, &self.inp.recipe.train);
+        let p = checkpoint::Progress {
+            step: done,
+            total_steps: self.total,
+            cursor: self.cursor,
+            fingerprint: self.inp.fingerprint.to_string(),
+            rng: "derived from run.seed, step, micro-batch and layer; data order from run.seed and epoch".into(),
+            seed: r.run.seed,
+            optimizer_step: self.opt.step,
+            loss_scale: self.scaler.scale,
+            world: (self.world > 1).then(|| checkpoint::World::of(self.world, &self.batching, r.run.seed, self.cursor)),
+        };
+        checkpoint::save(
+            self.dir,
+            &p,
+            &lora::adapter_tensors(self.model.as_ref()),
+            &self.opt.state_tensors(),
+            t.keep_checkpoints as usize,
+        )?;
+        Ok(())
+    }
+
+    /// The trained adapter (PEFT layout) and the loss curve.
+    fn finish(self, t_run: std::time::Instant) -> Result<Vec<PathBuf>> {
+        let first = self.history.first().and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
+        let last = self.history.last().and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
+        eprintln!(
+            "train: {} steps in {:.1}s; loss {first:.4} → {last:.4}",
+            self.total - self.start,
+            t_run.elapsed().as_secs_f64()
+        );
+        let dir = self.dir;
+        let mut files = crate::model::open::write_peft_adapter(
+            &dir.join("adapter"),
+            self.model.as_ref(),
+            self.inp.recipe,
+            &self.inp.base_name,
+        )?;
+        let losses: Vec<(f64, f64)> =
+            self.history.iter().filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?))).collect();
+        plot::line_png(&dir.join("loss.png"), "train loss", &losses)?;
+        files.push(dir.join("loss.png"));
+        files.push(dir.join("metrics.jsonl"));
+        Ok(files)
+    }
+}
+
+/// Move a folder of checkpoints written under another recipe aside (kept, not deleted).
+fn set_aside(dir: &Path, ckpts: &[(checkpoint::Progress, PathBuf)]) -> Result<()> {
+    let aside = dir.join(format!(
+        "checkpoints.old-{}",
+        util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()
+    ));
+    std::fs::rename(checkpoint::dir(dir), &aside)?;
+    eprintln!(
+        "train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})",
+        aside.display()
+    );
+    Ok(())
 }
 
 /// The error for a step whose loss or gradient norm is non-finite: the step, where the first
@@ -522,15 +662,7 @@ fn nonfinite_report(step: u64, loss: f64, grad_norm: f64, found: Option<&step::A
 fn resume_decision(dir: &Path, fp: &str, world: usize, batching: &crate::recipe::Batching) -> Result<String> {
     let ckpts = checkpoint::list(dir);
     if ckpts.iter().any(|(p, _)| p.fingerprint != fp) {
-        let aside = dir.join(format!(
-            "checkpoints.old-{}",
-            util::sha256_bytes(format!("{:?}", ckpts.last().map(|c| &c.0.fingerprint)).as_bytes())[..8].to_owned()
-        ));
-        std::fs::rename(checkpoint::dir(dir), &aside)?;
-        eprintln!(
-            "train: the recipe changed since the last checkpoints; training afresh (old checkpoints kept in {})",
-            aside.display()
-        );
+        set_aside(dir, &ckpts)?;
         return Ok("0".into());
     }
     let Some((p, path)) = ckpts.last() else { return Ok("0".into()) };
