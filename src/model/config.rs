@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use super::family::{AttentionBias, Window};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
@@ -180,8 +181,11 @@ impl Config {
     pub fn from_json(text: &str) -> Result<Config> {
         let mut value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
         let mut model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        let Some(family) = super::family::by_model_type(&model_type) else {
+            bail!("model type `{model_type}` is not supported; supported: {}", super::family::names());
+        };
         // Multimodal Gemma 3 / 3n: the decoder is described by `text_config`.
-        if model_type == "gemma3" || model_type == "gemma3n" {
+        if model_type != family.name() {
             let mut tc = value.get("text_config").cloned().filter(Value::is_object).with_context(|| {
                 format!("model type `{model_type}` needs a `text_config` object (the text decoder's config)")
             })?;
@@ -192,22 +196,19 @@ impl Config {
                     obj.entry(key).or_insert_with(|| v.clone());
                 }
             }
-            model_type = format!("{model_type}_text");
+            model_type = family.name().to_string();
             obj.insert("model_type".into(), Value::from(model_type.clone()));
             value = tc;
         }
-        if super::family::by_model_type(&model_type).is_none() {
-            bail!("model type `{model_type}` is not supported; supported: {}", super::family::names());
-        }
+        let rules = family.config;
         let gemma3n: Option<Gemma3nConfig> = if model_type == "gemma3n_text" {
             Some(serde_json::from_value(value.clone()).context("config.json misses a Gemma 3n field")?)
         } else {
             None
         };
         let raw: Raw = serde_json::from_value(value).context("config.json misses a required field")?;
-        let family = model_type.clone();
-        let t = family.as_str();
-        let gemma = t.starts_with("gemma");
+        let t = model_type.as_str();
+        let gemma = rules.gemma;
         // Gemma reads `hidden_activation` (its `hidden_act` is a legacy field HF ignores).
         let act = if gemma {
             raw.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh")
@@ -244,37 +245,34 @@ impl Config {
             Some(p) => p.get("full_attention").filter(|v| v.is_object()),
             None => rope_params,
         };
-        let default_theta = match t {
-            "qwen2" | "qwen3" | "gemma3_text" | "gemma3n_text" => 1e6,
-            _ => 1e4,
-        };
         let rope_theta = raw
             .rope_theta
             .or_else(|| full_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(default_theta);
+            .unwrap_or(rules.rope_theta);
         let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(full_params))?;
-        let rope_local_theta = match t {
-            "gemma3_text" | "gemma3n_text" => {
-                let local = per_type.and_then(|p| p.get("sliding_attention")).filter(|v| v.is_object());
-                if let Some(l) = local {
-                    if parse_rope_scaling(Some(l))? != RopeScaling::None {
-                        bail!("rope_parameters.sliding_attention: only the default rope type is supported on sliding layers");
-                    }
+        let rope_local_theta = if rules.local_rope {
+            let local = per_type.and_then(|p| p.get("sliding_attention")).filter(|v| v.is_object());
+            if let Some(l) = local {
+                if parse_rope_scaling(Some(l))? != RopeScaling::None {
+                    bail!(
+                        "rope_parameters.sliding_attention: only the default rope type is supported on sliding layers"
+                    );
                 }
-                Some(
-                    raw.rope_local_base_freq
-                        .or_else(|| local.and_then(|l| l.get("rope_theta")).and_then(Value::as_f64))
-                        .unwrap_or(1e4),
-                )
             }
-            _ => None,
+            Some(
+                raw.rope_local_base_freq
+                    .or_else(|| local.and_then(|l| l.get("rope_theta")).and_then(Value::as_f64))
+                    .unwrap_or(1e4),
+            )
+        } else {
+            None
         };
-        let sliding_window = match t {
-            "mistral" | "phi3" | "gemma2" | "gemma3_text" | "gemma3n_text" => raw.sliding_window,
-            "qwen2" | "qwen3" if raw.use_sliding_window == Some(true) => {
+        let sliding_window = match rules.sliding_window {
+            Window::Read => raw.sliding_window,
+            Window::Refused if raw.use_sliding_window == Some(true) => {
                 bail!("use_sliding_window = true is not supported for {t}")
             }
-            _ => None,
+            Window::Refused | Window::Ignored => None,
         };
         let layer_sliding: Vec<bool> = if gemma {
             match &raw.layer_types {
@@ -292,11 +290,7 @@ impl Config {
                         .collect::<Result<_>>()?
                 }
                 None => {
-                    let pattern = match t {
-                        "gemma2" => 2,
-                        "gemma3n_text" => 5,
-                        _ => raw.sliding_window_pattern.unwrap_or(6),
-                    };
+                    let pattern = rules.full_every.unwrap_or(raw.sliding_window_pattern.unwrap_or(6));
                     (0..n).map(|i| (i + 1) % pattern != 0).collect()
                 }
             }
@@ -332,22 +326,17 @@ impl Config {
             }
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
-        let (qkv_bias, o_bias) = match t {
-            "qwen2" => (true, false),
-            "mistral" => (false, false),
-            _ => (attention_bias, attention_bias),
+        let (qkv_bias, o_bias) = match rules.attention_bias {
+            AttentionBias::Fixed { qkv, o } => (qkv, o),
+            AttentionBias::FromConfig => (attention_bias, attention_bias),
         };
         let eos_token_ids = match &raw.eos_token_id {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(items)) => items.iter().filter_map(Value::as_i64).collect(),
             Some(v) => v.as_i64().into_iter().collect(),
         };
-        let (attn_softcap, final_softcap) = match t {
-            "gemma2" => (raw.attn_logit_softcapping, raw.final_logit_softcapping),
-            "gemma3_text" => (raw.attn_logit_softcapping, raw.final_logit_softcapping),
-            "gemma3n_text" => (None, raw.final_logit_softcapping),
-            _ => (None, None),
-        };
+        let attn_softcap = raw.attn_logit_softcapping.filter(|_| rules.attn_softcap);
+        let final_softcap = raw.final_logit_softcapping.filter(|_| rules.final_softcap);
         Ok(Config {
             model_type,
             hidden_size: raw.hidden_size,
@@ -356,14 +345,14 @@ impl Config {
             num_key_value_heads,
             head_dim: raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads),
             intermediate_size: intermediate_sizes.iter().copied().max().unwrap_or(0),
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(if t == "qwen2" || t == "qwen3" || gemma { 1e-6 } else { 1e-5 }),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(rules.rms_norm_eps),
             rope_theta,
             rope_scaling,
             sliding_window,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias,
             o_bias,
-            mlp_bias: t == "llama" && raw.mlp_bias.unwrap_or(false),
+            mlp_bias: rules.mlp_bias && raw.mlp_bias.unwrap_or(false),
             vocab_size: raw.vocab_size,
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
@@ -375,11 +364,7 @@ impl Config {
             rope_local_theta,
             attn_logit_softcapping: attn_softcap,
             final_logit_softcapping: final_softcap,
-            query_pre_attn_scalar: if gemma && t != "gemma3n_text" {
-                Some(raw.query_pre_attn_scalar.unwrap_or(256.0))
-            } else {
-                None
-            },
+            query_pre_attn_scalar: rules.query_pre_attn_scalar.then(|| raw.query_pre_attn_scalar.unwrap_or(256.0)),
             intermediate_sizes,
             gemma3n,
         })
