@@ -8,7 +8,9 @@
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
+use super::check::{name, rel_err, Checker, Row};
 use super::{dtype_code, Args, Kernels};
+use crate::quant::QuantType;
 use crate::quant::{Absmax, QuantTensor};
 
 /// `q` as a dense tensor of `kind`, shaped like the original weight: the kernel when `kernels`
@@ -69,4 +71,43 @@ pub fn cuda(q: &QuantTensor, kind: Kind, k: &Kernels) -> Result<Tensor> {
     let groups = (n + 7) / 8;
     k.launch("dequant_4bit", k.grid_for(groups, block), block, args)?;
     Ok(out)
+}
+
+/// The kernel against its reference ([`super::check`]): 4-bit dequantize: bit-exact in every dtype, plain and double-quantized absmax, a tail.
+pub fn check(k: &Kernels, c: &mut Checker) {
+    let device = c.device;
+    // 4-bit dequantize: bit-exact in every dtype, plain and double-quantized absmax, a tail.
+    for (shape, double, big) in [
+        ([14336i64, 4096i64], true, true),
+        ([4096, 4096], false, false),
+        ([7, 37], true, false),
+        ([5, 24], false, false),
+    ] {
+        let w = Tensor::randn(shape, (Kind::Float, device)) * 0.02;
+        let q = QuantTensor::quantize(&w, QuantType::Nf4, 64, double).expect("quantize");
+        for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
+            let got = cuda(&q, kind, k).expect("dequant kernel");
+            let want = reference(&q, kind);
+            let err = rel_err(&got, &want);
+            let n = (shape[0] * shape[1]) as f64;
+            let bytes = n / 2.0 + n * got.kind().elt_size_in_bytes() as f64;
+            let label = format!("dequant_4bit nf4{} {} {:?}", if double { " dq" } else { "" }, name(kind), shape);
+            if big && kind == Kind::BFloat16 {
+                c.timed(label, err, 0.0, bytes, &mut || {
+                    let _ = cuda(&q, kind, k);
+                });
+                c.timed(
+                    format!("dequant_4bit reference (torch ops) {} {:?}", name(kind), shape),
+                    0.0,
+                    0.0,
+                    bytes,
+                    &mut || {
+                        let _ = reference(&q, kind);
+                    },
+                );
+            } else {
+                c.rows.push(Row { name: label, err, tol: 0.0, bytes, secs: None });
+            }
+        }
+    }
 }

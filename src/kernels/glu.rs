@@ -10,6 +10,7 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
+use super::check::{name, rel_err, tol, Checker, Row};
 use super::{dtype_code, usable, Args, Kernels};
 
 /// The activation on the gate.
@@ -121,4 +122,49 @@ fn cuda_backward(dh: &Tensor, g: &Tensor, u: &Tensor, act: Act, k: &Kernels) -> 
 fn wide(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.kind().elt_size_in_bytes() == 2 && t.numel() % 8 == 0 && (t.data_ptr() as usize).is_multiple_of(16))
+}
+
+/// The kernel against its reference ([`super::check`]): Gated activations (SwiGLU, GeGLU), forward and backward: the 8-wide kernels and the scalar ones.
+pub fn check(k: &Kernels, c: &mut Checker) {
+    let device = c.device;
+    // Gated activations, forward and backward.
+    // The 8-wide kernels (bf16, a multiple of 8) and the scalar ones (odd sizes, f32).
+    for (kind, shape) in [(Kind::BFloat16, [4096i64, 14336i64]), (Kind::BFloat16, [3, 333]), (Kind::Float, [16, 1001])]
+    {
+        for (act, label) in [(Act::Silu, "swiglu"), (Act::GeluTanh, "geglu")] {
+            let g = (Tensor::randn(shape, (Kind::Float, device)) * 2.0).to_kind(kind);
+            let u = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
+            let dh = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
+            let n = g.numel() as f64 * kind.elt_size_in_bytes() as f64;
+            let h = forward(&g, &u, act, Some(k));
+            let err = rel_err(&h, &forward_reference(&g, &u, act));
+            let (dg, du) = backward(&dh, &g, &u, act, Some(k));
+            let (dg_ref, du_ref) = backward_reference(&dh, &g, &u, act);
+            let errb = rel_err(&dg, &dg_ref).max(rel_err(&du, &du_ref));
+            let dims = format!("{:?}", shape);
+            if shape[0] == 4096 {
+                c.timed(format!("glu_fwd {label} {} {dims}", name(kind)), err, tol(kind), 3.0 * n, &mut || {
+                    let _ = forward(&g, &u, act, Some(k));
+                });
+                c.timed(format!("glu_bwd {label} {} {dims}", name(kind)), errb, tol(kind), 5.0 * n, &mut || {
+                    let _ = backward(&dh, &g, &u, act, Some(k));
+                });
+            } else {
+                c.rows.push(Row {
+                    name: format!("glu_fwd {label} {} {dims}", name(kind)),
+                    err,
+                    tol: tol(kind),
+                    bytes: 3.0 * n,
+                    secs: None,
+                });
+                c.rows.push(Row {
+                    name: format!("glu_bwd {label} {} {dims}", name(kind)),
+                    err: errb,
+                    tol: tol(kind),
+                    bytes: 5.0 * n,
+                    secs: None,
+                });
+            }
+        }
+    }
 }

@@ -8,7 +8,9 @@
 
 use tch::Tensor;
 
+use super::check::{name, rel_err, tol, Checker, Row};
 use super::{dtype_code, usable, Args, Kernels};
+use tch::Kind;
 
 /// `x·cos + rotate_half(x)·sin` for `x` `[B, T, heads, d]`; with `inverse`, the backward
 /// (`x·cos − rotate_half(x)·sin`). Takes the kernel, in place on `x`'s storage when `x` is
@@ -45,5 +47,40 @@ pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Tenso
         x * c - rotated * s
     } else {
         x * c + rotated * s
+    }
+}
+
+/// The kernel against its reference ([`super::check`]): RoPE forward and inverse on [B, T, heads, d] with per-row positions (a packed row).
+pub fn check(k: &Kernels, c: &mut Checker) {
+    let device = c.device;
+    // RoPE forward and inverse on [B, T, heads, d] with per-row positions (a packed row).
+    for kind in [Kind::BFloat16, Kind::Float] {
+        let (b, t, heads, d) = if kind == Kind::BFloat16 { (2, 2048, 32, 128) } else { (2, 33, 4, 64) };
+        let x = Tensor::randn([b, t, heads, d], (Kind::Float, device)).to_kind(kind);
+        let pos = Tensor::cat(
+            &[Tensor::arange(t / 2, (Kind::Int64, device)), Tensor::arange(t - t / 2, (Kind::Int64, device))],
+            0,
+        )
+        .unsqueeze(0)
+        .repeat([b, 1]);
+        let inv = Tensor::arange_start_step(0, d, 2, (Kind::Float, device)).divide_scalar(d as f64);
+        let inv = Tensor::pow_scalar(10000.0, &inv).reciprocal();
+        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * inv;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (cos, sin) = (emb.cos().to_kind(kind), emb.sin().to_kind(kind));
+        for inverse in [false, true] {
+            let got = apply(x.copy(), &cos, &sin, inverse, Some(k));
+            let want = reference(&x, &cos, &sin, inverse);
+            let label = format!("rope{} {} [{b}×{t}×{heads}×{d}]", if inverse { " backward" } else { "" }, name(kind));
+            let io = 2.0 * x.numel() as f64 * kind.elt_size_in_bytes() as f64;
+            let mut y = x.copy();
+            if kind == Kind::BFloat16 && !inverse {
+                c.timed(label, rel_err(&got, &want), tol(kind), io, &mut || {
+                    y = apply(y.shallow_clone(), &cos, &sin, inverse, Some(k));
+                });
+            } else {
+                c.rows.push(Row { name: label, err: rel_err(&got, &want), tol: tol(kind), bytes: io, secs: None });
+            }
+        }
     }
 }
