@@ -431,7 +431,7 @@ FAMILIES = [
         "config": dict(
             model_type="mistral",
             vocab_size=320,
-            hidden_size=64,
+            hidden_size=48,
             intermediate_size=96,
             num_hidden_layers=2,
             num_attention_heads=4,
@@ -443,7 +443,7 @@ FAMILIES = [
             tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
-        "exercises": "sliding_window 4 on every layer (sequence length 12); GQA 4 heads / 1 kv head; untied",
+        "exercises": "sliding_window 4 on every layer (sequence length 12); GQA 4 heads / 1 kv head; untied; explicit head_dim 16 != hidden/heads = 12 (Mistral-Nemo's shape: 5120 / 32 heads with head_dim 128)",
     },
     {
         "name": "qwen2",
