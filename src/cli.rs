@@ -31,39 +31,7 @@ struct RecipeArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the pipeline: fetch → tokenize → train → evaluate → export.
-    Run {
-        #[command(flatten)]
-        recipe: RecipeArgs,
-        /// Run dir (default: <recipe dir>/<run.output_dir>/<run.name>).
-        #[arg(long)]
-        run_dir: Option<PathBuf>,
-        /// Stop after this stage.
-        #[arg(long, value_name = "STAGE")]
-        until: Option<String>,
-        /// Re-run from this stage on, even if complete.
-        #[arg(long, value_name = "STAGE")]
-        from: Option<String>,
-        /// Worker threads for tokenize (results do not depend on it).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Print the memory plan and stop; nothing is loaded.
-        #[arg(long)]
-        dry_run: bool,
-        /// After the run, compare it with the recipe's `<name>.expected.json`; drift exits 1.
-        #[arg(long)]
-        verify: bool,
-        /// After the run, record the recipe's `<name>.expected.json`.
-        #[arg(long)]
-        write_expected: bool,
-        /// The expectation file for --verify/--write-expected (default: `<recipe dir>/<name>.expected.json`),
-        /// e.g. one recorded for a CI-sized `--set` variant of the recipe.
-        #[arg(long, value_name = "FILE")]
-        expected: Option<PathBuf>,
-        /// Train and evaluate on N GPUs of this host, one worker process each (data parallel,
-        /// NCCL); overrides `[train] gpus`. torchrun/Slurm variables, when set, take precedence.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        gpus: Option<u64>,
-    },
+    Run(RunArgs),
     /// Compare a finished run with its recipe's expectation file.
     Verify {
         /// The run dir.
@@ -101,38 +69,7 @@ enum Command {
     /// One training step's LoRA gradients on given rows (no optimizer step), through the path
     /// `tuner run` trains with; names where a NaN/inf first appears. For comparing with HF +
     /// peft (scripts/grad_parity.py) and for reporting a non-finite gradient on a checkpoint.
-    Grads {
-        /// An HF folder, a bnb-4bit folder or a .gguf file.
-        #[arg(long)]
-        model: PathBuf,
-        /// A PEFT adapter folder; its tensors are used as stored (B may be non-zero).
-        #[arg(long)]
-        adapter: PathBuf,
-        /// JSONL rows {"input_ids": [...], "labels": [...]} (labels -100 where not trained,
-        /// unshifted); all rows form one right-padded micro-batch.
-        #[arg(long)]
-        data: PathBuf,
-        /// Where to write the fp32 gradients (safetensors, PEFT adapter keys).
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        dtype: recipe::Dtype,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: recipe::DeviceSpec,
-        /// Quantize the base linears at load, as a QLoRA recipe does.
-        #[arg(long, value_enum, default_value = "none")]
-        quantize: GradsQuant,
-        /// Pad id (default: the one training uses, the tokenizer's <|endoftext|> or its EOS).
-        #[arg(long)]
-        pad_id: Option<i64>,
-        /// Without gradient checkpointing (one autograd pass).
-        #[arg(long)]
-        no_checkpointing: bool,
-        /// Without the CUDA kernels and hand-written backward (the reference path).
-        #[arg(long)]
-        no_kernels: bool,
-    },
+    Grads(GradsArgs),
     /// Check tuner's CUDA kernels (kernels/*.cu) against their CPU references on a GPU;
     /// `--bench` also times each against the card's copy bandwidth. Exits non-zero on a mismatch.
     Kernels {
@@ -190,6 +127,77 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `tuner run`'s flags.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// Run dir (default: <recipe dir>/<run.output_dir>/<run.name>).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Stop after this stage.
+    #[arg(long, value_name = "STAGE")]
+    until: Option<String>,
+    /// Re-run from this stage on, even if complete.
+    #[arg(long, value_name = "STAGE")]
+    from: Option<String>,
+    /// Worker threads for tokenize (results do not depend on it).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the memory plan and stop; nothing is loaded.
+    #[arg(long)]
+    dry_run: bool,
+    /// After the run, compare it with the recipe's `<name>.expected.json`; drift exits 1.
+    #[arg(long)]
+    verify: bool,
+    /// After the run, record the recipe's `<name>.expected.json`.
+    #[arg(long)]
+    write_expected: bool,
+    /// The expectation file for --verify/--write-expected (default: `<recipe dir>/<name>.expected.json`),
+    /// e.g. one recorded for a CI-sized `--set` variant of the recipe.
+    #[arg(long, value_name = "FILE")]
+    expected: Option<PathBuf>,
+    /// Train and evaluate on N GPUs of this host, one worker process each (data parallel,
+    /// NCCL); overrides `[train] gpus`. torchrun/Slurm variables, when set, take precedence.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    gpus: Option<u64>,
+}
+
+/// `tuner grads`'s flags.
+#[derive(clap::Args, Debug)]
+struct GradsArgs {
+    /// An HF folder, a bnb-4bit folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT adapter folder; its tensors are used as stored (B may be non-zero).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// JSONL rows {"input_ids": [...], "labels": [...]} (labels -100 where not trained,
+    /// unshifted); all rows form one right-padded micro-batch.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write the fp32 gradients (safetensors, PEFT adapter keys).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: recipe::Dtype,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: recipe::DeviceSpec,
+    /// Quantize the base linears at load, as a QLoRA recipe does.
+    #[arg(long, value_enum, default_value = "none")]
+    quantize: GradsQuant,
+    /// Pad id (default: the one training uses, the tokenizer's <|endoftext|> or its EOS).
+    #[arg(long)]
+    pad_id: Option<i64>,
+    /// Without gradient checkpointing (one autograd pass).
+    #[arg(long)]
+    no_checkpointing: bool,
+    /// Without the CUDA kernels and hand-written backward (the reference path).
+    #[arg(long)]
+    no_kernels: bool,
 }
 
 /// `tuner grads --quantize`.
@@ -270,91 +278,102 @@ fn lead(
     Ok(())
 }
 
+/// `tuner run`: the pipeline in this process, the launcher of `--gpus N` workers, or one rank
+/// of several.
+fn run(a: RunArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
+    let RunArgs { recipe: ra, run_dir, until, from, threads, dry_run, verify, write_expected, expected, gpus } = a;
+    let r = recipe::load(&ra.recipe, &ra.set)?;
+    let mut ctx = context(r, run_dir, threads, interrupted)?;
+    if dry_run {
+        let model = crate::stages::fetch::model_path(&ctx.recipe, &ctx.run_dir)?;
+        eprint!("{}", crate::plan::render(&crate::plan::estimate(&ctx.recipe.recipe, &model)?));
+        return Ok(());
+    }
+    // Several processes: launch them (`--gpus N`), or be one of them (torchrun, Slurm,
+    // or our own launcher's variables). See crate::dist.
+    let t = &ctx.recipe.recipe.train;
+    let world = crate::dist::env::from_env(|k| std::env::var(k).ok()).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+    let gpus = gpus.unwrap_or(t.gpus) as usize;
+    match world {
+        None if gpus > 1 => {
+            if let Some(why) = recipe::effective_batch_problem(t, gpus) {
+                return Err(Failure::Usage(why).into());
+            }
+            if let recipe::DeviceSpec::Cuda(Some(_)) = t.device {
+                return Err(Failure::Usage(format!("--gpus {gpus} starts one process per GPU (each on cuda:LOCAL_RANK), but train.device = \"{}\" names one GPU; set it to \"auto\" or \"cuda\"", t.device)).into());
+            }
+            return crate::dist::launch::run(gpus, &ctx.run_dir);
+        }
+        None => {}
+        Some(w) => {
+            let timeout = std::time::Duration::from_secs(t.collective_timeout_s);
+            ctx.dist = Some(crate::dist::Dist::connect(w, t.device, timeout)?);
+            let d = ctx.dist.as_ref().expect("just set");
+            if !d.is_leader() {
+                return crate::stages::follow(&ctx);
+            }
+            let res = lead(&ctx, &ra, from, until, verify, write_expected, expected);
+            let told = d.finish(res.is_ok());
+            return res.and(told);
+        }
+    }
+    lead(&ctx, &ra, from, until, verify, write_expected, expected)
+}
+
+/// `tuner grads`.
+fn grads(a: GradsArgs) -> Result<()> {
+    let GradsArgs { model, adapter, data, out, dtype, device, quantize, pad_id, no_checkpointing, no_kernels } = a;
+    let device = device.resolve();
+    let hub = crate::hub::HubConfig::from_env()?;
+    let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+    let dir = crate::model::open::resolve_dir(&model, &cache)?;
+    let report = crate::train::probe::run(crate::train::probe::GradsInputs {
+        model_dir: &dir,
+        adapter: &adapter,
+        rows: crate::train::probe::read_rows(&data)?,
+        kind: crate::model::open::compute_kind(dtype, device),
+        device,
+        quantize: match quantize {
+            GradsQuant::None => None,
+            GradsQuant::Nf4 => Some((crate::quant::QuantType::Nf4, 64, true)),
+        },
+        pad_id,
+        checkpointing: !no_checkpointing,
+        kernels: !no_kernels,
+    })?;
+    crate::train::probe::write(&report, &out)?;
+    println!("{}", serde_json::to_string(&report)?);
+    if let Some(a) = &report.anomaly {
+        eprintln!("grads: the first non-finite value appeared in {a}");
+    }
+    Ok(())
+}
+
+/// `tuner kernels`.
+fn kernels(device: recipe::DeviceSpec, bench: bool) -> Result<()> {
+    let device = device.resolve();
+    let Device::Cuda(ordinal) = device else {
+        return Err(Failure::Usage("tuner kernels needs a CUDA device (--device cuda[:N])".into()).into());
+    };
+    if !tch::Cuda::is_available() {
+        return Err(Failure::Usage("no CUDA device is visible to libtorch".into()).into());
+    }
+    let k = crate::kernels::Kernels::compile(ordinal)?;
+    let rows = crate::kernels::check::run(&k, device, bench, 0);
+    let bw = bench.then(|| crate::kernels::check::copy_bandwidth(device));
+    print!("{}", crate::kernels::check::table(&rows, bw));
+    let bad: Vec<&str> = rows.iter().filter(|r| !r.ok()).map(|r| r.name.as_str()).collect();
+    if !bad.is_empty() {
+        anyhow::bail!("{} kernel(s) differ from their reference: {}", bad.len(), bad.join(", "));
+    }
+    Ok(())
+}
+
 fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
     match cli.command {
-        Command::Run { recipe: ra, run_dir, until, from, threads, dry_run, verify, write_expected, expected, gpus } => {
-            let r = recipe::load(&ra.recipe, &ra.set)?;
-            let mut ctx = context(r, run_dir, threads, interrupted)?;
-            if dry_run {
-                let model = crate::stages::fetch::model_path(&ctx.recipe, &ctx.run_dir)?;
-                eprint!("{}", crate::plan::render(&crate::plan::estimate(&ctx.recipe.recipe, &model)?));
-                return Ok(());
-            }
-            // Several processes: launch them (`--gpus N`), or be one of them (torchrun, Slurm,
-            // or our own launcher's variables). See crate::dist.
-            let t = &ctx.recipe.recipe.train;
-            let world =
-                crate::dist::env::from_env(|k| std::env::var(k).ok()).map_err(|e| Failure::Usage(format!("{e:#}")))?;
-            let gpus = gpus.unwrap_or(t.gpus) as usize;
-            match world {
-                None if gpus > 1 => {
-                    if let Some(why) = recipe::effective_batch_problem(t, gpus) {
-                        return Err(Failure::Usage(why).into());
-                    }
-                    if let recipe::DeviceSpec::Cuda(Some(_)) = t.device {
-                        return Err(Failure::Usage(format!("--gpus {gpus} starts one process per GPU (each on cuda:LOCAL_RANK), but train.device = \"{}\" names one GPU; set it to \"auto\" or \"cuda\"", t.device)).into());
-                    }
-                    return crate::dist::launch::run(gpus, &ctx.run_dir);
-                }
-                None => {}
-                Some(w) => {
-                    let timeout = std::time::Duration::from_secs(t.collective_timeout_s);
-                    ctx.dist = Some(crate::dist::Dist::connect(w, t.device, timeout)?);
-                    let d = ctx.dist.as_ref().expect("just set");
-                    if !d.is_leader() {
-                        return crate::stages::follow(&ctx);
-                    }
-                    let res = lead(&ctx, &ra, from, until, verify, write_expected, expected);
-                    let told = d.finish(res.is_ok());
-                    return res.and(told);
-                }
-            }
-            lead(&ctx, &ra, from, until, verify, write_expected, expected)
-        }
-        Command::Grads { model, adapter, data, out, dtype, device, quantize, pad_id, no_checkpointing, no_kernels } => {
-            let device = device.resolve();
-            let hub = crate::hub::HubConfig::from_env()?;
-            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
-            let dir = crate::model::open::resolve_dir(&model, &cache)?;
-            let report = crate::train::probe::run(crate::train::probe::GradsInputs {
-                model_dir: &dir,
-                adapter: &adapter,
-                rows: crate::train::probe::read_rows(&data)?,
-                kind: crate::model::open::compute_kind(dtype, device),
-                device,
-                quantize: match quantize {
-                    GradsQuant::None => None,
-                    GradsQuant::Nf4 => Some((crate::quant::QuantType::Nf4, 64, true)),
-                },
-                pad_id,
-                checkpointing: !no_checkpointing,
-                kernels: !no_kernels,
-            })?;
-            crate::train::probe::write(&report, &out)?;
-            println!("{}", serde_json::to_string(&report)?);
-            if let Some(a) = &report.anomaly {
-                eprintln!("grads: the first non-finite value appeared in {a}");
-            }
-            Ok(())
-        }
-        Command::Kernels { device, bench } => {
-            let device = device.resolve();
-            let Device::Cuda(ordinal) = device else {
-                return Err(Failure::Usage("tuner kernels needs a CUDA device (--device cuda[:N])".into()).into());
-            };
-            if !tch::Cuda::is_available() {
-                return Err(Failure::Usage("no CUDA device is visible to libtorch".into()).into());
-            }
-            let k = crate::kernels::Kernels::compile(ordinal)?;
-            let rows = crate::kernels::check::run(&k, device, bench, 0);
-            let bw = bench.then(|| crate::kernels::check::copy_bandwidth(device));
-            print!("{}", crate::kernels::check::table(&rows, bw));
-            let bad: Vec<&str> = rows.iter().filter(|r| !r.ok()).map(|r| r.name.as_str()).collect();
-            if !bad.is_empty() {
-                anyhow::bail!("{} kernel(s) differ from their reference: {}", bad.len(), bad.join(", "));
-            }
-            Ok(())
-        }
+        Command::Run(a) => run(a, interrupted),
+        Command::Grads(a) => grads(a),
+        Command::Kernels { device, bench } => kernels(device, bench),
         Command::Verify { run_dir, expected } => {
             let rec: pipeline::RunRecord = crate::util::read_json(&run_dir.join("tuner.lock.json"))
                 .map_err(|e| Failure::Usage(format!("{} is not a run dir: {e}", run_dir.display())))?;

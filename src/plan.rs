@@ -159,172 +159,67 @@ fn current_rss() -> u64 {
     crate::device_mem::rss_bytes().1
 }
 
-/// Build the estimate for a recipe whose base model is `model`: an HF folder or a `.gguf` file
-/// (for a hub source, the folder the fetch stage downloaded: `stages::fetch::model_path`).
-pub fn estimate(r: &Recipe, model: &Path) -> Result<Plan> {
-    let safetensors_bytes = |dir: &Path| -> u64 {
-        std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
-    let (shape, file_bytes) = if model.extension().is_some_and(|e| e == "gguf") {
+/// The estimate's context: the recipe, the model's shape and the batch.
+struct Ctx<'a> {
+    r: &'a Recipe,
+    s: &'a Shape,
+    device: tch::Device,
+    /// Bytes per element of the compute dtype.
+    dt: i64,
+    b: i64,
+    seq: i64,
+    tokens: i64,
+}
+
+/// Items on the device (or in RAM on the CPU) and in pinned host memory.
+#[derive(Default)]
+struct Items {
+    items: Vec<Item>,
+    host: Vec<Item>,
+}
+
+impl Items {
+    fn add(&mut self, c: &str, bytes: i64, note: String) {
+        self.items.push(Item { component: c.into(), bytes: bytes.max(0) as u64, note });
+    }
+}
+
+/// The shape of `model` (an HF folder or a `.gguf` file) and the bytes of its checkpoint files.
+fn model_shape(model: &Path) -> Result<(Shape, u64)> {
+    if model.extension().is_some_and(|e| e == "gguf") {
         let s = Shape::from_gguf(model)?;
         // The import writes f32 safetensors.
         let params = s.layers * s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>()
             + s.vocab * s.hidden * if s.tied { 1 } else { 2 };
-        (s, 4 * params as u64)
-    } else {
-        (Shape::from_dir(model)?, safetensors_bytes(model))
-    };
+        return Ok((s, 4 * params as u64));
+    }
+    let bytes = std::fs::read_dir(model)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok((Shape::from_dir(model)?, bytes))
+}
+
+/// Build the estimate for a recipe whose base model is `model`: an HF folder or a `.gguf` file
+/// (for a hub source, the folder the fetch stage downloaded: `stages::fetch::model_path`).
+pub fn estimate(r: &Recipe, model: &Path) -> Result<Plan> {
+    let (shape, file_bytes) = model_shape(model)?;
     let device = r.train.device.resolve();
     let dt = dtype_bytes(crate::model::open::compute_kind(r.model.dtype, device));
-    let t = &r.train;
-    let (b, seq) = (t.micro_batch_size as i64, t.max_seq_length as i64);
-    let tokens = b * seq;
-    let s = &shape;
-    let mut items = vec![];
-    let mut add =
-        |c: &str, bytes: i64, note: String| items.push(Item { component: c.into(), bytes: bytes.max(0) as u64, note });
-
-    // Base weights.
-    let linear_params: i64 = s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>() * s.layers;
-    let bs = r.quantization.block_size as i64;
-    let (lin_bytes, lin_note) = match r.quantization.method {
-        QuantMethod::None => (linear_params * dt, format!("{linear_params} params in {dt}-byte floats")),
-        _ => {
-            let blocks = linear_params / bs;
-            let absmax = if r.quantization.double_quant { blocks + 4 * (blocks / 256 + 1) } else { 4 * blocks };
-            (linear_params / 2 + absmax, format!("{linear_params} params in 4 bits + absmax"))
-        }
-    };
-    add("base decoder linears", lin_bytes, lin_note);
-    let emb = s.vocab * s.hidden * dt * if s.tied { 1 } else { 2 };
-    add("embeddings + lm_head", emb, if s.tied { "tied".into() } else { "untied".into() });
-    add("norms", (2 * s.layers + 1) * s.hidden * dt, String::new());
-    let mut host_items = vec![];
-    if let Some((vp, p, rank, _)) = s.gemma3n {
-        let n = s.streams;
-        let extras = 2 * (n - 1) * s.hidden * s.hidden
-            + s.hidden * s.layers * p
-            + s.layers * (2 * s.hidden * rank + 2 * s.hidden * p + n * n * n + s.hidden * n + 6 * s.hidden);
-        add("Gemma 3n AltUp, LAuReL, per-layer projections", extras * dt, format!("{extras} params, dense"));
-        add(
-            "per-layer inputs of a batch",
-            tokens * s.layers * p * dt * 2,
-            format!("{b}×{seq}×{}×{p}: table rows + projection", s.layers),
-        );
-        let table = Item {
-            component: "per-layer embedding table".into(),
-            bytes: (vp * s.layers * p * dt) as u64,
-            note: format!("{vp} × {} in host memory, rows gathered per batch", s.layers * p),
-        };
-        if device.is_cuda() {
-            host_items.push(table);
-        } else {
-            add(&table.component, table.bytes as i64, table.note);
-        }
-    }
-
-    // Adapters, gradients, optimizer.
-    let spec = crate::train::lora_spec(r);
-    let targets: Vec<(i64, i64)> = s
-        .linears()
-        .iter()
-        .filter(|(n, _, _)| match &spec.targets {
-            crate::model::lora::Targets::Names(v) => v.iter().any(|x| x == n),
-            _ => true,
-        })
-        .map(|(_, i, o)| (*i, *o))
-        .collect();
-    let rank = r.lora.r as i64;
-    let lora_params: i64 = targets.iter().map(|(i, o)| rank * (i + o)).sum::<i64>() * s.layers;
-    add("LoRA weights (fp32)", 4 * lora_params, format!("{lora_params} params"));
-    add("LoRA gradients (fp32)", 4 * lora_params, String::new());
-    let opt: i64 = targets
-        .iter()
-        .map(|(i, o)| AdamW::state_bytes(rank * i, t.optimizer) + AdamW::state_bytes(rank * o, t.optimizer))
-        .sum::<i64>()
-        * s.layers;
-    add("optimizer state", opt, format!("{:?}", t.optimizer).to_lowercase());
-
-    // Activations.
-    let q = s.heads * s.head_dim;
-    let kv = s.kv_heads * s.head_dim;
-    // Scores and probabilities in f32, where they exist: on a GPU SDPA's fused kernels keep only
-    // per-row statistics, unless the family writes attention out (a softcap).
-    let kind = crate::model::open::compute_kind(r.model.dtype, device);
-    let coalesce_tokens =
-        crate::train::step::coalesce_budget(t, device, kind, s.head_dim, s.eager_attention).map(|n| n as u64);
-    // A coalesced pass is one row of up to b·seq tokens: its scores, where written out, are
-    // (b·seq)², not b·seq².
-    let scores = if device.is_cuda() && !s.eager_attention {
-        0
-    } else if coalesce_tokens.is_some() {
-        s.heads * tokens * tokens * 4 * 2
-    } else {
-        b * s.heads * seq * seq * 4 * 2
-    };
-    let width = s.streams.max(1) * s.hidden;
-    let layer_ws = tokens * dt * (4 * width + 2 * q + 4 * kv + 4 * s.intermediate) + scores;
-    // Gemma 3n carries the producers' K and V (two layer types) past them to the shared layers.
-    let carried = s.gemma3n.map_or(0, |(_, _, _, shared)| (shared + 2) * tokens * 4 * kv * dt);
-    // The CUDA fast path's hand-written backward frees each intermediate once used, where autograd
-    // keeps the recomputed graph's activations beside their gradients: 1.35 against 2 layer
-    // working sets, fitted to the Llama-3.1-8B allocator peaks measured on the H200 at 4k, 32k and
-    // 131k tokens (docs/benchmarks.md; tests/plan.rs holds the estimate to them).
-    let hand = device.is_cuda() && t.cuda_kernels && s.hand_backward && r.lora.dropout == 0.0;
-    // Offloaded layer inputs live in pinned host memory; the GPU holds the one in use and the one
-    // prefetched. ("auto" is decided from this estimate without offload, so it counts as off.)
-    let offload = device.is_cuda() && t.gradient_checkpointing && t.offload_activations == crate::recipe::Switch::On;
-    if t.gradient_checkpointing {
-        let inputs = s.layers * tokens * width * dt;
-        if offload {
-            // Gemma 3n's inputs also carry up to two producers' K and V.
-            let carry_width = if s.gemma3n.is_some() { 4 * kv } else { 0 };
-            add(
-                "checkpointed layer inputs",
-                2 * tokens * (width + carry_width) * dt,
-                format!("2 of {} layers × {b}×{seq}×{width} on the GPU, the rest offloaded", s.layers),
-            );
-            host_items.push(Item {
-                component: "checkpointed layer inputs (offloaded)".into(),
-                bytes: (inputs + carried) as u64,
-                note: "pinned host memory".into(),
-            });
-        } else {
-            add("checkpointed layer inputs", inputs + carried, format!("{} layers × {b}×{seq}×{width}", s.layers));
-        }
-        if hand {
-            add(
-                "one layer, recompute + backward",
-                layer_ws * 27 / 20,
-                "hand-written backward: intermediates freed as used".into(),
-            );
-        } else {
-            add("one layer, recompute + backward", 2 * layer_ws, "activations and their gradients".into());
-        }
-    } else {
-        add("all layer activations", s.layers * layer_ws + layer_ws + carried, "no checkpointing".into());
-    }
-    let widest = s.linears().iter().map(|(_, i, o)| i * o).max().unwrap_or(0);
-    add("dequantized weight (transient)", 2 * widest * dt, "largest linear, forward and backward".into());
-    let rows = crate::train::step::ce_chunk_rows(s.vocab, device).min(tokens);
-    add(
-        "cross-entropy chunk",
-        3 * rows * s.vocab * 4 + 2 * tokens * s.hidden * dt,
-        format!("{rows} rows × {} vocab in fp32", s.vocab),
-    );
-    if device.is_cuda() {
-        add("CUDA context (outside the allocator)", 600 << 20, "typical; not in allocator statistics".into());
-    } else {
-        add("runtime (libtorch, tokenizer, measured)", current_rss() as i64, "resident now, before loading".into());
-    }
+    let (b, seq) = (r.train.micro_batch_size as i64, r.train.max_seq_length as i64);
+    let c = Ctx { r, s: &shape, device, dt, b, seq, tokens: b * seq };
+    let mut out = Items::default();
+    weights(&c, &mut out);
+    adapters(&c, &mut out);
+    let coalesce_tokens = activations(&c, &mut out);
+    let widest = shape.linears().iter().map(|(_, i, o)| i * o).max().unwrap_or(0);
+    transients(&c, widest, &mut out);
+    let Items { items, host: host_items } = out;
     // Loading: the checkpoint is memory-mapped and every page is read once; with
     // quantize-at-load one dense tensor at a time is copied out and quantized.
     let mut load_items = vec![Item {
@@ -365,6 +260,158 @@ pub fn estimate(r: &Recipe, model: &Path) -> Result<Plan> {
         total_bytes: train_bytes.max(load_bytes),
         coalesce_tokens,
     })
+}
+
+/// Base weights: the linears (4-bit or dense), embeddings, norms, Gemma 3n's extras.
+fn weights(c: &Ctx, out: &mut Items) {
+    let Ctx { r, s, device, dt, b, seq, tokens } = *c;
+    // Base weights.
+    let linear_params: i64 = s.linears().iter().map(|(_, i, o)| i * o).sum::<i64>() * s.layers;
+    let bs = r.quantization.block_size as i64;
+    let (lin_bytes, lin_note) = match r.quantization.method {
+        QuantMethod::None => (linear_params * dt, format!("{linear_params} params in {dt}-byte floats")),
+        _ => {
+            let blocks = linear_params / bs;
+            let absmax = if r.quantization.double_quant { blocks + 4 * (blocks / 256 + 1) } else { 4 * blocks };
+            (linear_params / 2 + absmax, format!("{linear_params} params in 4 bits + absmax"))
+        }
+    };
+    out.add("base decoder linears", lin_bytes, lin_note);
+    let emb = s.vocab * s.hidden * dt * if s.tied { 1 } else { 2 };
+    out.add("embeddings + lm_head", emb, if s.tied { "tied".into() } else { "untied".into() });
+    out.add("norms", (2 * s.layers + 1) * s.hidden * dt, String::new());
+    if let Some((vp, p, rank, _)) = s.gemma3n {
+        let n = s.streams;
+        let extras = 2 * (n - 1) * s.hidden * s.hidden
+            + s.hidden * s.layers * p
+            + s.layers * (2 * s.hidden * rank + 2 * s.hidden * p + n * n * n + s.hidden * n + 6 * s.hidden);
+        out.add("Gemma 3n AltUp, LAuReL, per-layer projections", extras * dt, format!("{extras} params, dense"));
+        out.add(
+            "per-layer inputs of a batch",
+            tokens * s.layers * p * dt * 2,
+            format!("{b}×{seq}×{}×{p}: table rows + projection", s.layers),
+        );
+        let table = Item {
+            component: "per-layer embedding table".into(),
+            bytes: (vp * s.layers * p * dt) as u64,
+            note: format!("{vp} × {} in host memory, rows gathered per batch", s.layers * p),
+        };
+        if device.is_cuda() {
+            out.host.push(table);
+        } else {
+            out.add(&table.component, table.bytes as i64, table.note);
+        }
+    }
+}
+
+/// LoRA weights, their gradients and the optimizer state.
+fn adapters(c: &Ctx, out: &mut Items) {
+    let (r, s, t) = (c.r, c.s, &c.r.train);
+    // Adapters, gradients, optimizer.
+    let spec = crate::train::lora_spec(r);
+    let targets: Vec<(i64, i64)> = s
+        .linears()
+        .iter()
+        .filter(|(n, _, _)| match &spec.targets {
+            crate::model::lora::Targets::Names(v) => v.iter().any(|x| x == n),
+            _ => true,
+        })
+        .map(|(_, i, o)| (*i, *o))
+        .collect();
+    let rank = r.lora.r as i64;
+    let lora_params: i64 = targets.iter().map(|(i, o)| rank * (i + o)).sum::<i64>() * s.layers;
+    out.add("LoRA weights (fp32)", 4 * lora_params, format!("{lora_params} params"));
+    out.add("LoRA gradients (fp32)", 4 * lora_params, String::new());
+    let opt: i64 = targets
+        .iter()
+        .map(|(i, o)| AdamW::state_bytes(rank * i, t.optimizer) + AdamW::state_bytes(rank * o, t.optimizer))
+        .sum::<i64>()
+        * s.layers;
+    out.add("optimizer state", opt, format!("{:?}", t.optimizer).to_lowercase());
+}
+
+/// Activations: checkpointed layer inputs, one layer's working set, or everything without
+/// checkpointing. Returns the coalesced pass's token budget, if any.
+fn activations(c: &Ctx, out: &mut Items) -> Option<u64> {
+    let Ctx { r, s, device, dt, b, seq, tokens } = *c;
+    let t = &r.train;
+    // Activations.
+    let q = s.heads * s.head_dim;
+    let kv = s.kv_heads * s.head_dim;
+    // Scores and probabilities in f32, where they exist: on a GPU SDPA's fused kernels keep only
+    // per-row statistics, unless the family writes attention out (a softcap).
+    let kind = crate::model::open::compute_kind(r.model.dtype, device);
+    let coalesce_tokens =
+        crate::train::step::coalesce_budget(t, device, kind, s.head_dim, s.eager_attention).map(|n| n as u64);
+    // A coalesced pass is one row of up to b·seq tokens: its scores, where written out, are
+    // (b·seq)², not b·seq².
+    let scores = if device.is_cuda() && !s.eager_attention {
+        0
+    } else if coalesce_tokens.is_some() {
+        s.heads * tokens * tokens * 4 * 2
+    } else {
+        b * s.heads * seq * seq * 4 * 2
+    };
+    let width = s.streams.max(1) * s.hidden;
+    let layer_ws = tokens * dt * (4 * width + 2 * q + 4 * kv + 4 * s.intermediate) + scores;
+    // Gemma 3n carries the producers' K and V (two layer types) past them to the shared layers.
+    let carried = s.gemma3n.map_or(0, |(_, _, _, shared)| (shared + 2) * tokens * 4 * kv * dt);
+    // The CUDA fast path's hand-written backward frees each intermediate once used, where autograd
+    // keeps the recomputed graph's activations beside their gradients: 1.35 against 2 layer
+    // working sets, fitted to the Llama-3.1-8B allocator peaks measured on the H200 at 4k, 32k and
+    // 131k tokens (docs/benchmarks.md; tests/plan.rs holds the estimate to them).
+    let hand = device.is_cuda() && t.cuda_kernels && s.hand_backward && r.lora.dropout == 0.0;
+    // Offloaded layer inputs live in pinned host memory; the GPU holds the one in use and the one
+    // prefetched. ("auto" is decided from this estimate without offload, so it counts as off.)
+    let offload = device.is_cuda() && t.gradient_checkpointing && t.offload_activations == crate::recipe::Switch::On;
+    if t.gradient_checkpointing {
+        let inputs = s.layers * tokens * width * dt;
+        if offload {
+            // Gemma 3n's inputs also carry up to two producers' K and V.
+            let carry_width = if s.gemma3n.is_some() { 4 * kv } else { 0 };
+            out.add(
+                "checkpointed layer inputs",
+                2 * tokens * (width + carry_width) * dt,
+                format!("2 of {} layers × {b}×{seq}×{width} on the GPU, the rest offloaded", s.layers),
+            );
+            out.host.push(Item {
+                component: "checkpointed layer inputs (offloaded)".into(),
+                bytes: (inputs + carried) as u64,
+                note: "pinned host memory".into(),
+            });
+        } else {
+            out.add("checkpointed layer inputs", inputs + carried, format!("{} layers × {b}×{seq}×{width}", s.layers));
+        }
+        if hand {
+            out.add(
+                "one layer, recompute + backward",
+                layer_ws * 27 / 20,
+                "hand-written backward: intermediates freed as used".into(),
+            );
+        } else {
+            out.add("one layer, recompute + backward", 2 * layer_ws, "activations and their gradients".into());
+        }
+    } else {
+        out.add("all layer activations", s.layers * layer_ws + layer_ws + carried, "no checkpointing".into());
+    }
+    coalesce_tokens
+}
+
+/// The dequantized weight, the cross-entropy chunk and the runtime.
+fn transients(c: &Ctx, widest: i64, out: &mut Items) {
+    let Ctx { s, device, dt, tokens, .. } = *c;
+    out.add("dequantized weight (transient)", 2 * widest * dt, "largest linear, forward and backward".into());
+    let rows = crate::train::step::ce_chunk_rows(s.vocab, device).min(tokens);
+    out.add(
+        "cross-entropy chunk",
+        3 * rows * s.vocab * 4 + 2 * tokens * s.hidden * dt,
+        format!("{rows} rows × {} vocab in fp32", s.vocab),
+    );
+    if device.is_cuda() {
+        out.add("CUDA context (outside the allocator)", 600 << 20, "typical; not in allocator statistics".into());
+    } else {
+        out.add("runtime (libtorch, tokenizer, measured)", current_rss() as i64, "resident now, before loading".into());
+    }
 }
 
 /// The estimate as a table.

@@ -198,49 +198,10 @@ fn usage(format: Format, base: &str) -> String {
     }
 }
 
-/// The README model card of one exported folder.
-pub fn readme(r: &Recipe, facts: &RunFacts, format: Format, check: Option<&MergeCheck>) -> String {
-    let base = &facts.base_name;
-    let library = match format {
-        Format::Adapter => "peft",
-        Format::Merged | Format::Nf4 => "transformers",
-        Format::Gguf => "gguf",
-    };
+/// The card's settings section.
+fn settings_table(r: &Recipe, format: Format) -> String {
     let qlora = r.quantization.method != QuantMethod::None;
-    let mut s = String::from("---\n");
-    if r.model.source.starts_with("hf:") {
-        let _ = writeln!(s, "base_model: {base}");
-    }
-    let _ = writeln!(s, "library_name: {library}");
-    let _ = writeln!(s, "tags:\n- tuner\n- lora{}", if qlora { "\n- qlora" } else { "" });
-    s.push_str("---\n\n");
-    let _ = writeln!(s, "# {}: {}\n", if r.run.name.is_empty() { "model" } else { &r.run.name }, format.title());
-    let _ = writeln!(
-        s,
-        "Fine-tuned from `{base}` with {} by tuner {}.\n",
-        if qlora { "QLoRA (LoRA on a 4-bit base)" } else { "LoRA" },
-        env!("CARGO_PKG_VERSION")
-    );
-    s.push_str("## Usage\n\n");
-    s.push_str(&usage(format, base));
-
-    s.push_str("\n## Base model\n\n| | |\n| --- | --- |\n");
-    let _ = writeln!(s, "| source | `{}` |", r.model.source);
-    if let Some(c) = &facts.commit {
-        let _ = writeln!(s, "| commit | `{c}` |");
-    }
-    let _ = writeln!(s, "| architecture | {} |", facts.model_type);
-
-    s.push_str("\n## Data\n\n");
-    let _ = writeln!(s, "- dataset: `{}`", r.dataset.source);
-    if !r.dataset.eval_source.is_empty() {
-        let _ = writeln!(s, "- eval set: `{}`", r.dataset.eval_source);
-    }
-    for (split, rows, tokens) in &facts.splits {
-        let _ = writeln!(s, "- {split}: {rows} examples, {tokens} tokens");
-    }
-    let _ = writeln!(s, "- prompt format: {:?}", r.prompt.template.as_str());
-
+    let mut s = String::new();
     s.push_str("\n## Settings\n\n| setting | value |\n| --- | --- |\n");
     let targets = serde_json::to_string(&r.lora.target_modules).unwrap_or_default();
     let steps = match (r.train.max_steps, r.train.epochs) {
@@ -287,6 +248,53 @@ pub fn readme(r: &Recipe, facts: &RunFacts, format: Format, check: Option<&Merge
             if format == Format::Merged { r.export.merged_dtype.name() } else { "bf16 + NF4/GGUF" }
         );
     }
+    s
+}
+
+/// The README model card of one exported folder.
+pub fn readme(r: &Recipe, facts: &RunFacts, format: Format, check: Option<&MergeCheck>) -> String {
+    let base = &facts.base_name;
+    let library = match format {
+        Format::Adapter => "peft",
+        Format::Merged | Format::Nf4 => "transformers",
+        Format::Gguf => "gguf",
+    };
+    let qlora = r.quantization.method != QuantMethod::None;
+    let mut s = String::from("---\n");
+    if r.model.source.starts_with("hf:") {
+        let _ = writeln!(s, "base_model: {base}");
+    }
+    let _ = writeln!(s, "library_name: {library}");
+    let _ = writeln!(s, "tags:\n- tuner\n- lora{}", if qlora { "\n- qlora" } else { "" });
+    s.push_str("---\n\n");
+    let _ = writeln!(s, "# {}: {}\n", if r.run.name.is_empty() { "model" } else { &r.run.name }, format.title());
+    let _ = writeln!(
+        s,
+        "Fine-tuned from `{base}` with {} by tuner {}.\n",
+        if qlora { "QLoRA (LoRA on a 4-bit base)" } else { "LoRA" },
+        env!("CARGO_PKG_VERSION")
+    );
+    s.push_str("## Usage\n\n");
+    s.push_str(&usage(format, base));
+
+    s.push_str("\n## Base model\n\n| | |\n| --- | --- |\n");
+    let _ = writeln!(s, "| source | `{}` |", r.model.source);
+    if let Some(c) = &facts.commit {
+        let _ = writeln!(s, "| commit | `{c}` |");
+    }
+    let _ = writeln!(s, "| architecture | {} |", facts.model_type);
+
+    s.push_str("\n## Data\n\n");
+    let _ = writeln!(s, "- dataset: `{}`", r.dataset.source);
+    if !r.dataset.eval_source.is_empty() {
+        let _ = writeln!(s, "- eval set: `{}`", r.dataset.eval_source);
+    }
+    for (split, rows, tokens) in &facts.splits {
+        let _ = writeln!(s, "- {split}: {rows} examples, {tokens} tokens");
+    }
+    let _ = writeln!(s, "- prompt format: {:?}", r.prompt.template.as_str());
+
+    s.push_str(&settings_table(r, format));
 
     if let Some(t) = facts.eval_report.as_ref().and_then(eval_table) {
         s.push_str("\n## Evaluation\n\nFrom the run's evaluate stage (`evaluate/report.json`).\n\n");

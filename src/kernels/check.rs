@@ -5,75 +5,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::checker::{name, rel_err, time, tol, Checker, Row};
 use super::{dequant_4bit, glu, rms_norm, rope, varlen, Kernels};
-
-/// One kernel checked (and optionally timed).
-#[derive(Debug, Clone)]
-pub struct Row {
-    /// Kernel and case, e.g. `rms_norm_fwd llama bf16 [4096×4096]`.
-    pub name: String,
-    /// Largest |kernel − reference| / max(1, max |reference|).
-    pub err: f64,
-    /// What `err` may be.
-    pub tol: f64,
-    /// Bytes read + written per call, when timed.
-    pub bytes: f64,
-    /// Median seconds per call, when timed.
-    pub secs: Option<f64>,
-}
-
-impl Row {
-    /// Whether the kernel matches its reference.
-    pub fn ok(&self) -> bool {
-        self.err <= self.tol
-    }
-}
-
-pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let (g, w) = (got.to_kind(Kind::Double), want.to_kind(Kind::Double));
-    let scale = w.abs().max().double_value(&[]).max(1.0);
-    (g - w).abs().max().double_value(&[]) / scale
-}
-
-pub fn tol(kind: Kind) -> f64 {
-    match kind {
-        Kind::Float => 2e-6,
-        Kind::Half => 2e-3,
-        _ => 1.6e-2,
-    }
-}
-
-pub fn name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Float => "f32",
-        Kind::Half => "f16",
-        _ => "bf16",
-    }
-}
-
-/// Seconds per call of `f`: the median over `iters` rounds of 10 back-to-back calls between
-/// device synchronisations (so launch latency overlaps, as in a model), after a warm-up.
-pub fn time(device: Device, iters: usize, mut f: impl FnMut()) -> f64 {
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    f();
-    sync();
-    let mut v: Vec<f64> = (0..iters)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            for _ in 0..10 {
-                f();
-            }
-            sync();
-            t.elapsed().as_secs_f64() / 10.0
-        })
-        .collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Measured device copy bandwidth in bytes/s (read + write of a 1 GiB-ish tensor).
 pub fn copy_bandwidth(device: Device) -> f64 {
@@ -85,23 +18,6 @@ pub fn copy_bandwidth(device: Device) -> f64 {
     2.0 * 4.0 * (256u64 << 20) as f64 / s
 }
 
-/// Collects the cases of a check run: each op file's `check` adds its own (beside the op and
-/// its reference), timing the large ones when benchmarking.
-pub struct Checker {
-    pub device: Device,
-    /// Timing rounds of each timed case (0: nothing is timed).
-    pub iters: usize,
-    pub rows: Vec<Row>,
-}
-
-impl Checker {
-    /// A case whose kernel call `f` is timed when benchmarking.
-    pub fn timed(&mut self, name: String, err: f64, tol: f64, bytes: f64, f: &mut dyn FnMut()) {
-        let secs = (self.iters > 0).then(|| time(self.device, self.iters, f));
-        self.rows.push(Row { name, err, tol, bytes, secs });
-    }
-}
-
 /// Every kernel against its reference on `device` (a CUDA device `k` was compiled for).
 /// `bench` also times the large cases. `seed` fixes the inputs.
 pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
@@ -111,8 +27,106 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
     rms_norm::check(k, &mut c);
     rope::check(k, &mut c);
     glu::check(k, &mut c);
-    varlen::check(&mut c);
+    varlen_check(&mut c);
     c.rows
+}
+
+// Varlen attention's reference is the model's own masked SDPA (model/blocks.rs), so its check
+// sits here, in the runner, rather than in kernels/varlen.rs: the model calls that kernel, and a
+// kernel file that imported the model would close an import circle.
+/// Varlen flash attention (libtorch's, through kernels/flash_varlen.cpp) against its reference,
+/// SDPA under the boolean mask the model would otherwise build: packed documents, a padded row,
+/// GQA, a sliding window; the output at real tokens and the q/k/v gradients for an upstream
+/// gradient that is zero at padding (as the loss's is). Timed forward + backward, both paths.
+pub fn varlen_check(c: &mut Checker) {
+    let (device, iters) = (c.device, c.iters);
+    use crate::model::blocks::{attend_kv, attention_mask};
+    use crate::model::Batch;
+    // (label, kind, [nh, nkv, d], each row's document lengths (the rest of T is padding), T, window)
+    type Case = (&'static str, Kind, [i64; 3], Vec<Vec<i64>>, i64, Option<i64>);
+    let cases: [Case; 3] = [
+        ("packed+padded gqa", Kind::BFloat16, [32, 8, 128], vec![vec![300, 700, 1048], vec![1900]], 2048, None),
+        ("window 256 padded", Kind::Half, [8, 4, 256], vec![vec![1024], vec![924]], 1024, Some(256)),
+        ("packed small", Kind::BFloat16, [4, 2, 64], vec![vec![5, 20, 12]], 37, None),
+    ];
+    for (label, kind, [nh, nkv, d], docs, t, window) in cases {
+        if !varlen::supports(device, kind, d) {
+            continue;
+        }
+        let b = docs.len() as i64;
+        let (mut seq, mut real) = (Vec::new(), Vec::new());
+        for row in &docs {
+            let used: i64 = row.iter().sum();
+            for (i, &n) in row.iter().enumerate() {
+                seq.extend(std::iter::repeat_n(i as i64, n as usize));
+            }
+            seq.extend(std::iter::repeat_n(-1i64, (t - used) as usize));
+            real.extend((0..t).map(|c| (c < used) as i64));
+        }
+        let seq = Tensor::from_slice(&seq).view([b, t]).to_device(device);
+        let real = Tensor::from_slice(&real).view([b, t]).to_device(device);
+        let mut batch = Batch::packed(Tensor::zeros([b, t], (Kind::Int64, device)), seq);
+        batch.attention_mask = Some(real.shallow_clone());
+        let dense = attention_mask(&batch, window, device).expect("a packed batch has a mask");
+        let (cu, max_len) = batch.segments(device);
+        let scale = (d as f64).powf(-0.5);
+        // Leaves made as [B, T, n, d] and transposed, as the attention blocks make them.
+        let leaf = |n: i64| {
+            Tensor::randn([b, t, n, d], (Kind::Float, device)).to_kind(kind).transpose(1, 2).set_requires_grad(true)
+        };
+        let (q, k, v) = (leaf(nh), leaf(nkv), leaf(nkv));
+        let keep = real.to_kind(kind).unsqueeze(-1); // [B, T, 1]
+        let dy = Tensor::randn([b, t, nh * d], (Kind::Float, device)).to_kind(kind) * &keep;
+        let run = |f: &dyn Fn() -> Tensor| {
+            for x in [&q, &k, &v] {
+                let mut g = x.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let o = tch::with_grad(f);
+            tch::with_grad(|| (&o * &dy).sum(Kind::Float).backward());
+            (o.detach() * &keep, q.grad().copy(), k.grad().copy(), v.grad().copy())
+        };
+        let flash = || varlen::attend(&q, &k, &v, &cu, max_len, scale, window);
+        let sdpa = || attend_kv(&q, &k, &v, Some(&dense), false, scale);
+        let (o1, dq1, dk1, dv1) = run(&flash);
+        let (o0, dq0, dk0, dv0) = run(&sdpa);
+        let dims = format!("{} [{b}×{t}, {nh}/{nkv} heads × {d}]", name(kind));
+        let tol = tol(kind);
+        let errb = rel_err(&dq1, &dq0).max(rel_err(&dk1, &dk0)).max(rel_err(&dv1, &dv0));
+        let secs = |f: &dyn Fn() -> Tensor| {
+            (iters > 0 && t >= 1024).then(|| {
+                time(device, iters, || {
+                    let o = tch::with_grad(f);
+                    tch::with_grad(|| (&o * &dy).sum(Kind::Float).backward());
+                })
+            })
+        };
+        c.rows.push(Row {
+            name: format!("varlen_attn {label} {dims}"),
+            err: rel_err(&o1, &o0),
+            tol,
+            bytes: 0.0,
+            secs: None,
+        });
+        c.rows.push(Row {
+            name: format!("varlen_attn bwd {label} {dims} (µs: fwd+bwd)"),
+            err: errb,
+            tol,
+            bytes: 0.0,
+            secs: secs(&flash),
+        });
+        if let Some(s) = secs(&sdpa) {
+            c.rows.push(Row {
+                name: format!("  reference (mask SDPA) fwd+bwd {label}"),
+                err: 0.0,
+                tol: 0.0,
+                bytes: 0.0,
+                secs: Some(s),
+            });
+        }
+    }
 }
 
 /// The rows as a table; with timings, each kernel's bandwidth and its fraction of `copy_bw`.

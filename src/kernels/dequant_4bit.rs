@@ -8,7 +8,7 @@
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-use super::check::{name, rel_err, Checker, Row};
+use super::checker::{name, rel_err, Checker, Row};
 use super::{dtype_code, Args, Kernels};
 use crate::quant::QuantType;
 use crate::quant::{Absmax, QuantTensor};

@@ -10,7 +10,7 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::check::{name, rel_err, tol, Checker, Row};
+use super::checker::{name, rel_err, tol, Checker, Row};
 use super::{dtype_code, usable, Args, Kernels};
 
 /// The activation on the gate.

@@ -17,6 +17,7 @@
 //! `tuner kernels`, which also times each kernel against the card's copy bandwidth.
 
 pub mod check;
+pub mod checker;
 pub mod dequant_4bit;
 pub mod glu;
 pub mod rms_norm;

@@ -10,7 +10,7 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::check::{name, rel_err, tol, Checker, Row};
+use super::checker::{name, rel_err, tol, Checker};
 use super::{dtype_code, usable, Args, Kernels};
 
 /// How the weight enters (the kernel's `mode`).
@@ -280,7 +280,6 @@ fn cuda_launch_backward(
 /// The kernel against its reference ([`super::check`]): RMSNorm forward and backward, each mode and dtype, the 8-wide and scalar entry points.
 pub fn check(k: &Kernels, c: &mut Checker) {
     let device = c.device;
-    // RMSNorm forward and backward, each mode and dtype.
     for kind in [Kind::BFloat16, Kind::Float, Kind::Half] {
         for (mode, label) in [(Mode::Llama, "llama"), (Mode::Scale, "scale"), (Mode::Plain, "plain")] {
             let (rows_n, h) = if kind == Kind::BFloat16 && mode == Mode::Llama { (4096, 4096) } else { (64, 1000) };
@@ -290,102 +289,38 @@ pub fn check(k: &Kernels, c: &mut Checker) {
                 Mode::Scale => Some(Tensor::rand([h], (Kind::Float, device)) + 0.5),
                 Mode::Plain => None,
             };
-            let eps = 1e-6;
-            let (y, rstd) = forward_with_rstd(&x, w.as_ref(), eps, mode, Some(k));
-            let y_ref = forward_reference(&x, w.as_ref(), eps, mode);
+            let (w, eps, tl) = (w.as_ref(), 1e-6, tol(kind));
+            let (y, rstd) = forward_with_rstd(&x, w, eps, mode, Some(k));
+            let y_ref = forward_reference(&x, w, eps, mode);
             let io = (2 * rows_n * h) as f64 * kind.elt_size_in_bytes() as f64;
             let big = rows_n == 4096;
-            let mut f = || {
-                let _ = forward(&x, w.as_ref(), eps, mode, Some(k));
-            };
-            if big {
-                c.timed(
-                    format!("rms_norm_fwd {label} {} [{rows_n}×{h}]", name(kind)),
-                    rel_err(&y, &y_ref),
-                    tol(kind),
-                    io,
-                    &mut f,
-                );
-            } else {
-                c.rows.push(Row {
-                    name: format!("rms_norm_fwd {label} {} [{rows_n}×{h}]", name(kind)),
-                    err: rel_err(&y, &y_ref),
-                    tol: tol(kind),
-                    bytes: io,
-                    secs: None,
-                });
-            }
+            let case = |what: &str| format!("rms_norm_{what} {label} {} [{rows_n}×{h}]", name(kind));
+            c.case(big, case("fwd"), rel_err(&y, &y_ref), tl, io, &mut || {
+                let _ = forward(&x, w, eps, mode, Some(k));
+            });
             let r_ref = rstd_reference(&x, eps);
             // The 8-wide entry sums in another order: 1/rms agrees to f32 rounding of a long sum.
-            c.rows.push(Row {
-                name: format!("rms_norm_fwd rstd {label} {}", name(kind)),
-                err: rel_err(&rstd, &r_ref),
-                tol: 1e-5,
-                bytes: 0.0,
-                secs: None,
-            });
+            let rstd_name = format!("rms_norm_fwd rstd {label} {}", name(kind));
+            c.case(false, rstd_name, rel_err(&rstd, &r_ref), 1e-5, 0.0, &mut || {});
             let dy = Tensor::randn([rows_n, h], (Kind::Float, device)).to_kind(kind);
+            let dx_ref = backward_reference(&dy, &x, w, &r_ref, mode);
             // The default takes the 8-wide entry points where they apply (2-byte dtypes; 1000 is a
             // multiple of 8 too); there the scalar ones are checked and timed beside them.
-            if let Some((y8, r8)) = forward_with_rstd_scalar(&x, w.as_ref(), eps, mode, Some(k)) {
-                let label8 = format!("rms_norm_fwd scalar {label} {} [{rows_n}×{h}]", name(kind));
-                let err = rel_err(&y8, &y_ref);
-                c.rows.push(Row {
-                    name: format!("rms_norm_fwd scalar rstd {label} {}", name(kind)),
-                    err: rel_err(&r8, &r_ref),
-                    tol: 2e-6,
-                    bytes: 0.0,
-                    secs: None,
+            if let Some((y8, r8)) = forward_with_rstd_scalar(&x, w, eps, mode, Some(k)) {
+                let rstd_name = format!("rms_norm_fwd scalar rstd {label} {}", name(kind));
+                c.case(false, rstd_name, rel_err(&r8, &r_ref), 2e-6, 0.0, &mut || {});
+                c.case(big, case("fwd scalar"), rel_err(&y8, &y_ref), tl, io, &mut || {
+                    let _ = forward_with_rstd_scalar(&x, w, eps, mode, Some(k));
                 });
-                let mut f = || {
-                    let _ = forward_with_rstd_scalar(&x, w.as_ref(), eps, mode, Some(k));
-                };
-                if big {
-                    c.timed(label8, err, tol(kind), io, &mut f);
-                } else {
-                    c.rows.push(Row { name: label8, err, tol: tol(kind), bytes: io, secs: None });
-                }
-                let dx8 = backward_scalar(&dy, &x, w.as_ref(), &r8, mode, Some(k)).expect("applies to x and dy alike");
-                let dx_ref = backward_reference(&dy, &x, w.as_ref(), &r_ref, mode);
-                let label8 = format!("rms_norm_bwd scalar {label} {} [{rows_n}×{h}]", name(kind));
-                let mut f = || {
-                    let _ = backward_scalar(&dy, &x, w.as_ref(), &r8, mode, Some(k));
-                };
-                if big {
-                    c.timed(label8, rel_err(&dx8, &dx_ref), tol(kind), 1.5 * io, &mut f);
-                } else {
-                    c.rows.push(Row {
-                        name: label8,
-                        err: rel_err(&dx8, &dx_ref),
-                        tol: tol(kind),
-                        bytes: 1.5 * io,
-                        secs: None,
-                    });
-                }
-            }
-            let dx = backward(&dy, &x, w.as_ref(), &rstd, mode, Some(k));
-            let dx_ref = backward_reference(&dy, &x, w.as_ref(), &r_ref, mode);
-            let err = rel_err(&dx, &dx_ref);
-            let mut f = || {
-                let _ = backward(&dy, &x, w.as_ref(), &rstd, mode, Some(k));
-            };
-            if big {
-                c.timed(
-                    format!("rms_norm_bwd {label} {} [{rows_n}×{h}]", name(kind)),
-                    err,
-                    tol(kind),
-                    1.5 * io,
-                    &mut f,
-                );
-            } else {
-                c.rows.push(Row {
-                    name: format!("rms_norm_bwd {label} {} [{rows_n}×{h}]", name(kind)),
-                    err,
-                    tol: tol(kind),
-                    bytes: 1.5 * io,
-                    secs: None,
+                let dx8 = backward_scalar(&dy, &x, w, &r8, mode, Some(k)).expect("applies to x and dy alike");
+                c.case(big, case("bwd scalar"), rel_err(&dx8, &dx_ref), tl, 1.5 * io, &mut || {
+                    let _ = backward_scalar(&dy, &x, w, &r8, mode, Some(k));
                 });
             }
+            let dx = backward(&dy, &x, w, &rstd, mode, Some(k));
+            c.case(big, case("bwd"), rel_err(&dx, &dx_ref), tl, 1.5 * io, &mut || {
+                let _ = backward(&dy, &x, w, &rstd, mode, Some(k));
+            });
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use tch::Tensor;
 
-use super::check::{name, rel_err, tol, Checker, Row};
+use super::checker::{name, rel_err, tol, Checker, Row};
 use super::{dtype_code, usable, Args, Kernels};
 use tch::Kind;
 

@@ -7,7 +7,6 @@
 //! Its reference is the boolean-mask SDPA path (`model::blocks::attention_mask`, one `[T × T]`
 //! mask per row); `check.rs` compares the two, outputs and gradients, on the GPU.
 
-use super::check::{name, rel_err, time, tol, Checker, Row};
 use tch::{Device, Kind, Tensor};
 
 /// Whether q/k/v of `kind` with `head_dim` on `device` can take the varlen path in this build:
@@ -114,99 +113,4 @@ fn flash(q: &Tensor, k: &Tensor, v: &Tensor, cu: &Tensor, max_len: i64, scale: f
 #[cfg(not(tuner_cuda_shim))]
 fn flash(_q: &Tensor, _k: &Tensor, _v: &Tensor, _cu: &Tensor, _max_len: i64, _scale: f64, _window_left: i64) -> Tensor {
     unreachable!("`supports` is false without the CUDA shim")
-}
-
-/// The kernel against its reference ([`super::check`]): varlen flash attention (libtorch's, through kernels/flash_varlen.cpp) against its reference,
-/// SDPA under the boolean mask the model would otherwise build: packed documents, a padded row,
-/// GQA, a sliding window; the output at real tokens and the q/k/v gradients for an upstream
-/// gradient that is zero at padding (as the loss's is). Timed forward + backward, both paths.
-pub fn check(c: &mut Checker) {
-    let (device, iters) = (c.device, c.iters);
-    use crate::model::blocks::{attend_kv, attention_mask};
-    use crate::model::Batch;
-    // (label, kind, [nh, nkv, d], each row's document lengths (the rest of T is padding), T, window)
-    type Case = (&'static str, Kind, [i64; 3], Vec<Vec<i64>>, i64, Option<i64>);
-    let cases: [Case; 3] = [
-        ("packed+padded gqa", Kind::BFloat16, [32, 8, 128], vec![vec![300, 700, 1048], vec![1900]], 2048, None),
-        ("window 256 padded", Kind::Half, [8, 4, 256], vec![vec![1024], vec![924]], 1024, Some(256)),
-        ("packed small", Kind::BFloat16, [4, 2, 64], vec![vec![5, 20, 12]], 37, None),
-    ];
-    for (label, kind, [nh, nkv, d], docs, t, window) in cases {
-        if !supports(device, kind, d) {
-            continue;
-        }
-        let b = docs.len() as i64;
-        let (mut seq, mut real) = (Vec::new(), Vec::new());
-        for row in &docs {
-            let used: i64 = row.iter().sum();
-            for (i, &n) in row.iter().enumerate() {
-                seq.extend(std::iter::repeat_n(i as i64, n as usize));
-            }
-            seq.extend(std::iter::repeat_n(-1i64, (t - used) as usize));
-            real.extend((0..t).map(|c| (c < used) as i64));
-        }
-        let seq = Tensor::from_slice(&seq).view([b, t]).to_device(device);
-        let real = Tensor::from_slice(&real).view([b, t]).to_device(device);
-        let mut batch = Batch::packed(Tensor::zeros([b, t], (Kind::Int64, device)), seq);
-        batch.attention_mask = Some(real.shallow_clone());
-        let dense = attention_mask(&batch, window, device).expect("a packed batch has a mask");
-        let (cu, max_len) = batch.segments(device);
-        let scale = (d as f64).powf(-0.5);
-        // Leaves made as [B, T, n, d] and transposed, as the attention blocks make them.
-        let leaf = |n: i64| {
-            Tensor::randn([b, t, n, d], (Kind::Float, device)).to_kind(kind).transpose(1, 2).set_requires_grad(true)
-        };
-        let (q, k, v) = (leaf(nh), leaf(nkv), leaf(nkv));
-        let keep = real.to_kind(kind).unsqueeze(-1); // [B, T, 1]
-        let dy = Tensor::randn([b, t, nh * d], (Kind::Float, device)).to_kind(kind) * &keep;
-        let run = |f: &dyn Fn() -> Tensor| {
-            for x in [&q, &k, &v] {
-                let mut g = x.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
-            let o = tch::with_grad(f);
-            tch::with_grad(|| (&o * &dy).sum(Kind::Float).backward());
-            (o.detach() * &keep, q.grad().copy(), k.grad().copy(), v.grad().copy())
-        };
-        let flash = || attend(&q, &k, &v, &cu, max_len, scale, window);
-        let sdpa = || attend_kv(&q, &k, &v, Some(&dense), false, scale);
-        let (o1, dq1, dk1, dv1) = run(&flash);
-        let (o0, dq0, dk0, dv0) = run(&sdpa);
-        let dims = format!("{} [{b}×{t}, {nh}/{nkv} heads × {d}]", name(kind));
-        let tol = tol(kind);
-        let errb = rel_err(&dq1, &dq0).max(rel_err(&dk1, &dk0)).max(rel_err(&dv1, &dv0));
-        let secs = |f: &dyn Fn() -> Tensor| {
-            (iters > 0 && t >= 1024).then(|| {
-                time(device, iters, || {
-                    let o = tch::with_grad(f);
-                    tch::with_grad(|| (&o * &dy).sum(Kind::Float).backward());
-                })
-            })
-        };
-        c.rows.push(Row {
-            name: format!("varlen_attn {label} {dims}"),
-            err: rel_err(&o1, &o0),
-            tol,
-            bytes: 0.0,
-            secs: None,
-        });
-        c.rows.push(Row {
-            name: format!("varlen_attn bwd {label} {dims} (µs: fwd+bwd)"),
-            err: errb,
-            tol,
-            bytes: 0.0,
-            secs: secs(&flash),
-        });
-        if let Some(s) = secs(&sdpa) {
-            c.rows.push(Row {
-                name: format!("  reference (mask SDPA) fwd+bwd {label}"),
-                err: 0.0,
-                tol: 0.0,
-                bytes: 0.0,
-                secs: Some(s),
-            });
-        }
-    }
 }

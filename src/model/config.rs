@@ -6,9 +6,6 @@
 //! the transformers-5 layout (`rope_parameters: {rope_theta, rope_type, …}`, or one such table
 //! per layer type) are read. A multimodal Gemma 3 / 3n config is read through its `text_config`.
 
-use std::path::Path;
-
-use super::family::{AttentionBias, Window};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
@@ -169,38 +166,197 @@ struct Raw {
     quantization_config: Option<QuantizationConfig>,
 }
 
-impl Config {
-    /// Read and normalize `<dir>/config.json`.
-    pub fn from_dir(dir: &Path) -> Result<Config> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        Config::from_json(&text).with_context(|| format!("invalid model config {}", path.display()))
-    }
+/// How `sliding_window` in config.json is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Not part of the family's config class: ignored.
+    Ignored,
+    /// Read when present (Mistral, Phi-3, Gemma).
+    Read,
+    /// Qwen's `use_sliding_window = true`: refused (transformers' Qwen2/3 attention ignores it too).
+    Refused,
+}
 
-    /// Normalize the text of a config.json.
-    pub fn from_json(text: &str) -> Result<Config> {
-        let mut value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
-        let mut model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
-        let Some(family) = super::family::by_model_type(&model_type) else {
-            bail!("model type `{model_type}` is not supported; supported: {}", super::family::names());
-        };
-        // Multimodal Gemma 3 / 3n: the decoder is described by `text_config`.
-        if model_type != family.name() {
-            let mut tc = value.get("text_config").cloned().filter(Value::is_object).with_context(|| {
-                format!("model type `{model_type}` needs a `text_config` object (the text decoder's config)")
-            })?;
-            let top = value.as_object().cloned().unwrap_or_default();
-            let obj = tc.as_object_mut().expect("checked above");
-            for key in ["quantization_config", "eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings"] {
-                if let Some(v) = top.get(key) {
-                    obj.entry(key).or_insert_with(|| v.clone());
-                }
+/// The biases of q/k/v and o.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionBias {
+    /// From `attention_bias` (false when absent), for all four.
+    FromConfig,
+    /// Fixed by the family's modeling code.
+    Fixed { qkv: bool, o: bool },
+}
+
+/// How a family's config.json is read where transformers' config classes differ.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfigRules {
+    /// Gemma's conventions: `hidden_activation` (gelu_pytorch_tanh) rather than `hidden_act`
+    /// (silu), tied embeddings by default, sliding and full layers (`layer_types`).
+    pub gemma: bool,
+    /// `rope_theta` when the config has none.
+    pub rope_theta: f64,
+    /// `rms_norm_eps` when the config has none.
+    pub rms_norm_eps: f64,
+    pub sliding_window: Window,
+    /// Without `layer_types`, every n-th layer is full attention (None: `sliding_window_pattern`,
+    /// default 6).
+    pub full_every: Option<i64>,
+    /// Sliding layers have their own RoPE theta (`rope_local_base_freq`, default 1e4).
+    pub local_rope: bool,
+    pub attention_bias: AttentionBias,
+    /// Reads `mlp_bias`.
+    pub mlp_bias: bool,
+    /// Reads `attn_logit_softcapping`.
+    pub attn_softcap: bool,
+    /// Reads `final_logit_softcapping`.
+    pub final_softcap: bool,
+    /// Reads `query_pre_attn_scalar` (default 256).
+    pub query_pre_attn_scalar: bool,
+}
+
+impl ConfigRules {
+    /// Llama's config: what the Llama-shaped families change.
+    pub const LLAMA: ConfigRules = ConfigRules {
+        gemma: false,
+        rope_theta: 1e4,
+        rms_norm_eps: 1e-5,
+        sliding_window: Window::Ignored,
+        full_every: None,
+        local_rope: false,
+        attention_bias: AttentionBias::FromConfig,
+        mlp_bias: true,
+        attn_softcap: false,
+        final_softcap: false,
+        query_pre_attn_scalar: false,
+    };
+    /// Gemma 2's config: what Gemma 3 and 3n change.
+    pub const GEMMA2: ConfigRules = ConfigRules {
+        gemma: true,
+        rope_theta: 1e4,
+        rms_norm_eps: 1e-6,
+        sliding_window: Window::Read,
+        full_every: Some(2),
+        local_rope: false,
+        attention_bias: AttentionBias::FromConfig,
+        mlp_bias: false,
+        attn_softcap: true,
+        final_softcap: true,
+        query_pre_attn_scalar: true,
+    };
+}
+
+/// Gemma's sliding (true) and full (false) layers: `layer_types`, else the family's pattern.
+fn layer_sliding(raw: &Raw, rules: ConfigRules, n: i64) -> Result<Vec<bool>> {
+    Ok(match &raw.layer_types {
+        Some(types) => {
+            if types.len() as i64 != n {
+                bail!("layer_types has {} entries but num_hidden_layers is {n}", types.len());
             }
-            model_type = family.name().to_string();
-            obj.insert("model_type".into(), Value::from(model_type.clone()));
-            value = tc;
+            types
+                .iter()
+                .map(|s| match s.as_str() {
+                    "sliding_attention" => Ok(true),
+                    "full_attention" => Ok(false),
+                    other => {
+                        bail!("layer_types: `{other}` is not supported (expected sliding_attention or full_attention)")
+                    }
+                })
+                .collect::<Result<_>>()?
         }
-        let rules = family.config;
+        None => {
+            let pattern = rules.full_every.unwrap_or(raw.sliding_window_pattern.unwrap_or(6));
+            (0..n).map(|i| (i + 1) % pattern != 0).collect()
+        }
+    })
+}
+
+/// `intermediate_size`: one integer for every layer, or a list of one per layer.
+fn intermediate_sizes(v: &Value, n: i64) -> Result<Vec<i64>> {
+    Ok(match v {
+        Value::Array(items) => {
+            let v: Vec<i64> = items.iter().filter_map(Value::as_i64).collect();
+            if v.len() != items.len() || v.len() as i64 != n {
+                bail!("intermediate_size is a list of {} entries; expected {n} integers (one per layer)", items.len());
+            }
+            v
+        }
+        v => vec![v.as_i64().context("intermediate_size must be an integer or a list of integers")?; n as usize],
+    })
+}
+
+/// What tuner's Gemma 3n supports of its config.
+fn check_gemma3n(g: &Gemma3nConfig, n: i64) -> Result<()> {
+    if g.activation_sparsity_pattern.len() as i64 != n {
+        bail!("activation_sparsity_pattern has {} entries; expected {n}", g.activation_sparsity_pattern.len());
+    }
+    if g.altup_num_inputs < 2 || g.altup_active_idx != 0 {
+        bail!(
+            "altup_num_inputs {} / altup_active_idx {}: only ≥ 2 streams with active index 0 are supported",
+            g.altup_num_inputs,
+            g.altup_active_idx
+        );
+    }
+    if g.num_kv_shared_layers < 0 || g.num_kv_shared_layers >= n {
+        bail!("num_kv_shared_layers {} must be below num_hidden_layers {n}", g.num_kv_shared_layers);
+    }
+    Ok(())
+}
+
+/// RoPE: the theta and scaling of full-attention layers, and the local theta of sliding layers
+/// (Gemma 3 / 3n), from the classic keys or transformers 5's `rope_parameters`.
+fn rope(raw: &Raw, rules: ConfigRules) -> Result<(f64, RopeScaling, Option<f64>)> {
+    let rope_params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
+    // transformers 5 may give one rope table per layer type.
+    let per_type = rope_params.filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+    let full_params = match per_type {
+        Some(p) => p.get("full_attention").filter(|v| v.is_object()),
+        None => rope_params,
+    };
+    let rope_theta = raw
+        .rope_theta
+        .or_else(|| full_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+        .unwrap_or(rules.rope_theta);
+    let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(full_params))?;
+    let rope_local_theta = if rules.local_rope {
+        let local = per_type.and_then(|p| p.get("sliding_attention")).filter(|v| v.is_object());
+        if let Some(l) = local {
+            if parse_rope_scaling(Some(l))? != RopeScaling::None {
+                bail!("rope_parameters.sliding_attention: only the default rope type is supported on sliding layers");
+            }
+        }
+        Some(
+            raw.rope_local_base_freq
+                .or_else(|| local.and_then(|l| l.get("rope_theta")).and_then(Value::as_f64))
+                .unwrap_or(1e4),
+        )
+    } else {
+        None
+    };
+    Ok((rope_theta, rope_scaling, rope_local_theta))
+}
+
+/// Head counts that divide, and full-width RoPE; returns the KV head count.
+fn check_heads(raw: &Raw) -> Result<i64> {
+    if raw.num_attention_heads <= 0 || (raw.head_dim.is_none() && raw.hidden_size % raw.num_attention_heads != 0) {
+        bail!("hidden_size {} is not divisible by num_attention_heads {}", raw.hidden_size, raw.num_attention_heads);
+    }
+    let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+    if num_key_value_heads <= 0 || raw.num_attention_heads % num_key_value_heads != 0 {
+        bail!(
+            "num_attention_heads {} is not a multiple of num_key_value_heads {num_key_value_heads}",
+            raw.num_attention_heads
+        );
+    }
+    if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
+        bail!("partial_rotary_factor {f} is not supported (RoPE on part of each head, as in Phi-4-mini); only 1.0");
+    }
+    Ok(num_key_value_heads)
+}
+
+impl Config {
+    /// Normalize a decoder's config.json (`value`, its `model_type` already the family's, the
+    /// decoder's own config for a multimodal checkpoint) by its family's `rules`. Entry points:
+    /// `Config::from_dir` and `Config::from_json` in `family.rs`, which find the family.
+    pub(crate) fn from_value(value: Value, model_type: String, rules: ConfigRules) -> Result<Config> {
         let gemma3n: Option<Gemma3nConfig> = if model_type == "gemma3n_text" {
             Some(serde_json::from_value(value.clone()).context("config.json misses a Gemma 3n field")?)
         } else {
@@ -219,54 +375,9 @@ impl Config {
         if act != want {
             bail!("hidden_act `{act}` is not supported for {t} (expected `{want}`)");
         }
-        if raw.num_attention_heads <= 0 || (raw.head_dim.is_none() && raw.hidden_size % raw.num_attention_heads != 0) {
-            bail!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                raw.hidden_size,
-                raw.num_attention_heads
-            );
-        }
-        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_key_value_heads <= 0 || raw.num_attention_heads % num_key_value_heads != 0 {
-            bail!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {num_key_value_heads}",
-                raw.num_attention_heads
-            );
-        }
-        if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
-            bail!("partial_rotary_factor {f} is not supported (RoPE on part of each head, as in Phi-4-mini); only 1.0");
-        }
+        let num_key_value_heads = check_heads(&raw)?;
         let n = raw.num_hidden_layers;
-        let rope_params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
-        // transformers 5 may give one rope table per layer type.
-        let per_type =
-            rope_params.filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
-        let full_params = match per_type {
-            Some(p) => p.get("full_attention").filter(|v| v.is_object()),
-            None => rope_params,
-        };
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| full_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(rules.rope_theta);
-        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(full_params))?;
-        let rope_local_theta = if rules.local_rope {
-            let local = per_type.and_then(|p| p.get("sliding_attention")).filter(|v| v.is_object());
-            if let Some(l) = local {
-                if parse_rope_scaling(Some(l))? != RopeScaling::None {
-                    bail!(
-                        "rope_parameters.sliding_attention: only the default rope type is supported on sliding layers"
-                    );
-                }
-            }
-            Some(
-                raw.rope_local_base_freq
-                    .or_else(|| local.and_then(|l| l.get("rope_theta")).and_then(Value::as_f64))
-                    .unwrap_or(1e4),
-            )
-        } else {
-            None
-        };
+        let (rope_theta, rope_scaling, rope_local_theta) = rope(&raw, rules)?;
         let sliding_window = match rules.sliding_window {
             Window::Read => raw.sliding_window,
             Window::Refused if raw.use_sliding_window == Some(true) => {
@@ -274,56 +385,10 @@ impl Config {
             }
             Window::Refused | Window::Ignored => None,
         };
-        let layer_sliding: Vec<bool> = if gemma {
-            match &raw.layer_types {
-                Some(types) => {
-                    if types.len() as i64 != n {
-                        bail!("layer_types has {} entries but num_hidden_layers is {n}", types.len());
-                    }
-                    types
-                        .iter()
-                        .map(|s| match s.as_str() {
-                            "sliding_attention" => Ok(true),
-                            "full_attention" => Ok(false),
-                            other => bail!("layer_types: `{other}` is not supported (expected sliding_attention or full_attention)"),
-                        })
-                        .collect::<Result<_>>()?
-                }
-                None => {
-                    let pattern = rules.full_every.unwrap_or(raw.sliding_window_pattern.unwrap_or(6));
-                    (0..n).map(|i| (i + 1) % pattern != 0).collect()
-                }
-            }
-        } else {
-            vec![]
-        };
-        let intermediate_sizes: Vec<i64> = match &raw.intermediate_size {
-            Value::Array(items) => {
-                let v: Vec<i64> = items.iter().filter_map(Value::as_i64).collect();
-                if v.len() != items.len() || v.len() as i64 != n {
-                    bail!(
-                        "intermediate_size is a list of {} entries; expected {n} integers (one per layer)",
-                        items.len()
-                    );
-                }
-                v
-            }
-            v => vec![v.as_i64().context("intermediate_size must be an integer or a list of integers")?; n as usize],
-        };
+        let layer_sliding = if gemma { layer_sliding(&raw, rules, n)? } else { vec![] };
+        let intermediate_sizes = intermediate_sizes(&raw.intermediate_size, n)?;
         if let Some(g) = &gemma3n {
-            if g.activation_sparsity_pattern.len() as i64 != n {
-                bail!("activation_sparsity_pattern has {} entries; expected {n}", g.activation_sparsity_pattern.len());
-            }
-            if g.altup_num_inputs < 2 || g.altup_active_idx != 0 {
-                bail!(
-                    "altup_num_inputs {} / altup_active_idx {}: only ≥ 2 streams with active index 0 are supported",
-                    g.altup_num_inputs,
-                    g.altup_active_idx
-                );
-            }
-            if g.num_kv_shared_layers < 0 || g.num_kv_shared_layers >= n {
-                bail!("num_kv_shared_layers {} must be below num_hidden_layers {n}", g.num_kv_shared_layers);
-            }
+            check_gemma3n(g, n)?;
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match rules.attention_bias {

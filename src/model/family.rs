@@ -12,9 +12,13 @@
 use anyhow::Result;
 
 use super::blocks::Loader;
+use super::config::{AttentionBias, ConfigRules, Window};
 use super::decoder::Decoder;
 use super::llama::LlamaAttention;
 use super::{gemma2, gemma3n, llama, CausalLm, Config, LoadOptions, Weights};
+use anyhow::{bail, Context};
+use serde_json::Value;
+use std::path::Path;
 
 /// How a family is written as GGUF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,84 +27,6 @@ pub struct GgufArch {
     pub arch: &'static str,
     /// Whether q/k rows are permuted into llama.cpp's rotary layout (its `LlamaModel.permute`).
     pub permute_qk: bool,
-}
-
-/// How `sliding_window` in config.json is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Window {
-    /// Not part of the family's config class: ignored.
-    Ignored,
-    /// Read when present (Mistral, Phi-3, Gemma).
-    Read,
-    /// Qwen's `use_sliding_window = true`: refused (transformers' Qwen2/3 attention ignores it too).
-    Refused,
-}
-
-/// The biases of q/k/v and o.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionBias {
-    /// From `attention_bias` (false when absent), for all four.
-    FromConfig,
-    /// Fixed by the family's modeling code.
-    Fixed { qkv: bool, o: bool },
-}
-
-/// How a family's config.json is read where transformers' config classes differ.
-#[derive(Debug, Clone, Copy)]
-pub struct ConfigRules {
-    /// Gemma's conventions: `hidden_activation` (gelu_pytorch_tanh) rather than `hidden_act`
-    /// (silu), tied embeddings by default, sliding and full layers (`layer_types`).
-    pub gemma: bool,
-    /// `rope_theta` when the config has none.
-    pub rope_theta: f64,
-    /// `rms_norm_eps` when the config has none.
-    pub rms_norm_eps: f64,
-    pub sliding_window: Window,
-    /// Without `layer_types`, every n-th layer is full attention (None: `sliding_window_pattern`,
-    /// default 6).
-    pub full_every: Option<i64>,
-    /// Sliding layers have their own RoPE theta (`rope_local_base_freq`, default 1e4).
-    pub local_rope: bool,
-    pub attention_bias: AttentionBias,
-    /// Reads `mlp_bias`.
-    pub mlp_bias: bool,
-    /// Reads `attn_logit_softcapping`.
-    pub attn_softcap: bool,
-    /// Reads `final_logit_softcapping`.
-    pub final_softcap: bool,
-    /// Reads `query_pre_attn_scalar` (default 256).
-    pub query_pre_attn_scalar: bool,
-}
-
-impl ConfigRules {
-    /// Llama's config: what the Llama-shaped families change.
-    const LLAMA: ConfigRules = ConfigRules {
-        gemma: false,
-        rope_theta: 1e4,
-        rms_norm_eps: 1e-5,
-        sliding_window: Window::Ignored,
-        full_every: None,
-        local_rope: false,
-        attention_bias: AttentionBias::FromConfig,
-        mlp_bias: true,
-        attn_softcap: false,
-        final_softcap: false,
-        query_pre_attn_scalar: false,
-    };
-    /// Gemma 2's config: what Gemma 3 and 3n change.
-    const GEMMA2: ConfigRules = ConfigRules {
-        gemma: true,
-        rope_theta: 1e4,
-        rms_norm_eps: 1e-6,
-        sliding_window: Window::Read,
-        full_every: Some(2),
-        local_rope: false,
-        attention_bias: AttentionBias::FromConfig,
-        mlp_bias: false,
-        attn_softcap: true,
-        final_softcap: true,
-        query_pre_attn_scalar: true,
-    };
 }
 
 /// One model family.
@@ -242,4 +168,44 @@ pub fn names() -> String {
 /// The families that export to GGUF, for messages.
 pub fn gguf_names() -> String {
     FAMILIES.iter().filter(|f| f.gguf.is_some()).map(Family::name).collect::<Vec<_>>().join(", ")
+}
+
+impl Config {
+    /// Read and normalize `<dir>/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Config> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        Config::from_json(&text).with_context(|| format!("invalid model config {}", path.display()))
+    }
+
+    /// Normalize the text of a config.json by its family's rules ([`ConfigRules`]).
+    pub fn from_json(text: &str) -> Result<Config> {
+        let mut value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        let Some(family) = by_model_type(&model_type) else {
+            bail!("model type `{model_type}` is not supported; supported: {}", names());
+        };
+        // Multimodal Gemma 3 / 3n: the decoder is described by `text_config`.
+        if model_type != family.name() {
+            value = text_config(&value, &model_type, family.name())?;
+        }
+        Config::from_value(value, family.name().to_string(), family.config)
+    }
+}
+
+/// The decoder's config of a multimodal checkpoint (`text_config`), with the top-level keys it
+/// inherits and `model_type` set to the text decoder's.
+fn text_config(value: &Value, model_type: &str, decoder_type: &str) -> Result<Value> {
+    let mut tc = value.get("text_config").cloned().filter(Value::is_object).with_context(|| {
+        format!("model type `{model_type}` needs a `text_config` object (the text decoder's config)")
+    })?;
+    let top = value.as_object().cloned().unwrap_or_default();
+    let obj = tc.as_object_mut().expect("checked above");
+    for key in ["quantization_config", "eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings"] {
+        if let Some(v) = top.get(key) {
+            obj.entry(key).or_insert_with(|| v.clone());
+        }
+    }
+    obj.insert("model_type".into(), Value::from(decoder_type));
+    Ok(tc)
 }

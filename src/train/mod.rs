@@ -257,18 +257,12 @@ impl<'a> Session<'a> {
             (None, None) => bail!("set train.max_steps or train.epochs"),
         };
         if world > 1 && leader {
-            eprintln!(
-                "train: {world} processes; effective batch {} = micro-batch {} × accumulation {} × {world} processes{}",
-                batching.effective_batch(),
-                batching.micro_batch_size,
-                batching.accum_per_rank,
-                if t.keep_effective_batch {
-                    format!(" (train.keep_effective_batch: accumulation {} / {world})", t.gradient_accumulation_steps)
-                } else {
-                    String::new()
-                }
-            );
+            eprintln!("train: {}", describe_world(t, &batching));
         }
+        let coalesce = {
+            let c = model.config();
+            step::coalesce_budget(t, device, compute, c.head_dim, c.attn_logit_softcapping.is_some())
+        };
         let opts = step::StepOptions {
             checkpointing: t.gradient_checkpointing,
             pad_id: crate::model::open::pad_id(&tok),
@@ -279,10 +273,7 @@ impl<'a> Session<'a> {
             hand_backward: device.is_cuda() && t.cuda_kernels,
             offload: offload_activations(t, inp.planned_bytes, device)?,
             profile: profile_window(device)?,
-            coalesce: {
-                let c = model.config();
-                step::coalesce_budget(t, device, compute, c.head_dim, c.attn_logit_softcapping.is_some())
-            },
+            coalesce,
             detect_anomaly: t.detect_anomaly,
         };
         let mut s = Session {
@@ -308,17 +299,24 @@ impl<'a> Session<'a> {
             t_load,
             first_step_logged: false,
         };
-        s.resume()?;
-        s.open_metrics()?;
-        if let Device::Cuda(i) = device {
+        s.begin()?;
+        Ok(s)
+    }
+
+    /// Resume, open the metrics, reset the device's peak counter and start the progress bar.
+    fn begin(&mut self) -> Result<()> {
+        self.resume()?;
+        self.open_metrics()?;
+        if let Device::Cuda(i) = self.opts.device {
             crate::device_mem::reset_cuda_peak(i);
         }
-        if let (Some(n), true) = (s.opts.coalesce, leader) {
+        if let (Some(n), true) = (self.opts.coalesce, self.leader) {
+            let micro_per_step = self.batching.micro_per_step();
             eprintln!("train: each step's {micro_per_step} micro-batches run as packed varlen passes of up to {n} tokens (train.coalesce)");
         }
-        s.bar = Progress::leader(leader, total, "train", Unit::Items("steps"));
-        s.bar.set_position(s.start);
-        Ok(s)
+        self.bar = Progress::leader(self.leader, self.total, "train", Unit::Items("steps"));
+        self.bar.set_position(self.start);
+        Ok(())
     }
 
     /// Continue from the newest checkpoint of this fingerprint; set older recipes' checkpoints
@@ -603,6 +601,22 @@ impl<'a> Session<'a> {
         files.push(dir.join("metrics.jsonl"));
         Ok(files)
     }
+}
+
+/// The data-parallel batch of a multi-process run, for the log.
+fn describe_world(t: &TrainSection, b: &crate::recipe::Batching) -> String {
+    let world = b.world_size;
+    let kept = if t.keep_effective_batch {
+        format!(" (train.keep_effective_batch: accumulation {} / {world})", t.gradient_accumulation_steps)
+    } else {
+        String::new()
+    };
+    format!(
+        "{world} processes; effective batch {} = micro-batch {} × accumulation {} × {world} processes{kept}",
+        b.effective_batch(),
+        b.micro_batch_size,
+        b.accum_per_rank
+    )
 }
 
 /// Move a folder of checkpoints written under another recipe aside (kept, not deleted).

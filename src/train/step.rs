@@ -396,121 +396,13 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
     let mut anomaly: Option<Anomaly> = None;
     let mut clock = PhaseClock::new(o.device);
     for (m, mb) in passes.iter().enumerate() {
-        let mut flag = |phase: Phase, layer: Option<usize>, modules: Vec<String>| {
-            if anomaly.is_none() {
-                anomaly = Some(Anomaly { phase, pass: m, layer, modules });
-            }
-        };
         let (batch, labels) = batch_of(mb, o);
-        let n_layers = model.num_layers();
-        if o.checkpointing {
-            let mut inputs = Vec::with_capacity(n_layers);
-            let mut offload =
-                o.offload.then(|| super::offload::Offloader::new(o.device, n_layers).expect("activation offload"));
-            let h = {
-                let _g = tch::no_grad_guard();
-                let mut h = model.embed(&batch);
-                if o.detect_anomaly && !all_finite(&h) {
-                    flag(Phase::Embed, None, vec![]);
-                }
-                for l in 0..n_layers {
-                    match offload.as_mut() {
-                        Some(off) => off.store(l, &h),
-                        None => inputs.push(h.shallow_clone()),
-                    }
-                    tch::manual_seed(layer_seed(o.seed, step, m, l));
-                    let profiled = ProfileWindow::covers(o.profile, step, m, l);
-                    if profiled {
-                        crate::kernels::cuda_profiler(true);
-                    }
-                    h = model.layer(l, &h, &batch, true);
-                    if profiled {
-                        crate::kernels::cuda_profiler(false);
-                    }
-                    if o.detect_anomaly && !all_finite(&h) {
-                        flag(Phase::Forward, Some(l), vec![]);
-                    }
-                }
-                h
-            };
-            clock.lap("forward");
-            if let Some(off) = offload.as_mut() {
-                off.prefetch(n_layers - 1);
-            }
-            let top = h.detach().set_requires_grad(true);
-            let part = chunked_ce_backward(model, &model.norm(&top), &labels, denom.max(1) as f64, o.loss_scale);
-            nll += part;
-            clock.lap("loss");
-            let mut grad = top.grad();
-            if o.detect_anomaly && !part.is_finite() {
-                flag(Phase::Loss, None, vec![]);
-            } else if o.detect_anomaly && !all_finite(&grad) {
-                flag(Phase::LossBackward, None, vec![]);
-            }
-            for l in (0..n_layers).rev() {
-                let input = match offload.as_mut() {
-                    Some(off) => {
-                        let x = off.take(l);
-                        if l > 0 {
-                            off.prefetch(l - 1);
-                        }
-                        x
-                    }
-                    None => std::mem::replace(&mut inputs[l], Tensor::new()),
-                };
-                tch::manual_seed(layer_seed(o.seed, step, m, l));
-                let profiled = ProfileWindow::covers(o.profile, step, m, l);
-                if profiled {
-                    crate::kernels::cuda_profiler(true);
-                }
-                let hand = if o.hand_backward { model.layer_backward(l, &input, &batch, &grad) } else { None };
-                match hand {
-                    Some(dx) => grad = dx,
-                    None => {
-                        let x = input.detach().set_requires_grad(l > 0);
-                        let y = model.layer(l, &x, &batch, true);
-                        (&y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
-                        if l > 0 {
-                            grad = x.grad();
-                        }
-                    }
-                }
-                if profiled {
-                    crate::kernels::cuda_profiler(false);
-                }
-                if o.detect_anomaly {
-                    let modules = nonfinite_modules(model, Some(l));
-                    if !modules.is_empty() || (l > 0 && !all_finite(&grad)) {
-                        flag(Phase::Backward, Some(l), modules);
-                    }
-                }
-            }
-            clock.lap("backward");
+        let pass = Pass { model, batch: &batch, labels: &labels, o, step, m, denom };
+        nll += if o.checkpointing {
+            checkpointed_pass(&pass, &mut clock, &mut anomaly)
         } else {
-            let mut h = model.embed(&batch);
-            if o.detect_anomaly && !all_finite(&h) {
-                flag(Phase::Embed, None, vec![]);
-            }
-            for l in 0..n_layers {
-                tch::manual_seed(layer_seed(o.seed, step, m, l));
-                h = model.layer(l, &h, &batch, true);
-                if o.detect_anomaly && !all_finite(&h) {
-                    flag(Phase::Forward, Some(l), vec![]);
-                }
-            }
-            let part = chunked_ce_backward(model, &model.norm(&h), &labels, denom.max(1) as f64, o.loss_scale);
-            nll += part;
-            if o.detect_anomaly {
-                if !part.is_finite() {
-                    flag(Phase::Loss, None, vec![]);
-                }
-                // One autograd pass over every layer: the modules, not the layer where it began.
-                let modules = nonfinite_modules(model, None);
-                if !modules.is_empty() {
-                    flag(Phase::Backward, None, modules);
-                }
-            }
-        }
+            plain_pass(&pass, &mut anomaly)
+        };
     }
     clock.report();
     StepResult {
@@ -519,6 +411,145 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
         tokens: passes.iter().map(MicroBatch::tokens).sum(),
         anomaly,
     }
+}
+
+/// One forward/backward pass of a step (a micro-batch, or a coalesced row of several).
+struct Pass<'a> {
+    model: &'a dyn CausalLm,
+    batch: &'a Batch,
+    labels: &'a Tensor,
+    o: &'a StepOptions,
+    step: u64,
+    /// The pass's index in the step.
+    m: usize,
+    /// The step's trained tokens: the loss is Σ NLL / denom.
+    denom: i64,
+}
+
+/// Record the first non-finite value of a step.
+fn note(anomaly: &mut Option<Anomaly>, pass: usize, phase: Phase, layer: Option<usize>, modules: Vec<String>) {
+    if anomaly.is_none() {
+        *anomaly = Some(Anomaly { phase, pass, layer, modules });
+    }
+}
+
+/// A pass with layer checkpointing: a no-grad forward keeping each layer's input (or offloading
+/// it), the chunked loss, then each layer recomputed and backpropagated from the top, by the
+/// hand-written backward where the family has one. Returns the pass's summed NLL.
+fn checkpointed_pass(p: &Pass, clock: &mut PhaseClock, anomaly: &mut Option<Anomaly>) -> f64 {
+    let Pass { model, batch, labels, o, step, m, denom } = *p;
+    let n_layers = model.num_layers();
+    let mut inputs = Vec::with_capacity(n_layers);
+    let mut offload =
+        o.offload.then(|| super::offload::Offloader::new(o.device, n_layers).expect("activation offload"));
+    let h = {
+        let _g = tch::no_grad_guard();
+        let mut h = model.embed(batch);
+        if o.detect_anomaly && !all_finite(&h) {
+            note(anomaly, m, Phase::Embed, None, vec![]);
+        }
+        for l in 0..n_layers {
+            match offload.as_mut() {
+                Some(off) => off.store(l, &h),
+                None => inputs.push(h.shallow_clone()),
+            }
+            tch::manual_seed(layer_seed(o.seed, step, m, l));
+            let profiled = ProfileWindow::covers(o.profile, step, m, l);
+            if profiled {
+                crate::kernels::cuda_profiler(true);
+            }
+            h = model.layer(l, &h, batch, true);
+            if profiled {
+                crate::kernels::cuda_profiler(false);
+            }
+            if o.detect_anomaly && !all_finite(&h) {
+                note(anomaly, m, Phase::Forward, Some(l), vec![]);
+            }
+        }
+        h
+    };
+    clock.lap("forward");
+    if let Some(off) = offload.as_mut() {
+        off.prefetch(n_layers - 1);
+    }
+    let top = h.detach().set_requires_grad(true);
+    let part = chunked_ce_backward(model, &model.norm(&top), labels, denom.max(1) as f64, o.loss_scale);
+    clock.lap("loss");
+    let mut grad = top.grad();
+    if o.detect_anomaly && !part.is_finite() {
+        note(anomaly, m, Phase::Loss, None, vec![]);
+    } else if o.detect_anomaly && !all_finite(&grad) {
+        note(anomaly, m, Phase::LossBackward, None, vec![]);
+    }
+    for l in (0..n_layers).rev() {
+        let input = match offload.as_mut() {
+            Some(off) => {
+                let x = off.take(l);
+                if l > 0 {
+                    off.prefetch(l - 1);
+                }
+                x
+            }
+            None => std::mem::replace(&mut inputs[l], Tensor::new()),
+        };
+        tch::manual_seed(layer_seed(o.seed, step, m, l));
+        let profiled = ProfileWindow::covers(o.profile, step, m, l);
+        if profiled {
+            crate::kernels::cuda_profiler(true);
+        }
+        let hand = if o.hand_backward { model.layer_backward(l, &input, batch, &grad) } else { None };
+        match hand {
+            Some(dx) => grad = dx,
+            None => {
+                let x = input.detach().set_requires_grad(l > 0);
+                let y = model.layer(l, &x, batch, true);
+                (&y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
+                if l > 0 {
+                    grad = x.grad();
+                }
+            }
+        }
+        if profiled {
+            crate::kernels::cuda_profiler(false);
+        }
+        if o.detect_anomaly {
+            let modules = nonfinite_modules(model, Some(l));
+            if !modules.is_empty() || (l > 0 && !all_finite(&grad)) {
+                note(anomaly, m, Phase::Backward, Some(l), modules);
+            }
+        }
+    }
+    clock.lap("backward");
+    part
+}
+
+/// A pass without checkpointing: one autograd graph over every layer. Returns its summed NLL.
+fn plain_pass(p: &Pass, anomaly: &mut Option<Anomaly>) -> f64 {
+    let Pass { model, batch, labels, o, step, m, denom } = *p;
+    let n_layers = model.num_layers();
+    let mut h = model.embed(batch);
+    if o.detect_anomaly && !all_finite(&h) {
+        note(anomaly, m, Phase::Embed, None, vec![]);
+    }
+    for l in 0..n_layers {
+        tch::manual_seed(layer_seed(o.seed, step, m, l));
+        h = model.layer(l, &h, batch, true);
+        if o.detect_anomaly && !all_finite(&h) {
+            note(anomaly, m, Phase::Forward, Some(l), vec![]);
+        }
+    }
+    let part = chunked_ce_backward(model, &model.norm(&h), labels, denom.max(1) as f64, o.loss_scale);
+    if o.detect_anomaly {
+        if !part.is_finite() {
+            note(anomaly, m, Phase::Loss, None, vec![]);
+        }
+        // One autograd pass over every layer: the modules, not the layer where it began.
+        let modules = nonfinite_modules(model, None);
+        if !modules.is_empty() {
+            note(anomaly, m, Phase::Backward, None, modules);
+        }
+    }
+    part
 }
 
 /// Summed NLL and trained-token count of a micro-batch, without gradients (for eval).
