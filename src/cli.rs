@@ -333,7 +333,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         Command::Grads { model, adapter, data, out, dtype, device, quantize, pad_id, no_checkpointing, no_kernels } => {
             let device = device.resolve();
             let hub = crate::hub::HubConfig::from_env()?;
-            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let cache = hub.tuner_cache_dir.clone();
             let dir = crate::model::open::resolve_dir(&model, &cache)?;
             let report = crate::train::probe::run(crate::train::probe::GradsInputs {
                 model_dir: &dir,
@@ -404,7 +404,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         Command::Status { target, set, run_dir, json } => status(&target, &set, run_dir, json),
         Command::Serve(args) => {
             let hub = crate::hub::HubConfig::from_env()?;
-            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let cache = hub.tuner_cache_dir.clone();
             crate::serve::run(&args, &cache, interrupted)
         }
         Command::Generate {
@@ -423,7 +423,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             device,
         } => {
             let hub = crate::hub::HubConfig::from_env()?;
-            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let cache = hub.tuner_cache_dir.clone();
             let params = crate::generate::SamplingParams {
                 max_new_tokens,
                 temperature,
@@ -439,7 +439,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         }
         Command::Score { model, adapter, data, json, dtype, device } => {
             let hub = crate::hub::HubConfig::from_env()?;
-            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let cache = hub.tuner_cache_dir.clone();
             let s = crate::score::run(&crate::score::ScoreArgs {
                 model: &model,
                 adapter: adapter.as_deref(),

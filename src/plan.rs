@@ -167,7 +167,8 @@ pub fn estimate(l: &Loaded, run_dir: &Path) -> Result<Plan> {
             .map(|rd| {
                 rd.flatten()
                     .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                    .filter_map(|e| e.metadata().ok())
+                    // fs::metadata follows the symlinks of a hub cache snapshot.
+                    .filter_map(|e| std::fs::metadata(e.path()).ok())
                     .map(|m| m.len())
                     .sum()
             })
