@@ -325,7 +325,7 @@ fn grads(a: GradsArgs) -> Result<()> {
     let GradsArgs { model, adapter, data, out, dtype, device, quantize, pad_id, no_checkpointing, no_kernels } = a;
     let device = device.resolve();
     let hub = crate::hub::HubConfig::from_env()?;
-    let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+    let cache = hub.tuner_cache_dir.clone();
     let dir = crate::model::open::resolve_dir(&model, &cache)?;
     let report = crate::train::probe::run(crate::train::probe::GradsInputs {
         model_dir: &dir,
@@ -404,7 +404,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         Command::Status { target, set, run_dir, json } => status(&target, &set, run_dir, json),
         Command::Serve(args) => {
             let hub = crate::hub::HubConfig::from_env()?;
-            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let cache = hub.tuner_cache_dir.clone();
             crate::serve::run(&args, &cache, interrupted)
         }
         Command::Generate {
@@ -420,7 +420,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             chat,
         } => {
             let hub = crate::hub::HubConfig::from_env()?;
-            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let cache = hub.tuner_cache_dir.clone();
             let params = crate::generate::SamplingParams {
                 max_new_tokens,
                 temperature,
@@ -435,7 +435,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
         }
         Command::Score { model, data, json } => {
             let hub = crate::hub::HubConfig::from_env()?;
-            let cache = hub.cache_dir.parent().map(Path::to_path_buf).unwrap_or(hub.cache_dir.clone());
+            let cache = hub.tuner_cache_dir.clone();
             let s = crate::score::run(&model, &data, &cache)?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);

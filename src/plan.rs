@@ -197,7 +197,8 @@ fn model_shape(model: &Path) -> Result<(Shape, u64)> {
         .map(|rd| {
             rd.flatten()
                 .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                .filter_map(|e| e.metadata().ok())
+                // fs::metadata follows the symlinks of a hub cache snapshot.
+                .filter_map(|e| std::fs::metadata(e.path()).ok())
                 .map(|m| m.len())
                 .sum()
         })

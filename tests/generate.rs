@@ -451,7 +451,7 @@ fn quickstart_gguf_knows_the_capital_of_france() {
             "--device",
             "cpu",
         ])
-        .env("TUNER_HUB_CACHE", d.path().join("hub"))
+        .env("TUNER_CACHE", d.path())
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

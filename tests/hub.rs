@@ -1,11 +1,14 @@
 //! Hub client tests, against a small threaded HTTP/1.1 server on 127.0.0.1 that
 //! serves in-memory model and dataset repos in the hub's URL layout: the revision API,
-//! `resolve` URLs (LFS files by a 302 to a CDN path, with `X-Linked-Etag` sha256),
+//! `resolve` URLs (LFS files by a 302 to a CDN on another host name, with `X-Linked-Etag` sha256),
 //! range requests, a gated repo, hub-style 404s, and fault injection (a response cut
-//! short, a server that ignores `Range`, corrupted bytes). The committed Gemma 3n recipe runs
-//! against it, with stand-ins under its own repo names.
+//! short, a server that ignores `Range`, corrupted bytes); it answers HEAD too, so that the
+//! real `huggingface_hub` (scripts/hub_cache_interop.py) downloads from it. Downloads land in
+//! the Hugging Face hub cache layout (blobs/refs/snapshots), checked on disk and both ways
+//! against huggingface_hub. The committed Gemma 3n recipe runs against it, with stand-ins
+//! under its own repo names.
 
-use crate::common::{repo, tmp, tuner};
+use crate::common::{python, repo, tmp, tuner};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -45,6 +48,7 @@ struct FakeRepo {
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
 struct Seen {
+    method: String,
     path: String,
     range: Option<String>,
     auth: Option<String>,
@@ -175,15 +179,20 @@ fn serve(state: &State, stream: TcpStream) {
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
     state.seen.lock().unwrap().push(Seen {
+        method: method.to_string(),
         path: path.clone(),
         range: headers.get("range").cloned(),
         auth: headers.get("authorization").cloned(),
     });
-    let reply = if method == "GET" { route(state, &path, &headers) } else { Reply::new(405, vec![]) };
-    write_reply(stream, reply);
+    let reply = match method {
+        "GET" | "HEAD" => route(state, &path, &headers),
+        _ => Reply::new(405, vec![]),
+    };
+    write_reply(stream, reply, method == "HEAD");
 }
 
-fn write_reply(mut stream: TcpStream, r: Reply) {
+/// Send `r`; a HEAD answer announces the body's length but sends none.
+fn write_reply(mut stream: TcpStream, r: Reply, head_only: bool) {
     let reason = match r.status {
         200 => "OK",
         206 => "Partial Content",
@@ -199,7 +208,7 @@ fn write_reply(mut stream: TcpStream, r: Reply) {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    let body = &r.body[..r.cut.unwrap_or(r.body.len()).min(r.body.len())];
+    let body = if head_only { &[][..] } else { &r.body[..r.cut.unwrap_or(r.body.len()).min(r.body.len())] };
     let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body)).and_then(|_| stream.flush());
     let _ = stream.shutdown(Shutdown::Both);
 }
@@ -285,7 +294,9 @@ fn route(state: &State, path: &str, headers: &HashMap<String, String>) -> Reply 
     if f.lfs {
         let sha = sha256_hex(&f.data);
         return Reply::new(302, vec![])
-            .header("Location", format!("http://{}/cdn/{sha}", state.addr))
+            // Another host name for the same server: the CDN is not the hub, so no token goes
+            // there, and huggingface_hub's HEAD stops at this redirect as it does at the hub's.
+            .header("Location", format!("http://localhost:{}/cdn/{sha}", state.addr.port()))
             .header("X-Linked-Etag", format!("\"{sha}\""))
             .header("X-Linked-Size", f.data.len().to_string())
             .header("ETag", format!("\"{sha}\""))
@@ -294,7 +305,7 @@ fn route(state: &State, path: &str, headers: &HashMap<String, String>) -> Reply 
     // Small files: the hub's ETag is the git blob id (40 hex), not a sha256.
     let key = format!("{id}/{}", f.name);
     serve_bytes(state, &key, &f.data, headers)
-        .header("ETag", format!("\"{}\"", &sha256_hex(&f.data)[..40]))
+        .header("ETag", format!("\"{}\"", etag_of(f)))
         .header("X-Repo-Commit", commit)
 }
 
@@ -348,6 +359,17 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The ETag the fake hub gives a file, which names its blob in the cache: the sha256 for
+/// LFS files, a 40-hex stand-in for the git blob sha1 for the others.
+fn etag_of(f: &FakeFile) -> String {
+    let sha = sha256_hex(&f.data);
+    if f.lfs {
+        sha
+    } else {
+        sha[..40].to_string()
+    }
+}
+
 fn small(name: &str, text: &str) -> FakeFile {
     FakeFile { name: name.into(), data: text.as_bytes().to_vec(), lfs: false }
 }
@@ -367,6 +389,10 @@ fn main_commit() -> String {
 }
 fn old_commit() -> String {
     commit_id("tiny-model v0")
+}
+/// A commit of the tiny model that changes only README.md: its other blobs are main's.
+fn v2_commit() -> String {
+    commit_id("tiny-model v2")
 }
 fn conversion_commit() -> String {
     commit_id("ds-csv parquet")
@@ -389,6 +415,10 @@ fn model_files() -> Vec<FakeFile> {
 }
 
 fn model_repos() -> Vec<FakeRepo> {
+    let v2: Vec<FakeFile> = model_files()
+        .into_iter()
+        .map(|f| if f.name == "README.md" { small("README.md", "# tiny model, v2\n") } else { f })
+        .collect();
     let mut old = vec![small("config.json", r#"{"model_type":"llama","hidden_size":4}"#)];
     old.push(lfs("model.safetensors", noise(5000, 9)));
     let shards_index = serde_json::json!({
@@ -403,8 +433,8 @@ fn model_repos() -> Vec<FakeRepo> {
         FakeRepo {
             kind: "models",
             id: MODEL.into(),
-            refs: vec![("main".into(), main_commit()), ("v0".into(), old_commit())],
-            commits: HashMap::from([(main_commit(), model_files()), (old_commit(), old)]),
+            refs: vec![("main".into(), main_commit()), ("v0".into(), old_commit()), ("v2".into(), v2_commit())],
+            commits: HashMap::from([(main_commit(), model_files()), (old_commit(), old), (v2_commit(), v2)]),
             token: None,
         },
         FakeRepo {
@@ -500,10 +530,24 @@ fn all_repos() -> Vec<FakeRepo> {
     v
 }
 
-fn file_data(repo: &str, commit: &str, name: &str) -> Vec<u8> {
+fn fake_file(repo: &str, commit: &str, name: &str) -> FakeFile {
     let repos = all_repos();
     let r = repos.iter().find(|r| r.id == repo).expect("repo");
-    r.commits[commit].iter().find(|f| f.name == name).expect("file").data.clone()
+    r.commits[commit].iter().find(|f| f.name == name).expect("file").clone()
+}
+
+fn file_data(repo: &str, commit: &str, name: &str) -> Vec<u8> {
+    fake_file(repo, commit, name).data
+}
+
+/// `{cache}/{models|datasets}--{org}--{name}`, huggingface_hub's `repo_folder_name`.
+fn repo_folder(cache: &Path, kind: &str, repo: &str) -> PathBuf {
+    cache.join(format!("{kind}--{}", repo.replace('/', "--")))
+}
+
+/// `{repo folder}/snapshots/{commit}`.
+fn snapshot_dir(cache: &Path, kind: &str, repo: &str, commit: &str) -> PathBuf {
+    repo_folder(cache, kind, repo).join("snapshots").join(commit)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -548,6 +592,55 @@ fn err_text(e: &anyhow::Error) -> String {
     format!("{e:#}")
 }
 
+/// Run scripts/hub_cache_interop.py (the real huggingface_hub) on the hub cache `cache`:
+/// `write` downloads `files` from `endpoint`; `read` (no endpoint: HF_HUB_OFFLINE=1) loads
+/// them from the cache and returns the script's JSON report.
+fn interop(
+    mode: &str,
+    endpoint: Option<&str>,
+    cache: &Path,
+    kind: &str,
+    id: &str,
+    files: &[&str],
+) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(repo().join("scripts/hub_cache_interop.py"))
+        .args([mode, kind, id, "main"])
+        .args(files)
+        .env("HF_HUB_CACHE", cache)
+        .env("HF_HOME", cache.with_file_name("hf-home"))
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env("HF_HUB_DISABLE_XET", "1")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HF_TOKEN")
+        .env_remove("HUGGINGFACE_HUB_CACHE");
+    match endpoint {
+        Some(e) => cmd.env("HF_ENDPOINT", e).env("HF_HUB_OFFLINE", "0"),
+        None => cmd.env("HF_ENDPOINT", "http://127.0.0.1:9").env("HF_HUB_OFFLINE", "1"),
+    };
+    let out = cmd.output().expect("the venv python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "hub_cache_interop.py {mode} {id}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match mode {
+        "read" => serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}")),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// The files `fetch_model` takes from MODEL.
+const MODEL_FILES: [&str; 6] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
+
 // ---------------------------------------------------------------------------------------
 // Tests.
 
@@ -559,7 +652,7 @@ fn snapshot_main_resolves_and_downloads_only_allowed_files() {
 
     let snap = hub.snapshot(RepoKind::Model, MODEL, "main", &is_model_file).unwrap();
     assert_eq!(snap.commit, main_commit());
-    assert_eq!(snap.dir, cache.path().join("models/tiny-org/tiny-model").join(main_commit()));
+    assert_eq!(snap.dir, snapshot_dir(cache.path(), "models", MODEL, &main_commit()));
     let expected = [
         "config.json",
         "generation_config.json",
@@ -574,8 +667,8 @@ fn snapshot_main_resolves_and_downloads_only_allowed_files() {
     }
     // Nothing else was downloaded, and nothing half-done is left.
     assert_eq!(walk(&snap.dir), expected);
-    let ref_main = std::fs::read_to_string(cache.path().join("models/tiny-org/tiny-model/refs/main")).unwrap();
-    assert_eq!(ref_main.trim(), main_commit());
+    let ref_main = std::fs::read_to_string(repo_folder(cache.path(), "models", MODEL).join("refs/main")).unwrap();
+    assert_eq!(ref_main, main_commit(), "the bare sha, no newline, as huggingface_hub writes and reads it");
 
     // The server saw exactly one API call, one resolve per allowed file, and the LFS
     // file went through the CDN redirect.
@@ -671,8 +764,9 @@ fn interrupted_download_resumes_with_a_range_request() {
     server.faults().cut.insert(format!("{MODEL}/model.safetensors"), cut);
 
     let err = hub.download_file(RepoKind::Model, MODEL, &commit, "model.safetensors").unwrap_err();
-    let dest = cache.path().join("models/tiny-org/tiny-model").join(&commit).join("model.safetensors");
-    let part = dest.with_file_name("model.safetensors.incomplete");
+    let dest = snapshot_dir(cache.path(), "models", MODEL, &commit).join("model.safetensors");
+    let sha = sha256_hex(&noise(WEIGHTS_LEN, 1));
+    let part = repo_folder(cache.path(), "models", MODEL).join("blobs").join(format!("{sha}.incomplete"));
     match err.downcast_ref::<HubError>() {
         Some(HubError::Interrupted { partial, .. }) => assert_eq!(partial, &part),
         _ => panic!("expected an interrupted download, got: {err:#}"),
@@ -686,6 +780,7 @@ fn interrupted_download_resumes_with_a_range_request() {
     assert_eq!(path, dest);
     assert_eq!(std::fs::read(&dest).unwrap(), noise(WEIGHTS_LEN, 1));
     assert!(!part.exists());
+    assert_eq!(std::fs::read_link(&dest).unwrap(), Path::new("../../blobs").join(&sha));
     let ranged: Vec<Seen> = server.seen().into_iter().filter(|s| s.path.starts_with("/cdn/")).collect();
     assert_eq!(ranged.len(), 2);
     assert_eq!(ranged[0].range, None);
@@ -728,8 +823,10 @@ fn sha256_mismatch_is_an_error_and_caches_nothing() {
         _ => panic!("expected a checksum error, got: {err:#}"),
     }
     assert!(err_text(&err).contains("sha256 mismatch"), "{err:#}");
-    let dir = cache.path().join("models/tiny-org/tiny-model").join(&commit);
-    assert_eq!(walk(&dir), Vec::<String>::new(), "neither the file nor a partial one may stay");
+    let dir = snapshot_dir(cache.path(), "models", MODEL, &commit);
+    assert_eq!(walk(&dir), Vec::<String>::new(), "no file may be linked");
+    let blobs = repo_folder(cache.path(), "models", MODEL).join("blobs");
+    assert_eq!(walk(&blobs), Vec::<String>::new(), "neither the blob nor a partial one may stay");
 
     // A snapshot fails the same way and places nothing either.
     assert!(hub.snapshot(RepoKind::Model, MODEL, "main", &|n| n == "model.safetensors").is_err());
@@ -768,6 +865,8 @@ fn gated_repo_needs_hf_token() {
     let resolves: Vec<&Seen> = seen[before..].iter().filter(|s| s.path.contains("/resolve/")).collect();
     assert_eq!(resolves.len(), 2);
     assert!(resolves.iter().all(|s| s.auth.as_deref() == Some("Bearer hf_gated_token")));
+    let cdn: Vec<&Seen> = seen[before..].iter().filter(|s| s.path.starts_with("/cdn/")).collect();
+    assert!(cdn.len() == 1 && cdn[0].auth.is_none(), "the token never leaves the hub: {cdn:?}");
 }
 
 #[test]
@@ -809,7 +908,7 @@ fn offline_mode_uses_the_cache_and_says_what_is_missing() {
 
     // A repo never fetched: the exact message.
     let err = offline.fetch_model("tiny-org/other", "main").unwrap_err();
-    let path = cache.path().join("models/tiny-org/other");
+    let path = repo_folder(cache.path(), "models", "tiny-org/other");
     assert_eq!(
         err.to_string(),
         format!(
@@ -855,7 +954,7 @@ fn dataset_splits_follow_the_common_layouts() {
     let server = Server::start(all_repos());
     let cache = tempfile::tempdir().unwrap();
     let hub = client(&server, cache.path(), None, false);
-    let dir = |repo: &str, commit: &str| cache.path().join("datasets").join(repo).join(commit);
+    let dir = |repo: &str, commit: &str| snapshot_dir(cache.path(), "datasets", repo, commit);
 
     // data/{split}-*.parquet, sorted by name whatever the listing order.
     let ds = "tiny-org/ds-data";
@@ -890,8 +989,8 @@ fn dataset_splits_follow_the_common_layouts() {
     );
     assert_eq!(std::fs::read(&files[1]).unwrap(), noise(700, 32));
     assert!(server.seen().iter().any(|s| s.path == "/api/datasets/tiny-org/ds-csv/revision/refs%2Fconvert%2Fparquet"));
-    let conv_ref = cache.path().join("datasets/tiny-org/ds-csv/refs/refs/convert/parquet");
-    assert_eq!(std::fs::read_to_string(conv_ref).unwrap().trim(), conversion_commit());
+    let conv_ref = repo_folder(cache.path(), "datasets", ds).join("refs/refs/convert/parquet");
+    assert_eq!(std::fs::read_to_string(conv_ref).unwrap(), conversion_commit());
 
     // Offline, the conversion resolves from the cache too.
     let before = server.requests();
@@ -958,7 +1057,8 @@ fn config_from_variables() {
     assert_eq!(c.endpoint, "https://huggingface.co");
     assert_eq!(c.token, None);
     assert!(!c.offline);
-    assert_eq!(c.cache_dir, home.path().join(".cache/tuner/hub"));
+    assert_eq!(c.cache_dir, home.path().join(".cache/huggingface/hub"));
+    assert_eq!(c.tuner_cache_dir, home.path().join(".cache/tuner"));
     assert_eq!(c.proxy, None);
 
     let v = vars(&[
@@ -972,7 +1072,8 @@ fn config_from_variables() {
     assert_eq!(c.endpoint, "http://mirror.local:8080");
     assert_eq!(c.token.as_deref(), Some("hf_old"));
     assert!(c.offline);
-    assert_eq!(c.cache_dir, PathBuf::from("/data/hf/tuner/hub"));
+    assert_eq!(c.cache_dir, PathBuf::from("/data/hf/hub"));
+    assert_eq!(c.tuner_cache_dir, home.path().join(".cache/tuner"), "HF_HOME is the hub's, not tuner's");
     assert!(!format!("{c:?}").contains("hf_old"), "Debug must not print the token");
 
     let v = vars(&[
@@ -986,6 +1087,30 @@ fn config_from_variables() {
     assert_eq!(c.token.as_deref(), Some("hf_new"));
     assert_eq!(c.cache_dir, PathBuf::from("/c"));
     assert!(!c.offline);
+
+    // The hub cache by huggingface_hub's precedence, `~` expanded; XDG_CACHE_HOME moves both caches.
+    let v = vars(&[
+        ("HOME", &h),
+        ("HF_HOME", "/data/hf"),
+        ("HUGGINGFACE_HUB_CACHE", "/legacy"),
+        ("HF_HUB_CACHE", "~/hub"),
+        ("TUNER_CACHE", "~"),
+    ]);
+    let c = HubConfig::from_vars(|k| v.get(k).cloned()).unwrap();
+    assert_eq!(c.cache_dir, home.path().join("hub"));
+    assert_eq!(c.tuner_cache_dir, home.path());
+    let v = vars(&[("HOME", &h), ("HF_HOME", "/data/hf"), ("HUGGINGFACE_HUB_CACHE", "/legacy")]);
+    assert_eq!(HubConfig::from_vars(|k| v.get(k).cloned()).unwrap().cache_dir, PathBuf::from("/legacy"));
+    let v = vars(&[("HOME", &h), ("XDG_CACHE_HOME", "/xdg")]);
+    let c = HubConfig::from_vars(|k| v.get(k).cloned()).unwrap();
+    assert_eq!((c.cache_dir, c.tuner_cache_dir), (PathBuf::from("/xdg/huggingface/hub"), PathBuf::from("/xdg/tuner")));
+    assert!(HubConfig::from_vars(|_| None).unwrap_err().to_string().contains("HOME is not set"));
+
+    // TRANSFORMERS_OFFLINE counts only when HF_HUB_OFFLINE is unset, as in huggingface_hub.
+    let v = vars(&[("HOME", &h), ("TRANSFORMERS_OFFLINE", "1")]);
+    assert!(HubConfig::from_vars(|k| v.get(k).cloned()).unwrap().offline);
+    let v = vars(&[("HOME", &h), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "0")]);
+    assert!(!HubConfig::from_vars(|k| v.get(k).cloned()).unwrap().offline);
 
     // The token file `huggingface-cli login` writes.
     std::fs::create_dir_all(home.path().join(".cache/huggingface")).unwrap();
@@ -1089,4 +1214,176 @@ fn the_gemma3n_recipe_runs_unchanged_against_hub_stand_ins() {
     let gate: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("export/merge_check.json")).unwrap()).unwrap();
     assert!(gate["passed"].as_bool().unwrap_or(false), "{gate}");
+}
+
+#[test]
+fn downloads_form_the_hugging_face_cache_layout() {
+    let server = Server::start(all_repos());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = client(&server, cache.path(), None, false);
+    let snap = hub.fetch_model(MODEL, "main").unwrap();
+    let folder = repo_folder(cache.path(), "models", MODEL);
+    let top: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(top, [".tuner", "blobs", "refs", "snapshots"]);
+
+    // One blob per file, named by its ETag; each snapshot entry a relative symlink to it.
+    let blobs = folder.join("blobs");
+    let mut etags: Vec<String> = MODEL_FILES.iter().map(|n| etag_of(&fake_file(MODEL, &main_commit(), n))).collect();
+    etags.sort();
+    assert_eq!(walk(&blobs), etags);
+    assert_eq!(rel_names(&snap.dir, &snap.files), MODEL_FILES);
+    for (name, path) in MODEL_FILES.iter().zip(&snap.files) {
+        let f = fake_file(MODEL, &main_commit(), name);
+        assert!(std::fs::symlink_metadata(path).unwrap().file_type().is_symlink(), "{name}");
+        assert_eq!(std::fs::read_link(path).unwrap(), Path::new("../../blobs").join(etag_of(&f)), "{name}");
+        assert_eq!(std::fs::read(path).unwrap(), f.data, "{name}");
+    }
+    assert_eq!(std::fs::read_to_string(folder.join("refs/main")).unwrap(), main_commit());
+
+    // A file two folders down links two levels further up.
+    let ds = "tiny-org/ds-config";
+    let files = hub.fetch_dataset_split(ds, "main", Some("en"), "train").unwrap();
+    let f = fake_file(ds, &commit_id(ds), "en/train/0000.parquet");
+    assert_eq!(files[0], snapshot_dir(cache.path(), "datasets", ds, &commit_id(ds)).join("en/train/0000.parquet"));
+    assert_eq!(std::fs::read_link(&files[0]).unwrap(), Path::new("../../../../blobs").join(etag_of(&f)));
+    assert_eq!(std::fs::read(&files[0]).unwrap(), f.data);
+
+    // Commit v2 changes only README.md: its files link to main's blobs, and the weights are
+    // not fetched again (the hub's redirect names the blob, which is there: the CDN is not asked).
+    let cdn = |s: &Server| s.seen().iter().filter(|r| r.path.starts_with("/cdn/")).count();
+    let cdn_before = cdn(&server);
+    let v2 = hub.fetch_model(MODEL, "v2").unwrap();
+    assert_eq!(v2.commit, v2_commit());
+    assert_eq!(walk(&blobs), etags);
+    assert_eq!(cdn(&server), cdn_before);
+    for (a, b) in snap.files.iter().zip(&v2.files) {
+        assert_eq!(std::fs::read_link(a).unwrap(), std::fs::read_link(b).unwrap());
+    }
+    assert_eq!(std::fs::read_to_string(folder.join("refs/v2")).unwrap(), v2_commit());
+}
+
+/// huggingface_hub downloads from the local hub (its HEAD + GET protocol); tuner then loads
+/// that cache offline, without any tuner metadata, and online without downloading again.
+#[test]
+fn a_cache_written_by_huggingface_hub_loads_in_tuner_offline() {
+    let server = Server::start(all_repos());
+    let d = tmp();
+    let cache = d.path().join("hub");
+    let mut files = MODEL_FILES.to_vec();
+    files.push("README.md");
+    interop("write", Some(&server.endpoint()), &cache, "model", MODEL, &files);
+    let ds = "tiny-org/ds-data";
+    let ds_files = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"];
+    interop("write", Some(&server.endpoint()), &cache, "dataset", ds, &ds_files);
+    let folder = repo_folder(&cache, "models", MODEL);
+    assert!(folder.join("blobs").is_dir() && folder.join("refs/main").is_file());
+    assert!(!folder.join(".tuner").exists(), "written by huggingface_hub alone");
+
+    let before = server.requests();
+    let offline = client(&server, &cache, None, true);
+    let snap = offline.fetch_model(MODEL, "main").unwrap();
+    assert_eq!(snap.commit, main_commit());
+    assert_eq!(snap.dir, snapshot_dir(&cache, "models", MODEL, &main_commit()));
+    assert_eq!(rel_names(&snap.dir, &snap.files), MODEL_FILES);
+    for (name, path) in MODEL_FILES.iter().zip(&snap.files) {
+        assert_eq!(std::fs::read(path).unwrap(), file_data(MODEL, &main_commit(), name), "{name}");
+    }
+    let train = offline.fetch_dataset_split(ds, "main", None, "train").unwrap();
+    assert_eq!(rel_names(&snapshot_dir(&cache, "datasets", ds, &commit_id(ds)), &train), ds_files);
+    assert_eq!(std::fs::read(&train[1]).unwrap(), noise(700, 11));
+    // What huggingface_hub did not download is missing, and said so.
+    let text = err_text(&offline.fetch_dataset_split(ds, "main", None, "test").unwrap_err());
+    assert!(text.contains("split `test`") && text.contains("offline mode (HF_HUB_OFFLINE=1)"), "{text}");
+    let err = offline.download_file(RepoKind::Model, MODEL, "main", "model.gguf").unwrap_err();
+    assert!(matches!(err.downcast_ref::<HubError>(), Some(HubError::FileNotCached { .. })), "{err:#}");
+    assert_eq!(server.requests(), before, "offline mode must not touch the network");
+
+    // Online, the branch is resolved (one API call) and every file is already there.
+    let online = client(&server, &cache, None, false);
+    assert_eq!(online.fetch_model(MODEL, "main").unwrap(), snap);
+    let seen: Vec<String> = server.seen()[before..].iter().map(|s| format!("{} {}", s.method, s.path)).collect();
+    assert_eq!(seen, ["GET /api/models/tiny-org/tiny-model/revision/main"]);
+}
+
+/// tuner downloads a model and a dataset split; huggingface_hub loads both offline
+/// (`hf_hub_download` and `snapshot_download` with `local_files_only`), and its cache scan
+/// finds nothing wrong.
+#[test]
+fn what_tuner_downloads_loads_in_huggingface_hub_offline() {
+    let server = Server::start(all_repos());
+    let d = tmp();
+    let cache = d.path().join("hub");
+    let hub = client(&server, &cache, None, false);
+    let snap = hub.fetch_model(MODEL, "main").unwrap();
+    let ds = "tiny-org/ds-config";
+    let ds_files = hub.fetch_dataset_split(ds, "main", Some("en"), "train").unwrap();
+    drop(server);
+
+    let report = interop("read", None, &cache, "model", MODEL, &MODEL_FILES);
+    for (name, path) in MODEL_FILES.iter().zip(&snap.files) {
+        let got = &report["files"][name];
+        assert_eq!(got["path"], path.to_string_lossy().as_ref(), "{name}");
+        assert_eq!(got["sha256"], sha256_hex(&file_data(MODEL, &main_commit(), name)), "{name}");
+    }
+    assert_eq!(report["snapshot"], snap.dir.to_string_lossy().as_ref());
+    assert_eq!(report["warnings"], serde_json::json!([]), "huggingface_hub's cache scan: {report}");
+    assert_eq!(
+        report["repos"],
+        serde_json::json!([
+            {"repo_id": ds, "repo_type": "dataset", "nb_files": 2, "refs": ["main"], "revisions": [commit_id(ds)]},
+            {"repo_id": MODEL, "repo_type": "model", "nb_files": 6, "refs": ["main"], "revisions": [main_commit()]},
+        ])
+    );
+
+    let names = ["en/train/0000.parquet", "en/train/0001.parquet"];
+    let report = interop("read", None, &cache, "dataset", ds, &names);
+    for (name, path) in names.iter().zip(&ds_files) {
+        assert_eq!(report["files"][name]["path"], path.to_string_lossy().as_ref(), "{name}");
+        assert_eq!(report["files"][name]["sha256"], sha256_hex(&file_data(ds, &commit_id(ds), name)), "{name}");
+    }
+}
+
+/// A model in the private layout of earlier versions of tuner: weights whose sha256 is the
+/// hub's ETag are hard-linked into the hub cache instead of downloaded; a copy that differs
+/// is downloaded.
+#[test]
+fn weights_in_the_old_private_cache_are_reused_not_downloaded() {
+    use std::os::unix::fs::MetadataExt;
+    let server = Server::start(all_repos());
+    let d = tmp();
+    let mut config = HubConfig::new(d.path().join("hf/hub"));
+    config.endpoint = server.endpoint();
+    config.progress = false;
+    config.tuner_cache_dir = d.path().join("tuner");
+    let old = |repo: &str, commit: &str, file: &str| {
+        let p = d.path().join("tuner/hub/models").join(repo).join(commit).join(file);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
+    };
+    let weights = old(MODEL, &main_commit(), "model.safetensors");
+    std::fs::write(&weights, noise(WEIGHTS_LEN, 1)).unwrap();
+    let c = commit_id("sharded");
+    std::fs::write(old(SHARDED, &c, "model-00001-of-00002.safetensors"), noise(1500, 4)).unwrap();
+    std::fs::write(old(SHARDED, &c, "model-00002-of-00002.safetensors"), noise(1500, 99)).unwrap();
+    let hub = HubClient::new(config);
+    let cdn = |s: &Server| -> Vec<String> {
+        s.seen().into_iter().filter(|r| r.path.starts_with("/cdn/")).map(|r| r.path).collect()
+    };
+
+    let snap = hub.fetch_model(MODEL, "main").unwrap();
+    let blob =
+        repo_folder(&d.path().join("hf/hub"), "models", MODEL).join("blobs").join(sha256_hex(&noise(WEIGHTS_LEN, 1)));
+    assert_eq!(std::fs::read(snap.dir.join("model.safetensors")).unwrap(), noise(WEIGHTS_LEN, 1));
+    assert_eq!(std::fs::metadata(&weights).unwrap().ino(), std::fs::metadata(&blob).unwrap().ino(), "a hard link");
+    assert_eq!(cdn(&server), Vec::<String>::new());
+
+    let snap = hub.fetch_model(SHARDED, "main").unwrap();
+    assert_eq!(std::fs::read(snap.dir.join("model-00001-of-00002.safetensors")).unwrap(), noise(1500, 4));
+    assert_eq!(std::fs::read(snap.dir.join("model-00002-of-00002.safetensors")).unwrap(), noise(1500, 5));
+    assert_eq!(cdn(&server), [format!("/cdn/{}", sha256_hex(&noise(1500, 5)))]);
 }

@@ -86,7 +86,7 @@ fn score_reads_the_gguf_quickstart_model() {
     let gguf = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let (code, out, err) = tuner()
         .args(["score", "--model", gguf.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"])
-        .env("TUNER_HUB_CACHE", d.path().join("hub"))
+        .env("TUNER_CACHE", d.path())
         .output()
         .map(|o| {
             (

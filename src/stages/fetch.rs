@@ -4,7 +4,7 @@
 //! - A local HF folder is checked in place (config.json, tokenizer.json, single
 //!   or sharded safetensors) and hashed.
 //! - A `.gguf` file is imported into an HF-layout folder under `fetch/model/`.
-//! - `hf:ORG/NAME` is downloaded through the hub client into its cache.
+//! - `hf:ORG/NAME` is downloaded through the hub client into the Hugging Face hub cache.
 //!
 //! Writes `model.json` and `data.json`, which the later stages read.
 
@@ -181,16 +181,15 @@ fn hash_files(dir: &Path, names: &[String], cache: &mut util::HashCache) -> Resu
 fn data_files(ctx: &RunContext, source: &str, hub: &HubClient, cache: &mut util::HashCache) -> Result<Vec<DataFile>> {
     let d = &ctx.recipe.recipe.dataset;
     let paths = match ctx.recipe.source(source) {
-        Source::Local(p) => local_data_files(&p)?,
+        Source::Local(p) => local_data_files(&p)?.into_iter().map(|p| std::fs::canonicalize(&p).unwrap_or(p)).collect(),
+        // Hub files stay at their snapshot path: canonicalizing would follow the symlink to
+        // `blobs/{etag}`, which has no file extension.
         Source::Hub { repo } => {
             let config = Some(d.config.as_str()).filter(|c| !c.is_empty());
             hub.fetch_dataset_split(&repo, &d.revision, config, &d.split)?
         }
     };
-    paths
-        .into_iter()
-        .map(|p| Ok(DataFile { sha256: cache.sha256(&p)?, path: std::fs::canonicalize(&p).unwrap_or(p) }))
-        .collect()
+    paths.into_iter().map(|p| Ok(DataFile { sha256: cache.sha256(&p)?, path: p })).collect::<Result<Vec<_>>>()
 }
 
 impl Stage for Fetch {

@@ -1,5 +1,5 @@
 //! Hugging Face hub client: resolves revisions to commits and downloads model and
-//! dataset files into a local cache, over blocking HTTP (ureq 3).
+//! dataset files into the standard Hugging Face hub cache, over blocking HTTP (ureq 3).
 //!
 //! It follows the hub's public HTTP layout, the same one `huggingface_hub` uses:
 //!
@@ -8,20 +8,31 @@
 //!   the revision is percent-encoded as one path segment (`refs%2Fconvert%2Fparquet`).
 //! * `GET {endpoint}/{repo}/resolve/{commit}/{file}` (datasets under `/datasets/`) serves
 //!   a file, small files directly and large (LFS) files by a redirect to a CDN. The hub's
-//!   own response carries `X-Linked-Etag` (LFS: the sha256 of the content) or `ETag`;
-//!   a 64-hex value is checked against the downloaded bytes.
+//!   own response carries `X-Linked-Etag` (LFS: the sha256 of the content) or `ETag`
+//!   (the git blob id); that ETag names the file in the cache, and a 64-hex one is
+//!   checked against the downloaded bytes.
 //! * Failures carry `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`,
 //!   `GatedRepo`) and `X-Error-Message`, which make the errors here precise.
 //!
-//! The cache is `{cache}/{models|datasets}/{org}/{name}/{commit}/{file}`, plus
-//! `{...}/{name}/refs/{revision}` holding the commit a branch or tag last resolved to
-//! (so offline mode can resolve `main`) and `{...}/{name}/.info/{commit}.json` holding
-//! the commit's file list (so a pinned, fully cached commit needs no network at all).
-//! Downloads stream into `{file}.incomplete`, resume with `Range: bytes=N-`, and are
-//! renamed into place only when complete and verified.
+//! The cache is huggingface_hub's (see `hub/cache.rs`): `{cache}/models--{org}--{name}/` with
+//! `blobs/{etag}`, `refs/{revision}` and `snapshots/{commit}/{file}` symlinks, so a model
+//! transformers already downloaded is not fetched again, and what tuner downloads loads
+//! in transformers or vLLM. Offline, a revision resolves through `refs/` and a commit's
+//! files are those in its snapshot folder; tuner also records each commit's full file
+//! list under `.tuner/` so that a pinned, fully cached commit needs no network online.
+//! Downloads stream into `blobs/{etag}.incomplete`, resume with `Range: bytes=N-` (for
+//! files the hub serves by redirect, i.e. LFS files, whose ETag is known before the
+//! body), and are renamed into place only when complete and verified. An LFS file that
+//! earlier versions of tuner downloaded into their private layout (`~/.cache/tuner/hub`)
+//! is hard-linked from there instead, once its sha256 matches the hub's.
 //!
 //! Nothing here reads the environment: [`HubConfig::from_env`] does, once, and callers
 //! pass the resulting [`HubConfig`] to [`HubClient::new`].
+
+pub(crate) mod cache;
+mod select;
+
+pub use select::{is_model_file, select_converted_split_files, select_split_files};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -34,6 +45,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::progress::{Progress, Unit};
+use cache::RepoCache;
 
 /// The public hub; the default for `HF_ENDPOINT`.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -54,8 +66,10 @@ pub struct HubConfig {
     pub token: Option<String>,
     /// No network at all; everything comes from the cache (`HF_HUB_OFFLINE=1`).
     pub offline: bool,
-    /// Root of the download cache.
+    /// Root of the Hugging Face hub cache (the folder holding `models--…`, `datasets--…`).
     pub cache_dir: PathBuf,
+    /// tuner's own cache, for what is not a hub download (GGUF files imported to HF folders).
+    pub tuner_cache_dir: PathBuf,
     /// Show a progress bar while downloading (only ever drawn when stderr is a terminal).
     pub progress: bool,
     /// HTTP(S) proxy URL for every request, if any.
@@ -69,6 +83,7 @@ impl fmt::Debug for HubConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("offline", &self.offline)
             .field("cache_dir", &self.cache_dir)
+            .field("tuner_cache_dir", &self.tuner_cache_dir)
             .field("progress", &self.progress)
             .field("proxy", &self.proxy)
             .finish()
@@ -76,37 +91,54 @@ impl fmt::Debug for HubConfig {
 }
 
 impl HubConfig {
-    /// A configuration for the public hub with the given cache folder: no token,
-    /// online, progress bars on (when stderr is a terminal), no proxy.
+    /// A configuration for the public hub with the given hub cache folder (tuner's own
+    /// cache is its parent folder): no token, online, progress bars on (when stderr is a
+    /// terminal), no proxy.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        let cache_dir: PathBuf = cache_dir.into();
         HubConfig {
             endpoint: DEFAULT_ENDPOINT.to_string(),
             token: None,
             offline: false,
-            cache_dir: cache_dir.into(),
+            tuner_cache_dir: cache_dir.parent().unwrap_or(&cache_dir).to_path_buf(),
+            cache_dir,
             progress: true,
             proxy: None,
         }
     }
 
-    /// Read the configuration from the process environment; see [`HubConfig::from_vars`].
+    /// Read the configuration from the process environment (see [`HubConfig::from_vars`]);
+    /// relative cache folders are made absolute against the current directory.
     pub fn from_env() -> Result<Self> {
-        Self::from_vars(|name| std::env::var(name).ok())
+        let mut c = Self::from_vars(|name| std::env::var(name).ok())?;
+        for dir in [&mut c.cache_dir, &mut c.tuner_cache_dir] {
+            if let Ok(abs) = std::path::absolute(&*dir) {
+                *dir = abs;
+            }
+        }
+        Ok(c)
     }
 
     /// Build the configuration from variables looked up by `var` (empty values count
-    /// as unset):
+    /// as unset), by huggingface_hub's rules (its `constants.py`) where it has one:
     ///
     /// * `HF_ENDPOINT`: hub URL, default <https://huggingface.co>;
+    /// * `HF_HOME`: default `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`;
     /// * `HF_TOKEN`, else `HUGGING_FACE_HUB_TOKEN`, else the token file that
-    ///   `huggingface-cli login` writes (`HF_TOKEN_PATH`, else `$HF_HOME/token`, else
-    ///   `~/.cache/huggingface/token`);
-    /// * `HF_HUB_OFFLINE`: `1`, `true`, `yes` or `on` turns the network off;
-    /// * cache: `TUNER_HUB_CACHE`, else `$HF_HOME/tuner/hub`, else `~/.cache/tuner/hub`;
+    ///   `hf auth login` writes (`HF_TOKEN_PATH`, else `$HF_HOME/token`);
+    /// * `HF_HUB_OFFLINE` (else `TRANSFORMERS_OFFLINE`): `1`, `true`, `yes` or `on`, any
+    ///   case, turns the network off;
+    /// * hub cache: `TUNER_HUB_CACHE` (a tuner-only override), else `HF_HUB_CACHE`, else
+    ///   `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub`;
+    /// * tuner's own cache: `TUNER_CACHE`, else `$XDG_CACHE_HOME/tuner`, else `~/.cache/tuner`;
     /// * proxy: `HTTPS_PROXY`/`HTTP_PROXY` (by the endpoint's scheme), else `ALL_PROXY`,
     ///   either case, unless `NO_PROXY` names the endpoint's host.
+    ///
+    /// A leading `~` in a path is the home folder (`HOME`).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let get = |name: &str| var(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let home = get("HOME").map(PathBuf::from);
+        let path = |name: &str| get(name).map(|v| expand_home(&v, home.as_deref()));
 
         let endpoint = match get("HF_ENDPOINT") {
             Some(e) => e.trim_end_matches('/').to_string(),
@@ -116,35 +148,32 @@ impl HubConfig {
             bail!("HF_ENDPOINT must be an http:// or https:// URL, got `{endpoint}`");
         }
 
-        let home = get("HOME").map(PathBuf::from);
-        let hf_home = get("HF_HOME").map(PathBuf::from);
+        let xdg_cache = path("XDG_CACHE_HOME").or_else(|| home.as_ref().map(|h| h.join(".cache")));
+        let hf_home = path("HF_HOME").or_else(|| xdg_cache.as_ref().map(|c| c.join("huggingface")));
 
         let token = match get("HF_TOKEN").or_else(|| get("HUGGING_FACE_HUB_TOKEN")) {
             Some(t) => Some(t),
             None => {
-                let path = get("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
-                    hf_home
-                        .as_ref()
-                        .map(|h| h.join("token"))
-                        .or_else(|| home.as_ref().map(|h| h.join(".cache/huggingface/token")))
-                });
-                path.and_then(|p| fs::read_to_string(p).ok()).map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+                let file = path("HF_TOKEN_PATH").or_else(|| hf_home.as_ref().map(|h| h.join("token")));
+                file.and_then(|p| fs::read_to_string(p).ok()).map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
             }
         };
 
         let offline = get("HF_HUB_OFFLINE")
+            .or_else(|| get("TRANSFORMERS_OFFLINE"))
             .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
             .unwrap_or(false);
 
-        let cache_dir = if let Some(c) = get("TUNER_HUB_CACHE") {
-            PathBuf::from(c)
-        } else if let Some(h) = &hf_home {
-            h.join("tuner").join("hub")
-        } else if let Some(h) = &home {
-            h.join(".cache").join("tuner").join("hub")
-        } else {
-            bail!("cannot choose a hub cache folder: HOME is not set; set TUNER_HUB_CACHE");
-        };
+        let cache_dir = path("TUNER_HUB_CACHE")
+            .or_else(|| path("HF_HUB_CACHE"))
+            .or_else(|| path("HUGGINGFACE_HUB_CACHE"))
+            .or_else(|| hf_home.as_ref().map(|h| h.join("hub")))
+            .ok_or_else(|| {
+                anyhow!("cannot choose the hub cache folder: HOME is not set; set HF_HOME or HF_HUB_CACHE")
+            })?;
+        let tuner_cache_dir = path("TUNER_CACHE")
+            .or_else(|| xdg_cache.as_ref().map(|c| c.join("tuner")))
+            .ok_or_else(|| anyhow!("cannot choose tuner's cache folder: HOME is not set; set TUNER_CACHE"))?;
 
         let https = endpoint.starts_with("https://");
         let proxy_vars: &[&str] = if https {
@@ -163,7 +192,16 @@ impl HubConfig {
             ureq::Proxy::new(p).map_err(|e| anyhow!("invalid proxy URL `{p}` in the environment: {e}"))?;
         }
 
-        Ok(HubConfig { endpoint, token, offline, cache_dir, progress: true, proxy })
+        Ok(HubConfig { endpoint, token, offline, cache_dir, tuner_cache_dir, progress: true, proxy })
+    }
+}
+
+/// `~` or `~/…` with the home folder put in (when known), as Python's `expanduser`.
+fn expand_home(value: &str, home: Option<&Path>) -> PathBuf {
+    match (value.strip_prefix('~'), home) {
+        (Some(""), Some(h)) => h.to_path_buf(),
+        (Some(rest), Some(h)) if rest.starts_with('/') => h.join(rest.trim_start_matches('/')),
+        _ => PathBuf::from(value),
     }
 }
 
@@ -238,10 +276,10 @@ pub struct RepoInfo {
 pub struct Snapshot {
     /// The 40-hex commit sha the revision resolved to.
     pub commit: String,
-    /// The commit's folder in the cache; every file of the repo lives below it at its
-    /// repository path.
+    /// The commit's snapshot folder in the cache (`…/snapshots/{commit}`); every file of
+    /// the repo lives below it at its repository path, as a symlink into `blobs/`.
     pub dir: PathBuf,
-    /// Absolute paths of the downloaded files, sorted by repository path.
+    /// Paths of the downloaded files in the snapshot folder, sorted by repository path.
     pub files: Vec<PathBuf>,
 }
 
@@ -311,14 +349,11 @@ pub enum HubError {
     },
 }
 
-/// A repository id split into its cache folders.
+/// A checked repository id.
 #[derive(Debug, Clone)]
 struct RepoId {
     /// As given: `org/name` (or a bare legacy `name`).
     full: String,
-    /// Owner folder; `_` for a bare legacy name (no hub owner can be called `_`).
-    org: String,
-    name: String,
 }
 
 impl RepoId {
@@ -328,15 +363,16 @@ impl RepoId {
                 && s != "."
                 && s != ".."
                 && !s.starts_with('.')
+                && !s.contains("--")
                 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
         let parts: Vec<&str> = repo.split('/').collect();
         match parts.as_slice() {
-            [org, name] if ok_part(org) && ok_part(name) => {
-                Ok(RepoId { full: repo.to_string(), org: org.to_string(), name: name.to_string() })
-            }
-            [name] if ok_part(name) => Ok(RepoId { full: repo.to_string(), org: "_".into(), name: name.to_string() }),
-            _ => bail!("invalid hub repository id `{repo}`: expected `org/name` (letters, digits, `-`, `_`, `.`)"),
+            [org, name] if ok_part(org) && ok_part(name) => Ok(RepoId { full: repo.to_string() }),
+            [name] if ok_part(name) => Ok(RepoId { full: repo.to_string() }),
+            _ => bail!(
+                "invalid hub repository id `{repo}`: expected `org/name` (letters, digits, `-`, `_`, `.`; no `--`)"
+            ),
         }
     }
 }
@@ -434,15 +470,25 @@ fn join_url(base: &str, location: &str) -> Result<String> {
     Ok(format!("{origin}{dir}{location}"))
 }
 
-/// A response after redirects, with what the hub said on the first hop.
+/// What [`HubClient::get`] does once the hub named a file's ETag.
+enum Hop {
+    /// Follow the redirect, asking for the bytes from this offset on, if any.
+    Follow(Option<u64>),
+    /// Stop and return the redirect itself (the blob is already cached).
+    Stop,
+}
+
+/// A response after redirects, with what the hub said on its own hops.
 struct Reply {
     status: u16,
     url: String,
     response: ureq::http::Response<ureq::Body>,
-    /// `X-Linked-Etag` of any hop, else `ETag` of the first hop (the hub's own answer).
+    /// `X-Linked-Etag` of any hop, else the first `ETag` of the endpoint's own answers.
     etag: Option<String>,
     /// `X-Linked-Size` of any hop.
     linked_size: Option<u64>,
+    /// The `Range: bytes=N-` start the final request carried.
+    range: Option<u64>,
 }
 
 impl Reply {
@@ -455,8 +501,19 @@ fn header<B>(resp: &ureq::http::Response<B>, name: &str) -> Option<String> {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string())
 }
 
+/// An ETag without `W/` and quotes, as huggingface_hub's `_normalize_etag` leaves it.
 fn clean_etag(raw: &str) -> String {
-    raw.trim().trim_start_matches("W/").trim_matches('"').to_ascii_lowercase()
+    raw.trim().trim_start_matches("W/").trim_matches('"').to_string()
+}
+
+/// Whether an ETag can name a blob file: letters, digits, `-`, `_`, `.`, not leading,
+/// at most 200 characters (the hub's are 40 or 64 hex digits).
+fn is_blob_name(etag: &str) -> bool {
+    !etag.is_empty()
+        && etag.len() <= 200
+        && !etag.starts_with('.')
+        && !etag.ends_with(".incomplete")
+        && etag.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Parse `Content-Range: bytes START-END/TOTAL` into (START, TOTAL if known).
@@ -511,65 +568,36 @@ impl HubClient {
         &self.config
     }
 
-    fn repo_dir(&self, kind: RepoKind, id: &RepoId) -> PathBuf {
-        self.config.cache_dir.join(kind.plural()).join(&id.org).join(&id.name)
+    fn repo_cache(&self, kind: RepoKind, id: &RepoId) -> RepoCache {
+        RepoCache::new(&self.config.cache_dir, kind.plural(), &id.full)
     }
 
-    fn ref_path(&self, kind: RepoKind, id: &RepoId, revision: &str) -> PathBuf {
-        let mut p = self.repo_dir(kind, id).join("refs");
-        for seg in revision.split('/') {
-            p.push(seg);
-        }
-        p
-    }
-
-    fn info_path(&self, kind: RepoKind, id: &RepoId, commit: &str) -> PathBuf {
-        self.repo_dir(kind, id).join(".info").join(format!("{commit}.json"))
-    }
-
-    fn file_path(&self, kind: RepoKind, id: &RepoId, commit: &str, file: &str) -> PathBuf {
-        let mut p = self.repo_dir(kind, id).join(commit);
-        for seg in file.split('/') {
-            p.push(seg);
-        }
-        p
-    }
-
-    /// The cache folder of one commit of a repository (it may not exist yet).
+    /// The snapshot folder of one commit of a repository in the cache (it may not exist yet).
     pub fn commit_dir(&self, kind: RepoKind, repo: &str, commit: &str) -> Result<PathBuf> {
         let id = RepoId::parse(repo)?;
-        Ok(self.repo_dir(kind, &id).join(commit))
+        Ok(self.repo_cache(kind, &id).snapshot_dir(commit))
     }
 
-    fn cached_info(&self, kind: RepoKind, id: &RepoId, commit: &str) -> Option<RepoInfo> {
-        let text = fs::read_to_string(self.info_path(kind, id, commit)).ok()?;
-        serde_json::from_str::<RepoInfo>(&text).ok().filter(|i| i.sha == commit)
-    }
-
-    fn cached_ref(&self, kind: RepoKind, id: &RepoId, revision: &str) -> Option<String> {
-        let text = fs::read_to_string(self.ref_path(kind, id, revision)).ok()?;
-        let sha = text.trim().to_string();
-        is_commit_sha(&sha).then_some(sha)
-    }
-
-    /// The commit the cache knows `revision` as, if any.
+    /// The commit the cache knows `revision` as, if any: a sha with a recorded file list
+    /// or a snapshot folder, else what `refs/{revision}` holds.
     fn cached_commit(&self, kind: RepoKind, id: &RepoId, revision: &str) -> Option<String> {
-        if is_commit_sha(revision)
-            && (self.info_path(kind, id, revision).is_file() || self.repo_dir(kind, id).join(revision).is_dir())
+        let cache = self.repo_cache(kind, id);
+        if is_commit_sha(revision) && (cache.read_listing(revision).is_some() || cache.snapshot_dir(revision).is_dir())
         {
             return Some(revision.to_string());
         }
-        self.cached_ref(kind, id, revision)
+        cache.read_ref(revision)
     }
 
     /// The file list of `revision` of a repository: from the cache when `revision` is a
-    /// commit sha whose list is cached or when offline, else from the revision API
+    /// commit sha whose list tuner recorded, or when offline; else from the revision API
     /// (which also records `refs/{revision}` and the list in the cache).
     pub fn repo_info(&self, kind: RepoKind, repo: &str, revision: &str) -> Result<RepoInfo> {
         let id = RepoId::parse(repo)?;
         check_rel_path("revision", revision)?;
+        let cache = self.repo_cache(kind, &id);
         if is_commit_sha(revision) {
-            if let Some(info) = self.cached_info(kind, &id, revision) {
+            if let Some(info) = cache.read_listing(revision) {
                 return Ok(info);
             }
         }
@@ -584,7 +612,8 @@ impl HubClient {
             id.full,
             encode_path(revision, false)
         );
-        let mut reply = self.get(&url, None).map_err(|e| self.unreachable(e, kind, &id, Some(revision), &url))?;
+        let mut reply =
+            self.get(&url, &|_| Hop::Follow(None)).map_err(|e| self.unreachable(e, kind, &id, Some(revision), &url))?;
         if reply.status != 200 {
             return Err(self.status_error(&reply, kind, &id, Some(revision), None));
         }
@@ -613,34 +642,30 @@ impl HubClient {
         });
         info.siblings.sort_by(|a, b| a.rfilename.cmp(&b.rfilename));
 
-        crate::util::write_json_atomic(&self.info_path(kind, &id, &info.sha), &info)
-            .with_context(|| format!("caching the file list of {kind} `{id}`"))?;
-        if revision != info.sha {
-            crate::util::write_atomic(&self.ref_path(kind, &id, revision), format!("{}\n", info.sha).as_bytes())
-                .with_context(|| format!("caching the ref `{revision}` of {kind} `{id}`"))?;
-        }
+        cache.write_listing(&info).with_context(|| format!("caching the file list of {kind} `{id}`"))?;
+        cache
+            .write_ref(revision, &info.sha)
+            .with_context(|| format!("caching the ref `{revision}` of {kind} `{id}`"))?;
         Ok(info)
     }
 
+    /// Offline: the revision through `refs/`, the files from tuner's recorded list, else
+    /// those in the snapshot folder (a cache huggingface_hub wrote).
     fn offline_info(&self, kind: RepoKind, id: &RepoId, revision: &str) -> Result<RepoInfo> {
+        let cache = self.repo_cache(kind, id);
         let not_cached = || HubError::RevisionNotCached {
             repo: id.full.clone(),
             revision: revision.to_string(),
-            path: self.repo_dir(kind, id),
+            path: cache.dir().to_path_buf(),
         };
         let commit = self.cached_commit(kind, id, revision).ok_or_else(not_cached)?;
-        if let Some(info) = self.cached_info(kind, id, &commit) {
+        if let Some(info) = cache.read_listing(&commit) {
             return Ok(info);
         }
-        // No recorded file list (an older cache, or one filled by hand): the files that are there.
-        let dir = self.repo_dir(kind, id).join(&commit);
-        if !dir.is_dir() {
-            return Err(not_cached().into());
+        match cache.list_snapshot(&commit)? {
+            Some(siblings) => Ok(RepoInfo { sha: commit, siblings }),
+            None => Err(not_cached().into()),
         }
-        let mut siblings = Vec::new();
-        list_files(&dir, "", &mut siblings)?;
-        siblings.sort_by(|a, b| a.rfilename.cmp(&b.rfilename));
-        Ok(RepoInfo { sha: commit, siblings })
     }
 
     /// The commit sha `revision` (branch, tag or sha) of a repository points to. A sha
@@ -650,7 +675,8 @@ impl HubClient {
     }
 
     /// One file of a commit, downloaded into the cache unless it is already there;
-    /// returns its path. A `commit` that is not a sha is resolved first.
+    /// returns its path in the commit's snapshot folder. A `commit` that is not a sha is
+    /// resolved first.
     pub fn download_file(&self, kind: RepoKind, repo: &str, commit: &str, filename: &str) -> Result<PathBuf> {
         let id = RepoId::parse(repo)?;
         check_rel_path("file name", filename)?;
@@ -660,25 +686,27 @@ impl HubClient {
     }
 
     fn ensure_file(&self, kind: RepoKind, id: &RepoId, commit: &str, filename: &str) -> Result<PathBuf> {
-        let dest = self.file_path(kind, id, commit, filename);
-        if dest.is_file() {
-            return Ok(dest);
+        let cache = self.repo_cache(kind, id);
+        let pointer = cache.pointer(commit, filename);
+        if pointer.is_file() {
+            return Ok(pointer);
         }
         if self.config.offline {
             return Err(HubError::FileNotCached {
                 repo: id.full.clone(),
                 commit: commit.to_string(),
                 file: filename.to_string(),
-                path: dest,
+                path: pointer,
             }
             .into());
         }
-        self.fetch(kind, id, commit, filename, &dest)?;
-        Ok(dest)
+        self.fetch(kind, id, &cache, commit, filename)
     }
 
-    /// Download into `{dest}.incomplete` (resuming it when present), verify, rename.
-    fn fetch(&self, kind: RepoKind, id: &RepoId, commit: &str, filename: &str, dest: &Path) -> Result<()> {
+    /// Download a file into `blobs/{etag}` (through `blobs/{etag}.incomplete`, resumed when
+    /// present; nothing when the blob is already there, e.g. from another commit), verify
+    /// it, and link it into the commit's snapshot folder. Returns the link's path.
+    fn fetch(&self, kind: RepoKind, id: &RepoId, cache: &RepoCache, commit: &str, filename: &str) -> Result<PathBuf> {
         let url = format!(
             "{}/{}{}/resolve/{}/{}",
             self.config.endpoint,
@@ -687,28 +715,59 @@ impl HubClient {
             commit,
             encode_path(filename, true)
         );
-        let dir = dest.parent().ok_or_else(|| anyhow!("bad cache path {}", dest.display()))?;
-        fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
-        let part = {
-            let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-            name.push(".incomplete");
-            dest.with_file_name(name)
-        };
-
         let mut from_scratch = false;
+        let legacy = self.legacy_file(kind, id, commit, filename);
+        let mut try_legacy = legacy.is_some();
         loop {
-            let offset = if from_scratch { 0 } else { fs::metadata(&part).map(|m| m.len()).unwrap_or(0) };
-            let range = (offset > 0).then_some(offset);
-            let mut reply = self.get(&url, range).map_err(|e| self.unreachable(e, kind, id, None, &url))?;
+            // Decided once the hub's own answer named the file's ETag (before any redirect).
+            let next = |etag: Option<&str>| {
+                let Some(etag) = etag.filter(|e| is_blob_name(e)) else { return Hop::Follow(None) };
+                if cache.blob(etag).is_file() || (try_legacy && is_sha256(etag)) {
+                    return Hop::Stop;
+                }
+                let have =
+                    if from_scratch { 0 } else { fs::metadata(cache.partial(etag)).map(|m| m.len()).unwrap_or(0) };
+                Hop::Follow((have > 0).then_some(have))
+            };
+            let mut reply = self.get(&url, &next).map_err(|e| self.unreachable(e, kind, id, None, &url))?;
+            if !matches!(reply.status, 200 | 206 | 301..=308 | 416) {
+                return Err(self.status_error(&reply, kind, id, Some(commit), Some(filename)));
+            }
+            let Some(etag) = reply.etag.clone().filter(|e| is_blob_name(e)) else {
+                bail!(
+                    "the answer for file `{filename}` of {kind} `{id}` ({url}) has no usable ETag (got {:?}), \
+                     which names the file in the hub cache; is HF_ENDPOINT ({}) a Hugging Face hub?",
+                    reply.etag.as_deref().unwrap_or("none"),
+                    self.config.endpoint
+                );
+            };
+            let blob = cache.blob(&etag);
+            if try_legacy && is_sha256(&etag) && !blob.is_file() {
+                try_legacy = false;
+                let reused = match &legacy {
+                    Some(old) => reuse_legacy(old, &blob, &etag)?,
+                    None => false,
+                };
+                if !reused && (301..=308).contains(&reply.status) {
+                    continue; // stopped at the redirect for a copy that turned out different
+                }
+            }
+            if blob.is_file() {
+                log::debug!("`{filename}` of `{id}`: blob {etag} is already in the cache");
+                return cache.link(commit, filename, &etag);
+            }
+            let part = cache.partial(&etag);
+            let blobs = blob.parent().context("a blob path has a parent")?;
+            fs::create_dir_all(blobs).with_context(|| format!("cannot create folder {}", blobs.display()))?;
             let (start, total) = match reply.status {
                 200 => {
                     let len = reply.response.body().content_length().or(reply.linked_size);
                     (0, len)
                 }
-                206 if range.is_some() => {
+                206 if reply.range.is_some() => {
                     let cr = reply.header("content-range").and_then(|v| parse_content_range(&v));
                     match cr {
-                        Some((s, total)) if s == offset => (s, total),
+                        Some((s, total)) if Some(s) == reply.range => (s, total),
                         _ if !from_scratch => {
                             log::warn!("`{filename}` of `{id}`: unusable partial answer to a resumed download; starting over");
                             from_scratch = true;
@@ -717,19 +776,29 @@ impl HubClient {
                         _ => bail!("`{filename}` of `{id}`: the server answered a range request with an unexpected Content-Range ({url})"),
                     }
                 }
-                416 if range.is_some() && !from_scratch => {
+                416 if reply.range.is_some() && !from_scratch => {
                     // The partial file is not a prefix the server can continue: start over.
                     from_scratch = true;
                     continue;
                 }
                 _ => return Err(self.status_error(&reply, kind, id, Some(commit), Some(filename))),
             };
-            let expected_sha = reply.etag.clone().filter(|e| is_sha256(e));
-            return self.stream(&mut reply, id, filename, &part, dest, start, total, expected_sha.as_deref());
+            let expected_sha = is_sha256(&etag).then_some(etag.as_str());
+            self.stream(&mut reply, id, filename, &part, &blob, start, total, expected_sha)?;
+            return cache.link(commit, filename, &etag);
         }
     }
 
-    /// Write the body at `start` of `part`, check size and sha256, rename to `dest`.
+    /// The file in the private cache layout of earlier versions of tuner (`{tuner cache}/hub/
+    /// {models|datasets}/{org}/{name}/{commit}/{file}`, `_` as the org of a bare name), if there.
+    fn legacy_file(&self, kind: RepoKind, id: &RepoId, commit: &str, filename: &str) -> Option<PathBuf> {
+        let (org, name) = id.full.split_once('/').unwrap_or(("_", &id.full));
+        let mut p = self.config.tuner_cache_dir.join("hub").join(kind.plural()).join(org).join(name).join(commit);
+        p.extend(filename.split('/'));
+        p.is_file().then_some(p)
+    }
+
+    /// Write the body at `start` of `part`, check size and sha256, rename to `dest` (the blob).
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
@@ -868,13 +937,14 @@ impl HubClient {
 
     fn materialize(&self, kind: RepoKind, repo: &str, commit: &str, names: Vec<String>) -> Result<Snapshot> {
         let id = RepoId::parse(repo)?;
+        let dir = self.repo_cache(kind, &id).snapshot_dir(commit);
         let names: BTreeSet<String> = names.into_iter().collect();
         let mut files = Vec::with_capacity(names.len());
         for name in &names {
             check_rel_path("file name", name)?;
             files.push(self.ensure_file(kind, &id, commit, name)?);
         }
-        Ok(Snapshot { commit: commit.to_string(), dir: self.repo_dir(kind, &id).join(commit), files })
+        Ok(Snapshot { commit: commit.to_string(), dir, files })
     }
 
     /// The files of a model repo tuner needs (see [`is_model_file`]). With a
@@ -992,44 +1062,58 @@ impl HubClient {
     }
 
     /// GET `url`, following up to [`MAX_REDIRECTS`] redirects by hand: the token goes
-    /// only to the endpoint's own origin (never to a CDN), the range to every hop.
-    fn get(&self, url: &str, range_from: Option<u64>) -> std::result::Result<Reply, ureq::Error> {
+    /// only to the endpoint's own origin (never to a CDN). The first request carries no
+    /// `Range`; at the first redirect that follows an answer naming the ETag (or that
+    /// leaves the endpoint), `next` decides whether to go on, and from which byte.
+    fn get(&self, url: &str, next: &dyn Fn(Option<&str>) -> Hop) -> std::result::Result<Reply, ureq::Error> {
         let endpoint = url_origin(&self.config.endpoint);
         let mut current = url.to_string();
         let mut etag: Option<String> = None;
         let mut linked_etag: Option<String> = None;
         let mut linked_size: Option<u64> = None;
+        let mut range: Option<u64> = None;
+        let mut decided = false;
         let mut hop = 0;
         loop {
+            let own_origin = endpoint.is_some() && url_origin(&current) == endpoint;
             let mut req = self.agent.get(current.as_str());
-            if let Some(token) = &self.config.token {
-                if endpoint.is_some() && url_origin(&current) == endpoint {
-                    req = req.header("Authorization", format!("Bearer {token}"));
-                }
+            if let (Some(token), true) = (&self.config.token, own_origin) {
+                req = req.header("Authorization", format!("Bearer {token}"));
             }
-            if let Some(off) = range_from {
+            if let Some(off) = range {
                 req = req.header("Range", format!("bytes={off}-"));
             }
-            log::debug!("GET {current}{}", range_from.map(|o| format!(" (from byte {o})")).unwrap_or_default());
+            log::debug!("GET {current}{}", range.map(|o| format!(" (from byte {o})")).unwrap_or_default());
             let response = req.call()?;
             let status = response.status().as_u16();
             if linked_etag.is_none() {
                 linked_etag = header(&response, "x-linked-etag").map(|e| clean_etag(&e));
             }
-            if hop == 0 {
+            if etag.is_none() && own_origin {
                 etag = header(&response, "etag").map(|e| clean_etag(&e));
             }
             if linked_size.is_none() {
                 linked_size = header(&response, "x-linked-size").and_then(|s| s.parse().ok());
             }
             let location = header(&response, "location");
+            let known = linked_etag.clone().or(etag.clone());
+            let reply =
+                |response, current| Reply { status, url: current, response, etag: known.clone(), linked_size, range };
             match (status, location) {
                 (301 | 302 | 303 | 307 | 308, Some(loc)) if hop < MAX_REDIRECTS => {
-                    current = join_url(&current, &loc).map_err(|e| ureq::Error::BadUri(e.to_string()))?;
+                    let target = join_url(&current, &loc).map_err(|e| ureq::Error::BadUri(e.to_string()))?;
+                    if !decided && (known.is_some() || url_origin(&target) != endpoint) {
+                        decided = true;
+                        match next(known.as_deref()) {
+                            Hop::Stop => return Ok(reply(response, current)),
+                            Hop::Follow(r) => range = r,
+                        }
+                    }
+                    current = target;
                     hop += 1;
                 }
                 (301 | 302 | 303 | 307 | 308, Some(_)) => return Err(ureq::Error::TooManyRedirects),
-                _ => return Ok(Reply { status, url: current, response, etag: linked_etag.or(etag), linked_size }),
+                _ => return Ok(reply(response, current)),
             }
         }
     }
@@ -1108,6 +1192,27 @@ impl HubClient {
     }
 }
 
+/// Put `old` (a file of tuner's old private cache) in place as `blob` when its bytes hash to
+/// `sha256`, by a hard link (no copy, and the old cache can be deleted) or else a copy,
+/// through a temp name. Returns whether it did.
+fn reuse_legacy(old: &Path, blob: &Path, sha256: &str) -> Result<bool> {
+    let actual = crate::util::sha256_file(old)?;
+    if !actual.eq_ignore_ascii_case(sha256) {
+        log::warn!("{} differs from the hub's file (sha256 {actual}, not {sha256}); downloading it", old.display());
+        return Ok(false);
+    }
+    let dir = blob.parent().context("a blob path has a parent")?;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let tmp = crate::util::temp_path(blob);
+    let _ = fs::remove_file(&tmp);
+    if fs::hard_link(old, &tmp).is_err() {
+        fs::copy(old, &tmp).with_context(|| format!("cannot copy {} to {}", old.display(), tmp.display()))?;
+    }
+    fs::rename(&tmp, blob).with_context(|| format!("cannot rename {} to {}", tmp.display(), blob.display()))?;
+    log::info!("reused {} from tuner's old cache as {}", old.display(), blob.display());
+    Ok(true)
+}
+
 /// Feeds written bytes to a hasher.
 struct HashWriter<'a>(&'a mut Sha256);
 
@@ -1119,189 +1224,4 @@ impl Write for HashWriter<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// Every finished file under `dir` (not `.incomplete` ones), as repository paths.
-fn list_files(dir: &Path, prefix: &str, out: &mut Vec<Sibling>) -> Result<()> {
-    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
-        let meta = entry.metadata().with_context(|| format!("cannot stat {}", entry.path().display()))?;
-        if meta.is_dir() {
-            list_files(&entry.path(), &rel, out)?;
-        } else if !name.ends_with(".incomplete") {
-            out.push(Sibling { rfilename: rel, size: Some(meta.len()) });
-        }
-    }
-    Ok(())
-}
-
-/// Whether a model repo file is one tuner downloads: top-level `config.json`,
-/// `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`,
-/// `special_tokens_map.json`, `chat_template.jinja`/`chat_template.json` (where newer
-/// repos keep the chat template), `model.safetensors.index.json` and `*.safetensors`.
-/// Not `.bin`, `.pt`, `.gguf`, ONNX, or anything in a subfolder.
-pub fn is_model_file(name: &str) -> bool {
-    if name.contains('/') {
-        return false;
-    }
-    matches!(
-        name,
-        "config.json"
-            | "generation_config.json"
-            | "tokenizer.json"
-            | "tokenizer_config.json"
-            | "special_tokens_map.json"
-            | "chat_template.jinja"
-            | "chat_template.json"
-            | "model.safetensors.index.json"
-    ) || name.ends_with(".safetensors")
-}
-
-/// `*` matches any run of characters other than `/`; everything else matches itself.
-fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => name.is_empty(),
-        Some((b'*', rest)) => {
-            for i in 0..=name.len() {
-                if glob_match(rest, &name[i..]) {
-                    return true;
-                }
-                if i < name.len() && name[i] == b'/' {
-                    break;
-                }
-            }
-            false
-        }
-        Some((c, rest)) => name.first() == Some(c) && glob_match(rest, &name[1..]),
-    }
-}
-
-/// The names matching the first pattern (in order) that matches any, sorted.
-fn first_layout<S: AsRef<str>>(names: &[S], patterns: &[String]) -> Vec<String> {
-    for p in patterns {
-        let mut hits: Vec<String> = names
-            .iter()
-            .map(|n| n.as_ref())
-            .filter(|n| glob_match(p.as_bytes(), n.as_bytes()))
-            .map(str::to_string)
-            .collect();
-        if !hits.is_empty() {
-            hits.sort();
-            return hits;
-        }
-    }
-    Vec::new()
-}
-
-/// Whether `split` occurs in `path` between delimiters (`-`, `.`, `_`, space, `/`,
-/// digits or the ends), so `train` matches `x/my_train-0.parquet` but not `pretrain.parquet`.
-fn contains_split_token(path: &str, split: &str) -> bool {
-    let delim = |c: Option<char>| c.is_none_or(|c| matches!(c, '-' | '.' | '_' | ' ' | '/') || c.is_ascii_digit());
-    path.match_indices(split)
-        .any(|(i, _)| delim(path[..i].chars().next_back()) && delim(path[i + split.len()..].chars().next()))
-}
-
-/// The data files of `split` among a dataset commit's files, sorted; empty when none.
-/// The first layout that matches wins, in this order:
-///
-/// 1. with a config: `{config}/{split}-*.parquet`, `{config}/{split}.parquet`,
-///    `{config}/{split}/*.parquet`;
-/// 2. `data/{split}-*.parquet`, `data/{split}.parquet`, `{split}/*.parquet`,
-///    `{split}-*.parquet`, `{split}.parquet`;
-/// 3. top-level JSON lines / JSON named after the split: `{split}.jsonl`,
-///    `{split}-*.jsonl`, `{split}.json`, `{split}-*.json`;
-/// 4. any `.parquet` whose path holds the split as a delimited word (`*{split}*.parquet`),
-///    under `{config}/` first when a config is given.
-pub fn select_split_files<S: AsRef<str>>(names: &[S], config: Option<&str>, split: &str) -> Vec<String> {
-    let mut patterns = Vec::new();
-    if let Some(c) = config {
-        patterns.push(format!("{c}/{split}-*.parquet"));
-        patterns.push(format!("{c}/{split}.parquet"));
-        patterns.push(format!("{c}/{split}/*.parquet"));
-    }
-    patterns.extend([
-        format!("data/{split}-*.parquet"),
-        format!("data/{split}.parquet"),
-        format!("{split}/*.parquet"),
-        format!("{split}-*.parquet"),
-        format!("{split}.parquet"),
-        format!("{split}.jsonl"),
-        format!("{split}-*.jsonl"),
-        format!("{split}.json"),
-        format!("{split}-*.json"),
-    ]);
-    let hits = first_layout(names, &patterns);
-    if !hits.is_empty() {
-        return hits;
-    }
-    let fuzzy = |under: Option<&str>| -> Vec<String> {
-        let mut v: Vec<String> = names
-            .iter()
-            .map(|n| n.as_ref())
-            .filter(|n| n.ends_with(".parquet"))
-            .filter(|n| under.is_none_or(|c| n.starts_with(&format!("{c}/"))))
-            .filter(|n| {
-                let stem = &n[..n.len() - ".parquet".len()];
-                let stem = under.map_or(stem, |c| &stem[c.len() + 1..]);
-                contains_split_token(stem, split)
-            })
-            .map(str::to_string)
-            .collect();
-        v.sort();
-        v
-    };
-    if let Some(c) = config {
-        let v = fuzzy(Some(c));
-        if !v.is_empty() {
-            return v;
-        }
-    }
-    let v = fuzzy(None);
-    if !v.is_empty() || split != "train" || config.is_some() {
-        return v;
-    }
-    // A repo whose only data file carries no split name (yahma/alpaca-cleaned's
-    // `alpaca_data_cleaned.json`) is one `train` split, as `datasets` reads it.
-    let data: Vec<String> = names
-        .iter()
-        .map(|n| n.as_ref())
-        .filter(|n| !n.starts_with('.') && [".json", ".jsonl", ".parquet", ".csv"].iter().any(|e| n.ends_with(e)))
-        .map(str::to_string)
-        .collect();
-    if data.len() == 1 {
-        data
-    } else {
-        vec![]
-    }
-}
-
-/// The files of `split` in the hub's parquet conversion (`refs/convert/parquet`), sorted.
-/// The config folder is `config`, else `default`, else the only top-level folder when
-/// there is exactly one. Layouts: `{config}/{split}/*.parquet`,
-/// `{config}/partial-{split}/*.parquet` (large datasets, converted in part), and the
-/// older `{config}/*-{split}.parquet` and `{config}/*-{split}-*.parquet`.
-pub fn select_converted_split_files<S: AsRef<str>>(names: &[S], config: Option<&str>, split: &str) -> Vec<String> {
-    let cfg = match config {
-        Some(c) => c.to_string(),
-        None => {
-            let dirs: BTreeSet<&str> =
-                names.iter().filter_map(|n| n.as_ref().split_once('/').map(|(d, _)| d)).collect();
-            if dirs.contains("default") || dirs.len() != 1 {
-                "default".to_string()
-            } else {
-                dirs.into_iter().next().unwrap_or("default").to_string()
-            }
-        }
-    };
-    first_layout(
-        names,
-        &[
-            format!("{cfg}/{split}/*.parquet"),
-            format!("{cfg}/partial-{split}/*.parquet"),
-            format!("{cfg}/*-{split}.parquet"),
-            format!("{cfg}/*-{split}-*.parquet"),
-        ],
-    )
 }
