@@ -1,6 +1,7 @@
 //! `tuner serve`: an HTTP server over one model. `POST /generate` (this crate's own
 //! shape), OpenAI-compatible `POST /v1/completions` and `POST /v1/chat/completions`
-//! (with SSE streaming), `GET /v1/models` and `GET /health`.
+//! (with SSE streaming), `GET /v1/models[/ID]` and `GET /health`; with `--api-key`, every
+//! route but `/health` wants `Authorization: Bearer KEY` (as vLLM's `--api-key`).
 //!
 //! Shape (as vLLM and TGI do it): an async HTTP front end (axum on a small tokio
 //! runtime) and one generation thread that owns the model; the two meet at a bounded
@@ -63,6 +64,13 @@ pub struct ServeArgs {
     /// Most greedy requests with equal parameters generated together in one batch.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
+    /// The model id that /v1/models, /health and responses report and that requests' `model`
+    /// must name (default: the --model path as given).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every route but /health (401 otherwise).
+    #[arg(long, value_name = "KEY", env = "TUNER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Load the model, listen, and serve until `interrupted` is set (Ctrl-C); then stop
@@ -81,6 +89,16 @@ pub fn run(args: &ServeArgs, cache: &Path, interrupted: Arc<AtomicBool>) -> Resu
             return Err(Failure::Usage(format!("{name} must be at least 1")).into());
         }
     }
+    if args.api_key.as_deref() == Some("") {
+        return Err(Failure::Usage("--api-key (or TUNER_API_KEY) must not be empty".into()).into());
+    }
+    let model_id = match &args.served_model_name {
+        Some(n) if n.trim().is_empty() => {
+            return Err(Failure::Usage("--served-model-name must not be empty".into()).into())
+        }
+        Some(n) => n.clone(),
+        None => args.model.display().to_string(),
+    };
     let queue = Arc::new(queue::Queue::new(args.queue));
     let spec = worker::LoadSpec {
         model: args.model.clone(),
@@ -93,10 +111,11 @@ pub fn run(args: &ServeArgs, cache: &Path, interrupted: Arc<AtomicBool>) -> Resu
     let limits = api::Limits { max_new_tokens_cap: args.max_new_tokens_cap };
     let state = Arc::new(routes::AppState::new(
         queue.clone(),
-        args.model.display().to_string(),
+        model_id,
         info.context,
         limits,
         args.max_body_bytes,
+        args.api_key.clone(),
     ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -118,11 +137,13 @@ async fn serve(args: &ServeArgs, state: Arc<routes::AppState>, interrupted: Arc<
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr().context("cannot read the bound address")?;
     log::info!(
-        "serving {} (context {} tokens, queue {}, batches of up to {})",
+        "serving {} as `{}` (context {} tokens, queue {}, batches of up to {}, API key {})",
+        args.model.display(),
         state.model_id,
         state.context,
         args.queue,
-        args.max_batch
+        args.max_batch,
+        if state.api_key.is_some() { "required" } else { "not required" }
     );
     eprintln!("listening on http://{addr}");
     let flag = interrupted.clone();

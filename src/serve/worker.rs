@@ -199,6 +199,9 @@ impl Worker {
             ));
         }
         let mut sampling = r.sampling.clone();
+        if let Some(total) = r.max_length {
+            sampling.max_new_tokens = new_tokens_of_max_length(total, ids.len(), sampling.max_new_tokens)?;
+        }
         sampling.max_new_tokens = sampling.max_new_tokens.min(self.context - ids.len());
         sampling.validate().map_err(|e| ApiError::invalid(format!("{e:#}")))?;
         Ok((ids, sampling))
@@ -243,4 +246,23 @@ impl Worker {
             let _ = a.job.events.send(Event::Failed(ApiError::internal(message.clone())));
         }
     }
+}
+
+/// The new tokens that `max_length` (prompt + new, as transformers counts it) leaves after a
+/// prompt of `prompt` tokens; refused when that is none or more than `cap`.
+fn new_tokens_of_max_length(total: usize, prompt: usize, cap: usize) -> Result<usize, ApiError> {
+    if total <= prompt {
+        return Err(ApiError::field(
+            "max_length",
+            format!("`max_length` is {total}, but the prompt alone is {prompt} tokens; `max_length` counts the prompt and the new tokens (as in transformers' generate): raise it, or give `max_new_tokens` instead"),
+        ));
+    }
+    let new = total - prompt;
+    if new > cap {
+        return Err(ApiError::field(
+            "max_length",
+            format!("`max_length` {total} leaves {new} new tokens after the {prompt}-token prompt, over this server's cap of {cap} (--max-new-tokens-cap); the request is refused, not clamped"),
+        ));
+    }
+    Ok(new)
 }
