@@ -2,7 +2,8 @@
 //! in-process on the same model (greedy and seeded sampling, stop strings), SSE
 //! streams, JSON errors for bad input, 50 concurrent clients, cancellation when a
 //! client goes away, 503 when the queue is full, 500 when generation fails, and a
-//! clean stop on Ctrl-C. Each test starts its own server (`--port 0`, the port read
+//! clean stop on Ctrl-C; the official `openai` Python client (scripts/openai_client_check.py)
+//! against `--served-model-name` and `--api-key`; `/generate`'s `max_length`. Each test starts its own server (`--port 0`, the port read
 //! from the `listening on` line) and kills it when it ends, passing or not.
 
 use crate::common::*;
@@ -29,8 +30,13 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, extra: &[&str], rust_log: &str) -> Server {
+        Server::start_env(model, extra, rust_log, &[])
+    }
+
+    fn start_env(model: &Path, extra: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Server {
         let mut child = tuner()
             .env("RUST_LOG", rust_log)
+            .envs(env.iter().copied())
             .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--device", "cpu", "--dtype", "fp32"])
             .args(extra)
             .stdout(Stdio::null())
@@ -135,14 +141,23 @@ fn connect(port: u16) -> TcpStream {
 }
 
 fn send(s: &mut TcpStream, method: &str, path: &str, body: &[u8]) {
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    send_with(s, method, path, body, "");
+}
+
+/// `send` with `extra` header lines (each ending in `\r\n`).
+fn send_with(s: &mut TcpStream, method: &str, path: &str, body: &[u8], extra: &str) {
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n", body.len());
     // A server that refuses a body early may close before reading all of it.
     let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(body));
 }
 
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> Reply {
+    http_with(port, method, path, body, "")
+}
+
+fn http_with(port: u16, method: &str, path: &str, body: &[u8], extra: &str) -> Reply {
     let mut s = connect(port);
-    send(&mut s, method, path, body);
+    send_with(&mut s, method, path, body, extra);
     let mut raw = vec![];
     let mut buf = [0u8; 8192];
     loop {
@@ -486,7 +501,53 @@ fn serve_refuses_bad_requests_with_json_errors_that_name_the_problem() {
             "missing field `messages[0].role`",
             json!("messages"),
         ),
-        ("/v1/chat/completions", json!({"prompt": "x"}).to_string(), 400, "unknown field `prompt`", json!("prompt")),
+        // An unknown field is ignored (with a warning), so what is missing is `messages`.
+        ("/v1/chat/completions", json!({"prompt": "x"}).to_string(), 400, "missing field `messages`", json!("messages")),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})
+                .to_string(),
+            400,
+            "{\"type\": \"json_object\"} is not supported by this server",
+            json!("response_format"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}).to_string(),
+            400,
+            "`response_format.type` must be \"text\"",
+            json!("response_format"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}).to_string(),
+            400,
+            "`tools` is not supported by this server",
+            json!("tools"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}).to_string(),
+            400,
+            "`tool_choice` is not supported",
+            json!("tool_choice"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "tool", "content": "4", "tool_call_id": "c1"}]}).to_string(),
+            400,
+            "`messages[0].tool_call_id` is not supported by this server",
+            json!("messages"),
+        ),
+        ("/v1/completions", json!({"prompt": "a", "model": "gpt-4o"}).to_string(), 404, "The model `gpt-4o` does not exist", json!("model")),
+        (
+            "/generate",
+            json!({"prompt": "a", "max_length": 8, "max_new_tokens": 4}).to_string(),
+            400,
+            "not both",
+            json!("max_length"),
+        ),
+        ("/generate", json!({"prompt": "a", "max_length": 0}).to_string(), 400, "`max_length` must be at least 1", json!("max_length")),
     ];
     for (path, body, status, message, param) in cases {
         let r = http(srv.port, "POST", path, body.as_bytes());
@@ -498,6 +559,27 @@ fn serve_refuses_bad_requests_with_json_errors_that_name_the_problem() {
         assert_eq!(e["param"], param, "{what}");
         assert!(e["type"].is_string(), "{what}");
     }
+    // Fields the server does not know are ignored on the OpenAI endpoints, each named in a warning;
+    // known fields at values that change nothing are taken silently.
+    let body = json!({"prompt": "Hello", "max_tokens": 2, "temperature": 0, "frobnicate": 1, "metadata": {"a": "b"}, "n": 1, "user": "u", "logit_bias": {}, "stream_options": null});
+    let r = srv.post("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(srv.wait_log("`frobnicate`").contains("/v1/completions: ignoring the request field"));
+    srv.wait_log("`metadata`");
+    assert!(!srv.log().contains("`user`") && !srv.log().contains("`logit_bias`"), "{}", srv.log());
+    let r = srv.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "temperature": 0, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "store": false}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    srv.wait_log("/v1/chat/completions: ignoring the request field `store`");
+    let history = json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "refusal": null, "tool_calls": [], "mood": "calm"}, {"role": "user", "content": "z"}]);
+    let r = srv.post("/v1/chat/completions", &json!({"messages": history, "max_tokens": 2, "temperature": 0}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    srv.wait_log("ignoring the message field `messages[1].mood`");
+    assert!(!srv.log().contains("`messages[1].refusal`") && !srv.log().contains("`messages[1].tool_calls`"));
+    let r = srv.post("/v1/completions", &json!({"prompt": "a", "model": "gpt-4o"}));
+    assert_eq!(
+        (r.json()["error"]["code"].as_str(), r.json()["error"]["type"].as_str()),
+        (Some("model_not_found"), Some("invalid_request_error"))
+    );
     let r = srv.get("/nope");
     assert_eq!((r.status, r.json()["error"]["type"].as_str()), (404, Some("not_found_error")));
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("no route for GET /nope"));
@@ -640,7 +722,156 @@ fn serve_rejects_bad_flags() {
     let (code, _, err) = run(&["serve", "--model", "/nope", "--queue", "0"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--queue must be at least 1"), "{err}");
+    let (code, _, err) = run(&["serve", "--model", "/nope", "--served-model-name", " "]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--served-model-name must not be empty"), "{err}");
+    let (code, _, err) = run(&["serve", "--model", "/nope", "--api-key", ""]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--api-key (or TUNER_API_KEY) must not be empty"), "{err}");
     let (code, _, err) = run(&["serve", "--model", "/nope", "--device", "cpu"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("/nope"), "{err}");
+}
+
+/// The engine's greedy/seeded result as the OpenAI endpoints report it.
+fn expected(c: &Completion) -> Value {
+    json!({"text": c.text, "tokens": c.tokens.len(), "finish_reason": openai_reason(c)})
+}
+
+#[test]
+fn serve_works_with_the_openai_python_client_behind_a_served_name_and_an_api_key() {
+    let d = tmp();
+    let model = fixture_model("llama", &d.path().join("model"));
+    // A longer context than the fixture's 64 tokens, for the follow-up conversation.
+    let config = model.join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["max_position_embeddings"] = json!(512);
+    std::fs::write(&config, v.to_string()).unwrap();
+    let key = "sk-tuner-test-0123";
+    let args = ["--served-model-name", "tiny-llama"];
+    let srv = Server::start_env(&model, &args, "warn", &[("TUNER_API_KEY", key)]);
+    let g = generator(&model, d.path());
+
+    // The key (read from TUNER_API_KEY) guards every route but /health, with OpenAI's 401 bodies.
+    let h = srv.get("/health");
+    assert_eq!((h.status, h.json()["model"].as_str()), (200, Some("tiny-llama")), "{}", h.body);
+    for (path, auth, code) in [
+        ("/v1/models", "", Value::Null),
+        ("/v1/models", "Authorization: Bearer sk-wrong\r\n", json!("invalid_api_key")),
+        ("/v1/models", &format!("Authorization: Basic {key}\r\n"), Value::Null),
+        ("/generate", "", Value::Null),
+        ("/nope", "", Value::Null),
+    ] {
+        let method = if path == "/generate" { "POST" } else { "GET" };
+        let r = http_with(srv.port, method, path, br#"{"prompt": "Hi"}"#, auth);
+        assert_eq!((r.status, r.header("www-authenticate")), (401, Some("bearer")), "{path} {auth:?}: {}", r.body);
+        let e = &r.json()["error"];
+        assert_eq!((&e["type"], &e["code"]), (&json!("invalid_request_error"), &code), "{path} {auth:?}");
+        assert!(!r.body.contains(key), "the key is echoed: {}", r.body);
+    }
+    let r = http_with(srv.port, "GET", "/v1/models", b"", &format!("Authorization: bearer {key}\r\n"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["data"][0]["id"], "tiny-llama");
+    let r = http_with(srv.port, "GET", "/v1/models/tiny-llama", b"", &format!("Authorization: Bearer {key}\r\n"));
+    assert_eq!((r.status, r.json()["id"].as_str()), (200, Some("tiny-llama")), "{}", r.body);
+
+    // What the engine gives for the script's requests.
+    let prompt = "Hello world";
+    let messages = vec![
+        Message { role: "system".into(), content: "Be brief.".into() },
+        Message { role: "user".into(), content: "Hi there".into() },
+    ];
+    let completion = engine(&g, prompt, &greedy(8));
+    let chat_prompt = g.chat_prompt(&messages).unwrap();
+    let chat = engine(&g, &chat_prompt, &greedy(8));
+    let chat3 = engine(&g, &chat_prompt, &greedy(3));
+    let sampled = engine(&g, prompt, &SamplingParams { temperature: 1.0, seed: 7, ..greedy(8) });
+    let stop: String = completion.text.chars().skip(2).take(2).collect();
+    assert_eq!(stop.chars().count(), 2, "the greedy text {:?} is too short for a stop string", completion.text);
+    let stopped = engine(&g, prompt, &SamplingParams { stop: vec![stop.clone()], ..greedy(8) });
+    assert!(stopped.text.len() < completion.text.len(), "{stopped:?}");
+    let mut follow = messages.clone();
+    follow.push(Message { role: "assistant".into(), content: chat.text.clone() });
+    follow.push(Message { role: "user".into(), content: "More".into() });
+    let after = engine(&g, &g.chat_prompt(&follow).unwrap(), &greedy(8));
+    let expect = json!({
+        "follow_up": "More", "after_follow_up": expected(&after),
+        "prompt": prompt, "prompt_tokens": g.encode_prompt(prompt).unwrap().len(),
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+        "completion": expected(&completion), "chat": expected(&chat), "chat3": expected(&chat3),
+        "sampled": sampled.text, "stop": stop, "stopped": stopped.text,
+    });
+    let file = d.path().join("expect.json");
+    std::fs::write(&file, expect.to_string()).unwrap();
+
+    let o = std::process::Command::new(python())
+        .arg(repo().join("scripts/openai_client_check.py"))
+        .args(["--base-url", &format!("http://127.0.0.1:{}/v1", srv.port), "--api-key", key, "--model", "tiny-llama"])
+        .arg("--expect")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "openai_client_check.py failed:\n{stdout}\n{stderr}\nserver log:\n{}", srv.log());
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    let checks = [
+        "models.list",
+        "models.retrieve",
+        "completions",
+        "completions.usage",
+        "completions.model",
+        "completions.stream",
+        "completions.stream.usage",
+        "chat",
+        "chat.usage",
+        "chat.max_completion_tokens",
+        "chat.follow_up",
+        "chat.stream.role",
+        "chat.stream",
+        "chat.stream.finish",
+        "stop",
+        "seed",
+        "unknown field ignored",
+        "json_object refused",
+        "n > 1 refused",
+        "model_not_found",
+        "models.retrieve not found",
+        "wrong api key",
+    ];
+    assert_eq!(report["checks"], json!(checks));
+    srv.wait_log("/v1/chat/completions: ignoring the request field `tuner_test_unknown`");
+}
+
+#[test]
+fn serve_takes_max_length_as_transformers_generate_counts_it() {
+    let d = tmp();
+    // A model without EOS, so every generation runs to its length.
+    let model = long_model(&d.path().join("model"));
+    let srv = Server::start(&model, &["--max-new-tokens-cap", "20"], "warn");
+    let g = generator(&model, d.path());
+    let prompt = "Hello world";
+    let n = g.encode_prompt(prompt).unwrap().len();
+    assert!(n >= 2, "{n}");
+    // max_length counts the prompt (BOS included) and the new tokens.
+    let want = engine(&g, prompt, &greedy(5));
+    let r = srv.post("/generate", &json!({"prompt": prompt, "max_length": n + 5}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), json!({"generated_text": want.text, "finish_reason": "length", "tokens": 5}));
+    let r = srv.post("/generate", &json!({"prompt": prompt, "max_length": n + 1}));
+    assert_eq!(r.json()["tokens"], 1, "{}", r.body);
+    for (max_length, message) in [
+        (n, format!("`max_length` is {n}, but the prompt alone is {n} tokens")),
+        (1, format!("`max_length` is 1, but the prompt alone is {n} tokens")),
+        (n + 21, format!("leaves 21 new tokens after the {n}-token prompt, over this server's cap of 20")),
+    ] {
+        let r = srv.post("/generate", &json!({"prompt": prompt, "max_length": max_length}));
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.json()["error"]["param"], "max_length");
+        assert!(r.json()["error"]["message"].as_str().unwrap().contains(&message), "{}", r.body);
+    }
+    // Streaming reads it the same way.
+    let ev = srv.post("/generate", &json!({"prompt": prompt, "max_length": n + 20, "stream": true})).events();
+    let done: Value = serde_json::from_str(&ev.last().unwrap().1).unwrap();
+    assert_eq!(done["tokens"], 20);
 }

@@ -1,14 +1,22 @@
 //! Request bodies of the three generation endpoints, parsed and checked by hand so
-//! that every error names its field: `{"error": {"message", "type", "param"}}`, the
+//! that every error names its field: `{"error": {"message", "type", "param", "code"}}`, the
 //! shape OpenAI's API uses.
 //!
-//! Rules: `null` means absent; unknown fields are refused (400, naming them); OpenAI
-//! fields this server does not implement are accepted only at their default value
-//! (`n: 1`, `echo: false`, `presence_penalty: 0`, …); `max_new_tokens`/`max_tokens`
-//! over `--max-new-tokens-cap` is refused (400), never clamped. Defaults: `/generate`
-//! is greedy with 256 new tokens; `/v1/completions` samples at temperature 1 with 16
-//! new tokens; `/v1/chat/completions` samples at temperature 1 up to the cap. Every
-//! limit is also lowered to what the model's context leaves after the prompt.
+//! Rules: `null` means absent. On the OpenAI endpoints a field this server does not know is
+//! ignored with a warning in the log (OpenAI's clients send fields newer than the server, as
+//! vLLM also accepts them); OpenAI fields it knows but does not implement are accepted only at
+//! a value that does not change the result (`n: 1`, `echo: false`, `tools: []`,
+//! `response_format: {"type": "text"}`, …) and refused (400) otherwise. `/generate`, this
+//! crate's own shape, refuses unknown fields (400, naming them). A `model` other than the served
+//! one (`--served-model-name`, else the `--model` path) is a 404 `model_not_found`.
+//! `max_new_tokens`/`max_tokens` over `--max-new-tokens-cap` is refused (400), never clamped.
+//! Defaults: `/generate` is greedy with 256 new tokens; `/v1/completions` samples at
+//! temperature 1 with 16 new tokens; `/v1/chat/completions` samples at temperature 1 up to the
+//! cap. Every limit is also lowered to what the model's context leaves after the prompt.
+//!
+//! `/generate` also takes `max_length` instead of `max_new_tokens`: as in transformers'
+//! `generate`, the total length in tokens, prompt (BOS included) plus new tokens; the worker
+//! turns it into `max_length − prompt tokens` new tokens once the prompt is tokenized.
 
 use crate::data::template::Message;
 use crate::generate::SamplingParams;
@@ -46,8 +54,18 @@ pub struct Limits {
     pub max_new_tokens_cap: usize,
 }
 
-const GENERATE_FIELDS: &[&str] =
-    &["prompt", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream"];
+const GENERATE_FIELDS: &[&str] = &[
+    "prompt",
+    "max_new_tokens",
+    "max_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stream",
+];
 const OPENAI_FIELDS: &[&str] = &[
     "model",
     "max_tokens",
@@ -69,6 +87,13 @@ const OPENAI_FIELDS: &[&str] = &[
     "best_of",
     "suffix",
     "logit_bias",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "modalities",
+    "audio",
 ];
 const MAX_STOP: usize = 16;
 
@@ -186,10 +211,10 @@ fn as_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-fn check_known(obj: &Map<String, Value>, extra: &[&str], known: &[&str]) -> Result<(), ApiError> {
+fn check_known(obj: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
     for key in obj.keys() {
-        if !known.contains(&key.as_str()) && !extra.contains(&key.as_str()) {
-            let mut all: Vec<&str> = extra.iter().chain(known).copied().collect();
+        if !known.contains(&key.as_str()) {
+            let mut all = known.to_vec();
             all.sort_unstable();
             return Err(ApiError::field(
                 key,
@@ -198,6 +223,13 @@ fn check_known(obj: &Map<String, Value>, extra: &[&str], known: &[&str]) -> Resu
         }
     }
     Ok(())
+}
+
+/// OpenAI endpoints: fields outside `extra` and [`OPENAI_FIELDS`] are ignored, each with a warning.
+fn warn_unknown(obj: &Map<String, Value>, extra: &[&str], endpoint: &str) {
+    for key in obj.keys().filter(|k| !extra.contains(&k.as_str()) && !OPENAI_FIELDS.contains(&k.as_str())) {
+        log::warn!("{endpoint}: ignoring the request field `{key}`, which this server does not know");
+    }
 }
 
 fn prompt_text(f: &Fields, endpoint: Endpoint) -> Result<String, ApiError> {
@@ -221,12 +253,7 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
     let Value::Object(m) = v else {
         return Err(ApiError::field("messages", format!("`{at}` must be an object (found {})", type_name(v))));
     };
-    if let Some(k) = m.keys().find(|k| !["role", "content", "name"].contains(&k.as_str())) {
-        return Err(ApiError::field(
-            "messages",
-            format!("unknown field `{at}.{k}`; a message takes role, content and name"),
-        ));
-    }
+    message_extras(&at, m)?;
     let role = match m.get("role") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::String(_)) => return Err(ApiError::field("messages", format!("`{at}.role` is empty"))),
@@ -265,6 +292,26 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
     Ok(Message { role, content })
 }
 
+/// A message's fields besides role, content and name: tool calls (a non-empty `tool_calls`, a
+/// `tool_call_id`, a `function_call`) are refused, since the chat template gets no tools; null
+/// fields and an empty `tool_calls` (what a client sends back from a response) are ignored, and
+/// so are other fields, each with a warning.
+fn message_extras(at: &str, m: &Map<String, Value>) -> Result<(), ApiError> {
+    for (k, v) in m.iter().filter(|(k, v)| !["role", "content", "name"].contains(&k.as_str()) && !v.is_null()) {
+        let empty_calls = k == "tool_calls" && v.as_array().is_some_and(Vec::is_empty);
+        if matches!(k.as_str(), "tool_calls" | "tool_call_id" | "function_call") && !empty_calls {
+            return Err(ApiError::field(
+                "messages",
+                format!("`{at}.{k}` is not supported by this server: there is no function calling"),
+            ));
+        }
+        if !empty_calls {
+            log::warn!("/v1/chat/completions: ignoring the message field `{at}.{k}`, which this server does not know");
+        }
+    }
+    Ok(())
+}
+
 fn messages(f: &Fields) -> Result<Vec<Message>, ApiError> {
     match f.get("messages") {
         None => Err(ApiError::field("messages", "missing field `messages`")),
@@ -276,9 +323,15 @@ fn messages(f: &Fields) -> Result<Vec<Message>, ApiError> {
     }
 }
 
-/// The fields OpenAI clients send that this server only takes at their defaults.
-fn openai_defaults(f: &Fields) -> Result<(), ApiError> {
+/// The fields OpenAI clients send that this server only takes at values that leave the result
+/// as it is; `model` must name the served model.
+fn openai_defaults(f: &Fields, served: &str) -> Result<(), ApiError> {
+    if let Some(m) = f.str("model")?.filter(|m| *m != served) {
+        return Err(ApiError::model_not_found(m, served));
+    }
     let is = |x: f64| move |v: &Value| v.as_f64() == Some(x);
+    let empty = |v: &Value| v.as_array().is_some_and(Vec::is_empty);
+    let no_call = |v: &Value| matches!(v.as_str(), Some("none" | "auto"));
     f.only_default("n", is(1.0), "n = 1")?;
     f.only_default("best_of", is(1.0), "best_of = 1")?;
     f.only_default("presence_penalty", is(0.0), "0")?;
@@ -288,9 +341,41 @@ fn openai_defaults(f: &Fields) -> Result<(), ApiError> {
     f.only_default("top_logprobs", is(0.0), "0 or null")?;
     f.only_default("suffix", |v| v.as_str() == Some(""), "null")?;
     f.only_default("logit_bias", |v| v.as_object().is_some_and(Map::is_empty), "{} or null")?;
-    f.str("model")?;
+    f.only_default("tools", empty, "[] or null: there is no function calling")?;
+    f.only_default("functions", empty, "[] or null: there is no function calling")?;
+    f.only_default("tool_choice", no_call, "\"none\", \"auto\" or null: there is no function calling")?;
+    f.only_default("function_call", no_call, "\"none\", \"auto\" or null: there is no function calling")?;
+    f.only_default("modalities", |v| v == &serde_json::json!(["text"]), "[\"text\"] or null")?;
+    f.only_default("audio", |_| false, "null")?;
+    response_format(f)?;
     f.str("user")?;
     Ok(())
+}
+
+/// `response_format`: `{"type": "text"}` is what the server does anyway; JSON modes are refused,
+/// because nothing constrains the output to be JSON.
+fn response_format(f: &Fields) -> Result<(), ApiError> {
+    let Some(v) = f.get("response_format") else { return Ok(()) };
+    let kind = match v {
+        Value::Object(o) => o.get("type").and_then(Value::as_str),
+        v => {
+            return Err(ApiError::field(
+                "response_format",
+                format!("`response_format` must be an object like {{\"type\": \"text\"}} (found {})", type_name(v)),
+            ))
+        }
+    };
+    match kind {
+        Some("text") => Ok(()),
+        Some(t @ ("json_object" | "json_schema")) => Err(ApiError::field(
+            "response_format",
+            format!("`response_format` {{\"type\": \"{t}\"}} is not supported by this server: it does not constrain the output to JSON; omit it (or use {{\"type\": \"text\"}}) and ask for JSON in the prompt"),
+        )),
+        _ => Err(ApiError::field(
+            "response_format",
+            "`response_format.type` must be \"text\" (\"json_object\" and \"json_schema\" are not supported)",
+        )),
+    }
 }
 
 /// The sampling fields common to every endpoint; `max_key` names the length field.
@@ -341,26 +426,46 @@ fn sampling(
     Ok(p)
 }
 
-/// Parse and check a body for `endpoint`. `seed` is used when the body gives none.
-pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits, seed: u64) -> Result<Parsed, ApiError> {
+/// `/generate`'s `max_length` (prompt + new tokens), which excludes `max_new_tokens`.
+fn generate_max_length(f: &Fields) -> Result<Option<usize>, ApiError> {
+    let Some(n) = f.uint("max_length")? else { return Ok(None) };
+    if f.get("max_new_tokens").is_some() {
+        return Err(ApiError::field(
+            "max_length",
+            "give `max_new_tokens` (new tokens) or `max_length` (prompt + new tokens, as in transformers), not both",
+        ));
+    }
+    if n == 0 {
+        return Err(ApiError::field("max_length", "`max_length` must be at least 1"));
+    }
+    Ok(Some(usize::try_from(n).unwrap_or(usize::MAX)))
+}
+
+/// Parse and check a body for `endpoint`. `served` is the model id requests may name; `seed`
+/// is used when the body gives none.
+pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits, served: &str, seed: u64) -> Result<Parsed, ApiError> {
     let obj = as_object(body)?;
     let f = Fields { obj: &obj };
     let stream = f.bool("stream")?.unwrap_or(false);
+    let mut max_length = None;
     let (prompt, sampling) = match endpoint {
         Endpoint::Generate => {
-            check_known(&obj, &[], GENERATE_FIELDS)?;
+            check_known(&obj, GENERATE_FIELDS)?;
             let default = SamplingParams::default();
-            let s = sampling(&f, "max_new_tokens", default.max_new_tokens, default.temperature, limits, default.seed)?;
+            max_length = generate_max_length(&f)?;
+            // With `max_length`, the cap bounds the new tokens it leaves (checked by the worker).
+            let default_max = if max_length.is_some() { limits.max_new_tokens_cap } else { default.max_new_tokens };
+            let s = sampling(&f, "max_new_tokens", default_max, default.temperature, limits, default.seed)?;
             (Prompt::Text(prompt_text(&f, endpoint)?), s)
         }
         Endpoint::Completions => {
-            check_known(&obj, &["prompt"], OPENAI_FIELDS)?;
-            openai_defaults(&f)?;
+            warn_unknown(&obj, &["prompt"], "/v1/completions");
+            openai_defaults(&f, served)?;
             (Prompt::Text(prompt_text(&f, endpoint)?), sampling(&f, "max_tokens", 16, 1.0, limits, seed)?)
         }
         Endpoint::Chat => {
-            check_known(&obj, &["messages", "max_completion_tokens"], OPENAI_FIELDS)?;
-            openai_defaults(&f)?;
+            warn_unknown(&obj, &["messages", "max_completion_tokens"], "/v1/chat/completions");
+            openai_defaults(&f, served)?;
             let key = if f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
             (Prompt::Chat(messages(&f)?), sampling(&f, key, limits.max_new_tokens_cap, 1.0, limits, seed)?)
         }
@@ -384,5 +489,5 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits, seed: u64) -> Res
             ))
         }
     };
-    Ok(Parsed { request: Request { prompt, sampling }, stream, include_usage })
+    Ok(Parsed { request: Request { prompt, sampling, max_length }, stream, include_usage })
 }

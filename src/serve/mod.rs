@@ -1,6 +1,7 @@
 //! `tuner serve`: an HTTP server over one model. `POST /generate` (this crate's own
 //! shape), OpenAI-compatible `POST /v1/completions` and `POST /v1/chat/completions`
-//! (with SSE streaming), `GET /v1/models` and `GET /health`.
+//! (with SSE streaming), `GET /v1/models[/ID]` and `GET /health`; with `--api-key`, every
+//! route but `/health` wants `Authorization: Bearer KEY` (as vLLM's `--api-key`).
 //!
 //! Shape (as vLLM and TGI do it): an async HTTP front end (axum on a small tokio
 //! runtime) and one generation thread that owns the model; the two meet at a bounded
@@ -19,10 +20,9 @@ pub mod routes;
 pub mod worker;
 
 use crate::error::Failure;
-use crate::recipe::Dtype;
 use anyhow::{Context, Result};
 use std::future::IntoFuture;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,24 +33,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The `tuner serve` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// An HF folder, a bnb-4bit folder, a .gguf file, or a run's export.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A PEFT adapter folder to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: crate::model::open::ModelArgs,
     /// Address to bind (0.0.0.0 exposes the server to the network).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Port; 0 lets the OS pick one (the `listening on` line says which).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub dtype: Dtype,
-    /// auto | cpu | cuda | cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: crate::recipe::DeviceSpec,
     /// Largest request body; bigger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -63,14 +53,19 @@ pub struct ServeArgs {
     /// Most greedy requests with equal parameters generated together in one batch.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
+    /// The model id that /v1/models, /health and responses report and that requests' `model`
+    /// must name (default: the --model path as given).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every route but /health (401 otherwise).
+    #[arg(long, value_name = "KEY", env = "TUNER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Load the model, listen, and serve until `interrupted` is set (Ctrl-C); then stop
 /// taking connections, give open ones [`SHUTDOWN_GRACE`] to finish, and return.
 /// `cache` is the cache root for GGUF imports.
 pub fn run(args: &ServeArgs, cache: &Path, interrupted: Arc<AtomicBool>) -> Result<()> {
-    let dtype = args.dtype;
-    let device = args.device.resolve();
     for (name, v) in [
         ("--queue", args.queue),
         ("--max-batch", args.max_batch),
@@ -81,22 +76,27 @@ pub fn run(args: &ServeArgs, cache: &Path, interrupted: Arc<AtomicBool>) -> Resu
             return Err(Failure::Usage(format!("{name} must be at least 1")).into());
         }
     }
-    let queue = Arc::new(queue::Queue::new(args.queue));
-    let spec = worker::LoadSpec {
-        model: args.model.clone(),
-        adapter: args.adapter.clone(),
-        dtype,
-        device,
-        cache: cache.to_path_buf(),
+    if args.api_key.as_deref() == Some("") {
+        return Err(Failure::Usage("--api-key (or TUNER_API_KEY) must not be empty".into()).into());
+    }
+    let model_id = match &args.served_model_name {
+        Some(n) if n.trim().is_empty() => {
+            return Err(Failure::Usage("--served-model-name must not be empty".into()).into())
+        }
+        Some(n) => n.clone(),
+        None => args.model.model.display().to_string(),
     };
+    let queue = Arc::new(queue::Queue::new(args.queue));
+    let spec = worker::LoadSpec { model: args.model.clone(), cache: cache.to_path_buf() };
     let (info, _worker) = worker::spawn(spec, queue.clone(), args.max_batch, interrupted.clone())?;
     let limits = api::Limits { max_new_tokens_cap: args.max_new_tokens_cap };
     let state = Arc::new(routes::AppState::new(
         queue.clone(),
-        args.model.display().to_string(),
+        model_id,
         info.context,
         limits,
         args.max_body_bytes,
+        args.api_key.clone(),
     ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -118,11 +118,13 @@ async fn serve(args: &ServeArgs, state: Arc<routes::AppState>, interrupted: Arc<
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr().context("cannot read the bound address")?;
     log::info!(
-        "serving {} (context {} tokens, queue {}, batches of up to {})",
+        "serving {} as `{}` (context {} tokens, queue {}, batches of up to {}, API key {})",
+        args.model.model.display(),
         state.model_id,
         state.context,
         args.queue,
-        args.max_batch
+        args.max_batch,
+        if state.api_key.is_some() { "required" } else { "not required" }
     );
     eprintln!("listening on http://{addr}");
     let flag = interrupted.clone();

@@ -29,6 +29,10 @@ pub struct Request {
     /// Sampling; `max_new_tokens` is the request's (already under the server's cap) and
     /// the worker lowers it to what the model's context leaves after the prompt.
     pub sampling: SamplingParams,
+    /// `/generate`'s `max_length`: prompt plus new tokens, as in transformers' `generate`. The
+    /// worker sets `max_new_tokens` to `max_length − prompt tokens`, which must be at least 1
+    /// and at most `sampling.max_new_tokens` (the server's cap).
+    pub max_length: Option<usize>,
 }
 
 /// What the worker reports about a job, in this order: `Started`, any number of

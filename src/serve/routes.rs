@@ -1,6 +1,8 @@
-//! The HTTP routes (axum): `GET /health`, `GET /v1/models`, `POST /generate`,
-//! `POST /v1/completions`, `POST /v1/chat/completions`; every error, 404 and 405
-//! included, is a JSON body (see [`ApiError`]).
+//! The HTTP routes (axum): `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`,
+//! `POST /generate`, `POST /v1/completions`, `POST /v1/chat/completions`; every error, 404 and
+//! 405 included, is a JSON body (see [`ApiError`]). With an API key, a middleware answers 401
+//! on every route but `/health` unless the request carries `Authorization: Bearer KEY`
+//! (compared in time independent of where the keys differ; the key is never logged or echoed).
 //!
 //! A generation handler parses the body, queues a [`Job`] (503 + `Retry-After` when
 //! the queue is full), waits for the worker to accept the prompt (so a bad prompt is
@@ -13,8 +15,9 @@ use crate::serve::format::{self, Meta, SseEvent};
 use crate::serve::queue::{Event, Job, PushError, Queue};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -44,6 +47,8 @@ pub struct AppState {
     pub created: u64,
     /// Request counter (ids and default seeds).
     pub requests: AtomicU64,
+    /// `--api-key`: the bearer token every route but `/health` requires.
+    pub api_key: Option<String>,
 }
 
 fn unix_now() -> u64 {
@@ -52,8 +57,16 @@ fn unix_now() -> u64 {
 
 impl AppState {
     /// State for a server over `queue`.
-    pub fn new(queue: Arc<Queue>, model_id: String, context: usize, limits: Limits, max_body_bytes: usize) -> AppState {
-        AppState { queue, model_id, context, limits, max_body_bytes, created: unix_now(), requests: AtomicU64::new(0) }
+    pub fn new(
+        queue: Arc<Queue>,
+        model_id: String,
+        context: usize,
+        limits: Limits,
+        max_body_bytes: usize,
+        api_key: Option<String>,
+    ) -> AppState {
+        let requests = AtomicU64::new(0);
+        AppState { queue, model_id, context, limits, max_body_bytes, created: unix_now(), requests, api_key }
     }
 }
 
@@ -63,6 +76,9 @@ impl IntoResponse for ApiError {
         let mut r = json_response(status, &self.body());
         if let Some(s) = self.retry_after {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == 401 {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }
@@ -78,13 +94,48 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route("/generate", post(generate))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
+}
+
+/// Whole-string equality that reads every byte of equally long strings.
+fn same_key(given: &[u8], want: &[u8]) -> bool {
+    given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// The bearer token of `Authorization`, if the header has that form.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+/// 401 unless the server has no key, the route is `/health`, or the bearer token is the key.
+async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(want) = s.api_key.as_deref() else { return next.run(req).await };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    match bearer(req.headers()) {
+        Some(given) if same_key(given.as_bytes(), want.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::unauthorized(
+            "Incorrect API key provided: the bearer token is not this server's --api-key",
+            Some("invalid_api_key"),
+        )
+        .into_response(),
+        None => ApiError::unauthorized(
+            "You didn't provide an API key: this server was started with --api-key; send `Authorization: Bearer KEY`",
+            None,
+        )
+        .into_response(),
+    }
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
@@ -97,20 +148,30 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok", "model": s.model_id, "queued": s.queue.len()}))
 }
 
+fn model_card(s: &AppState) -> Value {
+    json!({"id": s.model_id, "object": "model", "created": s.created, "owned_by": "tuner", "max_model_len": s.context})
+}
+
 async fn models(State(s): State<Arc<AppState>>) -> Response {
-    let m = json!({"id": s.model_id, "object": "model", "created": s.created, "owned_by": "tuner", "max_model_len": s.context});
-    json_response(StatusCode::OK, &json!({"object": "list", "data": [m]}))
+    json_response(StatusCode::OK, &json!({"object": "list", "data": [model_card(&s)]}))
+}
+
+async fn model(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if id == s.model_id {
+        return json_response(StatusCode::OK, &model_card(&s));
+    }
+    ApiError::model_not_found(&id, &s.model_id).into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!(
-        "no route for {method} {}; routes: GET /health, GET /v1/models, POST /generate, POST /v1/completions, POST /v1/chat/completions",
+        "no route for {method} {}; routes: GET /health, GET /v1/models, GET /v1/models/ID, POST /generate, POST /v1/completions, POST /v1/chat/completions",
         uri.path()
     ))
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    let want = if matches!(uri.path(), "/health" | "/v1/models") { "GET" } else { "POST" };
+    let want = if uri.path() == "/health" || uri.path().starts_with("/v1/models") { "GET" } else { "POST" };
     ApiError::method_not_allowed(format!("{method} is not allowed on {}; use {want}", uri.path()))
 }
 
@@ -147,7 +208,7 @@ async fn handle(
     })?;
     let n = s.requests.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let parsed = api::parse(endpoint, &body, &s.limits, nanos ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
+    let parsed = api::parse(endpoint, &body, &s.limits, &s.model_id, nanos ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
     let (tx, mut rx) = unbounded_channel();
     s.queue.push(Job { id: n, request: parsed.request, events: tx }).map_err(|e| match e {
         PushError::Full => ApiError::busy(

@@ -10,7 +10,6 @@
 //! whose client has gone away is skipped, and its generation stops at the next delta.
 
 use crate::generate::{Generator, SamplingParams};
-use crate::recipe::Dtype;
 use crate::serve::api::ApiError;
 use crate::serve::queue::{Event, Job, Prompt, Queue};
 use anyhow::{Context, Result};
@@ -21,19 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tch::Device;
 
 /// What the worker loads.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
-    /// Model folder or `.gguf` file.
-    pub model: PathBuf,
-    /// PEFT adapter folder.
-    pub adapter: Option<PathBuf>,
-    /// Compute dtype.
-    pub dtype: Dtype,
-    /// Device.
-    pub device: Device,
+    /// The model, adapter, dtype and device.
+    pub model: crate::model::open::ModelArgs,
     /// Cache root for GGUF imports.
     pub cache: PathBuf,
 }
@@ -73,19 +65,7 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name("generate".into())
         .spawn(move || {
-            let loaded = catch_unwind(AssertUnwindSafe(|| {
-                let device = match spec.device {
-                    Device::Cuda(i) => crate::recipe::DeviceSpec::Cuda(Some(i)),
-                    _ => crate::recipe::DeviceSpec::Cpu,
-                };
-                let args = crate::model::open::ModelArgs {
-                    model: spec.model.clone(),
-                    adapter: spec.adapter.clone(),
-                    dtype: spec.dtype,
-                    device,
-                };
-                Generator::load(&args, &spec.cache)
-            }));
+            let loaded = catch_unwind(AssertUnwindSafe(|| Generator::load(&spec.model, &spec.cache)));
             let gen = match loaded {
                 Ok(Ok(g)) => g,
                 Ok(Err(e)) => {
@@ -209,6 +189,9 @@ impl Worker {
             ));
         }
         let mut sampling = r.sampling.clone();
+        if let Some(total) = r.max_length {
+            sampling.max_new_tokens = new_tokens_of_max_length(total, ids.len(), sampling.max_new_tokens)?;
+        }
         sampling.max_new_tokens = sampling.max_new_tokens.min(self.context - ids.len());
         sampling.validate().map_err(|e| ApiError::invalid(format!("{e:#}")))?;
         Ok((ids, sampling))
@@ -253,4 +236,23 @@ impl Worker {
             let _ = a.job.events.send(Event::Failed(ApiError::internal(message.clone())));
         }
     }
+}
+
+/// The new tokens that `max_length` (prompt + new, as transformers counts it) leaves after a
+/// prompt of `prompt` tokens; refused when that is none or more than `cap`.
+fn new_tokens_of_max_length(total: usize, prompt: usize, cap: usize) -> Result<usize, ApiError> {
+    if total <= prompt {
+        return Err(ApiError::field(
+            "max_length",
+            format!("`max_length` is {total}, but the prompt alone is {prompt} tokens; `max_length` counts the prompt and the new tokens (as in transformers' generate): raise it, or give `max_new_tokens` instead"),
+        ));
+    }
+    let new = total - prompt;
+    if new > cap {
+        return Err(ApiError::field(
+            "max_length",
+            format!("`max_length` {total} leaves {new} new tokens after the {prompt}-token prompt, over this server's cap of {cap} (--max-new-tokens-cap); the request is refused, not clamped"),
+        ));
+    }
+    Ok(new)
 }
