@@ -15,6 +15,7 @@ mod plan;
 mod progress;
 mod quant;
 mod recipe;
+mod schedule;
 mod score;
 mod serve;
 mod tokenize;

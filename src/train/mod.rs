@@ -160,13 +160,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
     let ga = batching.accum_per_rank;
     let micro_per_step = batching.micro_per_step();
-    let total = match (t.max_steps, t.epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => {
-            ((e * loader.micro_batches_per_epoch() as f64) / micro_per_step as f64).ceil().max(1.0) as u64
-        }
-        (None, None) => bail!("set train.max_steps or train.epochs"),
-    };
+    let total = schedule::total_steps(t, loader.micro_batches_per_epoch(), micro_per_step)?;
 
     if world > 1 && leader {
         eprintln!(
@@ -293,7 +287,7 @@ pub fn run(ctx: &RunContext, dir: &Path, fp: &str) -> Result<Vec<PathBuf>> {
         // the r-th block of `ga` (all of them on one process).
         let mut micro: Vec<data::MicroBatch> = (0..micro_per_step).map(|_| loader.next(&mut cursor)).collect();
         let micro: Vec<data::MicroBatch> = micro.drain(crate::dist::shard_range(rank, ga)).collect();
-        let lr = schedule::lr_at(t.lr_scheduler, t.learning_rate, s, t.warmup_steps, total);
+        let lr = schedule::Schedule::for_train(t, total).lr(s);
         opt.zero_grad();
         opts.loss_scale = loss_scale;
         let mut res = step::forward_backward(model.as_ref(), &micro, s, &opts);
