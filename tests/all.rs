@@ -9,6 +9,7 @@ mod generate;
 mod gguf;
 mod grads;
 mod hub;
+mod import;
 mod kernels;
 mod model;
 mod plan;
