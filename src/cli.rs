@@ -1,4 +1,4 @@
-//! The command line: `tuner run | validate | status | plan | score | generate | serve | verify`. Parses arguments with clap,
+//! The command line: `tuner run | validate | status | plan | import | score | generate | serve | verify`. Parses arguments with clap,
 //! sets up logging and Ctrl-C, calls into the library, prints the error chain
 //! and returns the exit code.
 
@@ -54,6 +54,21 @@ enum Command {
     Validate {
         #[command(flatten)]
         recipe: RecipeArgs,
+    },
+    /// Turn an Axolotl YAML or a TRL SFTConfig / transformers TrainingArguments config (JSON or
+    /// YAML) into a tuner recipe; what cannot be carried over is listed, with reasons.
+    Import {
+        /// The config file.
+        config: PathBuf,
+        /// Write the recipe here (atomically); stdout when left out.
+        #[arg(short = 'o', long = "output", value_name = "RECIPE")]
+        output: Option<PathBuf>,
+        /// Which tool wrote the config (default: told from its keys).
+        #[arg(long = "from", value_enum)]
+        from: Option<crate::import::Tool>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Score a JSONL dataset ({"text"} or {"messages"} rows): per-row and mean loss, perplexity.
     Score {
@@ -222,6 +237,31 @@ fn context(
 /// "cpu" or "cuda": where a recipe's training ran (what an expectation file is valid for).
 fn device_name(device: recipe::DeviceSpec) -> Result<String> {
     Ok(if device.resolve().is_cuda() { "cuda" } else { "cpu" }.to_string())
+}
+
+/// `tuner import`: convert, list what was left behind, write (or print) and validate the recipe.
+fn import(config: &Path, output: Option<&Path>, from: Option<crate::import::Tool>, force: bool) -> Result<()> {
+    let (tool, draft) = crate::import::import(config, from).map_err(|e| Failure::Usage(format!("{e:#}")))?;
+    let text = crate::import::render(&draft, &config.display().to_string(), tool);
+    for (k, why) in &draft.dropped {
+        eprintln!("not carried over: {k}: {why}");
+    }
+    for n in &draft.notes {
+        eprintln!("note: {n}");
+    }
+    let Some(out) = output else {
+        print!("{text}");
+        return Ok(());
+    };
+    if out.exists() && !force {
+        return Err(Failure::Usage(format!("{} exists; pass --force to replace it", out.display())).into());
+    }
+    crate::util::write_atomic(out, text.as_bytes())?;
+    eprintln!("wrote {} ({} config, {} key(s) not carried over)", out.display(), tool.name(), draft.dropped.len());
+    if let Err(e) = recipe::load(out, &[]) {
+        eprintln!("the recipe needs editing before it runs:\n{e:#}");
+    }
+    Ok(())
 }
 
 fn status(target: &Path, set: &[String], run_dir: Option<PathBuf>, json: bool) -> Result<()> {
@@ -402,6 +442,7 @@ fn dispatch(cli: Cli, interrupted: Arc<AtomicBool>) -> Result<()> {
             Ok(())
         }
         Command::Status { target, set, run_dir, json } => status(&target, &set, run_dir, json),
+        Command::Import { config, output, from, force } => import(&config, output.as_deref(), from, force),
         Command::Serve(args) => {
             let hub = crate::hub::HubConfig::from_env()?;
             let cache = hub.tuner_cache_dir.clone();

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_import;
 pub mod hub;
+pub mod import;
 pub mod kernels;
 pub mod model;
 pub mod pipeline;

@@ -77,8 +77,8 @@ gradient_checkpointing = "yes"
     for want in [
         "x.toml:5: lora.r: expected a positive integer, found 0",
         "x.toml:6: lora.dropout: expected a number in [0, 1), found 1.5",
-        "x.toml:10: train.lr_scheduler: expected one of \"linear\", \"cosine\", \"constant\", found \"cosin\"; did you mean \"cosine\"?",
-        "x.toml:11: train.optimizer: expected one of \"adamw\", \"adamw_8bit\", found \"sgd\"",
+        "x.toml:10: train.lr_scheduler: expected one of \"linear\", \"cosine\", \"constant\", \"constant_with_warmup\", \"cosine_with_min_lr\", found \"cosin\"; did you mean \"cosine\"?",
+        "x.toml:11: train.optimizer: expected one of \"adamw\", \"adamw_8bit\", \"adamw_torch\", \"adamw_torch_fused\", \"adamw_bnb_8bit\", \"paged_adamw_8bit\", \"paged_adamw_32bit\", found \"sgd\"",
         "x.toml:12: train.micro_batch_size: expected a positive integer, found -2",
         "x.toml:13: train.gradient_checkpointing: expected true or false, found \"yes\"",
         // The cross-key and file checks run too, on the keys that passed.
@@ -255,4 +255,203 @@ fn typed_settings_name_their_key_and_the_accepted_values() {
         toml::to_string(&r.train).unwrap().lines().find(|l| l.starts_with("device")),
         Some("device = \"cuda:1\"")
     );
+}
+
+// ---- other tools' key names (recipe/aliases.rs) ----
+
+/// Load `body` (hub sources, so nothing is read from disk) from `x.toml`; the loaded recipe or the
+/// error text with the temp folder cut out.
+fn load_body(body: &str, sets: &[&str]) -> Result<tuner::recipe::Loaded, String> {
+    let d = tmp();
+    let p = d.path().join("x.toml");
+    std::fs::write(&p, body).unwrap();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    tuner::recipe::load(&p, &sets).map_err(|e| format!("{e:#}").replace(&format!("{}/", d.path().display()), ""))
+}
+
+const HUB: &str = "[model]\nsource = \"hf:org/m\"\n\n[dataset]\nsource = \"hf:org/d\"\n";
+
+#[test]
+fn peft_trl_and_transformers_names_read_as_tuner_keys() {
+    use tuner::recipe::{Dtype, LrScheduler, Optimizer, QuantMethod};
+    let body = format!(
+        "{HUB}\n[lora]\nlora_r = 8\nlora_alpha = 64\nlora_dropout = 0.1\nlora_target_modules = [\"q_proj\"]\n\n\
+         [quantization]\nload_in_4bit = true\nbnb_4bit_quant_type = \"fp4\"\nbnb_4bit_use_double_quant = false\nbnb_4bit_compute_dtype = \"bfloat16\"\n\n\
+         [train]\nper_device_train_batch_size = 3\nnum_train_epochs = 2\noptim = \"paged_adamw_8bit\"\n\
+         lr_scheduler_type = \"cosine_with_min_lr\"\nmin_lr_rate = 0.1\nwarmup_ratio = 0.05\nbf16 = true\nfp16 = false\n\
+         seed = 7\nmax_length = 512\nsave_total_limit = 4\nper_device_eval_batch_size = 16\n"
+    );
+    let l = load_body(&body, &[]).unwrap();
+    let r = &l.recipe;
+    assert_eq!((r.lora.r, r.lora.alpha, r.lora.dropout), (8, 64.0, 0.1));
+    assert_eq!(r.lora.target_modules, tuner::recipe::TargetModules::List(vec!["q_proj".into()]));
+    assert_eq!((r.quantization.method, r.quantization.double_quant), (QuantMethod::Fp4, false));
+    assert_eq!(r.model.dtype, Dtype::Bf16); // bf16 and bnb_4bit_compute_dtype agree
+    let t = &r.train;
+    assert_eq!((t.micro_batch_size, t.epochs, t.max_seq_length, t.keep_checkpoints), (3, Some(2.0), 512, 4));
+    assert_eq!(
+        (t.optimizer, t.lr_scheduler, t.min_lr_rate, t.warmup_ratio),
+        (Optimizer::Adamw8bit, LrScheduler::CosineWithMinLr, Some(0.1), Some(0.05))
+    );
+    assert_eq!((r.run.seed, r.eval.batch_size), (7, 16));
+    // recipe.resolved.toml holds tuner's keys only.
+    let resolved = l.resolved_toml();
+    for theirs in ["lora_alpha", "per_device_train_batch_size", "optim ", "paged", "bnb_4bit", "num_train_epochs"] {
+        assert!(!resolved.contains(theirs), "{theirs} in\n{resolved}");
+    }
+    for ours in [
+        "alpha = 64.0",
+        "micro_batch_size = 3",
+        "optimizer = \"adamw_8bit\"",
+        "lr_scheduler = \"cosine_with_min_lr\"",
+        "method = \"fp4\"",
+        "epochs = 2.0",
+    ] {
+        assert!(resolved.contains(ours), "{ours} not in\n{resolved}");
+    }
+    // The paged optimizer's difference is said, at its line.
+    let w: Vec<String> = l.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(w.iter().any(|w| w.contains("x.toml:22: train.optimizer = \"paged_adamw_8bit\" runs as adamw_8bit, without paging")), "{w:?}");
+}
+
+#[test]
+fn an_alias_and_its_tuner_key_together_are_a_located_error() {
+    let err =
+        load_body(&format!("{HUB}\n[lora]\nalpha = 16\nlora_alpha = 32\n\n[train]\nmax_steps = 1\n"), &[]).unwrap_err();
+    assert!(
+        err.contains("x.toml:9: lora.lora_alpha: `lora_alpha` (peft's name for `lora.alpha`) and `lora.alpha` (x.toml:8) are both set; keep one"),
+        "{err}"
+    );
+    // Two aliases of one key that disagree.
+    let err = load_body(
+        &format!(
+            "{HUB}\n[train]\nmax_steps = 1\nbf16 = true\n\n[quantization]\nbnb_4bit_compute_dtype = \"float16\"\n"
+        ),
+        &[],
+    )
+    .unwrap_err();
+    assert!(err.contains("x.toml:9: train.bf16: `bf16` (transformers' name for `model.dtype`) sets model.dtype = \"bf16\", but `quantization.bnb_4bit_compute_dtype` (x.toml:12) sets it to \"fp16\"; keep one"), "{err}");
+}
+
+#[test]
+fn an_alias_in_another_section_points_to_its_own() {
+    let err = load_body(&format!("{HUB}\n[train]\nmax_steps = 1\nlora_alpha = 16\n"), &[]).unwrap_err();
+    assert!(
+        err.contains("x.toml:9: unknown key `lora_alpha` in [train]; `lora_alpha` (peft's name for `lora.alpha`) is read in [lora]: move it there"),
+        "{err}"
+    );
+    let err = load_body(&format!("lora_alpha = 16\n{HUB}\n[train]\nmax_steps = 1\n"), &[]).unwrap_err();
+    assert!(err.contains("x.toml:1: unknown key `lora_alpha` at the top level; `lora_alpha` (peft's name for `lora.alpha`) is read in [lora]: move it there"), "{err}");
+    // A tuner key in the wrong section, and a near miss of an alias.
+    let err =
+        load_body(&format!("{HUB}\n[lora]\nlearning_rate = 1e-4\nlora_alpah = 8\n\n[train]\nmax_steps = 1\n"), &[])
+            .unwrap_err();
+    assert!(
+        err.contains(
+            "x.toml:8: unknown key `learning_rate` in [lora]; `learning_rate` is a key of [train]: move it there"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "x.toml:9: unknown key `lora_alpah` in [lora]; did you mean `lora_alpha` (peft's name for `lora.alpha`)?"
+        ),
+        "{err}"
+    );
+    // --set takes the aliases too.
+    let l = load_body(&format!("{HUB}\n[train]\nmax_steps = 1\n"), &["lora.lora_alpha=8", "train.optim=adamw_torch"])
+        .unwrap();
+    assert_eq!((l.recipe.lora.alpha, l.recipe.train.optimizer), (8.0, tuner::recipe::Optimizer::Adamw));
+}
+
+#[test]
+fn alias_values_that_say_nothing_or_contradict_are_errors() {
+    let err = load_body(&format!("{HUB}\n[train]\nmax_steps = 1\nbf16 = false\n"), &[]).unwrap_err();
+    assert!(
+        err.contains("x.toml:9: train.bf16: `bf16 = false` does not say which dtype to use; set model.dtype"),
+        "{err}"
+    );
+    let err = load_body(
+        &format!(
+            "{HUB}\n[train]\nmax_steps = 1\n[quantization]\nload_in_4bit = false\nbnb_4bit_quant_type = \"nf4\"\n"
+        ),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("quantization.load_in_4bit: `load_in_4bit = false` and `bnb_4bit_quant_type` disagree"),
+        "{err}"
+    );
+    let l = load_body(
+        &format!("{HUB}\n[train]\nmax_steps = 1\nfp16 = true\nbf16 = false\n[quantization]\nload_in_4bit = false\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        (l.recipe.model.dtype, l.recipe.quantization.method),
+        (tuner::recipe::Dtype::Fp16, tuner::recipe::QuantMethod::None)
+    );
+}
+
+#[test]
+fn optimizer_and_scheduler_names_of_other_tools() {
+    use tuner::recipe::{LrScheduler, Optimizer};
+    for (name, want) in [
+        ("adamw_torch", Optimizer::Adamw),
+        ("adamw_torch_fused", Optimizer::Adamw),
+        ("paged_adamw_32bit", Optimizer::Adamw),
+        ("adamw_bnb_8bit", Optimizer::Adamw8bit),
+        ("paged_adamw_8bit", Optimizer::Adamw8bit),
+        ("adamw_8bit", Optimizer::Adamw8bit),
+    ] {
+        let l = load_body(&format!("{HUB}\n[train]\nmax_steps = 1\noptimizer = \"{name}\"\n"), &[]).unwrap();
+        assert_eq!(l.recipe.train.optimizer, want, "{name}");
+        assert_eq!(l.warnings.iter().any(|w| w.text.contains("without paging")), name.starts_with("paged"), "{name}");
+    }
+    let err = load_body(&format!("{HUB}\n[train]\nmax_steps = 1\noptimizer = \"lion_8bit\"\n"), &[]).unwrap_err();
+    assert!(err.contains("x.toml:9: train.optimizer: expected one of \"adamw\", \"adamw_8bit\", \"adamw_torch\", \"adamw_torch_fused\", \"adamw_bnb_8bit\", \"paged_adamw_8bit\", \"paged_adamw_32bit\", found \"lion_8bit\""), "{err}");
+    let l =
+        load_body(&format!("{HUB}\n[train]\nmax_steps = 1\nlr_scheduler = \"constant_with_warmup\"\n"), &[]).unwrap();
+    assert_eq!(l.recipe.train.lr_scheduler, LrScheduler::Constant);
+    assert!(l.resolved_toml().contains("lr_scheduler = \"constant\""));
+}
+
+#[test]
+fn min_lr_and_warmup_ratio_rules() {
+    let err =
+        load_body(&format!("{HUB}\n[train]\nmax_steps = 1\nlr_scheduler = \"cosine_with_min_lr\"\n"), &[]).unwrap_err();
+    assert!(
+        err.contains("x.toml:9: train.lr_scheduler: \"cosine_with_min_lr\" needs its floor: set train.min_lr_rate"),
+        "{err}"
+    );
+    let err = load_body(&format!("{HUB}\n[train]\nmax_steps = 1\nmin_lr = 1e-5\n"), &[]).unwrap_err();
+    assert!(err.contains("x.toml:9: train.min_lr: only read by train.lr_scheduler = \"cosine_with_min_lr\""), "{err}");
+    let err = load_body(
+        &format!(
+            "{HUB}\n[train]\nmax_steps = 1\nlr_scheduler = \"cosine_with_min_lr\"\nmin_lr = 1e-5\nmin_lr_rate = 0.1\n"
+        ),
+        &[],
+    )
+    .unwrap_err();
+    assert!(err.contains("train.min_lr: set either train.min_lr or train.min_lr_rate, not both"), "{err}");
+    let err = load_body(
+        &format!("{HUB}\n[train]\nmax_steps = 1\nlr_scheduler = \"cosine_with_min_lr\"\nmin_lr_rate = 1.5\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert!(err.contains("x.toml:10: train.min_lr_rate: expected a number in [0, 1], found 1.5"), "{err}");
+    let err =
+        load_body(&format!("{HUB}\n[train]\nmax_steps = 1\nwarmup_steps = 3\nwarmup_ratio = 0.1\n"), &[]).unwrap_err();
+    assert!(
+        err.contains(
+            "x.toml:10: train.warmup_ratio: set either train.warmup_steps (x.toml:9) or train.warmup_ratio, not both"
+        ),
+        "{err}"
+    );
+    let err = load_body(&format!("{HUB}\n[train]\nmax_steps = 1\nwarmup_ratio = 1.0\n"), &[]).unwrap_err();
+    assert!(err.contains("train.warmup_ratio: expected a number in [0, 1), found 1.0"), "{err}");
+    // Left out, the new keys stay out of the resolved recipe (and so out of fingerprints).
+    let l = load_body(&format!("{HUB}\n[train]\nmax_steps = 1\n"), &[]).unwrap();
+    let resolved = l.resolved_toml();
+    assert!(!resolved.contains("warmup_ratio") && !resolved.contains("min_lr"), "{resolved}");
 }

@@ -4,6 +4,7 @@
 //! its line, applies `--set section.key=value` overrides, then runs all checks
 //! in `validate` and reports every problem at once.
 
+pub mod aliases;
 pub mod prompt;
 pub mod schema;
 pub mod validate;
@@ -173,9 +174,11 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
+    aliases::resolve(&mut table, &mut locs, &mut diags);
     let loc = |key: &str| {
         locs.get(key).or_else(|| locs.get(key.split('.').next().unwrap_or(""))).cloned().unwrap_or_else(|| file.clone())
     };
+    let notes = aliases::value_notes(&table, &loc);
     let bad = validate::check_keys(&table, &file, &locs, &mut diags);
     if !diags.is_empty() {
         // Every problem at once: the cross-key and file checks still run on the recipe without
@@ -211,7 +214,7 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
     if !diags.is_empty() {
         return Err(Failure::Usage(RecipeErrors(diags).to_string().trim_end().to_string()).into());
     }
-    let mut warnings = vec![];
+    let mut warnings = notes;
     if recipe.dataset.eval_ratio.is_none() && recipe.dataset.eval_source.is_empty() {
         warnings.push(Diagnostic {
             location: loc("dataset"),

@@ -224,24 +224,88 @@ impl Default for DatasetSection {
     }
 }
 
-/// Learning-rate schedule after warmup.
+/// Learning-rate schedule after warmup (`train::schedule` has the formulas).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LrScheduler {
     #[default]
     Linear,
     Cosine,
+    /// The warmup, then the base rate (transformers' `constant_with_warmup`, also read under that
+    /// name; transformers' own `constant` has no warmup: `warmup_steps = 0` gives it).
+    #[serde(alias = "constant_with_warmup")]
     Constant,
+    /// Cosine from the base rate down to a floor, `train.min_lr` or `train.min_lr_rate`
+    /// (transformers' `cosine_with_min_lr`).
+    #[serde(rename = "cosine_with_min_lr")]
+    CosineWithMinLr,
 }
 
-/// Optimizer for the adapter weights.
+/// Optimizer for the adapter weights. Read from tuner's names or the names transformers and
+/// Axolotl give the same update ([`OPTIMIZER_NAMES`]); written back as tuner's name.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum Optimizer {
     Adamw,
     #[default]
-    #[serde(rename = "adamw_8bit")]
     Adamw8bit,
+}
+
+/// Every name `train.optimizer` accepts: (name, what runs, a note when it is not the same thing
+/// as the tool that named it does). tuner's two names come first.
+pub const OPTIMIZER_NAMES: [(&str, Optimizer, Option<&str>); 7] = [
+    ("adamw", Optimizer::Adamw, None),
+    ("adamw_8bit", Optimizer::Adamw8bit, None),
+    // transformers' torch.optim.AdamW, loop or fused kernel: the same update, fp32 states.
+    ("adamw_torch", Optimizer::Adamw, None),
+    ("adamw_torch_fused", Optimizer::Adamw, None),
+    // bitsandbytes' AdamW8bit: blockwise 8-bit states (256 per block, dynamic maps).
+    ("adamw_bnb_8bit", Optimizer::Adamw8bit, None),
+    (
+        "paged_adamw_8bit",
+        Optimizer::Adamw8bit,
+        Some("runs as adamw_8bit, without paging: the states stay in device memory (LoRA states are small; bitsandbytes pages them to host memory only under memory pressure)"),
+    ),
+    (
+        "paged_adamw_32bit",
+        Optimizer::Adamw,
+        Some("runs as adamw (fp32 states), without paging: the states stay in device memory (LoRA states are small; bitsandbytes pages them to host memory only under memory pressure)"),
+    ),
+];
+
+impl Optimizer {
+    /// tuner's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Optimizer::Adamw => "adamw",
+            Optimizer::Adamw8bit => "adamw_8bit",
+        }
+    }
+
+    /// The optimizer a name of [`OPTIMIZER_NAMES`] runs, and the note that goes with it.
+    pub fn from_name(s: &str) -> Option<(Optimizer, Option<&'static str>)> {
+        OPTIMIZER_NAMES.iter().find(|(n, _, _)| *n == s).map(|(_, o, note)| (*o, *note))
+    }
+}
+
+impl TryFrom<String> for Optimizer {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match Optimizer::from_name(&s) {
+            Some((o, _)) => Ok(o),
+            None => {
+                let names: Vec<String> = OPTIMIZER_NAMES.iter().map(|(n, _, _)| format!("{n:?}")).collect();
+                // The ", expected …" form is what recipe validation turns into its message.
+                Err(format!("unknown optimizer {s:?}, expected one of {}", names.join(", ")))
+            }
+        }
+    }
+}
+
+impl From<Optimizer> for String {
+    fn from(o: Optimizer) -> String {
+        o.name().to_string()
+    }
 }
 
 /// A feature that is on, off, or decided by tuner (`train.coalesce`, `train.offload_activations`;
@@ -399,7 +463,17 @@ pub struct TrainSection {
     pub epochs: Option<f64>,
     pub learning_rate: f64,
     pub warmup_steps: u64,
+    /// Warm up over `ceil(total steps × warmup_ratio)` steps instead of `warmup_steps`
+    /// (transformers' rule); set one of the two.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<f64>,
     pub lr_scheduler: LrScheduler,
+    /// `cosine_with_min_lr`'s floor as a learning rate (transformers' `min_lr`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+    /// `cosine_with_min_lr`'s floor as a fraction of `learning_rate` (transformers' `min_lr_rate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr_rate: Option<f64>,
     pub optimizer: Optimizer,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
@@ -454,7 +528,10 @@ impl Default for TrainSection {
             epochs: None,
             learning_rate: 2e-4,
             warmup_steps: 5,
+            warmup_ratio: None,
             lr_scheduler: LrScheduler::Linear,
+            min_lr: None,
+            min_lr_rate: None,
             optimizer: Optimizer::Adamw8bit,
             weight_decay: 0.01,
             max_grad_norm: 1.0,

@@ -102,6 +102,8 @@ enum Rule {
     Dropout,
     /// 0 < x < 1.
     Ratio,
+    /// 0 ≤ x ≤ 1.
+    UnitInterval,
     /// A power of two in 16..=4096.
     BlockSize,
     /// A prompt template ([`crate::recipe::PromptTemplate::parse`] says what is wrong).
@@ -129,6 +131,9 @@ fn rule_for(key: &str) -> Option<Rule> {
         | "train.gpus"
         | "train.collective_timeout_s" => PositiveInt,
         "train.warmup_steps" | "train.memory_log_steps" => NonNegativeInt,
+        "train.warmup_ratio" => Dropout,
+        "train.min_lr" => NonNegativeNumber,
+        "train.min_lr_rate" => UnitInterval,
         "train.epochs" | "train.learning_rate" => PositiveNumber,
         "train.weight_decay" | "train.max_grad_norm" => NonNegativeNumber,
         "eval.max_samples" | "eval.max_loss_rows" => NonNegativeInt,
@@ -175,6 +180,7 @@ fn apply_rule(rule: Rule, v: &toml::Value) -> Result<(), String> {
         Rule::NonNegativeNumber => (num.is_some_and(|x| x >= 0.0), "a number ≥ 0".to_string()),
         Rule::Dropout => (num.is_some_and(|x| (0.0..1.0).contains(&x)), "a number in [0, 1)".to_string()),
         Rule::Ratio => (num.is_some_and(|x| x > 0.0 && x < 1.0), "a number between 0 and 1".to_string()),
+        Rule::UnitInterval => (num.is_some_and(|x| (0.0..=1.0).contains(&x)), "a number in [0, 1]".to_string()),
         Rule::BlockSize => (
             matches!(v, V::Integer(i) if *i >= 16 && *i <= 4096 && (*i as u64).is_power_of_two()),
             "a power of two from 16 to 4096 (bitsandbytes uses 64)".to_string(),
@@ -254,6 +260,7 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
             let hint = did_you_mean(section, SECTIONS.iter().copied())
                 .map(|s| format!("; did you mean [{s}]?"))
                 .unwrap_or_else(|| format!("; sections are {}", SECTIONS.map(|s| format!("[{s}]")).join(" ")));
+            let hint = super::aliases::hint("", section).unwrap_or(hint);
             let what = if value.is_table() {
                 format!("unknown section [{section}]")
             } else {
@@ -274,8 +281,8 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
         for (key, v) in body {
             let dotted = format!("{section}.{key}");
             if !keys.contains(&key.as_str()) {
-                let hint = did_you_mean(key, keys.iter().copied())
-                    .map(|k| format!("; did you mean `{k}`?"))
+                let hint = super::aliases::hint(section, key)
+                    .or_else(|| did_you_mean(key, keys.iter().copied()).map(|k| format!("; did you mean `{k}`?")))
                     .unwrap_or_else(|| format!("; allowed keys: {}", keys.join(", ")));
                 out.push(Diagnostic {
                     location: loc(&dotted),
@@ -297,6 +304,17 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
                 bad.push(dotted);
             }
         }
+    }
+    let train = table.get("train").and_then(toml::Value::as_table);
+    if train.is_some_and(|t| t.contains_key("warmup_steps") && t.contains_key("warmup_ratio")) {
+        out.push(Diagnostic {
+            location: loc("train.warmup_ratio"),
+            text: format!(
+                "train.warmup_ratio: set either train.warmup_steps ({}) or train.warmup_ratio, not both",
+                loc("train.warmup_steps")
+            ),
+        });
+        bad.push("train.warmup_ratio".into());
     }
     bad
 }
@@ -461,11 +479,34 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
     if r.train.max_steps.is_some() && r.train.epochs.is_some() {
         err("train.epochs", "set either train.max_steps or train.epochs, not both".into());
     }
+    check_min_lr(&r.train, &mut err);
     if let (true, crate::recipe::DeviceSpec::Cuda(Some(_))) = (r.train.gpus > 1, r.train.device) {
         let dev = r.train.device;
         err("train.device", format!("\"{dev}\" names one GPU, but train.gpus = {} starts one process per GPU (each on cuda:LOCAL_RANK); set train.device to \"auto\" or \"cuda\"", r.train.gpus));
     }
     if let Some(why) = crate::recipe::effective_batch_problem(&r.train, r.train.gpus as usize) {
         err("train.keep_effective_batch", why);
+    }
+}
+
+/// `cosine_with_min_lr` needs its floor (exactly one of `min_lr`, `min_lr_rate`, as transformers
+/// asks); the other schedules do not read either.
+fn check_min_lr(t: &TrainSection, err: &mut dyn FnMut(&str, String)) {
+    let cosine_min = t.lr_scheduler == LrScheduler::CosineWithMinLr;
+    match (t.min_lr, t.min_lr_rate) {
+        (Some(_), Some(_)) => err("train.min_lr", "set either train.min_lr or train.min_lr_rate, not both".into()),
+        (None, None) if cosine_min => err(
+            "train.lr_scheduler",
+            "\"cosine_with_min_lr\" needs its floor: set train.min_lr_rate (a fraction of learning_rate) or train.min_lr".into(),
+        ),
+        (Some(m), None) if cosine_min && m > t.learning_rate => err(
+            "train.min_lr",
+            format!("the floor {m} is above train.learning_rate ({}); expected at most the learning rate", t.learning_rate),
+        ),
+        (Some(_), _) | (_, Some(_)) if !cosine_min => {
+            let key = if t.min_lr.is_some() { "train.min_lr" } else { "train.min_lr_rate" };
+            err(key, "only read by train.lr_scheduler = \"cosine_with_min_lr\"; set that or drop this key".into())
+        }
+        _ => {}
     }
 }

@@ -249,13 +249,7 @@ impl<'a> Session<'a> {
         let loader =
             data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
         let micro_per_step = batching.micro_per_step();
-        let total = match (t.max_steps, t.epochs) {
-            (Some(s), _) => s,
-            (None, Some(e)) => {
-                ((e * loader.micro_batches_per_epoch() as f64) / micro_per_step as f64).ceil().max(1.0) as u64
-            }
-            (None, None) => bail!("set train.max_steps or train.epochs"),
-        };
+        let total = schedule::total_steps(t, loader.micro_batches_per_epoch(), micro_per_step)?;
         if world > 1 && leader {
             eprintln!("train: {}", describe_world(t, &batching));
         }
@@ -395,7 +389,7 @@ impl<'a> Session<'a> {
         let mut micro: Vec<data::MicroBatch> =
             (0..self.batching.micro_per_step()).map(|_| self.loader.next(&mut self.cursor)).collect();
         let micro: Vec<data::MicroBatch> = micro.drain(crate::dist::shard_range(self.rank, ga)).collect();
-        let lr = schedule::lr_at(t.lr_scheduler, t.learning_rate, s, t.warmup_steps, self.total);
+        let lr = schedule::Schedule::for_train(t, self.total).lr(s);
         self.opt.zero_grad();
         self.opts.loss_scale = self.scaler.scale;
         let mut res = step::forward_backward(self.model.as_ref(), &micro, s, &self.opts);

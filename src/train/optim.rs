@@ -4,6 +4,15 @@
 //! of 256 values, an f32 absmax per block, and 8-bit codes into a signed dynamic
 //! map (first moment) or an unsigned one (second moment). Tensors smaller than
 //! 4096 elements keep fp32 states, as bitsandbytes does (`min_8bit_size`).
+//!
+//! Other tools' optimizer names (`recipe::OPTIMIZER_NAMES`) run one of these two: transformers'
+//! `adamw_torch` and `adamw_torch_fused` run [`Optimizer::Adamw`] (the same update as
+//! torch.optim.AdamW; "fused" is how torch launches it, here each group's flat buffers are
+//! updated a chunk at a time); `adamw_bnb_8bit` runs [`Optimizer::Adamw8bit`]. The paged ones
+//! (`paged_adamw_8bit`, `paged_adamw_32bit`) run the same update without paging: bitsandbytes
+//! keeps their states in CUDA unified memory that moves to the host under memory pressure; here
+//! the states stay in device memory (an adapter's states are small: 2 × 4 bytes per trainable
+//! parameter in fp32, about 2 bytes in 8 bits), and `recipe::load` says so in a warning.
 
 use crate::recipe::Optimizer;
 use anyhow::{bail, Result};
