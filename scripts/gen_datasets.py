@@ -15,12 +15,18 @@ Outputs (all UTF-8, "\n" line ends, one compact JSON object per line):
     datasets/chat/train.jsonl             300 chat rows    ({"messages": [...]})
     datasets/chat/eval.jsonl               40 chat rows
     datasets/bad/requests-bad.jsonl        10 rows, three of them deliberately malformed
+    datasets/formats/text.jsonl            40 plain-text rows ({"text": ...})
+    datasets/formats/text.jsonl.gz         the same bytes, gzipped (--check compares the unzipped text)
+    datasets/formats/sharegpt.jsonl        40 ShareGPT rows ({"conversations": [{"from", "value"}]})
+    datasets/formats/tools.jsonl           12 OpenAI chat rows with tool calls and tool messages
+    datasets/bad/{text,sharegpt,tools}-bad.jsonl  a few rows each, some deliberately malformed
     datasets/README.md                    generated description (edit this script, not the README)
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import sys
@@ -1063,6 +1069,83 @@ def build_bad(rng: random.Random):
 
 
 # ---------------------------------------------------------------------------
+# Row formats other tools use: plain text, ShareGPT, OpenAI messages with tools
+# ---------------------------------------------------------------------------
+
+N_FORMAT_ROWS = 40
+
+
+def text_row(req) -> dict:
+    return {"text": f"Request: {req['input']}\nJSON: {req['output']}"}
+
+
+# Axolotl accepts both spellings; even rows use ShareGPT's, odd rows the chat ones.
+SHAREGPT_FROM = [{"system": "system", "user": "human", "assistant": "gpt"},
+                 {"system": "system", "user": "user", "assistant": "assistant"}]
+
+
+def sharegpt_row(chat, k: int) -> dict:
+    names = SHAREGPT_FROM[k % 2]
+    return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in chat["messages"]]}
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current temperature in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"]}}}
+
+
+def tools_row(rng: random.Random, k: int) -> dict:
+    city = CITIES["train"][(k * 7) % len(CITIES["train"])]
+    unit = "celsius" if k % 3 else "fahrenheit"
+    temp = rng.randint(-5, 35) if unit == "celsius" else rng.randint(25, 95)
+    call_id = f"call_{k:03d}"
+    sign = "°C" if unit == "celsius" else "°F"
+    msgs = [
+        {"role": "user", "content": f"How warm is it in {city} right now?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": city, "unit": unit}}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": dumps({"temperature": temp, "unit": unit})},
+        {"role": "assistant", "content": f"It is {temp} {sign} in {city}."},
+    ]
+    return {"messages": msgs, "tools": [WEATHER_TOOL]}
+
+
+# line -> (row or raw text, what is wrong); lines not listed are good rows.
+def build_format_bad(req_train, chat_train, rng: random.Random):
+    text = [dumps(text_row(r)) for r in req_train[:6]]
+    text[1] = dumps({"content": req_train[1]["input"]})
+    text[3] = dumps({"text": 7})
+    share = [dumps(sharegpt_row(c, k)) for k, c in enumerate(chat_train[:6])]
+    bad = sharegpt_row(chat_train[1], 1)
+    bad["conversations"][0]["from"] = "bot"
+    share[1] = dumps(bad)
+    bad = sharegpt_row(chat_train[3], 3)
+    del bad["conversations"][-1]["value"]
+    share[3] = dumps(bad)
+    share[4] = dumps({"conversations": [{"from": "human", "value": "Hello?"}]})
+    tools = [tools_row(rng, k) for k in range(5)]
+    del tools[1]["messages"][1]["tool_calls"][0]["function"]["name"]
+    tools[2]["messages"][2]["role"] = "function"
+    tools[3]["messages"][0]["tool_calls"] = tools[3]["messages"][1]["tool_calls"]
+    return {
+        "bad/text-bad.jsonl": "".join(line + "\n" for line in text),
+        "bad/sharegpt-bad.jsonl": "".join(line + "\n" for line in share),
+        "bad/tools-bad.jsonl": "".join(dumps(r) + "\n" for r in tools),
+    }
+
+
+FORMAT_BAD = {
+    "bad/text-bad.jsonl": {2: "no `text` field (`content` instead)", 4: "`text` is a number"},
+    "bad/sharegpt-bad.jsonl": {2: "`conversations[0].from` is \"bot\"", 4: "the last turn has no `value`",
+                               5: "no `gpt` turn to train on"},
+    "bad/tools-bad.jsonl": {2: "`messages[1].tool_calls[0].function` has no `name`",
+                            3: "`messages[2].role` is \"function\"", 4: "`messages[0]` (user) has `tool_calls`"},
+}
+
+
+# ---------------------------------------------------------------------------
 # README
 # ---------------------------------------------------------------------------
 
@@ -1088,6 +1171,8 @@ def build_readme(req_train, req_eval, chat_train, chat_eval) -> str:
     mt, st = turn_stats(chat_train)
     me, se = turn_stats(chat_eval)
     bad = "\n".join(f"| {n} | {why} |" for n, why in sorted(BAD_LINES.items()))
+    format_bad = "\n".join(f"- `{f}`: " + "; ".join(f"line {n}: {why}" for n, why in sorted(lines.items()))
+                           for f, lines in FORMAT_BAD.items())
     return f"""# Datasets
 
 Small synthetic datasets for tuner's examples and tests. Every file here is generated by
@@ -1111,6 +1196,10 @@ per line (`separators=(",", ":")`, non-ASCII characters kept as is), `\\n` line 
 | `chat/train.jsonl` | {len(chat_train)} | chat (`messages`) |
 | `chat/eval.jsonl` | {len(chat_eval)} | chat (`messages`) |
 | `bad/requests-bad.jsonl` | 10 | Alpaca, lines 3, 5 and 7 deliberately malformed |
+| `formats/text.jsonl`, `formats/text.jsonl.gz` | {N_FORMAT_ROWS} | plain text (`text`): "Request: …\\nJSON: …" from the first requests-json rows |
+| `formats/sharegpt.jsonl` | {N_FORMAT_ROWS} | ShareGPT (`conversations` of `from`/`value`): the first chat rows; even rows say `human`/`gpt`, odd rows `user`/`assistant` |
+| `formats/tools.jsonl` | 12 | OpenAI chat with a row-level `tools` list, an assistant `tool_calls` turn (`get_weather`), a `tool` reply and the answer |
+| `bad/text-bad.jsonl`, `bad/sharegpt-bad.jsonl`, `bad/tools-bad.jsonl` | 6, 6, 5 | as above, with malformed lines (below) |
 
 ## requests-json: plain-English request → JSON object
 
@@ -1188,6 +1277,10 @@ turns use held-out entities as above.
 |---:|---|
 {bad}
 
+The malformed lines of the other formats:
+
+{format_bad}
+
 ## License
 
 Apache-2.0, the same as the project. All content is synthetic, written for this project by
@@ -1205,7 +1298,16 @@ def build_all() -> dict[str, bytes]:
     req_train, req_eval = build_requests(random.Random(SEED))
     chat_train, chat_eval = build_chat(random.Random(SEED + 1))
     bad_lines = build_bad(random.Random(SEED + 2))
+    text = render_jsonl([text_row(r) for r in req_train[:N_FORMAT_ROWS]])
+    tools_rng = random.Random(SEED + 3)
+    tools = render_jsonl([tools_row(tools_rng, k) for k in range(12)])
+    format_bad = build_format_bad(req_train, chat_train, random.Random(SEED + 4))
     return {
+        "formats/text.jsonl": text,
+        "formats/text.jsonl.gz": gzip.compress(text, compresslevel=9, mtime=0),
+        "formats/sharegpt.jsonl": render_jsonl([sharegpt_row(c, k) for k, c in enumerate(chat_train[:N_FORMAT_ROWS])]),
+        "formats/tools.jsonl": tools,
+        **{name: body.encode("utf-8") for name, body in format_bad.items()},
         "requests-json/train.jsonl": render_jsonl(req_train),
         "requests-json/eval.jsonl": render_jsonl(req_eval),
         "chat/train.jsonl": render_jsonl(chat_train),
@@ -1225,7 +1327,13 @@ def main() -> int:
         stale = []
         for rel, data in files.items():
             path = OUT_DIR / rel
-            if not path.is_file() or path.read_bytes() != data:
+            if not path.is_file():
+                stale.append(rel)
+            elif rel.endswith(".gz"):
+                # The compressed bytes may differ between zlib builds; the text must not.
+                if gzip.decompress(path.read_bytes()) != gzip.decompress(data):
+                    stale.append(rel)
+            elif path.read_bytes() != data:
                 stale.append(rel)
         if stale:
             for rel in stale:

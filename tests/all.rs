@@ -1,5 +1,6 @@
 //! The one integration test binary (every test binary links libtorch, so there is one).
 mod common;
+mod data;
 mod dist;
 mod evaluate;
 mod executor;

@@ -1,6 +1,8 @@
-//! Dataset handling: reading rows, prompt templates, the tokenizer, and the
-//! tokenized Arrow shards.
+//! Dataset handling: reading rows, row formats, split slices and mixtures, prompt templates,
+//! the tokenizer, and the tokenized Arrow shards.
 
+pub mod formats;
+pub mod mix;
 pub mod rows;
 pub mod shards;
 pub mod template;

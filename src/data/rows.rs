@@ -1,7 +1,8 @@
-//! Dataset rows from local files: JSON Lines, JSON arrays, CSV, Parquet and
-//! Arrow IPC. Each row keeps where it came from (file and line, or row number)
-//! so that a bad row can be named precisely.
+//! Dataset rows from local files: JSON Lines, JSON arrays (both also gzipped: `.jsonl.gz`,
+//! `.json.gz`), CSV, Parquet and Arrow IPC. Each row keeps where it came from (file and line, or
+//! row number) so that a bad row can be named precisely, and the format its source is read in.
 
+use crate::data::formats::RowFormat;
 use anyhow::{bail, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
@@ -18,6 +19,8 @@ pub struct Row {
     pub place: String,
     /// The fields, or a message saying why the row is malformed.
     pub fields: Result<Map<String, Value>, String>,
+    /// How the row is read (its source's `format`); set by the caller, `Auto` as read.
+    pub format: RowFormat,
 }
 
 impl Row {
@@ -29,11 +32,12 @@ impl Row {
 
 /// Read every row of a file, by extension.
 pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let file: Arc<str> = Arc::from(path.display().to_string());
-    match ext {
-        "jsonl" => read_jsonl(path, file),
-        "json" => read_json_array(path, file),
+    match crate::recipe::data_file_kind(path).unwrap_or("") {
+        "jsonl" => read_jsonl(&read_text(path)?, file),
+        "json" => read_json_array(path, &read_text(path)?, file),
+        "jsonl.gz" => read_jsonl(&read_gzip(path)?, file),
+        "json.gz" => read_json_array(path, &read_gzip(path)?, file),
         "csv" => read_csv(path, file),
         "parquet" => {
             let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -43,7 +47,7 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
             let mut rows = vec![];
             for batch in reader {
                 let batch = batch.with_context(|| format!("{}: cannot read Parquet data", path.display()))?;
-                batch_rows(&batch, &file, &mut rows)?;
+                batch_rows(&batch, &file, &mut rows);
             }
             Ok(rows)
         }
@@ -54,7 +58,7 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
             match arrow::ipc::reader::FileReader::try_new(f, None) {
                 Ok(reader) => {
                     for batch in reader {
-                        batch_rows(&batch?, &file, &mut rows)?;
+                        batch_rows(&batch?, &file, &mut rows);
                     }
                 }
                 Err(_) => {
@@ -62,18 +66,36 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
                     let reader = arrow::ipc::reader::StreamReader::try_new(f, None)
                         .with_context(|| format!("{}: not an Arrow IPC file or stream", path.display()))?;
                     for batch in reader {
-                        batch_rows(&batch?, &file, &mut rows)?;
+                        batch_rows(&batch?, &file, &mut rows);
                     }
                 }
             }
             Ok(rows)
         }
-        _ => bail!("{}: unsupported dataset file; expected .jsonl, .json, .csv, .parquet or .arrow", path.display()),
+        _ => bail!(
+            "{}: unsupported dataset file; expected .{}",
+            path.display(),
+            crate::recipe::dataset::DATA_EXTENSIONS.join(", .")
+        ),
     }
 }
 
-fn read_jsonl(path: &Path, file: Arc<str>) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// A gzip file's text (several gzip members are read one after another, as `gunzip` does).
+fn read_gzip(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(std::io::BufReader::new(f))
+        .read_to_string(&mut text)
+        .with_context(|| format!("{}: not a readable gzip file of UTF-8 text", path.display()))?;
+    Ok(text)
+}
+
+fn read_jsonl(text: &str, file: Arc<str>) -> Result<Vec<Row>> {
     let mut rows = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -84,14 +106,13 @@ fn read_jsonl(path: &Path, file: Arc<str>) -> Result<Vec<Row>> {
             Ok(_) => Err("expected a JSON object".to_string()),
             Err(e) => Err(format!("invalid JSON: {e}")),
         };
-        rows.push(Row { file: file.clone(), place: format!("{}", i + 1), fields });
+        rows.push(Row { file: file.clone(), place: format!("{}", i + 1), fields, format: RowFormat::Auto });
     }
     Ok(rows)
 }
 
-fn read_json_array(path: &Path, file: Arc<str>) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+fn read_json_array(path: &Path, text: &str, file: Arc<str>) -> Result<Vec<Row>> {
+    let v: Value = serde_json::from_str(text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     let Value::Array(items) = v else {
         bail!("{}: expected a JSON array of objects (use .jsonl for one object per line)", path.display());
     };
@@ -105,6 +126,7 @@ fn read_json_array(path: &Path, file: Arc<str>) -> Result<Vec<Row>> {
                 Value::Object(m) => Ok(m),
                 _ => Err("expected a JSON object".into()),
             },
+            format: RowFormat::Auto,
         })
         .collect())
 }
@@ -133,13 +155,13 @@ fn read_csv(path: &Path, file: Arc<str>) -> Result<Vec<Row>> {
             }
             Err(e) => (e.position().map(|p| p.line()).unwrap_or(0), Err(format!("invalid CSV: {e}"))),
         };
-        rows.push(Row { file: file.clone(), place: format!("{line}"), fields });
+        rows.push(Row { file: file.clone(), place: format!("{line}"), fields, format: RowFormat::Auto });
     }
     Ok(rows)
 }
 
 /// Convert a record batch into JSON rows (strings, numbers, booleans, lists and structs).
-fn batch_rows(batch: &RecordBatch, file: &Arc<str>, out: &mut Vec<Row>) -> Result<()> {
+fn batch_rows(batch: &RecordBatch, file: &Arc<str>, out: &mut Vec<Row>) {
     let schema = batch.schema();
     let start = out.len();
     for r in 0..batch.num_rows() {
@@ -147,9 +169,13 @@ fn batch_rows(batch: &RecordBatch, file: &Arc<str>, out: &mut Vec<Row>) -> Resul
         for (c, field) in schema.fields().iter().enumerate() {
             m.insert(field.name().clone(), cell(batch.column(c).as_ref(), r));
         }
-        out.push(Row { file: file.clone(), place: format!("row {}", start + r + 1), fields: Ok(m) });
+        out.push(Row {
+            file: file.clone(),
+            place: format!("row {}", start + r + 1),
+            fields: Ok(m),
+            format: RowFormat::Auto,
+        });
     }
-    Ok(())
 }
 
 fn cell(a: &dyn Array, i: usize) -> Value {

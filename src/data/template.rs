@@ -5,6 +5,11 @@
 //! tokenizer's own Jinja chat template, rendered with minijinja the way
 //! transformers' `apply_chat_template` renders it), or an inline format string
 //! whose `{output}` slot starts the response.
+//!
+//! Conversations are OpenAI-style messages (roles system, user, assistant, tool; assistant
+//! `tool_calls`; a row-level `tools` list handed to the Jinja template as `tools`, as
+//! transformers does). A template that leaves tool calls or tool messages out of its text is
+//! refused for that row rather than training on a conversation with holes.
 
 use crate::recipe::{Piece, PromptSection, PromptTemplate};
 use serde_json::{Map, Value};
@@ -42,6 +47,112 @@ pub struct Message {
     pub content: String,
 }
 
+/// One turn of a training conversation, as the Jinja template sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Turn {
+    pub role: String,
+    /// A string; null for an assistant turn that only calls tools and has no content.
+    pub content: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where it is in the row (`messages[2]`), for messages; not rendered.
+    #[serde(skip)]
+    pub at: String,
+}
+
+impl Turn {
+    fn plain(role: &str, content: String, at: String) -> Turn {
+        Turn {
+            role: role.into(),
+            content: Value::String(content),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+            at,
+        }
+    }
+
+    /// The content as text ("" when null).
+    pub fn text(&self) -> &str {
+        self.content.as_str().unwrap_or("")
+    }
+
+    /// The function names of its tool calls.
+    fn call_names(&self) -> Vec<&str> {
+        let calls = self.tool_calls.iter().flatten();
+        calls.filter_map(|c| c.get("function").unwrap_or(c).get("name").and_then(Value::as_str)).collect()
+    }
+}
+
+/// An optional string field of a message object.
+fn opt_string(obj: &Map<String, Value>, key: &str, at: &str) -> Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("`{at}.{key}`: expected a string, found {}", json_type_name(other))),
+    }
+}
+
+/// Check an assistant message's `tool_calls`: a list of {function: {name, arguments}} (or {name, arguments}).
+fn tool_calls(v: &Value, at: &str) -> Result<Vec<Value>, String> {
+    let Value::Array(calls) = v else {
+        return Err(format!("`{at}.tool_calls`: expected a list of tool calls, found {}", json_type_name(v)));
+    };
+    for (j, c) in calls.iter().enumerate() {
+        let here = format!("{at}.tool_calls[{j}]");
+        let f = c.get("function").unwrap_or(c);
+        match f.get("name") {
+            Some(Value::String(n)) if !n.is_empty() => {}
+            None | Some(Value::Null) => {
+                let key = if c.get("function").is_some() { "function.name" } else { "function" };
+                return Err(format!(
+                    "`{here}.{key}`: missing (a tool call is {{\"function\": {{\"name\", \"arguments\"}}}})"
+                ));
+            }
+            Some(other) => return Err(format!("`{here}.function.name`: expected a function name, found {other}")),
+        }
+        if let Some(a) = f.get("arguments").filter(|a| !(a.is_string() || a.is_object())) {
+            return Err(format!(
+                "`{here}.function.arguments`: expected an object or a JSON string, found {}",
+                json_type_name(a)
+            ));
+        }
+    }
+    Ok(calls.clone())
+}
+
+/// One message object of a messages list, checked.
+fn parse_turn(m: &Value, at: String) -> Result<Turn, String> {
+    let obj = m.as_object().ok_or_else(|| format!("field `{at}`: expected an object with role and content"))?;
+    let role = text_field(obj, "role", true).map_err(|e| format!("`{at}`: {e}"))?;
+    if !["system", "user", "assistant", "tool"].contains(&role.as_str()) {
+        return Err(format!("`{at}`: role must be system, user, assistant or tool, found {role:?}"));
+    }
+    let calls = match obj.get("tool_calls") {
+        None | Some(Value::Null) => None,
+        Some(_) if role != "assistant" => {
+            return Err(format!("`{at}.tool_calls`: only assistant messages call tools, this one is {role:?}"))
+        }
+        Some(v) => Some(tool_calls(v, &at)?).filter(|c| !c.is_empty()),
+    };
+    let content = match obj.get("content") {
+        None | Some(Value::Null) if calls.is_some() => Value::Null,
+        _ => Value::String(text_field(obj, "content", true).map_err(|e| format!("`{at}`: {e}"))?),
+    };
+    Ok(Turn {
+        tool_call_id: opt_string(obj, "tool_call_id", &at)?,
+        name: opt_string(obj, "name", &at)?,
+        role,
+        content,
+        tool_calls: calls,
+        at,
+    })
+}
+
 fn text_field(row: &Map<String, Value>, name: &str, required: bool) -> Result<String, String> {
     match row.get(name) {
         Some(Value::String(s)) => Ok(s.clone()),
@@ -53,14 +164,7 @@ fn text_field(row: &Map<String, Value>, name: &str, required: bool) -> Result<St
 }
 
 fn json_type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
+    crate::data::formats::type_name(v)
 }
 
 impl Renderer {
@@ -90,40 +194,28 @@ impl Renderer {
     }
 
     /// The conversation of a row: its messages field, or instruction/input/output as one exchange.
-    pub fn messages(&self, row: &Map<String, Value>) -> Result<Vec<Message>, String> {
+    pub fn messages(&self, row: &Map<String, Value>) -> Result<Vec<Turn>, String> {
         let mut out = vec![];
         if !self.p.system.is_empty() {
-            out.push(Message { role: "system".into(), content: self.p.system.clone() });
+            out.push(Turn::plain("system", self.p.system.clone(), "prompt.system".into()));
         }
-        if let Some(v) = row.get(&self.p.messages_field) {
+        let f = &self.p.messages_field;
+        if let Some(v) = row.get(f) {
             let Value::Array(items) = v else {
                 return Err(format!(
-                    "field `{}`: expected a list of {{role, content}} objects, found {}",
-                    self.p.messages_field,
+                    "field `{f}`: expected a list of {{role, content}} objects, found {}",
                     json_type_name(v)
                 ));
             };
             for (i, m) in items.iter().enumerate() {
-                let obj = m.as_object().ok_or_else(|| {
-                    format!("field `{}[{i}]`: expected an object with role and content", self.p.messages_field)
-                })?;
-                let role =
-                    text_field(obj, "role", true).map_err(|e| format!("`{}[{i}]`: {e}", self.p.messages_field))?;
-                if !["system", "user", "assistant"].contains(&role.as_str()) {
-                    return Err(format!(
-                        "`{}[{i}]`: role must be system, user or assistant, found {role:?}",
-                        self.p.messages_field
-                    ));
-                }
-                let content =
-                    text_field(obj, "content", true).map_err(|e| format!("`{}[{i}]`: {e}", self.p.messages_field))?;
-                if role == "system" && !out.is_empty() && i == 0 {
+                let turn = parse_turn(m, format!("{f}[{i}]"))?;
+                if turn.role == "system" && !out.is_empty() && i == 0 {
                     out.clear();
                 }
-                out.push(Message { role, content });
+                out.push(turn);
             }
             if !out.iter().any(|m| m.role == "assistant") {
-                return Err(format!("field `{}`: no assistant message to train on", self.p.messages_field));
+                return Err(format!("field `{f}`: no assistant message to train on"));
             }
             return Ok(out);
         }
@@ -131,9 +223,21 @@ impl Renderer {
         let input = text_field(row, &self.p.input_field, false)?;
         let output = text_field(row, &self.p.output_field, true)?;
         let user = if input.is_empty() { instruction } else { format!("{instruction}\n\n{input}") };
-        out.push(Message { role: "user".into(), content: user });
-        out.push(Message { role: "assistant".into(), content: output });
+        out.push(Turn::plain("user", user, self.p.instruction_field.clone()));
+        out.push(Turn::plain("assistant", output, self.p.output_field.clone()));
         Ok(out)
+    }
+
+    /// A conversation row under a template that only reads instruction/output fields.
+    fn refuse_chat_row(&self, row: &Map<String, Value>) -> Result<(), String> {
+        let f = &self.p.messages_field;
+        if row.contains_key(f) && !row.contains_key(&self.p.output_field) {
+            return Err(format!(
+                "a conversation row (`{f}`) needs prompt.template = \"chat\" or \"chatml\"; \"{}\" reads `{}` and `{}`",
+                self.p.template, self.p.instruction_field, self.p.output_field
+            ));
+        }
+        Ok(())
     }
 
     /// Render a row into segments. Errors name the missing or bad field.
@@ -142,6 +246,7 @@ impl Renderer {
         let response = |text: String| Segment { text, trained: true };
         match &self.kind {
             Kind::Alpaca => {
+                self.refuse_chat_row(row)?;
                 let instruction = text_field(row, &self.p.instruction_field, true)?;
                 let input = text_field(row, &self.p.input_field, false)?;
                 let output = text_field(row, &self.p.output_field, true)?;
@@ -150,6 +255,7 @@ impl Renderer {
                 Ok(vec![prompt(head), response(output)])
             }
             Kind::Inline(pieces) => {
+                self.refuse_chat_row(row)?;
                 let mut segs = vec![prompt(String::new())];
                 for piece in pieces {
                     match piece {
@@ -171,18 +277,21 @@ impl Renderer {
                 let mut segs: Vec<Segment> = vec![];
                 let mut pending = String::new();
                 for m in &msgs {
+                    if m.tool_calls.is_some() {
+                        return Err(format!("`{}`: prompt.template = \"chatml\" has no way to write tool calls; use \"chat\" with a model whose chat template writes them (Qwen2.5, Llama 3.1, …)", m.at));
+                    }
                     if m.role == "assistant" {
                         pending.push_str("<|im_start|>assistant\n");
                         segs.push(prompt(std::mem::take(&mut pending)));
-                        segs.push(response(format!("{}<|im_end|>", m.content)));
+                        segs.push(response(format!("{}<|im_end|>", m.text())));
                         pending.push('\n');
                     } else {
-                        pending.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                        pending.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.text()));
                     }
                 }
                 Ok(segs)
             }
-            Kind::Chat(tpl) => self.render_chat(tpl, &self.messages(row)?),
+            Kind::Chat(tpl) => self.render_chat(tpl, &self.messages(row)?, row.get("tools")),
         }
     }
 
@@ -202,6 +311,18 @@ impl Renderer {
         bos: &str,
         eos: &str,
     ) -> Result<String, String> {
+        Self::render_template(tpl, msgs, None, add_generation_prompt, bos, eos)
+    }
+
+    /// Render messages (and the row's `tools`, if any) through a Jinja chat template.
+    fn render_template<T: serde::Serialize>(
+        tpl: &str,
+        msgs: &[T],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+    ) -> Result<String, String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -210,18 +331,32 @@ impl Renderer {
         });
         env.add_template("chat", tpl).map_err(|e| format!("chat template does not parse: {e}"))?;
         let t = env.get_template("chat").map_err(|e| e.to_string())?;
-        t.render(minijinja::context! {
+        let ctx = minijinja::context! {
             messages => msgs,
             add_generation_prompt => add_generation_prompt,
             bos_token => bos,
             eos_token => eos,
-        })
-        .map_err(|e| format!("chat template failed: {e}"))
+        };
+        let ctx = match tools {
+            Some(tools) => minijinja::context! { tools => tools, ..ctx },
+            None => ctx,
+        };
+        t.render(ctx).map_err(|e| format!("chat template failed: {e}"))
     }
 
-    fn render_chat(&self, tpl: &str, msgs: &[Message]) -> Result<Vec<Segment>, String> {
-        let render =
-            |n: usize, gen: bool| Self::apply_chat_template(tpl, &msgs[..n], gen, &self.bos_token, &self.eos_token);
+    fn render_chat(&self, tpl: &str, msgs: &[Turn], tools: Option<&Value>) -> Result<Vec<Segment>, String> {
+        let has_tools = msgs.iter().any(|m| m.role == "tool" || m.tool_calls.is_some());
+        let render = |n: usize, gen: bool| {
+            Self::render_template(tpl, &msgs[..n], tools, gen, &self.bos_token, &self.eos_token).map_err(|e| {
+                if has_tools {
+                    format!(
+                        "{e} (the row has tool calls or tool messages: does this model's chat template support tools?)"
+                    )
+                } else {
+                    e
+                }
+            })
+        };
         let mut segs = vec![];
         let mut done = String::new();
         for (k, m) in msgs.iter().enumerate() {
@@ -237,16 +372,22 @@ impl Renderer {
             segs.push(Segment { text: head.to_string(), trained: false });
             // The response runs to the end of the assistant's content plus the end-of-turn marker;
             // what follows (e.g. a newline) belongs to the next prompt.
-            let cut = body.find(m.content.as_str()).map(|i| i + m.content.len()).unwrap_or(body.len());
+            let cut = body.find(m.text()).map(|i| i + m.text().len()).unwrap_or(body.len());
             let tail = &body[cut..];
             let marker = tail.trim_end_matches(['\n', ' ']).len();
             let resp = &body[..cut + marker];
+            if let Some(name) = m.call_names().into_iter().find(|n| !resp.contains(n)) {
+                return Err(format!("`{}`: the model's chat template does not write assistant tool_calls (the call to `{name}` is missing from the rendered turn); use a model whose chat template supports tools, or drop these rows", m.at));
+            }
             segs.push(Segment { text: resp.to_string(), trained: true });
             done = format!("{before}{resp}");
         }
         // Text after the last response (e.g. the newline after the end-of-turn marker) is
         // neither trained nor needed: the sequence ends with the response.
         let full = render(msgs.len(), false)?;
+        if let Some(t) = msgs.iter().find(|m| m.role == "tool" && !full.contains(m.text())) {
+            return Err(format!("`{}`: the model's chat template leaves `tool` messages out; use a model whose chat template supports tools, or drop these rows", t.at));
+        }
         if let Some(rest) = full.strip_prefix(done.as_str()) {
             if !rest.trim().is_empty() {
                 segs.push(Segment { text: rest.to_string(), trained: false });

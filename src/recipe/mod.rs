@@ -5,10 +5,12 @@
 //! in `validate` and reports every problem at once.
 
 pub mod aliases;
+pub mod dataset;
 pub mod prompt;
 pub mod schema;
 pub mod validate;
 
+pub use dataset::{data_file_kind, DataFormat, SourceEntry, SplitSpec, DEFAULT_TEXT_FIELD};
 pub use prompt::{parse_format, Piece, PromptTemplate};
 pub use schema::*;
 pub use validate::{classify_source, Diagnostic, Source};
@@ -119,9 +121,29 @@ fn key_locations(doc: &toml_edit::Document<&str>, src: &str, file: &str) -> vali
             if let Some(span) = span {
                 locs.insert(format!("{section}.{key}"), format!("{file}:{}", line_of(src, span.start)));
             }
+            if let Some(toml_edit::Item::ArrayOfTables(a)) = item.as_table().and_then(|t| t.get(&key)) {
+                array_locations(a, &format!("{section}.{key}"), src, file, &mut locs);
+            }
         }
     }
     locs
+}
+
+/// `[[section.key]]` entries: `section.key[i]` at each header and `section.key[i].k` at each key
+/// (the array itself at its first entry).
+fn array_locations(a: &toml_edit::ArrayOfTables, dotted: &str, src: &str, file: &str, locs: &mut validate::Locations) {
+    for (i, t) in a.iter().enumerate() {
+        let Some(span) = t.span() else { continue };
+        let at = format!("{file}:{}", line_of(src, span.start));
+        locs.entry(dotted.to_string()).or_insert_with(|| at.clone());
+        locs.insert(format!("{dotted}[{i}]"), at);
+        for (k, v) in t.iter() {
+            let kspan = t.get_key_value(k).and_then(|(key, _)| key.span()).or_else(|| v.span());
+            if let Some(kspan) = kspan {
+                locs.insert(format!("{dotted}[{i}].{k}"), format!("{file}:{}", line_of(src, kspan.start)));
+            }
+        }
+    }
 }
 
 /// Parse the value of a `--set` override as TOML, falling back to a bare string.
@@ -186,6 +208,18 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
         let mut pruned = table.clone();
         for b in &bad {
             match b.split_once('.') {
+                // `dataset.sources[i].key`: that key of entry i.
+                Some((s, k)) if k.contains('[') => {
+                    let entry = k.split_once('[').and_then(|(a, rest)| Some((a, rest.split_once("].")?)));
+                    if let Some((arr, (i, key))) = entry {
+                        let t = pruned.get_mut(s).and_then(toml::Value::as_table_mut);
+                        let e = t.and_then(|t| t.get_mut(arr)).and_then(toml::Value::as_array_mut);
+                        let e = e.and_then(|a| a.get_mut(i.parse::<usize>().unwrap_or(usize::MAX)));
+                        if let Some(e) = e.and_then(toml::Value::as_table_mut) {
+                            e.remove(key);
+                        }
+                    }
+                }
                 Some((s, k)) => {
                     if let Some(t) = pruned.get_mut(s).and_then(toml::Value::as_table_mut) {
                         t.remove(k);

@@ -189,14 +189,17 @@ pub enum OnBadRow {
 pub struct DatasetSection {
     /// A local .jsonl/.json/.csv/.parquet/.arrow file or folder, or `hf:ORG/NAME`.
     pub source: String,
-    /// Hub split (for `hf:` sources).
-    pub split: String,
+    /// Split, with an optional slice as in HF datasets (`train[:10%]`, `train[100:200]`): the
+    /// hub split to fetch (`hf:` sources); the slice applies to local files too.
+    pub split: crate::recipe::SplitSpec,
     /// Hub revision (for `hf:` sources).
     pub revision: String,
     /// Hub dataset config name, if the repo has several.
     pub config: String,
     /// A separate eval set (same kinds of source as `source`).
     pub eval_source: String,
+    /// The split (and slice) of `eval_source`; default: `split`'s name, unsliced.
+    pub eval_split: Option<crate::recipe::SplitSpec>,
     /// Or: hold out this fraction of `source` for eval.
     pub eval_ratio: Option<f64>,
     /// Use at most this many training rows (after shuffling).
@@ -205,21 +208,32 @@ pub struct DatasetSection {
     pub on_bad_row: OnBadRow,
     /// Rows per Arrow shard written by the tokenize stage.
     pub shard_rows: u64,
+    /// How rows are read: "auto", "alpaca", "text", "messages" (OpenAI) or "sharegpt".
+    pub format: crate::recipe::DataFormat,
+    /// Plain-text rows: the field trained whole (TRL's `dataset_text_field`); implies format "text".
+    pub text_field: Option<String>,
+    /// A mixture: several sources instead of `source`, each with its own format, split and weight.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<crate::recipe::SourceEntry>,
 }
 
 impl Default for DatasetSection {
     fn default() -> Self {
         DatasetSection {
             source: String::new(),
-            split: "train".into(),
+            split: crate::recipe::SplitSpec::default(),
             revision: "main".into(),
             config: String::new(),
             eval_source: String::new(),
+            eval_split: None,
             eval_ratio: None,
             max_samples: None,
             shuffle: true,
             on_bad_row: OnBadRow::Error,
             shard_rows: 1000,
+            format: crate::recipe::DataFormat::Auto,
+            text_field: None,
+            sources: vec![],
         }
     }
 }

@@ -108,6 +108,8 @@ enum Rule {
     BlockSize,
     /// A prompt template ([`crate::recipe::PromptTemplate::parse`] says what is wrong).
     Template,
+    /// A split with an optional slice ([`crate::recipe::SplitSpec::parse`] says what is wrong).
+    Split,
 }
 
 fn rule_for(key: &str) -> Option<Rule> {
@@ -141,6 +143,8 @@ fn rule_for(key: &str) -> Option<Rule> {
         "eval.temperature" => NonNegativeNumber,
         "export.max_merge_loss_delta" => NonNegativeNumber,
         "prompt.template" => Template,
+        "dataset.split" | "dataset.eval_split" | "dataset.sources.split" => Split,
+        "dataset.sources.weight" => PositiveNumber,
         _ => return None,
     })
 }
@@ -172,6 +176,14 @@ fn apply_rule(rule: Rule, v: &toml::Value) -> Result<(), String> {
             return match v {
                 V::String(s) => crate::recipe::PromptTemplate::parse(s).map(|_| ()),
                 other => Err(format!("expected a template name or a format string, found {}", show(other))),
+            }
+        }
+        Rule::Split => {
+            return match v {
+                V::String(s) => crate::recipe::SplitSpec::parse(s).map(|_| ()),
+                other => {
+                    Err(format!("expected a split name such as \"train\" or \"train[:10%]\", found {}", show(other)))
+                }
             }
         }
         Rule::PositiveInt => (matches!(v, V::Integer(i) if *i > 0), "a positive integer".to_string()),
@@ -291,6 +303,10 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
                 bad.push(dotted);
                 continue;
             }
+            if dotted == "dataset.sources" {
+                bad.extend(check_sources(v, &loc, out));
+                continue;
+            }
             let result = match rule_for(&dotted) {
                 Some(rule) => apply_rule(rule, v),
                 None => {
@@ -317,6 +333,97 @@ pub fn check_keys(table: &toml::Table, file_loc: &str, locs: &Locations, out: &m
         bad.push("train.warmup_ratio".into());
     }
     bad
+}
+
+/// `[[dataset.sources]]`: each entry's keys and value types, located at the entry's lines.
+/// Returns the refused keys (`dataset.sources[i].key`, or `dataset.sources` when it is no list of tables).
+fn check_sources(v: &toml::Value, loc: &dyn Fn(&str) -> String, out: &mut Vec<Diagnostic>) -> Vec<String> {
+    let mut bad = vec![];
+    let Some(entries) = v.as_array().filter(|a| a.iter().all(toml::Value::is_table)) else {
+        out.push(Diagnostic {
+            location: loc("dataset.sources"),
+            text: format!(
+                "dataset.sources: expected [[dataset.sources]] tables (source, format, split, weight, …), found {}",
+                show(v)
+            ),
+        });
+        return vec!["dataset.sources".into()];
+    };
+    let keys = struct_fields::<crate::recipe::SourceEntry>();
+    for (i, entry) in entries.iter().enumerate() {
+        for (key, value) in entry.as_table().into_iter().flatten() {
+            let dotted = format!("dataset.sources[{i}].{key}");
+            let at = |k: &str| if k == dotted { loc(k) } else { loc(&format!("dataset.sources[{i}]")) };
+            if !keys.contains(&key.as_str()) {
+                let hint = did_you_mean(key, keys.iter().copied())
+                    .map(|k| format!("; did you mean `{k}`?"))
+                    .unwrap_or_else(|| format!("; allowed keys: {}", keys.join(", ")));
+                let text = format!("unknown key `{key}` in [[dataset.sources]]{hint}");
+                out.push(Diagnostic { location: at(&dotted), text });
+                bad.push(dotted);
+                continue;
+            }
+            let result = match rule_for(&format!("dataset.sources.{key}")) {
+                Some(rule) => apply_rule(rule, value),
+                None => {
+                    let mut one = toml::Table::new();
+                    one.insert(key.clone(), value.clone());
+                    crate::recipe::SourceEntry::deserialize(toml::Value::Table(one))
+                        .map(|_| ())
+                        .map_err(|e| humanize(e.message(), value))
+                }
+            };
+            if let Err(msg) = result {
+                out.push(Diagnostic { location: at(&dotted), text: format!("{dotted}: {msg}") });
+                bad.push(dotted);
+            }
+        }
+    }
+    bad
+}
+
+/// `[dataset]` rules across keys: one source or a mixture, weights on all entries or none, the
+/// text field only with text rows, chat rows only with a chat template.
+fn check_dataset_keys(r: &Recipe, err: &mut dyn FnMut(&str, String)) {
+    use crate::recipe::{DataFormat, PromptTemplate};
+    let d = &r.dataset;
+    if !d.source.is_empty() && !d.sources.is_empty() {
+        err("dataset.sources", "set either dataset.source or [[dataset.sources]] entries, not both".into());
+    }
+    if d.eval_split.is_some() && d.eval_source.is_empty() {
+        err("dataset.eval_split", "applies to dataset.eval_source, which is not set (to hold rows of `source` out, use dataset.eval_ratio, or set eval_source to the same source)".into());
+    }
+    let weighted = d.sources.iter().filter(|s| s.weight.is_some()).count();
+    if weighted > 0 && weighted < d.sources.len() {
+        let i = d.sources.iter().position(|s| s.weight.is_none()).unwrap_or(0);
+        err(&format!("dataset.sources[{i}].weight"), "missing; set a weight on every [[dataset.sources]] entry, or on none (then every row of every source is used once)".into());
+    }
+    // (key of the format, format, key of the text field, text field) of [dataset] and each entry.
+    let mut formats =
+        vec![("dataset.format".to_string(), d.format, "dataset.text_field".to_string(), d.text_field.clone())];
+    for (i, s) in d.sources.iter().enumerate() {
+        let own = |k: &str, set: bool| if set { format!("dataset.sources[{i}].{k}") } else { format!("dataset.{k}") };
+        formats.push((
+            own("format", s.format.is_some()),
+            s.format.unwrap_or(d.format),
+            own("text_field", s.text_field.is_some()),
+            s.text_field.clone().or_else(|| d.text_field.clone()),
+        ));
+    }
+    let mut chat_needed = None;
+    for (fkey, format, tkey, text_field) in &formats {
+        match (format, text_field.as_deref()) {
+            (_, Some("")) => err(tkey, "expected a field name such as \"text\", found \"\"".into()),
+            (DataFormat::Auto | DataFormat::Text, _) | (_, None) => {}
+            (f, Some(_)) => err(tkey, format!("applies to plain-text rows; {fkey} = {:?} reads no text field (drop one of them, or set format = \"text\")", f.name())),
+        }
+        if format.is_chat() && chat_needed.is_none() {
+            chat_needed = Some((fkey.clone(), *format));
+        }
+    }
+    if let (Some((fkey, f)), PromptTemplate::Alpaca | PromptTemplate::Inline(_)) = (chat_needed, &r.prompt.template) {
+        err("prompt.template", format!("{fkey} = {:?} rows are conversations; set prompt.template = \"chat\" (the tokenizer's chat template) or \"chatml\"", f.name()));
+    }
 }
 
 /// The linear modules a LoRA adapter can target in a family (config.json's `model_type`).
@@ -348,7 +455,52 @@ fn hub_repo_ok(repo: &str) -> bool {
 }
 
 /// Dataset file kinds the tokenize stage reads.
-pub const DATA_EXTENSIONS: [&str; 5] = ["jsonl", "json", "csv", "parquet", "arrow"];
+pub use crate::recipe::dataset::DATA_EXTENSIONS;
+
+/// `[dataset]`: the sources exist and are dataset files, and the rules across its keys.
+fn check_dataset(r: &Recipe, dir: &Path, err: &mut dyn FnMut(&str, String)) {
+    let check_data = |key: &str, s: &str, err: &mut dyn FnMut(&str, String)| match classify_source(s, dir) {
+        Source::Hub { repo } if !hub_repo_ok(&repo) => err(key, format!("expected `hf:ORG/NAME`, found {s:?}")),
+        Source::Hub { .. } => {}
+        Source::Local(p) if p.is_dir() => {}
+        Source::Local(p) if p.is_file() => {
+            if crate::recipe::data_file_kind(&p).is_none() {
+                err(
+                    key,
+                    format!(
+                        "{} has an unsupported extension; expected one of .{}",
+                        p.display(),
+                        DATA_EXTENSIONS.join(", .")
+                    ),
+                );
+            }
+        }
+        Source::Local(p) => err(key, format!("{} does not exist", p.display())),
+    };
+    if r.dataset.source.is_empty() && r.dataset.sources.is_empty() {
+        err(
+            "dataset.source",
+            "missing; set it to a local .jsonl/.json/.csv/.parquet/.arrow file or folder, or `hf:ORG/NAME` (or list several under [[dataset.sources]])".into(),
+        );
+    } else if !r.dataset.source.is_empty() {
+        check_data("dataset.source", &r.dataset.source, err);
+    }
+    for (i, s) in r.dataset.sources.iter().enumerate() {
+        let key = format!("dataset.sources[{i}].source");
+        if s.source.is_empty() {
+            err(&key, "missing; set it to a local dataset file or folder, or `hf:ORG/NAME`".into());
+        } else {
+            check_data(&key, &s.source, err);
+        }
+    }
+    check_dataset_keys(r, err);
+    if !r.dataset.eval_source.is_empty() {
+        check_data("dataset.eval_source", &r.dataset.eval_source, err);
+        if r.dataset.eval_ratio.is_some() {
+            err("dataset.eval_ratio", "set either dataset.eval_source or dataset.eval_ratio, not both".into());
+        }
+    }
+}
 
 /// Pass 3: rules across keys, and local files that must exist.
 pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out: &mut Vec<Diagnostic>) {
@@ -438,39 +590,7 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
     }
 
     // [dataset]
-    let check_data = |key: &str, s: &str, err: &mut dyn FnMut(&str, String)| match classify_source(s, dir) {
-        Source::Hub { repo } if !hub_repo_ok(&repo) => err(key, format!("expected `hf:ORG/NAME`, found {s:?}")),
-        Source::Hub { .. } => {}
-        Source::Local(p) if p.is_dir() => {}
-        Source::Local(p) if p.is_file() => {
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if !DATA_EXTENSIONS.contains(&ext) {
-                err(
-                    key,
-                    format!(
-                        "{} has an unsupported extension; expected one of .{}",
-                        p.display(),
-                        DATA_EXTENSIONS.join(", .")
-                    ),
-                );
-            }
-        }
-        Source::Local(p) => err(key, format!("{} does not exist", p.display())),
-    };
-    if r.dataset.source.is_empty() {
-        err(
-            "dataset.source",
-            "missing; set it to a local .jsonl/.json/.csv/.parquet/.arrow file or folder, or `hf:ORG/NAME`".into(),
-        );
-    } else {
-        check_data("dataset.source", &r.dataset.source, &mut err);
-    }
-    if !r.dataset.eval_source.is_empty() {
-        check_data("dataset.eval_source", &r.dataset.eval_source, &mut err);
-        if r.dataset.eval_ratio.is_some() {
-            err("dataset.eval_ratio", "set either dataset.eval_source or dataset.eval_ratio, not both".into());
-        }
-    }
+    check_dataset(r, dir, &mut err);
 
     // [train]
     if r.train.max_steps.is_none() && r.train.epochs.is_none() {

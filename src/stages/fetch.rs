@@ -47,6 +47,9 @@ pub struct DataFile {
 pub struct DataRecord {
     pub train: Vec<DataFile>,
     pub eval: Vec<DataFile>,
+    /// With `[[dataset.sources]]`: the files of each source, in recipe order (`train` is all of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Vec<DataFile>>,
 }
 
 /// Read `fetch/model.json` of a run.
@@ -80,16 +83,11 @@ pub fn local_data_files(p: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(p)
         .with_context(|| format!("cannot list {}", p.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|f| {
-            f.is_file()
-                && f.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| crate::recipe::validate::DATA_EXTENSIONS.contains(&e))
-        })
+        .filter(|f| f.is_file() && crate::recipe::data_file_kind(f).is_some())
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!("{} holds no .jsonl/.json/.csv/.parquet/.arrow files", p.display());
+        bail!("{} holds no .{} files", p.display(), crate::recipe::validate::DATA_EXTENSIONS.join("/."));
     }
     Ok(files)
 }
@@ -178,15 +176,43 @@ fn hash_files(dir: &Path, names: &[String], cache: &mut util::HashCache) -> Resu
     names.iter().map(|n| Ok((n.clone(), cache.sha256(&dir.join(n))?))).collect()
 }
 
-fn data_files(ctx: &RunContext, source: &str, hub: &HubClient, cache: &mut util::HashCache) -> Result<Vec<DataFile>> {
-    let d = &ctx.recipe.recipe.dataset;
+/// Which hub split of a dataset: split name, config, revision.
+struct HubPick<'a> {
+    split: &'a str,
+    config: &'a str,
+    revision: &'a str,
+}
+
+impl<'a> HubPick<'a> {
+    /// `[dataset]`'s own keys, with the split `split`.
+    fn of(d: &'a crate::recipe::DatasetSection, split: &'a str) -> HubPick<'a> {
+        HubPick { split, config: &d.config, revision: &d.revision }
+    }
+
+    /// A `[[dataset.sources]]` entry, with `[dataset]`'s keys where it leaves them unset.
+    fn entry(d: &'a crate::recipe::DatasetSection, e: &'a crate::recipe::SourceEntry) -> HubPick<'a> {
+        HubPick {
+            split: e.split.as_ref().map_or(&d.split.name, |s| &s.name),
+            config: e.config.as_deref().unwrap_or(&d.config),
+            revision: e.revision.as_deref().unwrap_or(&d.revision),
+        }
+    }
+}
+
+fn data_files(
+    ctx: &RunContext,
+    source: &str,
+    pick: &HubPick,
+    hub: &HubClient,
+    cache: &mut util::HashCache,
+) -> Result<Vec<DataFile>> {
     let paths = match ctx.recipe.source(source) {
         Source::Local(p) => local_data_files(&p)?.into_iter().map(|p| std::fs::canonicalize(&p).unwrap_or(p)).collect(),
         // Hub files stay at their snapshot path: canonicalizing would follow the symlink to
         // `blobs/{etag}`, which has no file extension.
         Source::Hub { repo } => {
-            let config = Some(d.config.as_str()).filter(|c| !c.is_empty());
-            hub.fetch_dataset_split(&repo, &d.revision, config, &d.split)?
+            let config = Some(pick.config).filter(|c| !c.is_empty());
+            hub.fetch_dataset_split(&repo, pick.revision, config, pick.split)?
         }
     };
     paths.into_iter().map(|p| Ok(DataFile { sha256: cache.sha256(&p)?, path: p })).collect::<Result<Vec<_>>>()
@@ -214,7 +240,10 @@ impl Stage for Fetch {
             }
             Source::Hub { .. } => {}
         }
-        for (key, src) in [("dataset", &r.dataset.source), ("eval_dataset", &r.dataset.eval_source)] {
+        let d = &r.dataset;
+        let entries = d.sources.iter().enumerate().map(|(i, e)| (format!("sources[{i}]"), &e.source));
+        let named = [("dataset".to_string(), &d.source), ("eval_dataset".to_string(), &d.eval_source)];
+        for (key, src) in named.into_iter().chain(entries) {
             if let (false, Source::Local(p)) = (src.is_empty(), ctx.recipe.source(src)) {
                 for f in local_data_files(&p)? {
                     let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -223,12 +252,20 @@ impl Stage for Fetch {
             }
         }
         cache.save();
+        let mut dataset = serde_json::json!({
+            "source": d.source, "eval_source": d.eval_source,
+            "split": d.split, "config": d.config, "revision": d.revision,
+        });
+        // Keys added later go in only when set, so that older runs keep their fingerprints.
+        if let Some(s) = &d.eval_split {
+            dataset["eval_split"] = serde_json::json!(s);
+        }
+        if !d.sources.is_empty() {
+            dataset["sources"] = serde_json::to_value(&d.sources)?;
+        }
         Ok(serde_json::json!({
             "model": { "source": r.model.source, "revision": r.model.revision },
-            "dataset": {
-                "source": r.dataset.source, "eval_source": r.dataset.eval_source,
-                "split": r.dataset.split, "config": r.dataset.config, "revision": r.dataset.revision,
-            },
+            "dataset": dataset,
             "local_files": local,
         }))
     }
@@ -280,13 +317,24 @@ impl Stage for Fetch {
             }
         };
         ctx.check_interrupted("fetch stopped")?;
+        let d = &r.dataset;
+        let mut sources = vec![];
+        for e in &d.sources {
+            sources.push(data_files(ctx, &e.source, &HubPick::entry(d, e), &hub, &mut cache)?);
+        }
+        let eval_split = d.eval_split.as_ref().map_or(&d.split.name, |s| &s.name);
         let data = DataRecord {
-            train: data_files(ctx, &r.dataset.source, &hub, &mut cache)?,
-            eval: if r.dataset.eval_source.is_empty() {
+            train: if sources.is_empty() {
+                data_files(ctx, &d.source, &HubPick::of(d, &d.split.name), &hub, &mut cache)?
+            } else {
+                sources.concat()
+            },
+            eval: if d.eval_source.is_empty() {
                 vec![]
             } else {
-                data_files(ctx, &r.dataset.eval_source, &hub, &mut cache)?
+                data_files(ctx, &d.eval_source, &HubPick::of(d, eval_split), &hub, &mut cache)?
             },
+            sources,
         };
         cache.save();
         util::write_json_atomic(&dir.join("model.json"), &model)?;

@@ -1,15 +1,17 @@
-//! Tokenize stage: rows → prompt template → token ids and labels → Arrow IPC
-//! shards, written in parallel with rayon. The bytes do not depend on the
-//! thread count: rows are split and shuffled before the parallel part, and each
-//! shard is a pure function of its rows.
+//! Tokenize stage: rows (each source cut to its split slice, sources mixed by weight) → row
+//! format → prompt template → token ids and labels → Arrow IPC shards, written in parallel with
+//! rayon. The bytes do not depend on the thread count: rows are sliced, mixed, split and
+//! shuffled before the parallel part, and each shard is a pure function of its rows.
 //!
 //! Each shard is written atomically and followed by a small sidecar
 //! (`<shard>.json`) carrying the stage fingerprint; an interrupted run keeps
 //! every shard whose sidecar matches.
 
+use crate::data::formats::{normalize, Content};
+use crate::data::mix::{self, SourcePlan};
 use crate::data::rows::{read_rows, Row};
 use crate::data::shards::{self, Example};
-use crate::data::template::Renderer;
+use crate::data::template::{Renderer, Segment};
 use crate::data::tokenizer::Tok;
 use crate::pipeline::{self, RunContext, Stage};
 use crate::recipe::OnBadRow;
@@ -60,17 +62,21 @@ pub fn read_split(ctx: &RunContext, split: &str) -> Result<Vec<Example>> {
     Ok(out)
 }
 
-/// Encode one row into an example: template segments tokenized one by one,
-/// EOS appended (not after a chat template's end-of-turn marker), prompt labels masked, truncated. Ok(None) when nothing is trained.
+/// Encode one row into an example: template segments (or plain text, trained whole) tokenized
+/// one by one, EOS appended (not after a chat template's end-of-turn marker), prompt labels
+/// masked, truncated. Ok(None) when nothing is trained.
 pub fn encode_row(
-    fields: &serde_json::Map<String, serde_json::Value>,
+    content: &Content,
     renderer: &Renderer,
     tok: &Tok,
     add_eos: bool,
     responses_only: bool,
     max_len: usize,
 ) -> Result<(Option<Example>, bool), String> {
-    let segs = renderer.render(fields)?;
+    let (segs, chat) = match content {
+        Content::Text(text) => (vec![Segment { text: text.clone(), trained: true }], false),
+        Content::Fields(fields) => (renderer.render(fields)?, renderer.is_chat()),
+    };
     let mut ids: Vec<i32> = vec![];
     let mut labels: Vec<i32> = vec![];
     for (i, seg) in segs.iter().enumerate() {
@@ -82,7 +88,7 @@ pub fn encode_row(
     }
     // Chat templates end each response with their own end-of-turn marker (`<|im_end|>`,
     // `<end_of_turn>`, `<|eot_id|>`), which is trained and stops generation: nothing is appended.
-    if add_eos && !renderer.is_chat() && ids.last() != Some(&(tok.eos_id as i32)) {
+    if add_eos && !chat && ids.last() != Some(&(tok.eos_id as i32)) {
         ids.push(tok.eos_id as i32);
         labels.push(tok.eos_id as i32);
     }
@@ -143,8 +149,8 @@ fn process(job: &Job, s: &Shared) -> Result<ShardInfo> {
     };
     let mut errors = vec![];
     for row in job.rows {
-        let result = row.fields.as_ref().map_err(|e| e.clone()).and_then(|f| {
-            encode_row(f, &s.renderer, &s.tok, r.prompt.add_eos, r.prompt.train_on_responses_only, max_len)
+        let result = row_content(row, &r.prompt.messages_field).and_then(|c| {
+            encode_row(&c, &s.renderer, &s.tok, r.prompt.add_eos, r.prompt.train_on_responses_only, max_len)
         });
         match result {
             Ok((Some(ex), truncated)) => {
@@ -183,12 +189,48 @@ fn process(job: &Job, s: &Shared) -> Result<ShardInfo> {
     Ok(info)
 }
 
-fn read_all(files: &[fetch::DataFile]) -> Result<Vec<Row>> {
+/// A row read in its source's format (Err: why it is malformed, without the location).
+fn row_content(row: &Row, messages_field: &str) -> Result<Content, String> {
+    row.fields.as_ref().map_err(|e| e.clone()).and_then(|f| normalize(f, &row.format, messages_field))
+}
+
+/// The rows of one source: its files in order, cut to its split slice.
+fn read_source(files: &[fetch::DataFile], plan: &SourcePlan) -> Result<Vec<Row>> {
     let mut rows = vec![];
     for f in files {
         rows.extend(read_rows(&f.path)?);
     }
-    Ok(rows)
+    mix::apply_plan(rows, plan).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The training rows: each source sliced, then mixed; and what each source gave.
+fn read_train(ctx: &RunContext, data: &fetch::DataRecord) -> Result<(Vec<Row>, Vec<mix::SourceUse>)> {
+    let plans = mix::train_plans(&ctx.recipe.recipe.dataset);
+    let groups = if data.sources.is_empty() { vec![data.train.clone()] } else { data.sources.clone() };
+    if groups.len() != plans.len() {
+        bail!(
+            "fetch/data.json lists {} dataset sources, the recipe {}; run again with --from fetch",
+            groups.len(),
+            plans.len()
+        );
+    }
+    let mut parts = vec![];
+    for (plan, files) in plans.into_iter().zip(&groups) {
+        let rows = read_source(files, &plan)?;
+        parts.push((plan, rows));
+    }
+    mix::mix(parts, ctx.recipe.recipe.run.seed).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Rows as the evaluate stage reads them back: fields in the form the renderer takes (ShareGPT
+/// rewritten as messages); plain-text and malformed rows have no prompt and are left out.
+fn rows_jsonl<'a>(rows: impl Iterator<Item = &'a Row>, messages_field: &str, limit: usize) -> String {
+    rows.filter_map(|r| match row_content(r, messages_field) {
+        Ok(Content::Fields(f)) => Some(format!("{}\n", serde_json::Value::Object(f))),
+        _ => None,
+    })
+    .take(limit)
+    .collect()
 }
 
 /// A histogram of lengths: `bins` equal-width buckets over 0..=max.
@@ -235,12 +277,29 @@ impl Stage for Tokenize {
     fn inputs(&self, ctx: &RunContext) -> Result<serde_json::Value> {
         let r = &ctx.recipe.recipe;
         let d = &r.dataset;
+        let mut dataset = serde_json::json!({
+            "eval_ratio": d.eval_ratio, "max_samples": d.max_samples, "shuffle": d.shuffle,
+            "on_bad_row": d.on_bad_row, "shard_rows": d.shard_rows,
+        });
+        // Keys added later go in only when set, so that older runs keep their fingerprints.
+        if d.format != crate::recipe::DataFormat::Auto {
+            dataset["format"] = serde_json::json!(d.format);
+        }
+        if let Some(t) = &d.text_field {
+            dataset["text_field"] = serde_json::json!(t);
+        }
+        if d.split.slice.is_some() {
+            dataset["split"] = serde_json::json!(d.split);
+        }
+        if let Some(s) = &d.eval_split {
+            dataset["eval_split"] = serde_json::json!(s);
+        }
+        if !d.sources.is_empty() {
+            dataset["sources"] = serde_json::to_value(&d.sources)?;
+        }
         Ok(serde_json::json!({
             "prompt": r.prompt,
-            "dataset": {
-                "eval_ratio": d.eval_ratio, "max_samples": d.max_samples, "shuffle": d.shuffle,
-                "on_bad_row": d.on_bad_row, "shard_rows": d.shard_rows,
-            },
+            "dataset": dataset,
             "max_seq_length": r.train.max_seq_length,
             "seed": r.run.seed,
         }))
@@ -256,8 +315,14 @@ impl Stage for Tokenize {
                 crate::error::Failure::Usage(format!("{}: prompt.template: {e}", ctx.recipe.path.display()))
             })?;
 
-        let mut train = read_all(&data.train)?;
-        let mut eval = read_all(&data.eval)?;
+        let (mut train, uses) = read_train(ctx, &data)?;
+        let mut eval = read_source(&data.eval, &mix::eval_plan(&r.dataset))?;
+        if uses.len() > 1 {
+            for u in &uses {
+                let w = u.weight.map(|w| format!(", weight {w}")).unwrap_or_default();
+                eprintln!("tokenize: source {} ({}): {} of {} rows{w}", u.source, u.split, u.used, u.rows);
+            }
+        }
         if train.is_empty() {
             bail!(
                 "the dataset has no rows ({})",
@@ -294,21 +359,11 @@ impl Stage for Tokenize {
 
         // The raw eval rows, in split order: the evaluate stage renders their prompts and
         // compares generations with their responses.
-        let eval_rows: String = eval
-            .iter()
-            .filter_map(|r| r.fields.as_ref().ok())
-            .map(|f| format!("{}\n", serde_json::Value::Object(f.clone())))
-            .collect();
+        let eval_rows = rows_jsonl(eval.iter(), &r.prompt.messages_field, usize::MAX);
         util::write_atomic(&dir.join("eval_rows.jsonl"), eval_rows.as_bytes())?;
         // Without an eval split, evaluate shows generations on the first training prompts.
-        let sample_rows = eval.is_empty().then(|| -> String {
-            train
-                .iter()
-                .filter_map(|r| r.fields.as_ref().ok())
-                .take(TRAIN_SAMPLE_ROWS)
-                .map(|f| format!("{}\n", serde_json::Value::Object(f.clone())))
-                .collect()
-        });
+        let sample_rows =
+            eval.is_empty().then(|| rows_jsonl(train.iter(), &r.prompt.messages_field, TRAIN_SAMPLE_ROWS));
         if let Some(text) = &sample_rows {
             util::write_atomic(&dir.join(TRAIN_SAMPLE_FILE), text.as_bytes())?;
         }
@@ -360,6 +415,7 @@ impl Stage for Tokenize {
         }
         let skipped: Vec<&String> = infos.iter().flat_map(|i| i.skipped_examples.iter()).take(5).collect();
         stats.insert("skipped_examples".into(), serde_json::json!(skipped));
+        stats.insert("sources".into(), serde_json::json!(uses));
         stats.insert("tokenizer_sha256".into(), serde_json::json!(shared.tok.hash));
         util::write_json_atomic(&dir.join("stats.json"), &stats)?;
         util::write_json_atomic(&dir.join("shards.json"), &infos)?;
