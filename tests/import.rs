@@ -145,12 +145,12 @@ fn axolotl_dataset_types_tuner_lacks_are_listed() {
     let cfg = d.path().join("a.yml");
     std::fs::write(
         &cfg,
-        "base_model: org/m\nadapter: lora\nlora_r: 8\nlearning_rate: 1e-4\ndatasets:\n  - path: org/chats\n    type: sharegpt\n  - path: org/more\n    type: alpaca\n",
+        "base_model: org/m\nadapter: lora\nlora_r: 8\nlearning_rate: 1e-4\ndatasets:\n  - path: org/chats\n    type: input_output\n  - path: org/more\n    type: alpaca\n",
     )
     .unwrap();
     let (_, draft) = import(&cfg, None).unwrap();
     let why: std::collections::BTreeMap<_, _> = draft.dropped.iter().cloned().collect();
-    assert!(why["datasets[0].type"].starts_with("\"sharegpt\": tuner reads alpaca rows and chat messages"), "{why:?}");
+    assert!(why["datasets[0].type"].starts_with("\"input_output\": tuner reads alpaca, chat messages"), "{why:?}");
     assert!(why["datasets[1]"].starts_with("tuner reads one dataset"), "{why:?}");
     assert_eq!(draft.get("dataset.source").and_then(|v| v.as_str()), Some("hf:org/chats"));
     // Axolotl's defaults where tuner's differ.
@@ -160,6 +160,25 @@ fn axolotl_dataset_types_tuner_lacks_are_listed() {
     assert_eq!(draft.get("train.optimizer").and_then(|v| v.as_str()), Some("adamw")); // adamw_torch_fused
     assert_eq!(draft.get("train.learning_rate").and_then(|v| v.as_float()), Some(1e-4));
     // "1e-4" read as a number
+}
+
+#[test]
+fn axolotl_sharegpt_and_completion_datasets_map_to_dataset_formats() {
+    let d = tmp();
+    for (ty, extra, format, template) in
+        [("sharegpt", "", "sharegpt", Some("chat")), ("completion", "    field: body\n", "text", None)]
+    {
+        let cfg = d.path().join(format!("{ty}.yml"));
+        let text = format!("base_model: org/m\nadapter: lora\ndatasets:\n  - path: org/data\n    type: {ty}\n{extra}");
+        std::fs::write(&cfg, text).unwrap();
+        let (_, draft) = import(&cfg, None).unwrap();
+        assert!(!draft.dropped.iter().any(|(k, _)| k.starts_with("datasets")), "{:?}", draft.dropped);
+        assert_eq!(draft.get("dataset.format").and_then(|v| v.as_str()), Some(format));
+        assert_eq!(draft.get("prompt.template").and_then(|v| v.as_str()), template);
+        if ty == "completion" {
+            assert_eq!(draft.get("dataset.text_field").and_then(|v| v.as_str()), Some("body"));
+        }
+    }
 }
 
 #[test]

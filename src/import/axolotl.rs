@@ -5,8 +5,9 @@
 //! optimizer adamw_torch_fused, weight_decay 0, gradient_checkpointing off, no quantization,
 //! train_on_inputs false.
 //!
-//! Dataset types carried over: `alpaca` and `chat_template` (OpenAI-style `messages` with `role`
-//! and `content`); the others are listed as not carried over.
+//! Dataset types carried over: `alpaca`, `chat_template` (OpenAI-style `messages` with `role`
+//! and `content`), `sharegpt` and `completion` (plain text); the others are listed as not
+//! carried over.
 
 use super::{is_unset, num, report_rest, set_optimizer, set_output_dir, set_scheduler, short, source, uint, Draft};
 use serde_json::{Map, Value};
@@ -98,7 +99,13 @@ fn data(d: &mut Draft, m: &Map<String, Value>, used: &mut Vec<&'static str>) {
     let sets = get(m, used, "datasets").and_then(Value::as_array).cloned().unwrap_or_default();
     let chat_template = get(m, used, "chat_template").and_then(Value::as_str).map(str::to_string);
     for (i, extra) in sets.iter().enumerate().skip(1) {
-        d.drop_key(&format!("datasets[{i}]"), format!("tuner reads one dataset (was {})", short(extra)));
+        d.drop_key(
+            &format!("datasets[{i}]"),
+            format!(
+                "tuner reads one dataset (was {}); add it to a mixture by hand ([[dataset.sources]] with a weight)",
+                short(extra)
+            ),
+        );
     }
     if let Some(ds) = sets.first().and_then(Value::as_object) {
         dataset(d, ds, chat_template.as_deref());
@@ -133,9 +140,20 @@ fn dataset(d: &mut Draft, ds: &Map<String, Value>, chat_template: Option<&str>) 
             known.extend(["field_messages", "message_field_role", "message_field_content", "roles"]);
             chat(d, ds, chat_template);
         }
+        // Axolotl's legacy ShareGPT type: `conversations` of {from, value}, through the chat template.
+        Some("sharegpt") => {
+            d.set("dataset.format", "sharegpt");
+            d.set("prompt.template", if chat_template == Some("chatml") { "chatml" } else { "chat" });
+        }
+        // Raw text, trained whole; the column is `field` (default "text").
+        Some("completion") => {
+            known.push("field");
+            d.set("dataset.format", "text");
+            d.set("dataset.text_field", ds.get("field").and_then(Value::as_str).unwrap_or("text"));
+        }
         Some(other) => d.drop_key(
             "datasets[0].type",
-            format!("{other:?}: tuner reads alpaca rows and chat messages (`chat_template`) today"),
+            format!("{other:?}: tuner reads alpaca, chat messages (`chat_template`), ShareGPT and plain text (`completion`) rows"),
         ),
         None => d.drop_key("datasets[0].type", "not set; tuner's default prompt.template = \"alpaca\" stands"),
     }

@@ -130,7 +130,8 @@ fn data(d: &mut Draft, m: &Map<String, Value>, used: &mut Vec<&'static str>) {
         d.set("dataset.split", s);
     }
     if let Some(f) = get(m, used, "dataset_text_field").and_then(Value::as_str).filter(|f| *f != "text") {
-        d.drop_key("dataset_text_field", format!("{f:?}: tuner's recipe reads alpaca rows and chat messages today"));
+        d.set("dataset.text_field", f);
+        d.note(format!("dataset_text_field = {f:?}: dataset.text_field, so rows are read as plain text trained whole; remove it for a `messages` dataset"));
     }
     d.set("prompt.template", "chat");
     d.note("the dataset's format is not in the config: prompt.template = \"chat\" (a `messages` column, as TRL's conversational datasets); use \"alpaca\" for instruction/input/output rows");
