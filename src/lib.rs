@@ -12,7 +12,6 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
-pub mod gguf_import;
 pub mod hub;
 pub mod kernels;
 pub mod model;
