@@ -249,7 +249,7 @@ fn plan(dir: &Path, cfg: &Config, arch: GgufArch, ty: GgufType) -> Result<Vec<Pl
             parts.push(hf.clone());
             shape.insert(0, parts.len());
             plan[slot].out.shape = shape.clone();
-            plan[slot].out.ty = ty.tensor_type(&shape);
+            plan[slot].out.ty = ty.tensor_type(&target.name, &shape);
             continue;
         }
         if arch == GgufArch::Gemma3n && target.name.ends_with("token_embd.weight") {
@@ -262,7 +262,8 @@ fn plan(dir: &Path, cfg: &Config, arch: GgufArch, ty: GgufType) -> Result<Vec<Pl
             _ => None,
         };
         let shift = if hf.ends_with("norm.weight") { arch.norm_shift() } else { 0.0 };
-        let out = TensorOut { name: target.name, ty: ty.tensor_type(&shape), shape };
+        let tensor_ty = ty.tensor_type(&target.name, &shape);
+        let out = TensorOut { name: target.name, ty: tensor_ty, shape };
         plan.push(Planned { out, source: Source::Hf(vec![hf.clone()]), permute_heads, shift });
     }
     Ok(plan)

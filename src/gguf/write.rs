@@ -55,10 +55,12 @@ impl GgufType {
         }
     }
 
-    /// The ggml type of a tensor of row-major `shape` in a file of this type: 1-D tensors (norms,
-    /// biases) stay F32; the rest take the file's type, or F16 when a row is not a whole number
-    /// of that type's blocks (as llama.cpp's converter falls back).
-    pub fn tensor_type(self, shape: &[usize]) -> GgmlType {
+    /// The ggml type of the tensor `name` (its GGUF name, for file types that pick per tensor)
+    /// of row-major `shape` in a file of this type: 1-D tensors (norms, biases) stay F32; the
+    /// rest take the file's type, or F16 when a row is not a whole number of that type's blocks
+    /// (as llama.cpp's converter falls back).
+    pub fn tensor_type(self, name: &str, shape: &[usize]) -> GgmlType {
+        let _ = name; // F16 and Q8_0 treat every matrix alike
         if shape.len() < 2 {
             return GgmlType::F32;
         }
