@@ -13,7 +13,6 @@ pub mod evaluate;
 pub mod export;
 pub mod generate;
 pub mod gguf;
-pub mod gguf_import;
 pub mod hub;
 pub mod import;
 pub mod kernels;

@@ -77,7 +77,7 @@ impl Shape {
     /// From a GGUF file's header.
     pub fn from_gguf(path: &Path) -> Result<Shape> {
         let g = crate::gguf::GgufFile::open(path)?;
-        let p = crate::gguf_import::llama_params(&g)?;
+        let p = crate::gguf::import::file_params(&g)?;
         Ok(Shape {
             layers: p.num_hidden_layers as i64,
             hidden: p.hidden_size as i64,

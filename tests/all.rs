@@ -8,6 +8,7 @@ mod export;
 mod gemma;
 mod generate;
 mod gguf;
+mod gguf_export;
 mod grads;
 mod hub;
 mod import;

@@ -17,7 +17,8 @@ use std::sync::{Arc, OnceLock};
 use tch::{Device, Kind, Tensor};
 use tuner::export::GateExamples;
 use tuner::export::{self, check, gguf as xgguf, merged};
-use tuner::gguf::{GgmlType, GgufFile};
+use tuner::gguf::names::Names;
+use tuner::gguf::{GgmlType, GgufArch, GgufFile};
 use tuner::model::{self, Batch, CausalLm, LoadOptions};
 use tuner::pipeline::{RunContext, Stage};
 use tuner::stages::export::Export;
@@ -418,7 +419,7 @@ fn bf16_merge_is_within_bf16_rounding_and_shards_load() {
 fn gguf_values(g: &GgufFile, name: &str, heads: Option<usize>) -> Vec<f32> {
     let (v, shape) = g.tensor_f32(name).unwrap();
     match heads {
-        Some(h) => tuner::gguf_import::unpermute_rows(&v, shape[0], h).unwrap(),
+        Some(h) => tuner::gguf::import::unpermute_rows(&v, shape[0], h).unwrap(),
         None => v,
     }
 }
@@ -473,7 +474,7 @@ fn gguf_round_trips_through_the_importer_with_logits_and_tokenizer() {
         }
 
         let imported = tmp();
-        tuner::gguf_import::import_gguf(&path, imported.path()).unwrap();
+        tuner::gguf::import::import_gguf(&path, imported.path()).unwrap();
         let e = rel(&logits(load(imported.path()).as_ref(), &ids), &want);
         errs.push((t.name(), e));
         assert!(e <= bound, "{}: rel logit error {e:e} > {bound:e}", t.name());
@@ -600,7 +601,7 @@ fn gguf_of_a_llama3_rope_model_keeps_tensors_rope_factors_and_tokenizer() {
     let w = tuner::model::Weights::open(src.path()).unwrap();
     let mut n = 0;
     for hf in w.names() {
-        let name = xgguf::gguf_name(&hf).unwrap();
+        let name = Names::of(GgufArch::Llama).to_gguf(&hf).unwrap().name;
         let heads = match name.split('.').nth(2) {
             Some("attn_q") => Some(4),
             Some("attn_k") => Some(2),
@@ -629,6 +630,7 @@ fn gguf_of_a_llama3_rope_model_keeps_tensors_rope_factors_and_tokenizer() {
 #[test]
 fn gguf_writes_qwen2_qwen3_and_mistral_and_refuses_other_families() {
     for (family, arch, permuted) in [("qwen2", "qwen2", false), ("qwen3", "qwen3", false), ("mistral", "llama", true)] {
+        let names = Names::of(GgufArch::from_name(arch).unwrap());
         let dir = repo().join("tests/fixtures/models").join(family);
         let out = tmp();
         let path = out.path().join("m.gguf");
@@ -641,7 +643,7 @@ fn gguf_writes_qwen2_qwen3_and_mistral_and_refuses_other_families() {
             if cfg.tie_word_embeddings && hf == "lm_head.weight" {
                 continue;
             }
-            let name = xgguf::gguf_name(&hf).unwrap_or_else(|| panic!("{family}: {hf}"));
+            let name = names.to_gguf(&hf).unwrap_or_else(|| panic!("{family}: {hf}")).name;
             let heads = match (permuted, name.split('.').nth(2)) {
                 (true, Some("attn_q")) => Some(cfg.num_attention_heads as usize),
                 (true, Some("attn_k")) => Some(cfg.num_key_value_heads as usize),
@@ -659,19 +661,23 @@ fn gguf_writes_qwen2_qwen3_and_mistral_and_refuses_other_families() {
             assert_eq!(g.get_u64("qwen3.attention.key_length").unwrap(), Some(16));
         }
     }
-    let err = xgguf::check_supported(&repo().join("tests/fixtures/models/gemma2")).unwrap_err();
-    let msg = format!("{err:#}");
+    let other = tmp();
+    std::fs::write(other.path().join("config.json"), r#"{"model_type": "falcon"}"#).unwrap();
+    let msg = format!("{:#}", xgguf::check_supported(other.path()).unwrap_err());
     assert!(
-        msg.contains("`gemma2`") && msg.contains("GGUF export supports llama, mistral, qwen2, qwen3 models"),
+        msg.contains("`falcon`")
+            && msg.contains(
+                "GGUF export supports llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, gemma3n_text models"
+            ),
         "{msg}"
     );
 
     // Tokenizers llama.cpp would split differently are refused by name.
     let mut tok = json(&repo().join("tests/fixtures/models/llama/tokenizer.json"));
     tok["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
-    assert!(format!("{:#}", xgguf::pre_tokenizer_name(&tok).unwrap_err()).contains("Whitespace"));
+    assert!(format!("{:#}", tuner::gguf::tokenizer::pre_tokenizer_name(&tok).unwrap_err()).contains("Whitespace"));
     tok["model"]["type"] = "Unigram".into();
-    assert!(format!("{:#}", xgguf::pre_tokenizer_name(&tok).unwrap_err()).contains("Unigram"));
+    assert!(format!("{:#}", tuner::gguf::tokenizer::pre_tokenizer_name(&tok).unwrap_err()).contains("Unigram"));
 }
 
 #[test]
@@ -702,7 +708,7 @@ fn q8_0_blocks_and_qk_permutation_follow_ggml() {
     let w: Vec<f32> = (0..8 * 3).map(|i| i as f32).collect();
     let p = xgguf::permute_rows(&w, 8, 2).unwrap();
     assert_eq!(&p[..12], &[0., 1., 2., 6., 7., 8., 3., 4., 5., 9., 10., 11.], "rows 0,2,1,3 of head 0");
-    assert_eq!(tuner::gguf_import::unpermute_rows(&p, 8, 2).unwrap(), w);
+    assert_eq!(tuner::gguf::import::unpermute_rows(&p, 8, 2).unwrap(), w);
     assert!(xgguf::permute_rows(&w, 8, 3).is_err());
 }
 

@@ -1,4 +1,4 @@
-//! GGUF reader (`tuner::gguf`) and importer (`tuner::gguf_import`) tests, on the real
+//! GGUF reader (`tuner::gguf`) and importer (`tuner::gguf::import`) tests, on the real
 //! quickstart model SmolLM2-135M-Instruct Q4_1 (`models/`, a symlink made by
 //! scripts/bootstrap) and on small GGUF files written here following the GGUF spec.
 //!
@@ -20,8 +20,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::OnceLock;
+use tuner::gguf::import::{import_gguf, unpermute_rows, ImportSummary};
+use tuner::gguf::names::{HfSource, Names};
+use tuner::gguf::tokenizer::tokenizer_json;
+use tuner::gguf::GgufArch;
 use tuner::gguf::{dequantize, GgmlType, GgufFile, GgufValue, GgufValueType};
-use tuner::gguf_import::{hf_llama_name, import_gguf, tokenizer_json, unpermute_rows, ImportSummary};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -555,19 +558,21 @@ fn unpermute_follows_the_documented_reshape() {
 
 #[test]
 fn tensor_names_map_to_hf_llama() {
-    assert_eq!(hf_llama_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
-    assert_eq!(hf_llama_name("output.weight").as_deref(), Some("lm_head.weight"));
-    assert_eq!(hf_llama_name("output_norm.weight").as_deref(), Some("model.norm.weight"));
-    assert_eq!(hf_llama_name("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
-    assert_eq!(
-        hf_llama_name("blk.0.ffn_norm.weight").as_deref(),
-        Some("model.layers.0.post_attention_layernorm.weight")
-    );
-    assert_eq!(hf_llama_name("blk.3.attn_norm.weight").as_deref(), Some("model.layers.3.input_layernorm.weight"));
-    assert_eq!(hf_llama_name("blk.3.ffn_gate.weight").as_deref(), Some("model.layers.3.mlp.gate_proj.weight"));
-    assert_eq!(hf_llama_name("blk.3.attn_k.bias").as_deref(), Some("model.layers.3.self_attn.k_proj.bias"));
-    assert_eq!(hf_llama_name("rope_freqs.weight"), None);
-    assert_eq!(hf_llama_name("blk.x.attn_q.weight"), None);
+    let names = Names::of(GgufArch::Llama);
+    let hf = |g: &str| match names.to_hf(g) {
+        Some(HfSource::One(n)) => Some(n),
+        _ => None,
+    };
+    assert_eq!(hf("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+    assert_eq!(hf("output.weight").as_deref(), Some("lm_head.weight"));
+    assert_eq!(hf("output_norm.weight").as_deref(), Some("model.norm.weight"));
+    assert_eq!(hf("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
+    assert_eq!(hf("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
+    assert_eq!(hf("blk.3.attn_norm.weight").as_deref(), Some("model.layers.3.input_layernorm.weight"));
+    assert_eq!(hf("blk.3.ffn_gate.weight").as_deref(), Some("model.layers.3.mlp.gate_proj.weight"));
+    assert_eq!(hf("blk.3.attn_k.bias").as_deref(), Some("model.layers.3.self_attn.k_proj.bias"));
+    assert_eq!(hf("rope_freqs.weight"), None);
+    assert_eq!(hf("blk.x.attn_q.weight"), None);
 }
 
 #[test]

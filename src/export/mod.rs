@@ -23,7 +23,7 @@
 pub mod adapter;
 pub mod card;
 pub mod check;
-pub mod gguf;
+pub use crate::gguf::export as gguf;
 pub mod merged;
 pub mod nf4;
 pub mod ollama;

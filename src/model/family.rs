@@ -20,14 +20,9 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 use std::path::Path;
 
-/// How a family is written as GGUF.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GgufArch {
-    /// `general.architecture`.
-    pub arch: &'static str,
-    /// Whether q/k rows are permuted into llama.cpp's rotary layout (its `LlamaModel.permute`).
-    pub permute_qk: bool,
-}
+/// The llama.cpp architecture a family is written as (and imported from); what each one means is
+/// in `gguf/arch.rs`.
+pub use crate::gguf::GgufArch;
 
 /// One model family.
 pub struct Family {
@@ -64,7 +59,7 @@ pub static FAMILIES: [Family; 8] = [
         load: |c, w, o| Ok(Box::new(llama::load(c, w, o)?)),
         linears: DECODER_LINEARS,
         hand_backward: true,
-        gguf: Some(GgufArch { arch: "llama", permute_qk: true }),
+        gguf: Some(GgufArch::Llama),
     },
     Family {
         // Llama's decoder; the window comes from `config.sliding_window`.
@@ -78,7 +73,7 @@ pub static FAMILIES: [Family; 8] = [
         load: |c, w, o| Ok(Box::new(llama::load(c, w, o)?)),
         linears: DECODER_LINEARS,
         hand_backward: true,
-        gguf: Some(GgufArch { arch: "llama", permute_qk: true }),
+        gguf: Some(GgufArch::Llama),
     },
     Family {
         // Llama's decoder with q/k/v bias (from the config).
@@ -94,7 +89,7 @@ pub static FAMILIES: [Family; 8] = [
         load: |c, w, o| Ok(Box::new(llama::load(c, w, o)?)),
         linears: DECODER_LINEARS,
         hand_backward: true,
-        gguf: Some(GgufArch { arch: "qwen2", permute_qk: false }),
+        gguf: Some(GgufArch::Qwen2),
     },
     Family {
         // Llama's decoder with per-head q/k RMSNorm before RoPE and an explicit head_dim.
@@ -109,7 +104,7 @@ pub static FAMILIES: [Family; 8] = [
         load: |c, w, o| Ok(Box::new(Decoder::load(c, &Loader::new(w, o), LlamaAttention::load_qk_norm)?)),
         linears: DECODER_LINEARS,
         hand_backward: true,
-        gguf: Some(GgufArch { arch: "qwen3", permute_qk: false }),
+        gguf: Some(GgufArch::Qwen3),
     },
     Family {
         // Llama's decoder with fused `qkv_proj` and `gate_up_proj` (read from the checkpoint's
@@ -119,7 +114,7 @@ pub static FAMILIES: [Family; 8] = [
         load: |c, w, o| Ok(Box::new(llama::load(c, w, o)?)),
         linears: &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         hand_backward: true,
-        gguf: None,
+        gguf: Some(GgufArch::Phi3),
     },
     Family {
         model_types: &["gemma2"],
@@ -127,7 +122,7 @@ pub static FAMILIES: [Family; 8] = [
         load: |c, w, o| Ok(Box::new(gemma2::load(c, w, o)?)),
         linears: DECODER_LINEARS,
         hand_backward: false,
-        gguf: None,
+        gguf: Some(GgufArch::Gemma2),
     },
     Family {
         // Gemma 2's decoder with q/k norms (`gemma3` with a `text_config` is read through it).
@@ -136,7 +131,7 @@ pub static FAMILIES: [Family; 8] = [
         load: |c, w, o| Ok(Box::new(gemma2::Gemma::load(c, w, o, true)?)),
         linears: DECODER_LINEARS,
         hand_backward: false,
-        gguf: None,
+        gguf: Some(GgufArch::Gemma3),
     },
     Family {
         model_types: &["gemma3n_text", "gemma3n"],
@@ -151,7 +146,7 @@ pub static FAMILIES: [Family; 8] = [
         load: |c, w, o| Ok(Box::new(gemma3n::load(c, w, o)?)),
         linears: DECODER_LINEARS,
         hand_backward: false,
-        gguf: None,
+        gguf: Some(GgufArch::Gemma3n),
     },
 ];
 

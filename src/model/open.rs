@@ -4,7 +4,7 @@
 //! and PEFT adapters read and written (adapter_config.json + adapter_model.safetensors).
 //!
 //! References: PEFT `LoraConfig` / `save_pretrained` (the adapter format), transformers'
-//! `from_pretrained` dtype handling, and src/gguf_import.rs for `.gguf` models.
+//! `from_pretrained` dtype handling, and src/gguf/import.rs for `.gguf` models.
 
 use super::{lora, CausalLm};
 use crate::recipe::{Dtype, QuantMethod, Recipe, TargetModules};
@@ -33,7 +33,8 @@ pub fn resolve_dir(path: &Path, cache: &Path) -> Result<PathBuf> {
         let sha = util::sha256_file(path)?;
         let dir = cache.join("gguf-import").join(&sha[..16]);
         if !dir.join("config.json").is_file() {
-            crate::gguf_import::import_gguf(path, &dir).with_context(|| format!("cannot import {}", path.display()))?;
+            crate::gguf::import::import_gguf(path, &dir)
+                .with_context(|| format!("cannot import {}", path.display()))?;
         }
         return Ok(dir);
     }

@@ -279,7 +279,7 @@ impl Stage for Fetch {
         let model = match ctx.recipe.source(&r.model.source) {
             Source::Local(p) if p.extension().is_some_and(|e| e == "gguf") => {
                 let out = dir.join("model");
-                crate::gguf_import::import_gguf(&p, &out).with_context(|| format!("cannot import {}", p.display()))?;
+                crate::gguf::import::import_gguf(&p, &out).with_context(|| format!("cannot import {}", p.display()))?;
                 let (model_type, files) = validate_model_dir(&out)?;
                 let mut hashes = hash_files(&out, &files, &mut cache)?;
                 hashes.insert(format!("source:{}", p.display()), cache.sha256(&p)?);
