@@ -22,6 +22,8 @@ use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+pub mod kquants;
+
 /// The four bytes every GGUF file starts with.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 
