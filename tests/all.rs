@@ -10,6 +10,7 @@ mod gguf;
 mod grads;
 mod hub;
 mod kernels;
+mod kquants;
 mod model;
 mod plan;
 mod progress;

@@ -15,6 +15,10 @@
 //! - 1-D tensors (norms, biases) in F32; 2-D ones in F16, or Q8_0 (ggml
 //!   `quantize_row_q8_0_ref`: per 32 values `d = max|x|/127` stored as f16, `q = round(x/d)`),
 //!   falling back to F16 when a row is not a multiple of 32 long, as the converter does;
+//!   or llama.cpp's Q4_K_M mix, typed and quantized as `llama-quantize … Q4_K_M` does
+//!   ([`crate::gguf::kquants`], llama.cpp as vendored in llama-cpp-python 0.3.36), from the
+//!   merged weights as stored (llama-quantize starts from an F16 file's values: with
+//!   `merged_dtype = "fp16"` the two are the same);
 //! - the byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`): tokens, token types
 //!   (normal 1, control 3, user-defined 4, unused 5 for `[PADn]` fillers up to the
 //!   embedding's row count), merges, special token ids, add_bos/add_eos, the
@@ -22,7 +26,7 @@
 //!
 //! Other families, and tokenizers that are not byte-level BPE, are refused by name.
 
-use crate::gguf::{GgmlType, GgufArray, GgufFile, GgufValue, GgufValueType};
+use crate::gguf::{kquants, GgmlType, GgufArray, GgufFile, GgufValue, GgufValueType};
 use crate::model::family::GgufArch;
 use crate::model::{Config, RopeScaling, Weights};
 use crate::progress::{Progress, Unit};
@@ -45,11 +49,12 @@ pub const Q8_0_BLOCK: usize = 32;
 pub use crate::recipe::GgufType;
 
 impl GgufType {
-    /// The recipe name (`f16`, `q8_0`).
+    /// The recipe name (`f16`, `q8_0`, `q4_k_m`).
     pub fn name(self) -> &'static str {
         match self {
             GgufType::F16 => "f16",
             GgufType::Q8_0 => "q8_0",
+            GgufType::Q4KM => "q4_k_m",
         }
     }
 
@@ -58,11 +63,13 @@ impl GgufType {
         format!("model-{}.gguf", self.name())
     }
 
-    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_MOSTLY_F16` = 1, `MOSTLY_Q8_0` = 7).
+    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_MOSTLY_F16` = 1, `MOSTLY_Q8_0` = 7,
+    /// `MOSTLY_Q4_K_M` = 15).
     pub fn file_type(self) -> u32 {
         match self {
             GgufType::F16 => 1,
             GgufType::Q8_0 => 7,
+            GgufType::Q4KM => 15,
         }
     }
 }
@@ -301,11 +308,8 @@ enum Source {
 }
 
 fn n_bytes(ty: GgmlType, n: usize) -> u64 {
-    match ty {
-        GgmlType::F32 => 4 * n as u64,
-        GgmlType::F16 => 2 * n as u64,
-        _ => (n / Q8_0_BLOCK * 34) as u64,
-    }
+    let (block, bytes) = ty.block_layout().expect("tuner writes known types only");
+    n as u64 / block * bytes
 }
 
 fn align(x: u64) -> u64 {
@@ -319,7 +323,8 @@ pub struct GgufSummary {
     pub tensors: usize,
     /// Tensor count per ggml type name.
     pub types: BTreeMap<String, usize>,
-    /// Tensors written as F16 in a Q8_0 file because their rows are not a multiple of 32.
+    /// Tensors written as F16 in a Q8_0 file because their rows are not a multiple of 32, and
+    /// those of a Q4_K_M file written other than as Q4_K/Q6_K because of their row length.
     pub f16_fallback: Vec<String>,
 }
 
@@ -564,6 +569,20 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
     }
 }
 
+/// Retype the planned tensors of a Q4_K_M file as llama.cpp does ([`kquants::q4_k_m_types`]);
+/// tensors whose K-quant fell back for their row length are added to `fallback`.
+fn q4_k_m_plan(plan: &mut [Planned], n_layer: usize, fallback: &mut Vec<String>) {
+    let specs: Vec<kquants::TensorSpec> =
+        plan.iter().map(|p| kquants::TensorSpec { name: &p.gguf, shape: &p.shape }).collect();
+    let types = kquants::q4_k_m_types(&specs, n_layer);
+    for (p, t) in plan.iter_mut().zip(types) {
+        if p.shape.len() >= 2 && !matches!(t, GgmlType::Q4_K | GgmlType::Q6_K) {
+            fallback.push(p.gguf.clone());
+        }
+        p.ty = t;
+    }
+}
+
 /// Write the HF folder `dir` (dense safetensors, e.g. `export/merged/`) as the GGUF file `out`.
 pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<GgufSummary> {
     let support = check_supported(dir)?;
@@ -606,7 +625,7 @@ pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<Gg
             GgmlType::F32
         } else {
             match ty {
-                GgufType::F16 => GgmlType::F16,
+                GgufType::F16 | GgufType::Q4KM => GgmlType::F16,
                 GgufType::Q8_0 if shape[shape.len() - 1].is_multiple_of(Q8_0_BLOCK) => GgmlType::Q8_0,
                 GgufType::Q8_0 => {
                     f16_fallback.push(gguf.clone());
@@ -620,6 +639,9 @@ pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<Gg
             _ => None,
         };
         plan.push(Planned { gguf, source: Source::Hf(hf.clone()), shape, ty: tensor_ty, permute_heads, offset: 0 });
+    }
+    if ty == GgufType::Q4KM {
+        q4_k_m_plan(&mut plan, cfg.num_hidden_layers as usize, &mut f16_fallback);
     }
 
     // Header: counts, key/values, tensor infos (offsets relative to the aligned data start).
@@ -670,7 +692,8 @@ pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<Gg
         let bytes: Vec<u8> = match p.ty {
             GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             GgmlType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
-            _ => quantize_q8_0(&values),
+            GgmlType::Q8_0 => quantize_q8_0(&values),
+            other => kquants::quantize(other, &values).expect("q4_k_m_plan picks types kquants writes"),
         };
         debug_assert_eq!(pos, p.offset);
         w.write_all(&bytes).map_err(io)?;
