@@ -27,7 +27,8 @@ fn quantizers_give_llama_cpp_bytes() {
     let names = row_names(&g);
     let (input, shape) = g.tensor_f32("input").unwrap();
     assert_eq!(shape, [names.len(), 256]);
-    let cases: [(&str, fn(&[f32]) -> Vec<u8>); 4] = [
+    type Quantizer = fn(&[f32]) -> Vec<u8>;
+    let cases: [(&str, Quantizer); 4] = [
         ("q4_k", kquants::quantize_q4_k),
         ("q6_k", kquants::quantize_q6_k),
         ("q5_0", kquants::quantize_q5_0),
