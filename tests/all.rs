@@ -13,6 +13,7 @@ mod grads;
 mod hub;
 mod import;
 mod kernels;
+mod kquants;
 mod model;
 mod plan;
 mod progress;

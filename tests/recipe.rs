@@ -238,7 +238,7 @@ fn typed_settings_name_their_key_and_the_accepted_values() {
         "lora.bias: expected one of \"none\", found \"all\"",
         "eval.metrics: expected one of \"exact_match\", \"json_fields\", found \"exact_mach\"; did you mean \"exact_match\"?",
         "export.merged_dtype: expected one of \"bf16\", \"fp16\", \"fp32\", found \"fp8\"; did you mean \"fp16\"?",
-        "export.gguf: expected one of \"f16\", \"q8_0\", found \"q4_k\"; did you mean \"q8_0\"?",
+        "export.gguf: expected one of \"f16\", \"q8_0\", \"q4_k_m\", found \"q4_k\"; did you mean \"q8_0\"?",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }

@@ -15,7 +15,11 @@
 //! - Llama-3 rope scaling as the `rope_freqs.weight` tensor of per-frequency divisors, linear
 //!   scaling as `rope.scaling.type`/`rope.scaling.factor`; the hyper-parameters in
 //!   [`super::hparams`], the vocabulary in [`super::tokenizer`];
-//! - tensor types per [`GgufType::tensor_type`], encoded by [`super::write`].
+//! - tensor types per [`GgufType::tensor_type`], or for `q4_k_m` llama.cpp's Q4_K_M mix as
+//!   `llama-quantize` chooses it ([`super::kquants::q4_k_m_types`], llama.cpp as vendored in
+//!   llama-cpp-python 0.3.36), quantized from the merged weights as stored (llama-quantize
+//!   starts from an F16 file's values: with `merged_dtype = "fp16"` the two are the same);
+//!   encoded by [`super::write`].
 //!
 //! Other families, and tokenizers that are not byte-level BPE, are refused by name.
 
@@ -179,7 +183,8 @@ pub struct GgufSummary {
     pub tensors: usize,
     /// Tensor count per ggml type name.
     pub types: BTreeMap<String, usize>,
-    /// Tensors written as F16 in a quantized file because their rows are not whole blocks.
+    /// Matrices written other than as the file type intends (F16 in a Q8_0 file, Q5_0/Q8_0/F16
+    /// in a Q4_K_M one) because their rows are not whole blocks.
     pub f16_fallback: Vec<String>,
 }
 
@@ -295,17 +300,29 @@ fn values(p: &Planned, weights: &Weights) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// Retype the planned tensors of a Q4_K_M file as llama.cpp's `llama-quantize` does
+/// ([`super::kquants::q4_k_m_types`]: it needs the whole list, for tied embeddings and the
+/// `attn_v` / `ffn_down` layers that get more bits).
+fn q4_k_m_plan(plan: &mut [Planned], n_layer: usize) {
+    let specs: Vec<super::kquants::TensorSpec> =
+        plan.iter().map(|p| super::kquants::TensorSpec { name: &p.out.name, shape: &p.out.shape }).collect();
+    let types = super::kquants::q4_k_m_types(&specs, n_layer);
+    for (p, t) in plan.iter_mut().zip(types) {
+        p.out.ty = t;
+    }
+}
+
 /// Write the HF folder `dir` (dense safetensors, e.g. `export/merged/`) as the GGUF file `out`.
 pub fn write_gguf(dir: &Path, out: &Path, ty: GgufType, name: &str) -> Result<GgufSummary> {
     let support = check_supported(dir)?;
     let cfg = Config::from_dir(dir)?;
     let meta = metadata(dir, &support, ty, name)?;
-    let plan = plan(dir, &cfg, support.arch, ty)?;
-    let f16_fallback = plan
-        .iter()
-        .filter(|p| p.out.shape.len() >= 2 && p.out.ty != ty.ggml_type())
-        .map(|p| p.out.name.clone())
-        .collect();
+    let mut plan = plan(dir, &cfg, support.arch, ty)?;
+    if ty == GgufType::Q4KM {
+        q4_k_m_plan(&mut plan, cfg.num_hidden_layers as usize);
+    }
+    let f16_fallback =
+        plan.iter().filter(|p| p.out.shape.len() >= 2 && !ty.intended(p.out.ty)).map(|p| p.out.name.clone()).collect();
     let tensors: Vec<TensorOut> = plan.iter().map(|p| p.out.clone()).collect();
     let weights = Weights::open(dir)?;
     let types = write_file(out, &meta, &tensors, &format!("write gguf {}", ty.name()), |i| values(&plan[i], &weights))?;

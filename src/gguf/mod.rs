@@ -3,6 +3,8 @@
 //! - [`types`]: metadata values, ggml tensor types, tensor infos;
 //! - [`read`]: the memory-mapped reader ([`GgufFile`]); [`dequant`]: ggml blocks to f32;
 //! - [`write`]: the file types tuner writes ([`GgufType`]), encoders and the v3 writer;
+//! - [`kquants`]: llama.cpp's reference K-quant (Q4_K, Q6_K) and Q5_0 quantizers and its
+//!   Q4_K_M type choice;
 //! - [`arch`]: the architectures ([`GgufArch`]) and llama.cpp's Q/K row permutation;
 //! - [`names`]: the one two-way HF ↔ GGUF tensor name table;
 //! - [`hparams`]: a model's hyper-parameters as `{arch}.*` key/values;
@@ -19,6 +21,7 @@ pub mod export;
 pub mod hf_config;
 pub mod hparams;
 pub mod import;
+pub mod kquants;
 pub mod names;
 pub mod read;
 pub mod tokenizer;

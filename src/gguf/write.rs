@@ -26,11 +26,12 @@ pub const Q8_0_BLOCK: usize = 32;
 pub use crate::recipe::GgufType;
 
 impl GgufType {
-    /// The recipe name (`f16`, `q8_0`).
+    /// The recipe name (`f16`, `q8_0`, `q4_k_m`).
     pub fn name(self) -> &'static str {
         match self {
             GgufType::F16 => "f16",
             GgufType::Q8_0 => "q8_0",
+            GgufType::Q4KM => "q4_k_m",
         }
     }
 
@@ -39,19 +40,32 @@ impl GgufType {
         format!("model-{}.gguf", self.name())
     }
 
-    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_MOSTLY_F16` = 1, `MOSTLY_Q8_0` = 7).
+    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_MOSTLY_F16` = 1, `MOSTLY_Q8_0` = 7,
+    /// `MOSTLY_Q4_K_M` = 15).
     pub fn file_type(self) -> u32 {
         match self {
             GgufType::F16 => 1,
             GgufType::Q8_0 => 7,
+            GgufType::Q4KM => 15,
         }
     }
 
-    /// The ggml type of the file's weight matrices.
+    /// The ggml type of the file's weight matrices (Q4_K_M: most of them; the export retypes
+    /// the whole list with [`super::kquants::q4_k_m_types`], which needs every tensor's name).
     pub fn ggml_type(self) -> GgmlType {
         match self {
             GgufType::F16 => GgmlType::F16,
             GgufType::Q8_0 => GgmlType::Q8_0,
+            GgufType::Q4KM => GgmlType::Q4_K,
+        }
+    }
+
+    /// Whether a matrix of ggml type `t` in a file of this type is as the type intends (not a
+    /// fallback for its row length).
+    pub fn intended(self, t: GgmlType) -> bool {
+        match self {
+            GgufType::Q4KM => matches!(t, GgmlType::Q4_K | GgmlType::Q6_K),
+            other => t == other.ggml_type(),
         }
     }
 
@@ -80,7 +94,10 @@ pub fn encode(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
         GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         GgmlType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         GgmlType::Q8_0 if values.len().is_multiple_of(Q8_0_BLOCK) => quantize_q8_0(values),
-        other => bail!("tuner does not write {other} tensors ({} values)", values.len()),
+        other => match super::kquants::quantize(other, values) {
+            Some(bytes) => bytes,
+            None => bail!("tuner does not write {other} tensors ({} values)", values.len()),
+        },
     })
 }
 

@@ -463,6 +463,9 @@ pub enum GgufType {
     /// Q8_0 blocks (32 int8 values and an f16 scale).
     #[serde(rename = "q8_0")]
     Q8_0,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output and some attn_v / ffn_down.
+    #[serde(rename = "q4_k_m")]
+    Q4KM,
 }
 
 /// `[train]`: the training loop.
@@ -615,7 +618,7 @@ pub struct ExportSection {
     pub merged_dtype: MergedDtype,
     /// Merged and re-quantized to NF4 (bnb layout).
     pub nf4: bool,
-    /// GGUF files to write: any of "f16", "q8_0".
+    /// GGUF files to write: any of "f16", "q8_0", "q4_k_m".
     pub gguf: Vec<GgufType>,
     /// Write an Ollama Modelfile next to the GGUF.
     pub ollama: bool,
