@@ -150,7 +150,7 @@ pub fn write_merged(
 
 /// Copy the tokenizer files; write `generation_config.json` from config.json when the base has none.
 pub fn write_model_files(base_dir: &Path, out: &Path, cfg: &Value) -> Result<()> {
-    let copied = super::copy_tokenizer_files(base_dir, out)?;
+    let copied = copy_tokenizer_files(base_dir, out)?;
     if !copied.iter().any(|f| f == "generation_config.json") {
         let mut g = serde_json::Map::new();
         for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
@@ -279,4 +279,29 @@ impl ShardWriter {
         util::write_json_atomic(&self.dir.join("model.safetensors.index.json"), &index)?;
         Ok(files)
     }
+}
+
+/// Copy the tokenizer and generation files of an HF folder that exist (never the weights or config).
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<String>> {
+    const NAMES: [&str; 10] = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "generation_config.json",
+    ];
+    let mut copied = Vec::new();
+    for n in NAMES {
+        let src = from.join(n);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(n)).with_context(|| format!("cannot copy {}", src.display()))?;
+            copied.push(n.to_string());
+        }
+    }
+    Ok(copied)
 }

@@ -104,30 +104,7 @@ pub fn files_under(folder: &Path, base: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Copy the tokenizer and generation files of an HF folder that exist (never the weights or config).
-pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<String>> {
-    const NAMES: [&str; 10] = [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "chat_template.jinja",
-        "chat_template.json",
-        "tokenizer.model",
-        "vocab.json",
-        "merges.txt",
-        "generation_config.json",
-    ];
-    let mut copied = Vec::new();
-    for n in NAMES {
-        let src = from.join(n);
-        if src.is_file() {
-            std::fs::copy(&src, to.join(n)).with_context(|| format!("cannot copy {}", src.display()))?;
-            copied.push(n.to_string());
-        }
-    }
-    Ok(copied)
-}
+pub use merged::copy_tokenizer_files;
 
 /// Load the base model as the recipe trained it (4-bit when it was) with the adapter attached.
 pub fn load_trained(r: &Recipe, base_dir: &Path, adapter_dir: &Path, device: tch::Device) -> Result<Box<dyn CausalLm>> {

@@ -22,6 +22,11 @@ pub const SUPPORTED_TYPES: [GgmlType; 12] = [
     GgmlType::Q6_K,
 ];
 
+/// Whether [`dequantize`] handles `ty`.
+pub fn can_dequantize(ty: GgmlType) -> bool {
+    SUPPORTED_TYPES.contains(&ty)
+}
+
 /// The names of [`SUPPORTED_TYPES`], comma-separated.
 pub fn supported_list() -> String {
     SUPPORTED_TYPES.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")

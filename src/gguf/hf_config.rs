@@ -9,10 +9,47 @@
 
 use super::arch::GgufArch;
 use super::hparams::normal_quantile;
-use super::import::{meta_float, meta_usize, Params};
-use super::read::GgufFile;
+
+use super::read::{meta_float, meta_usize, GgufFile};
 use anyhow::{anyhow, Result};
 use serde_json::{json, Map, Value};
+
+/// Hyper-parameters of a GGUF model, in HF terms (the keys every architecture shares).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// The architecture.
+    pub arch: GgufArch,
+    /// `hidden_size` (`{arch}.embedding_length`).
+    pub hidden_size: usize,
+    /// `intermediate_size` (`{arch}.feed_forward_length`; the first layer's when per layer).
+    pub intermediate_size: usize,
+    /// The MLP width of each layer (Gemma 3n's array; else `intermediate_size` repeated).
+    pub intermediate_sizes: Vec<usize>,
+    /// `num_hidden_layers` (`{arch}.block_count`).
+    pub num_hidden_layers: usize,
+    /// `num_attention_heads` (`{arch}.attention.head_count`).
+    pub num_attention_heads: usize,
+    /// `num_key_value_heads` (`{arch}.attention.head_count_kv`, default: the head count).
+    pub num_key_value_heads: usize,
+    /// `head_dim` (`{arch}.attention.key_length`, default hidden / heads).
+    pub head_dim: usize,
+    /// `rms_norm_eps` (`{arch}.attention.layer_norm_rms_epsilon`).
+    pub rms_norm_eps: f64,
+    /// `rope_theta` (`{arch}.rope.freq_base`, default 10000).
+    pub rope_theta: f64,
+    /// `max_position_embeddings` (`{arch}.context_length`).
+    pub max_position_embeddings: usize,
+    /// `vocab_size`: rows of `token_embd.weight`.
+    pub vocab_size: usize,
+    /// `tie_word_embeddings`: true when the file has no `output.weight`.
+    pub tie_word_embeddings: bool,
+    /// `attention_bias`: the file has q/k/v/o biases.
+    pub attention_bias: bool,
+    /// `mlp_bias`: the file has gate/up/down biases.
+    pub mlp_bias: bool,
+    /// `rope_scaling` (`null`, or `{"rope_type": "linear", "factor": F}`).
+    pub rope_scaling: Value,
+}
 
 /// `config.json` for the model `g` holds.
 pub fn config_json(g: &GgufFile, hp: &Params) -> Result<Value> {

@@ -17,7 +17,7 @@ pub use super::arch::unpermute_rows;
 use super::arch::GgufArch;
 use super::hf_config::config_json;
 use super::names::{HfSource, Names};
-use super::read::GgufFile;
+use super::read::{meta_float, meta_usize, GgufFile};
 use super::tokenizer::{generation_config_json, tokenizer_config_json, tokenizer_json};
 use super::types::{GgufValue, TensorInfo};
 use crate::progress::{Progress, Unit};
@@ -45,42 +45,7 @@ pub struct ImportSummary {
     pub files: Vec<PathBuf>,
 }
 
-/// Hyper-parameters of a GGUF model, in HF terms (the keys every architecture shares).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Params {
-    /// The architecture.
-    pub arch: GgufArch,
-    /// `hidden_size` (`{arch}.embedding_length`).
-    pub hidden_size: usize,
-    /// `intermediate_size` (`{arch}.feed_forward_length`; the first layer's when per layer).
-    pub intermediate_size: usize,
-    /// The MLP width of each layer (Gemma 3n's array; else `intermediate_size` repeated).
-    pub intermediate_sizes: Vec<usize>,
-    /// `num_hidden_layers` (`{arch}.block_count`).
-    pub num_hidden_layers: usize,
-    /// `num_attention_heads` (`{arch}.attention.head_count`).
-    pub num_attention_heads: usize,
-    /// `num_key_value_heads` (`{arch}.attention.head_count_kv`, default: the head count).
-    pub num_key_value_heads: usize,
-    /// `head_dim` (`{arch}.attention.key_length`, default hidden / heads).
-    pub head_dim: usize,
-    /// `rms_norm_eps` (`{arch}.attention.layer_norm_rms_epsilon`).
-    pub rms_norm_eps: f64,
-    /// `rope_theta` (`{arch}.rope.freq_base`, default 10000).
-    pub rope_theta: f64,
-    /// `max_position_embeddings` (`{arch}.context_length`).
-    pub max_position_embeddings: usize,
-    /// `vocab_size`: rows of `token_embd.weight`.
-    pub vocab_size: usize,
-    /// `tie_word_embeddings`: true when the file has no `output.weight`.
-    pub tie_word_embeddings: bool,
-    /// `attention_bias`: the file has q/k/v/o biases.
-    pub attention_bias: bool,
-    /// `mlp_bias`: the file has gate/up/down biases.
-    pub mlp_bias: bool,
-    /// `rope_scaling` (`null`, or `{"rope_type": "linear", "factor": F}`).
-    pub rope_scaling: Value,
-}
+pub use super::hf_config::Params;
 
 /// Convert the GGUF file `gguf` into an HF-layout folder `out_dir` (created if needed; files
 /// already there with the same names are replaced).
@@ -132,23 +97,6 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
 
     log::info!("imported {shown} ({name}, {} tensors, {params} parameters) into {}", plan.len(), out_dir.display());
     Ok(ImportSummary { architecture: name, tensors: plan.len(), params, files })
-}
-
-/// A float metadata value; an f32 is widened through its shortest decimal form, so
-/// that `1e-5f32` becomes `1e-5`, not `9.999999747378752e-6`.
-pub(crate) fn meta_float(g: &GgufFile, key: &str) -> Result<Option<f64>> {
-    match g.get(key) {
-        Some(GgufValue::F32(v)) => Ok(Some(format!("{v}").parse::<f64>().unwrap_or(f64::from(*v)))),
-        _ => g.get_f64(key),
-    }
-}
-
-pub(crate) fn meta_usize(g: &GgufFile, key: &str) -> Result<Option<usize>> {
-    g.get_u64(key)?
-        .map(|v| {
-            usize::try_from(v).map_err(|_| anyhow!("metadata `{key}` in {} is too large: {v}", g.path().display()))
-        })
-        .transpose()
 }
 
 pub(crate) fn require_usize(g: &GgufFile, key: &str) -> Result<usize> {
@@ -402,7 +350,7 @@ fn tensor_plan<'a>(g: &'a GgufFile, hp: &Params) -> Result<Vec<Planned<'a>>> {
     let names = Names::of(hp.arch);
     let mut plan = Vec::with_capacity(g.tensors().len());
     for info in g.tensors() {
-        if !info.ggml_type.can_dequantize() {
+        if !super::dequant::can_dequantize(info.ggml_type) {
             bail!(
                 "unsupported GGUF tensor type {} in `{}` of {shown}; supported: {}",
                 info.ggml_type,

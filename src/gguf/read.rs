@@ -391,7 +391,7 @@ impl GgufFile {
     /// the type, the tensor, the file and the supported types.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let info = self.info_or_err(name)?;
-        if !info.ggml_type.can_dequantize() {
+        if !super::dequant::can_dequantize(info.ggml_type) {
             bail!(
                 "unsupported GGUF tensor type {} in `{name}` of {}; supported: {}",
                 info.ggml_type,
@@ -404,4 +404,21 @@ impl GgufFile {
             .with_context(|| format!("cannot dequantize `{name}` of {}", self.path.display()))?;
         Ok((values, info.shape()))
     }
+}
+
+/// A float metadata value; an f32 is widened through its shortest decimal form, so
+/// that `1e-5f32` becomes `1e-5`, not `9.999999747378752e-6`.
+pub(crate) fn meta_float(g: &GgufFile, key: &str) -> Result<Option<f64>> {
+    match g.get(key) {
+        Some(GgufValue::F32(v)) => Ok(Some(format!("{v}").parse::<f64>().unwrap_or(f64::from(*v)))),
+        _ => g.get_f64(key),
+    }
+}
+
+pub(crate) fn meta_usize(g: &GgufFile, key: &str) -> Result<Option<usize>> {
+    g.get_u64(key)?
+        .map(|v| {
+            usize::try_from(v).map_err(|_| anyhow!("metadata `{key}` in {} is too large: {v}", g.path().display()))
+        })
+        .transpose()
 }

@@ -5,7 +5,6 @@
 //! Follows the GGUF file-format specification (ggml's `docs/gguf.md`) for the value type tags,
 //! and ggml's `ggml.h` / `ggml.c` type traits for the tensor type tags and block sizes.
 
-use super::dequant::SUPPORTED_TYPES;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -496,11 +495,6 @@ impl GgmlType {
             TQ2_0 => (256, 66),
             Unknown(_) => return None,
         })
-    }
-
-    /// Whether [`dequantize`] handles this type.
-    pub fn can_dequantize(self) -> bool {
-        SUPPORTED_TYPES.contains(&self)
     }
 
     /// The ggml name (`Q4_1`, `F16`, ...); unknown tags print as `type#N`.

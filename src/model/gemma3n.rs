@@ -285,6 +285,63 @@ fn kv_roles(sliding: &[bool], num_shared: usize) -> Result<Vec<Kv>> {
     Ok(roles)
 }
 
+impl Layer {
+    /// Layer `i` under `p` (`…layers.{i}`); a layer that shares another's KV (`shared`) has no
+    /// k/v projections or k norm.
+    fn load(l: &Loader, config: &Config, g: &Gemma3nConfig, p: &str, shared: bool, i: usize) -> Result<Layer> {
+        let eps = config.rms_norm_eps;
+        let a = format!("{p}.self_attn");
+        let norm = |n: &str| Norm::load(l, &format!("{p}.{n}"), eps);
+        let coefs = |name: &str| -> Result<Tensor> {
+            let w = l.dense_weight(name)?;
+            Ok(match g.altup_coef_clip {
+                Some(c) => w.clamp(-c, c),
+                None => w,
+            })
+        };
+        Ok(Layer {
+            self_attn: Attention {
+                q_proj: l.linear(&format!("{a}.q_proj"), false)?,
+                k_proj: if shared { None } else { Some(l.linear(&format!("{a}.k_proj"), false)?) },
+                v_proj: if shared { None } else { Some(l.linear(&format!("{a}.v_proj"), false)?) },
+                o_proj: l.linear(&format!("{a}.o_proj"), false)?,
+                q_norm: Norm::load(l, &format!("{a}.q_norm"), eps)?,
+                k_norm: if shared { None } else { Some(Norm::load(l, &format!("{a}.k_norm"), eps)?) },
+                v_norm: Norm::plain(l, eps),
+                num_heads: config.num_attention_heads,
+                num_kv_heads: config.num_key_value_heads,
+                head_dim: config.head_dim,
+            },
+            mlp: Mlp {
+                gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), false)?,
+                up_proj: l.linear(&format!("{p}.mlp.up_proj"), false)?,
+                down_proj: l.linear(&format!("{p}.mlp.down_proj"), false)?,
+                sparsity: g.activation_sparsity_pattern[i],
+            },
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+            altup: AltUp {
+                correct_output_scale: l.dense(&format!("{p}.altup.correct_output_scale"))?,
+                correction_coefs: coefs(&format!("{p}.altup.correction_coefs"))?,
+                prediction_coefs: coefs(&format!("{p}.altup.prediction_coefs"))?,
+                modality_router: l.dense_weight(&format!("{p}.altup.modality_router"))?,
+                router_norm: norm("altup.router_norm")?,
+                router_scale: 1.0 / config.hidden_size as f64,
+            },
+            laurel: Laurel {
+                linear_left: l.frozen_linear(&format!("{p}.laurel.linear_left"))?,
+                linear_right: l.frozen_linear(&format!("{p}.laurel.linear_right"))?,
+                post_laurel_norm: norm("laurel.post_laurel_norm")?,
+            },
+            per_layer_input_gate: l.frozen_linear(&format!("{p}.per_layer_input_gate"))?,
+            per_layer_projection: l.frozen_linear(&format!("{p}.per_layer_projection"))?,
+            post_per_layer_input_norm: norm("post_per_layer_input_norm")?,
+        })
+    }
+}
+
 impl Gemma3n {
     fn load(config: Config, weights: &Weights, opts: &LoadOptions) -> Result<Gemma3n> {
         let g = config.gemma3n.clone().context("a gemma3n_text config without its Gemma 3n fields")?;
@@ -308,14 +365,6 @@ impl Gemma3n {
         if embed_tokens_per_layer.size() != want {
             bail!("`{ple_name}` has shape {:?}, expected {:?} (vocab_size_per_layer_input, num_hidden_layers · hidden_size_per_layer_input)", embed_tokens_per_layer.size(), want);
         }
-        let clip = g.altup_coef_clip;
-        let coefs = |name: &str| -> Result<Tensor> {
-            let w = l.dense_weight(name)?;
-            Ok(match clip {
-                Some(c) => w.clamp(-c, c),
-                None => w,
-            })
-        };
         let names = weights.names();
         let mut layers = Vec::with_capacity(n_layers);
         for (i, role) in kv.iter().enumerate().take(n_layers) {
@@ -331,50 +380,8 @@ impl Gemma3n {
                     }
                 }
             }
-            let norm = |n: &str| Norm::load(&l, &format!("{p}.{n}"), eps);
-            let layer = (|| -> Result<Layer> {
-                Ok(Layer {
-                    self_attn: Attention {
-                        q_proj: l.linear(&format!("{a}.q_proj"), false)?,
-                        k_proj: if shared { None } else { Some(l.linear(&format!("{a}.k_proj"), false)?) },
-                        v_proj: if shared { None } else { Some(l.linear(&format!("{a}.v_proj"), false)?) },
-                        o_proj: l.linear(&format!("{a}.o_proj"), false)?,
-                        q_norm: Norm::load(&l, &format!("{a}.q_norm"), eps)?,
-                        k_norm: if shared { None } else { Some(Norm::load(&l, &format!("{a}.k_norm"), eps)?) },
-                        v_norm: Norm::plain(&l, eps),
-                        num_heads: config.num_attention_heads,
-                        num_kv_heads: config.num_key_value_heads,
-                        head_dim: config.head_dim,
-                    },
-                    mlp: Mlp {
-                        gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), false)?,
-                        up_proj: l.linear(&format!("{p}.mlp.up_proj"), false)?,
-                        down_proj: l.linear(&format!("{p}.mlp.down_proj"), false)?,
-                        sparsity: g.activation_sparsity_pattern[i],
-                    },
-                    input_layernorm: norm("input_layernorm")?,
-                    post_attention_layernorm: norm("post_attention_layernorm")?,
-                    pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
-                    post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
-                    altup: AltUp {
-                        correct_output_scale: l.dense(&format!("{p}.altup.correct_output_scale"))?,
-                        correction_coefs: coefs(&format!("{p}.altup.correction_coefs"))?,
-                        prediction_coefs: coefs(&format!("{p}.altup.prediction_coefs"))?,
-                        modality_router: l.dense_weight(&format!("{p}.altup.modality_router"))?,
-                        router_norm: norm("altup.router_norm")?,
-                        router_scale: 1.0 / config.hidden_size as f64,
-                    },
-                    laurel: Laurel {
-                        linear_left: l.frozen_linear(&format!("{p}.laurel.linear_left"))?,
-                        linear_right: l.frozen_linear(&format!("{p}.laurel.linear_right"))?,
-                        post_laurel_norm: norm("laurel.post_laurel_norm")?,
-                    },
-                    per_layer_input_gate: l.frozen_linear(&format!("{p}.per_layer_input_gate"))?,
-                    per_layer_projection: l.frozen_linear(&format!("{p}.per_layer_projection"))?,
-                    post_per_layer_input_norm: norm("post_per_layer_input_norm")?,
-                })
-            })()
-            .with_context(|| format!("cannot load layer `{p}`"))?;
+            let layer =
+                Layer::load(&l, &config, &g, &p, shared, i).with_context(|| format!("cannot load layer `{p}`"))?;
             layers.push(layer);
         }
         let projections = |name: &str| -> Result<Vec<Linear>> {

@@ -7,7 +7,7 @@
 //! `validate` asks [`hint`] what an unknown key means (an alias written in another section, a key
 //! of another section, or a near miss of an alias).
 
-use super::validate::{did_you_mean, section_keys, Diagnostic, Locations};
+use super::diagnostic::{did_you_mean, section_keys, Diagnostic, Locations};
 use toml::Value;
 
 /// How an alias's value becomes the tuner key's value.

@@ -6,6 +6,7 @@
 
 pub mod aliases;
 pub mod dataset;
+pub mod diagnostic;
 pub mod prompt;
 pub mod schema;
 pub mod validate;
@@ -154,19 +155,14 @@ fn parse_override_value(v: &str) -> toml::Value {
     }
 }
 
-/// Read, override, validate. Errors are [`Failure::Usage`] (exit code 2).
-pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
-    let file = path.display().to_string();
-    let src = std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("cannot read recipe {file}: {e}")))?;
-    let doc = toml_edit::Document::parse(src.as_str()).map_err(|e| {
-        let line = e.span().map(|s| line_of(&src, s.start)).unwrap_or(1);
-        Failure::Usage(format!("{file}:{line}: invalid TOML: {}", toml_problem(&src, e.message().trim(), e.span())))
-    })?;
-    let mut locs = key_locations(&doc, &src, &file);
-    let mut table: toml::Table =
-        src.parse().map_err(|e: toml::de::Error| Failure::Usage(format!("{file}: invalid TOML: {}", e.message())))?;
-
-    let mut diags = Vec::new();
+/// Apply `--set SECTION.KEY=VALUE` overrides to the table, recording each key's location as
+/// `--set KEY`; malformed ones become diagnostics.
+fn apply_overrides(
+    table: &mut toml::Table,
+    locs: &mut validate::Locations,
+    overrides: &[String],
+    diags: &mut Vec<Diagnostic>,
+) {
     for o in overrides {
         let Some((key, value)) = o.split_once('=') else {
             diags.push(Diagnostic {
@@ -190,6 +186,22 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
         locs.insert(key.to_string(), format!("--set {key}"));
         locs.entry(section.to_string()).or_insert_with(|| format!("--set {key}"));
     }
+}
+
+/// Read, override, validate. Errors are [`Failure::Usage`] (exit code 2).
+pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Loaded> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("cannot read recipe {file}: {e}")))?;
+    let doc = toml_edit::Document::parse(src.as_str()).map_err(|e| {
+        let line = e.span().map(|s| line_of(&src, s.start)).unwrap_or(1);
+        Failure::Usage(format!("{file}:{line}: invalid TOML: {}", toml_problem(&src, e.message().trim(), e.span())))
+    })?;
+    let mut locs = key_locations(&doc, &src, &file);
+    let mut table: toml::Table =
+        src.parse().map_err(|e: toml::de::Error| Failure::Usage(format!("{file}: invalid TOML: {}", e.message())))?;
+
+    let mut diags = Vec::new();
+    apply_overrides(&mut table, &mut locs, overrides, &mut diags);
 
     let dir = path
         .parent()

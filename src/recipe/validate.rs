@@ -5,70 +5,11 @@
 //! field lists are read off the structs, so they cannot drift); pass 2 checks
 //! ranges; pass 3 checks rules across keys and local files.
 
+use super::diagnostic::struct_fields;
+pub use super::diagnostic::{did_you_mean, section_keys, Diagnostic, Locations};
 use super::schema::*;
-use serde::de::{self, Deserialize, Deserializer, Visitor};
-use std::collections::BTreeMap;
-use std::fmt;
+use serde::Deserialize;
 use std::path::Path;
-
-/// One problem found in a recipe.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Diagnostic {
-    /// `file:line`, or `--set key` for a command-line override.
-    pub location: String,
-    /// The message, starting with the dotted key where there is one.
-    pub text: String,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.location, self.text)
-    }
-}
-
-/// The field names of a serde struct, read through a deserializer that only
-/// records what `deserialize_struct` is asked for.
-fn struct_fields<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
-    struct Probe<'a>(&'a mut &'static [&'static str]);
-    impl<'de> Deserializer<'de> for Probe<'_> {
-        type Error = de::value::Error;
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
-            Err(de::Error::custom("probe"))
-        }
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(de::Error::custom("probe"))
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
-        }
-    }
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Probe(&mut fields));
-    fields
-}
-
-/// The keys allowed in a section, or None for an unknown section.
-pub fn section_keys(section: &str) -> Option<&'static [&'static str]> {
-    Some(match section {
-        "run" => struct_fields::<RunSection>(),
-        "model" => struct_fields::<ModelSection>(),
-        "quantization" => struct_fields::<QuantizationSection>(),
-        "lora" => struct_fields::<LoraSection>(),
-        "prompt" => struct_fields::<PromptSection>(),
-        "dataset" => struct_fields::<DatasetSection>(),
-        "train" => struct_fields::<TrainSection>(),
-        "eval" => struct_fields::<EvalSection>(),
-        "export" => struct_fields::<ExportSection>(),
-        _ => return None,
-    })
-}
 
 /// Deserialize one section from a table holding a single key, so that a type
 /// error is attributed to exactly that key.
@@ -233,32 +174,6 @@ fn humanize(serde_msg: &str, v: &toml::Value) -> String {
     }
     format!("expected {expected}, found {}", show(v))
 }
-
-/// The closest candidate by edit distance, if it is close enough to be a typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .map(|c| (levenshtein(word, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
-/// Where each dotted key was written: `file:line` or `--set key`.
-pub type Locations = BTreeMap<String, String>;
 
 /// Pass 1 and 2: unknown sections and keys, value types and ranges. Returns the dotted keys
 /// (or section names) that were refused, so that the cross-key checks can still run on the rest.
@@ -502,11 +417,9 @@ fn check_dataset(r: &Recipe, dir: &Path, err: &mut dyn FnMut(&str, String)) {
     }
 }
 
-/// Pass 3: rules across keys, and local files that must exist.
-pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out: &mut Vec<Diagnostic>) {
-    let mut err = |key: &str, text: String| out.push(Diagnostic { location: loc(key), text: format!("{key}: {text}") });
-
-    // [model]
+/// `model.source`: present, well-formed, existing; returns the model type it names, when it
+/// can be read without loading (config.json, or the GGUF architecture).
+fn check_model_source(r: &Recipe, dir: &Path, err: &mut dyn FnMut(&str, String)) -> Option<String> {
     let mut model_type: Option<String> = None;
     if r.model.source.is_empty() {
         err("model.source", "missing; set it to `hf:ORG/NAME`, a local HF folder or a .gguf file".into());
@@ -540,6 +453,15 @@ pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out
             }
         }
     }
+    model_type
+}
+
+/// Pass 3: rules across keys, and local files that must exist.
+pub fn check_semantics(r: &Recipe, dir: &Path, loc: &dyn Fn(&str) -> String, out: &mut Vec<Diagnostic>) {
+    let mut err = |key: &str, text: String| out.push(Diagnostic { location: loc(key), text: format!("{key}: {text}") });
+
+    // [model]
+    let model_type = check_model_source(r, dir, &mut err);
 
     // [lora]
     match &r.lora.target_modules {

@@ -62,6 +62,83 @@ pub fn read_split(ctx: &RunContext, split: &str) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// The rows of both splits, as the recipe asks: the sources read (sliced and mixed), shuffled
+/// from the seed, the eval share held out, `max_samples` kept. Also what each source gave.
+fn split_rows(ctx: &RunContext, data: &fetch::DataRecord) -> Result<(Vec<Row>, Vec<Row>, Vec<mix::SourceUse>)> {
+    let r = &ctx.recipe.recipe;
+    let (mut train, uses) = read_train(ctx, data)?;
+    let mut eval = read_source(&data.eval, &mix::eval_plan(&r.dataset))?;
+    if uses.len() > 1 {
+        for u in &uses {
+            let w = u.weight.map(|w| format!(", weight {w}")).unwrap_or_default();
+            eprintln!("tokenize: source {} ({}): {} of {} rows{w}", u.source, u.split, u.used, u.rows);
+        }
+    }
+    if train.is_empty() {
+        bail!(
+            "the dataset has no rows ({})",
+            data.train.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if r.dataset.shuffle {
+        crate::data::shuffle(&mut train, r.run.seed);
+    }
+    if let Some(ratio) = r.dataset.eval_ratio {
+        let n = ((train.len() as f64 * ratio).round() as usize).clamp(1, train.len().saturating_sub(1).max(1));
+        eval = train.split_off(train.len() - n);
+    }
+    if let Some(m) = r.dataset.max_samples {
+        train.truncate(m as usize);
+    }
+    Ok((train, eval, uses))
+}
+
+/// Per split ("train", "eval"): rows, skipped, dropped and truncated rows, tokens, trained
+/// tokens, the longest row and a length histogram, over the shards' sidecars.
+fn split_stats(infos: &[ShardInfo], max_seq_length: u32) -> serde_json::Map<String, serde_json::Value> {
+    let sum =
+        |split: &str, f: &dyn Fn(&ShardInfo) -> u64| infos.iter().filter(|i| i.split == split).map(f).sum::<u64>();
+    let mut stats = serde_json::Map::new();
+    for split in ["train", "eval"] {
+        let tokens = sum(split, &|i| i.tokens);
+        let trained = sum(split, &|i| i.trained_tokens);
+        let lengths = infos.iter().filter(|i| i.split == split).flat_map(|i| i.lengths.iter().copied());
+        stats.insert(split.into(), serde_json::json!({
+            "rows": sum(split, &|i| i.rows),
+            "skipped_bad_rows": sum(split, &|i| i.skipped),
+            "dropped_empty_rows": sum(split, &|i| i.empty),
+            "truncated_rows": sum(split, &|i| i.truncated),
+            "tokens": tokens,
+            "trained_tokens": trained,
+            "trained_fraction": if tokens > 0 { trained as f64 / tokens as f64 } else { 0.0 },
+            "max_length": infos.iter().filter(|i| i.split == split).flat_map(|i| i.lengths.iter().copied()).max().unwrap_or(0),
+            "length_histogram": histogram(lengths, max_seq_length, 16),
+            "shards": infos.iter().filter(|i| i.split == split).count(),
+        }));
+    }
+    stats
+}
+
+/// The stage's summary line, and a warning when rows lost every trained token to truncation.
+fn log_summary(stats: &serde_json::Map<String, serde_json::Value>, max_seq_length: u64) {
+    let t = &stats["train"];
+    eprintln!(
+        "tokenize: train {} rows, {} tokens ({:.1}% trained), {} truncated, {} skipped; eval {} rows",
+        t["rows"],
+        t["tokens"],
+        t["trained_fraction"].as_f64().unwrap_or(0.0) * 100.0,
+        t["truncated_rows"],
+        t["skipped_bad_rows"],
+        stats["eval"]["rows"]
+    );
+    if t["dropped_empty_rows"].as_u64().unwrap_or(0) > 0 {
+        log::warn!(
+            "{} train rows had no trained token left after truncation to train.max_seq_length = {}; raise it to keep them",
+            t["dropped_empty_rows"], max_seq_length
+        );
+    }
+}
+
 /// Encode one row into an example: template segments (or plain text, trained whole) tokenized
 /// one by one, EOS appended (not after a chat template's end-of-turn marker), prompt labels
 /// masked, truncated. Ok(None) when nothing is trained.
@@ -315,30 +392,7 @@ impl Stage for Tokenize {
                 crate::error::Failure::Usage(format!("{}: prompt.template: {e}", ctx.recipe.path.display()))
             })?;
 
-        let (mut train, uses) = read_train(ctx, &data)?;
-        let mut eval = read_source(&data.eval, &mix::eval_plan(&r.dataset))?;
-        if uses.len() > 1 {
-            for u in &uses {
-                let w = u.weight.map(|w| format!(", weight {w}")).unwrap_or_default();
-                eprintln!("tokenize: source {} ({}): {} of {} rows{w}", u.source, u.split, u.used, u.rows);
-            }
-        }
-        if train.is_empty() {
-            bail!(
-                "the dataset has no rows ({})",
-                data.train.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
-            );
-        }
-        if r.dataset.shuffle {
-            crate::data::shuffle(&mut train, r.run.seed);
-        }
-        if let Some(ratio) = r.dataset.eval_ratio {
-            let n = ((train.len() as f64 * ratio).round() as usize).clamp(1, train.len().saturating_sub(1).max(1));
-            eval = train.split_off(train.len() - n);
-        }
-        if let Some(m) = r.dataset.max_samples {
-            train.truncate(m as usize);
-        }
+        let (train, eval, uses) = split_rows(ctx, &data)?;
 
         let per = r.dataset.shard_rows as usize;
         let mut jobs = vec![];
@@ -393,26 +447,7 @@ impl Stage for Tokenize {
         }
         let infos: Vec<ShardInfo> = results.into_iter().collect::<Result<_>>()?;
 
-        let sum =
-            |split: &str, f: &dyn Fn(&ShardInfo) -> u64| infos.iter().filter(|i| i.split == split).map(f).sum::<u64>();
-        let mut stats = serde_json::Map::new();
-        for split in ["train", "eval"] {
-            let tokens = sum(split, &|i| i.tokens);
-            let trained = sum(split, &|i| i.trained_tokens);
-            let lengths = infos.iter().filter(|i| i.split == split).flat_map(|i| i.lengths.iter().copied());
-            stats.insert(split.into(), serde_json::json!({
-                "rows": sum(split, &|i| i.rows),
-                "skipped_bad_rows": sum(split, &|i| i.skipped),
-                "dropped_empty_rows": sum(split, &|i| i.empty),
-                "truncated_rows": sum(split, &|i| i.truncated),
-                "tokens": tokens,
-                "trained_tokens": trained,
-                "trained_fraction": if tokens > 0 { trained as f64 / tokens as f64 } else { 0.0 },
-                "max_length": infos.iter().filter(|i| i.split == split).flat_map(|i| i.lengths.iter().copied()).max().unwrap_or(0),
-                "length_histogram": histogram(lengths, r.train.max_seq_length as u32, 16),
-                "shards": infos.iter().filter(|i| i.split == split).count(),
-            }));
-        }
+        let mut stats = split_stats(&infos, r.train.max_seq_length as u32);
         let skipped: Vec<&String> = infos.iter().flat_map(|i| i.skipped_examples.iter()).take(5).collect();
         stats.insert("skipped_examples".into(), serde_json::json!(skipped));
         stats.insert("sources".into(), serde_json::json!(uses));
@@ -421,22 +456,7 @@ impl Stage for Tokenize {
         util::write_json_atomic(&dir.join("shards.json"), &infos)?;
         pipeline::record(&ctx.run_dir, "tokenize", serde_json::json!({ "tokenizer_sha256": shared.tok.hash }))?;
 
-        let t = &stats["train"];
-        eprintln!(
-            "tokenize: train {} rows, {} tokens ({:.1}% trained), {} truncated, {} skipped; eval {} rows",
-            t["rows"],
-            t["tokens"],
-            t["trained_fraction"].as_f64().unwrap_or(0.0) * 100.0,
-            t["truncated_rows"],
-            t["skipped_bad_rows"],
-            stats["eval"]["rows"]
-        );
-        if t["dropped_empty_rows"].as_u64().unwrap_or(0) > 0 {
-            log::warn!(
-                "{} train rows had no trained token left after truncation to train.max_seq_length = {}; raise it to keep them",
-                t["dropped_empty_rows"], r.train.max_seq_length
-            );
-        }
+        log_summary(&stats, r.train.max_seq_length);
         for s in &skipped {
             eprintln!("tokenize: skipped {s}");
         }
