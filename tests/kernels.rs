@@ -30,7 +30,10 @@ fn rms_norm_reference_backward_matches_autograd() {
         let (y2, rstd) = rms_norm::forward_with_rstd(&x.detach(), w.as_ref(), 1e-6, mode, None);
         assert!(max_rel(&y2, &y) < 1e-7, "{mode:?} forward");
         assert_eq!(rstd.size(), [15]);
+        let dy_before = dy.copy();
         let dx = rms_norm::backward(&dy, &x.detach(), w.as_ref(), &rstd, mode, None);
+        // The reference must not write into its inputs (an f32 `dy` once was scaled in place).
+        assert_eq!(max_rel(&dy, &dy_before), 0.0, "{mode:?}: backward changed dy");
         let e = max_rel(&dx, &x.grad());
         assert!(e < 1e-5, "{mode:?}: dx differs from autograd by {e:.2e}");
         assert!(x.grad().abs().max().double_value(&[]) > 1e-3);

@@ -119,10 +119,12 @@ pub fn backward_reference(dy: &Tensor, x: &Tensor, w: Option<&Tensor>, rstd: &Te
     let h = *x.size().last().unwrap_or(&1);
     let r = rstd.to_kind(Kind::Float).reshape([-1, 1]);
     let xn = x.to_kind(Kind::Float).reshape([-1, h]) * &r;
-    let mut dxn = dy.to_kind(Kind::Float).reshape([-1, h]);
-    if let (Mode::Llama | Mode::Scale, Some(w)) = (mode, w) {
-        dxn *= w.to_kind(Kind::Float);
-    }
+    // Not in place: for an f32 `dy`, `to_kind` and `reshape` alias the caller's tensor.
+    let dy = dy.to_kind(Kind::Float).reshape([-1, h]);
+    let dxn = match (mode, w) {
+        (Mode::Llama | Mode::Scale, Some(w)) => dy * w.to_kind(Kind::Float),
+        _ => dy,
+    };
     let mean = (&dxn * &xn).mean_dim(-1, true, Kind::Float);
     (r * (dxn - xn * mean)).to_kind(x.kind()).view(x.size().as_slice())
 }
