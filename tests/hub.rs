@@ -1028,6 +1028,10 @@ fn split_selection_layouts() {
     let names = ["train.json", "test.json", "train.jsonl"];
     assert_eq!(select_split_files(&names, None, "train"), ["train.jsonl"]);
     assert_eq!(select_split_files(&names, None, "test"), ["test.json"]);
+    // Gzipped JSON lines, as a repo of `.jsonl.gz` shards has them.
+    let names = ["README.md", "train-00000.jsonl.gz", "train-00001.jsonl.gz", "test.json.gz"];
+    assert_eq!(select_split_files(&names, None, "train"), ["train-00000.jsonl.gz", "train-00001.jsonl.gz"]);
+    assert_eq!(select_split_files(&names, None, "test"), ["test.json.gz"]);
 
     let conv = ["plain_text/train/0001.parquet", "plain_text/train/0000.parquet", "plain_text/test/0000.parquet"];
     assert_eq!(

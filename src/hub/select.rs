@@ -79,7 +79,8 @@ fn contains_split_token(path: &str, split: &str) -> bool {
 /// 2. `data/{split}-*.parquet`, `data/{split}.parquet`, `{split}/*.parquet`,
 ///    `{split}-*.parquet`, `{split}.parquet`;
 /// 3. top-level JSON lines / JSON named after the split: `{split}.jsonl`,
-///    `{split}-*.jsonl`, `{split}.json`, `{split}-*.json`;
+///    `{split}-*.jsonl`, `{split}.json`, `{split}-*.json`, and the same gzipped (`.jsonl.gz`,
+///    `.json.gz`);
 /// 4. any `.parquet` whose path holds the split as a delimited word (`*{split}*.parquet`),
 ///    under `{config}/` first when a config is given.
 pub fn select_split_files<S: AsRef<str>>(names: &[S], config: Option<&str>, split: &str) -> Vec<String> {
@@ -99,6 +100,10 @@ pub fn select_split_files<S: AsRef<str>>(names: &[S], config: Option<&str>, spli
         format!("{split}-*.jsonl"),
         format!("{split}.json"),
         format!("{split}-*.json"),
+        format!("{split}.jsonl.gz"),
+        format!("{split}-*.jsonl.gz"),
+        format!("{split}.json.gz"),
+        format!("{split}-*.json.gz"),
     ]);
     let hits = first_layout(names, &patterns);
     if !hits.is_empty() {
