@@ -12,7 +12,7 @@ optional; each given folder or file is loaded the way users load it:
 Logits for the token ids given with --ids (a JSON list of equally long rows) and the
 bitsandbytes dequantization of every NF4 weight go into the safetensors file --out;
 a JSON summary goes to stdout. bitsandbytes' CPU Linear4bit.forward can fail on
-some shapes (arch-spec section 6), so an NF4 forward error is reported, not raised.
+some shapes (docs/model-math.md §6), so an NF4 forward error is reported, not raised.
 """
 
 import argparse
@@ -32,7 +32,7 @@ def load_info(info):
 
 
 def manual_dequant(packed, qs):
-    """The bnb 4-bit format by its definition (arch-spec 4.3), from the loaded QuantState:
+    """The bnb 4-bit format by its definition (docs/model-math.md §4.3), from the loaded QuantState:
     row-major codes, first element in the high nibble, one absmax per 64 consecutive values
     (blocks span rows), nested absmax dequantized blockwise plus the offset. Rounded to
     qs.dtype. bitsandbytes 0.50.2's CPU dequantize_4bit gets this wrong when a row is not a

@@ -868,7 +868,7 @@ def feature_checks(fam: dict, folder: Path, model, ref: dict) -> dict:
         # the Gemma3nTextConfig field is a plain float (None is rejected): a huge cap is the identity here
         checks["final_logit_softcapping"] = rel_change(base, with_config(final_logit_softcapping=1e9))
         checks["sliding_window"] = rel_change(base, with_config(sliding_window=64))
-        # Shared layers read the producer's K/V with and without a cache (arch-spec 1.6, transformers 5.17).
+        # Shared layers read the producer's K/V with and without a cache (docs/model-math.md §1.6, transformers 5.17).
         with_cache = model(input_ids=x, attention_mask=m, use_cache=True).logits.float()
         no_cache = model(input_ids=x, attention_mask=m, use_cache=False).logits.float()
         assert torch.equal(with_cache, no_cache), "gemma3n: use_cache changes the logits"
@@ -881,7 +881,7 @@ def feature_checks(fam: dict, folder: Path, model, ref: dict) -> dict:
 
 
 def check_autotokenizer(folder: Path, tok: Tokenizer) -> bool:
-    """arch-spec 6: AutoTokenizer may differ from the folder's tokenizer.json; record whether it does here."""
+    """docs/model-math.md §6: AutoTokenizer may differ from the folder's tokenizer.json; record whether it does here."""
     try:
         at = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # pragma: no cover - informational only
@@ -900,7 +900,7 @@ def check_autotokenizer(folder: Path, tok: Tokenizer) -> bool:
 def unpack_nibbles(codes: np.ndarray, n: int) -> np.ndarray:
     b = codes.reshape(-1).astype(np.uint8)
     out = np.empty(b.size * 2, dtype=np.uint8)
-    out[0::2] = b >> 4  # first element: HIGH nibble (arch-spec 4.3)
+    out[0::2] = b >> 4  # first element: HIGH nibble (docs/model-math.md §4.3)
     out[1::2] = b & 0xF
     return out[:n]
 
@@ -916,7 +916,7 @@ def effective_absmax(state) -> np.ndarray:
 
 
 def verify_4bit(inp: torch.Tensor, packed: torch.Tensor, state, deq: torch.Tensor) -> dict:
-    """Independent numpy re-derivation of the arch-spec 4.3 layout and math; returns mismatch counts."""
+    """Independent numpy re-derivation of the docs/model-math.md §4.3 layout and math; returns mismatch counts."""
     x = inp.float().reshape(-1).numpy()
     n = x.size
     bs = state.blocksize
@@ -960,7 +960,7 @@ def dequantize_flat(packed: torch.Tensor, state) -> torch.Tensor:
     bnb 0.50.2's native CPU dequantize_4bit kernel (used when shape[-1] is even) indexes absmax as
     row * (shape[-1] // blocksize) + col // blocksize, i.e. it assumes blocks never span rows. For a weight whose
     row length is not a multiple of the blocksize (e.g. [64, 96]) that picks the wrong absmax for most elements.
-    quantize_4bit (and CUDA) use row-major blocks of 64 consecutive elements that do span rows (arch-spec 4.3);
+    quantize_4bit (and CUDA) use row-major blocks of 64 consecutive elements that do span rows (docs/model-math.md §4.3);
     with a 1-D shape the CPU kernel sees a single row and is correct."""
     flat = copy.copy(state)
     flat.shape = torch.Size([state.shape.numel()])
@@ -974,7 +974,7 @@ def bnb_inputs() -> dict[str, torch.Tensor]:
     b = (torch.randn(33, 17, generator=g) * 2.0).to(torch.bfloat16)
     c = torch.randn(300, 64, generator=g) * torch.linspace(0.01, 3.0, 300).unsqueeze(1)  # absmax spread over decades
     z = torch.randn(2, 64, generator=g)
-    z[0].zero_()  # an all-zero block (arch-spec: some shared-layer weights are all zero)
+    z[0].zero_()  # an all-zero block (docs/model-math.md §6: some shared-layer weights are all zero)
     return {"f32_64x96": a, "bf16_33x17": b, "f32_300x64": c, "f32_zero_block_2x64": z}
 
 
@@ -1020,7 +1020,7 @@ def gen_bnb(out: Path) -> dict:
 
 def dequantized_state_dict(folder: Path):
     """Load a bnb-4bit model.safetensors and dequantize every quantized Linear with
-    bitsandbytes.functional.dequantize_4bit (arch-spec 6: CPU Linear4bit.forward can fail)."""
+    bitsandbytes.functional.dequantize_4bit (docs/model-math.md §6: CPU Linear4bit.forward can fail)."""
     sd = load_file(str(folder / "model.safetensors"))
     quantized = sorted(k[: -len(".quant_state.bitsandbytes__nf4")] for k in sd if k.endswith(".quant_state.bitsandbytes__nf4"))
     out = {}
@@ -1321,7 +1321,7 @@ Tensors per case `<case>`:
 
 Cases: {', '.join(f'`{c}`' for c in case_names)}.
 
-The script re-derives every case in numpy from arch-spec §4.3 and asserts: (1) unpacking with the first element in
+The script re-derives every case in numpy from docs/model-math.md §4.3 and asserts: (1) unpacking with the first element in
 the **high** nibble and computing `quant_map[code]·absmax` reproduces `dequantize_4bit` bit for bit (0 mismatches in
 every case); (2) re-quantizing (block absmax, `x·(1/absmax)`, nearest table value, ties to the lower value) gives the
 same table values for every element. `bnb/checks.json` records the counts. Observed bitsandbytes 0.50.2 (CPU)

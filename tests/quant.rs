@@ -1,4 +1,4 @@
-//! bitsandbytes 4-bit quantization tests (`tuner::quant`, arch-spec §4).
+//! bitsandbytes 4-bit quantization tests (`tuner::quant`, docs/model-math.md §4).
 //!
 //! Fixtures (made by `scripts/gen_fixtures.py` with bitsandbytes 0.50.2 on the CPU; see
 //! tests/fixtures/README.md): `bnb/quant.safetensors` holds `quantize_4bit` /
@@ -101,7 +101,7 @@ fn tables_match_bnb() {
     assert_eq!(bits(&NF4_TABLE), bits(&f32s(&fx[&format!("{nf4}.quant_map")])));
     assert_eq!(bits(&FP4_TABLE), bits(&f32s(&fx[&format!("{fp4}.quant_map")])));
     assert_eq!(bits(&dynamic_map()), bits(&f32s(&fx[&format!("{dq}.nested_quant_map")])));
-    // Spot values from arch-spec §4.3.
+    // Spot values from docs/model-math.md §4.3.
     assert_eq!(dynamic_map()[127], 0.0);
     assert_eq!(dynamic_map()[255], 1.0);
     assert_eq!(dynamic_map()[0].to_bits(), 0xbf7e3333);

@@ -1,5 +1,5 @@
 //! `export/adapter/`: the PEFT adapter exactly as the train stage wrote it
-//! (`adapter_config.json` + `adapter_model.safetensors`, arch-spec §5), plus the
+//! (`adapter_config.json` + `adapter_model.safetensors`, docs/model-math.md §5), plus the
 //! model card and provenance. Loadable with `PeftModel.from_pretrained(base, dir)`.
 //!
 //! Reference: PEFT `utils/save_and_load.py` (file names and tensor keys) and the

@@ -7,7 +7,7 @@
 //! normalisation), and the largest |logit difference| is taken over every position.
 //! The stage fails when `merged − adapter` exceeds `[export] max_merge_loss_delta`.
 //!
-//! Reference: transformers `*ForCausalLM` loss (arch-spec §0) and PEFT's promise that
+//! Reference: transformers `*ForCausalLM` loss (docs/model-math.md §0) and PEFT's promise that
 //! `merge_and_unload()` gives the same outputs as the unmerged adapter.
 
 use crate::data::shards::Example;

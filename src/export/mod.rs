@@ -17,7 +17,7 @@
 //! current fingerprint are kept.
 //!
 //! References: PEFT `LoraLayer.merge` / `get_delta_weight` (W' = W + scale·B·A),
-//! transformers `save_pretrained` (shards and index), arch-spec §4 and §5, llama.cpp
+//! transformers `save_pretrained` (shards and index), docs/model-math.md §4 and §5, llama.cpp
 //! `convert_hf_to_gguf.py` and the GGUF specification (ggml `docs/gguf.md`).
 
 pub mod adapter;

@@ -3,12 +3,12 @@
 //!
 //! Every decoder linear (`model.layers.N.*.X_proj.weight`) becomes NF4 with blocks of
 //! 64 and double quantization ([`QuantTensor::quantize`], byte-identical to
-//! bitsandbytes' `quantize_4bit`; saved with [`QuantTensor::to_bnb`], arch-spec §4.2);
+//! bitsandbytes' `quantize_4bit`; saved with [`QuantTensor::to_bnb`], docs/model-math.md §4.2);
 //! its quant_state says `dtype: bfloat16`. Embeddings, norms, biases and lm_head are
 //! stored in bf16, unquantized, as transformers leaves them. `config.json` gains the
 //! `quantization_config` transformers writes for `BitsAndBytesConfig(load_in_4bit=True,
 //! bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-//! bnb_4bit_compute_dtype=torch.bfloat16)` (arch-spec §4.1).
+//! bnb_4bit_compute_dtype=torch.bfloat16)` (docs/model-math.md §4.1).
 //!
 //! Reference: transformers `integrations/bitsandbytes.py` (which modules are quantized:
 //! `nn.Linear` except lm_head), bitsandbytes `nn.Linear4bit._save_to_state_dict`.

@@ -2,7 +2,7 @@
 //! FP4, plain or double-quantized absmax) dequantized straight into the compute dtype.
 //!
 //! Reference: [`reference`] = `blockwise::dequantize_4bit` in f32, then a cast (bitsandbytes
-//! `dequantize_4bit`, arch-spec §4). The kernel does the same f32 products and one
+//! `dequantize_4bit`, docs/model-math.md §4). The kernel does the same f32 products and one
 //! round-to-nearest-even cast, so its output is bit-identical to the reference.
 
 use anyhow::{bail, Result};

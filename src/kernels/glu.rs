@@ -3,7 +3,7 @@
 //! recomputing `act(g)` from `g`.
 //!
 //! Reference: transformers `LlamaMLP` (`act_fn(gate_proj(x)) * up_proj(x)`, SiLU) and
-//! `Gemma2MLP`/`Gemma3nTextMLP` (`gelu_pytorch_tanh`), arch-spec §0–2. The backward is the
+//! `Gemma2MLP`/`Gemma3nTextMLP` (`gelu_pytorch_tanh`), docs/model-math.md §0–2. The backward is the
 //! product rule with `silu' = σ(1 + g(1 − σ))` and the tanh-GELU derivative; the tests check
 //! it against autograd.
 

@@ -4,7 +4,7 @@
 //!
 //! Reference: transformers `LlamaRMSNorm` (`w · (x_f32 · rsqrt(mean(x²) + eps)).to(D)`),
 //! `Gemma2RMSNorm` / `Gemma3nRMSNorm` (`(x_f32 · rsqrt(…) · s_f32).to(D)` with s = 1 + w or
-//! w) and the weightless norm, arch-spec §0–2. The backward is the derivative of those
+//! w) and the weightless norm, docs/model-math.md §0–2. The backward is the derivative of those
 //! formulas with the weight held fixed; the tests check it against autograd.
 
 use anyhow::Result;

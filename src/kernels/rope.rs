@@ -2,8 +2,8 @@
 //! `[B, T, heads, d]`, with cos/sin tables `[B, T, d]` (built from position ids, so packed
 //! documents restart their positions).
 //!
-//! Reference: transformers `apply_rotary_pos_emb` (`x·cos + rotate_half(x)·sin`, arch-spec
-//! §0). The backward is the transposed rotation (`sin` → `−sin`), valid because both halves of
+//! Reference: transformers `apply_rotary_pos_emb` (`x·cos + rotate_half(x)·sin`,
+//! docs/model-math.md §0). The backward is the transposed rotation (`sin` → `−sin`), valid because both halves of
 //! the tables are equal; the tests check it against autograd.
 
 use tch::Tensor;

@@ -5,7 +5,7 @@
 //! Reference: transformers `modeling_llama.py` (`LlamaRMSNorm`, `LlamaMLP`,
 //! `LlamaRotaryEmbedding`, `apply_rotary_pos_emb`, `repeat_kv`), `modeling_rope_utils.py`
 //! (`_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
-//! `_compute_llama3_parameters`) and `masking_utils.py` (arch-spec §0, §3).
+//! `_compute_llama3_parameters`) and `masking_utils.py` (docs/model-math.md §0, §3).
 
 use std::collections::HashSet;
 use std::f64::consts::PI;

@@ -1,7 +1,7 @@
 //! HF `config.json` → a normalized [`Config`] for the decoder families we run.
 //!
 //! Reference: transformers `configuration_{llama,mistral,qwen2,qwen3,gemma2,gemma3,gemma3n}.py`
-//! and `modeling_rope_utils.py` (arch-spec §1–3). Field names equal the config.json keys.
+//! and `modeling_rope_utils.py` (docs/model-math.md §1–3). Field names equal the config.json keys.
 //! Both the classic layout (`rope_theta` + `rope_scaling`, Gemma's `rope_local_base_freq`) and
 //! the transformers-5 layout (`rope_parameters: {rope_theta, rope_type, …}`, or one such table
 //! per layer type) are read. A multimodal Gemma 3 / 3n config is read through its `text_config`.
@@ -109,7 +109,7 @@ pub struct Config {
     pub gemma3n: Option<Gemma3nConfig>,
 }
 
-/// The Gemma 3n text fields (arch-spec §1.1).
+/// The Gemma 3n text fields (docs/model-math.md §1.1).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Gemma3nConfig {
     /// Width of one layer's per-layer input (P, 256 for E4B).

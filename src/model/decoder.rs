@@ -4,7 +4,7 @@
 //! layers incrementally over a [`KvCache`].
 //!
 //! Reference: transformers `modeling_llama.py` (`LlamaDecoderLayer`, `LlamaModel`,
-//! `LlamaForCausalLM`), arch-spec §3 (tying); `cache_utils.py` (`DynamicCache.update`).
+//! `LlamaForCausalLM`), docs/model-math.md §3 (tying); `cache_utils.py` (`DynamicCache.update`).
 
 use anyhow::{Context, Result};
 use tch::Tensor;

@@ -5,7 +5,7 @@
 //! softcapping (written-out attention: SDPA cannot softcap) and final logit softcapping.
 //!
 //! Reference: transformers `models/gemma2/modeling_gemma2.py` (`Gemma2RMSNorm`, `Gemma2MLP`,
-//! `Gemma2Attention`, `Gemma2DecoderLayer`, `Gemma2ForCausalLM`) and arch-spec §0, §2.
+//! `Gemma2Attention`, `Gemma2DecoderLayer`, `Gemma2ForCausalLM`) and docs/model-math.md §0, §2.
 
 use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};

@@ -7,7 +7,7 @@
 //!
 //! Reference: transformers 5.17 `models/gemma3n/modeling_gemma3n.py` (`Gemma3nRMSNorm`,
 //! `Gemma3nTextAltUp`, `Gemma3nTextLaurelBlock`, `Gemma3nTextMLP`, `Gemma3nTextAttention`,
-//! `Gemma3nTextDecoderLayer`, `Gemma3nTextModel`) and arch-spec §1.
+//! `Gemma3nTextDecoderLayer`, `Gemma3nTextModel`) and docs/model-math.md §1.
 //!
 //! Layout between layers. The trainer checkpoints one tensor per layer boundary, so the
 //! decoder state is one tensor `[B, T, N·H (+ carried K/V)]`: the N AltUp streams side by side,
@@ -252,7 +252,7 @@ pub(crate) struct Gemma3n {
     inv_freq_local: Tensor,
 }
 
-/// Which layers produce and which share K/V (arch-spec §1.6): a shared layer of a type reads
+/// Which layers produce and which share K/V (docs/model-math.md §1.6): a shared layer of a type reads
 /// the last non-shared layer of that type.
 fn kv_roles(sliding: &[bool], num_shared: usize) -> Result<Vec<Kv>> {
     let n = sliding.len();

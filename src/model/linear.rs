@@ -1,7 +1,7 @@
 //! The one linear layer every decoder uses: a frozen base weight (dense or 4-bit),
 //! an optional bias and an optional LoRA adapter.
 //!
-//! Reference: PEFT `tuners/lora/layer.py::Linear.forward` (arch-spec §5):
+//! Reference: PEFT `tuners/lora/layer.py::Linear.forward` (docs/model-math.md §5):
 //! `y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scaling`, with x cast to the adapter dtype (f32)
 //! and the sum cast back to the base output dtype (on a GPU in bf16/fp16 the adapter matmuls
 //! run in the compute dtype instead, as under autocast); bitsandbytes `Linear4bit.forward`

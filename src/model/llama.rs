@@ -4,7 +4,7 @@
 //! RMSNorm before RoPE, explicit head_dim); `model/family.rs` registers all four.
 //!
 //! Reference: transformers `models/llama/modeling_llama.py` (`LlamaAttention`, eager path),
-//! `models/qwen3/modeling_qwen3.py` (`Qwen3Attention`), arch-spec §0, §3. The hand-written
+//! `models/qwen3/modeling_qwen3.py` (`Qwen3Attention`), docs/model-math.md §0, §3. The hand-written
 //! backward undoes o_proj, the attention core (autograd on the leaves), RoPE, the q/k norms
 //! (weights frozen) and the projections.
 

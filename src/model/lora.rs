@@ -5,7 +5,7 @@
 //! A ~ kaiming_uniform(a=√5) = U(−1/√in, 1/√in), B = 0; scaling alpha/r or alpha/√r),
 //! `tuners/tuners_utils.py::check_target_module_exists` (a list entry matches a module
 //! path equal to it or ending in `.entry`; a string is `re.fullmatch`ed), and
-//! `utils/save_and_load.py` (keys `base_model.model.<path>.lora_{A,B}.weight`), arch-spec §5.
+//! `utils/save_and_load.py` (keys `base_model.model.<path>.lora_{A,B}.weight`), docs/model-math.md §5.
 //!
 //! A is drawn from a SplitMix64 stream seeded with `seed` (not libtorch's global generator),
 //! so the same seed gives the same adapters on any device and under concurrent use.

@@ -2,7 +2,7 @@
 //! checkpoint activations per layer.
 //!
 //! Reference: HF transformers `modeling_{llama,mistral,qwen2,qwen3,gemma2,gemma3,gemma3n}.py`
-//! (arch-spec §0–3),
+//! (docs/model-math.md §0–3),
 //! PEFT LoRA (§5), bitsandbytes 4-bit checkpoints (§4). Module paths and tensor names equal
 //! the HF checkpoint keys (`model.layers.0.self_attn.q_proj`), so load, LoRA injection,
 //! merge and export map name to name.

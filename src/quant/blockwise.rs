@@ -1,7 +1,7 @@
 //! Blockwise 4-bit and 8-bit (nested absmax) quantization math on tch tensors, so it
 //! runs unchanged on CPU and CUDA.
 //!
-//! Reference: arch-spec §4.3 and bitsandbytes 0.50.2 as it runs on the CPU (the path the
+//! Reference: docs/model-math.md §4.3 and bitsandbytes 0.50.2 as it runs on the CPU (the path the
 //! fixtures come from):
 //! - 4-bit, `backends/default/ops.py::quantize_4bit`: absmax per block in f32; full blocks
 //!   are scaled by `x · (1/max(absmax, 1e-38))`, a partial last block by

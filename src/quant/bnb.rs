@@ -1,6 +1,6 @@
 //! Reading and writing the tensors transformers saves for a bitsandbytes 4-bit Linear.
 //!
-//! Reference: arch-spec §4.2 (`Linear4bit._save_to_state_dict` + `QuantState.as_dict(packed=True)`,
+//! Reference: docs/model-math.md §4.2 (`Linear4bit._save_to_state_dict` + `QuantState.as_dict(packed=True)`,
 //! `QuantState.from_dict`). Keys under `P.weight`: the packed codes, `.absmax`,
 //! `.quant_map`, `.nested_absmax`, `.nested_quant_map` (double quant only) and
 //! `.quant_state.bitsandbytes__<nf4|fp4>`, the UTF-8 bytes of

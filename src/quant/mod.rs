@@ -2,7 +2,7 @@
 //! optional double quantization of the absmax), computed with tch tensor ops so the same
 //! code runs on CPU and CUDA.
 //!
-//! Reference: arch-spec §4 (bitsandbytes 4-bit format and safetensors keys) and
+//! Reference: docs/model-math.md §4 (bitsandbytes 4-bit format and safetensors keys) and
 //! `shared/reference/bnb_dynamic_map_f32.txt`. Quantization reproduces bitsandbytes
 //! 0.50.2 on the CPU byte for byte (codes, absmax, nested absmax, offset); the details of
 //! that path are in [`blockwise`]. Checkpoint I/O (`from_bnb` / `to_bnb`) lives in [`bnb`].
@@ -215,7 +215,7 @@ impl QuantTensor {
         bnb::from_bnb(prefix, get)
     }
 
-    /// The tensors to save in bnb layout, with their full names under `prefix` (weight, weight.absmax, weight.quant_map, weight.nested_absmax, weight.nested_quant_map, weight.quant_state.bitsandbytes__nf4 as U8 bytes of the JSON with python json.dumps default separators and key order as arch-spec says).
+    /// The tensors to save in bnb layout, with their full names under `prefix` (weight, weight.absmax, weight.quant_map, weight.nested_absmax, weight.nested_quant_map, weight.quant_state.bitsandbytes__nf4 as U8 bytes of the JSON with python json.dumps default separators and key order as bitsandbytes writes it, docs/model-math.md §4.2).
     /// The tensors are contiguous CPU copies, ready for a safetensors writer.
     pub fn to_bnb(&self, prefix: &str) -> Vec<(String, Tensor)> {
         bnb::to_bnb(self, prefix)

@@ -1,7 +1,7 @@
 //! Constant code tables of the bitsandbytes 4-bit and 8-bit formats, and the small
 //! derived tables the quantizers search (midpoints, the 8-bit lookup table).
 //!
-//! Reference: arch-spec §4.3 (NF4 and FP4 tables, dynamic map) and
+//! Reference: docs/model-math.md §4.3 (NF4 and FP4 tables, dynamic map) and
 //! `shared/reference/bnb_dynamic_map_f32.txt` (the 256 f32 bit patterns of
 //! `create_dynamic_map(signed=True)`, read off bitsandbytes 0.50.2).
 //! bitsandbytes builds its tables from Python floats converted to f32, so the
