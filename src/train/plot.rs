@@ -82,6 +82,8 @@ fn fmt_tick(v: f64) -> String {
         format!("{v:.0}")
     } else if v.abs() >= 1.0 {
         format!("{v:.2}")
+    } else if v.abs() < 0.01 {
+        format!("{v:.2e}")
     } else {
         format!("{v:.3}")
     }
