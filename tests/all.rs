@@ -25,3 +25,4 @@ mod serve;
 mod tokenize;
 mod train;
 mod verify;
+mod watch;

@@ -496,6 +496,10 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     pub gradient_checkpointing: bool,
     pub logging_steps: u64,
+    /// Compute the loss on the eval split every this many steps (0: never), into
+    /// `metrics.jsonl`'s `eval_loss` and TensorBoard's `eval/loss`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub eval_steps: u64,
     /// Print device memory every this many steps (0: never).
     pub memory_log_steps: u64,
     pub save_steps: u64,
@@ -554,6 +558,7 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             gradient_checkpointing: true,
             logging_steps: 1,
+            eval_steps: 0,
             memory_log_steps: 10,
             save_steps: 50,
             keep_checkpoints: 2,

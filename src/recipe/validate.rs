@@ -74,6 +74,7 @@ fn rule_for(key: &str) -> Option<Rule> {
         | "train.gpus"
         | "train.collective_timeout_s" => PositiveInt,
         "train.warmup_steps" | "train.memory_log_steps" => NonNegativeInt,
+        "train.eval_steps" => NonNegativeInt,
         "train.warmup_ratio" => Dropout,
         "train.min_lr" => NonNegativeNumber,
         "train.min_lr_rate" => UnitInterval,

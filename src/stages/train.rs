@@ -19,7 +19,7 @@ impl Stage for Train {
         // Logging-only keys do not change the result, so they stay out of the fingerprint.
         let mut train = serde_json::to_value(&r.train)?;
         if let Some(t) = train.as_object_mut() {
-            for k in ["logging_steps", "memory_log_steps", "save_steps", "keep_checkpoints"] {
+            for k in ["logging_steps", "memory_log_steps", "save_steps", "keep_checkpoints", "eval_steps"] {
                 t.remove(k);
             }
             // The process count and the collective timeout are how, not what: they stay out
@@ -63,6 +63,7 @@ impl Stage for Train {
             model_dir: &model.dir,
             base_name,
             examples: super::tokenize::read_split(ctx, "train")?,
+            eval_examples: if r.train.eval_steps > 0 { super::tokenize::read_split(ctx, "eval")? } else { vec![] },
             fingerprint: fp,
             planned_bytes,
             interrupted: &ctx.interrupted,

@@ -2,7 +2,8 @@
 //! clip, step, log, checkpoint. Submodules hold the pieces: `data` (batches and
 //! the resumable cursor), `step` (forward/backward with layer checkpointing and
 //! chunked cross-entropy), `optim` (AdamW, 8-bit AdamW), `schedule`,
-//! `checkpoint`, and `plot` (the loss curve).
+//! `checkpoint`, `plot` (the loss curve, redrawn at every logging interval) and
+//! `tensorboard` (event files under `tb/`).
 
 pub mod checkpoint;
 pub mod data;
@@ -12,6 +13,7 @@ pub mod plot;
 pub mod probe;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 
 use crate::data::shards::Example;
 use crate::dist::Dist;
@@ -107,6 +109,8 @@ pub struct TrainInputs<'a> {
     pub base_name: String,
     /// The tokenized training examples, in shard order.
     pub examples: Vec<Example>,
+    /// The tokenized eval examples, for `train.eval_steps` (empty when off).
+    pub eval_examples: Vec<Example>,
     /// The train fingerprint: checkpoints written under another one are set aside.
     pub fingerprint: &'a str,
     /// `tuner plan`'s estimate of the peak memory, for `offload_activations = "auto"`.
@@ -128,7 +132,9 @@ pub fn run(mut inp: TrainInputs, dir: &Path) -> Result<Vec<PathBuf>> {
         let t0 = std::time::Instant::now();
         let (res, lr, grad_norm) = s.step(step)?;
         let done = step + 1;
-        s.log(done, &res, lr, grad_norm, t0.elapsed().as_secs_f64())?;
+        let secs = t0.elapsed().as_secs_f64();
+        let eval = s.eval_due(done)?;
+        s.log(done, &res, lr, grad_norm, secs, eval)?;
         let stop = s.stop_requested();
         if s.leader && (done.is_multiple_of(t.save_steps) || done == s.total || stop) {
             s.save(done)?;
@@ -202,6 +208,8 @@ struct Session<'a> {
     total: u64,
     history: Vec<serde_json::Value>,
     metrics: Box<dyn Write>,
+    /// TensorBoard events under `tb/` (rank 0).
+    tb: Option<tensorboard::EventWriter>,
     bar: Progress,
     t_load: std::time::Instant,
     first_step_logged: bool,
@@ -289,6 +297,7 @@ impl<'a> Session<'a> {
             total,
             history: vec![],
             metrics: Box::new(std::io::sink()),
+            tb: None,
             bar: Progress::hidden(),
             t_load,
             first_step_logged: false,
@@ -307,6 +316,13 @@ impl<'a> Session<'a> {
         if let (Some(n), true) = (self.opts.coalesce, self.leader) {
             let micro_per_step = self.batching.micro_per_step();
             eprintln!("train: each step's {micro_per_step} micro-batches run as packed varlen passes of up to {n} tokens (train.coalesce)");
+        }
+        let t = &self.inp.recipe.train;
+        if t.eval_steps > 0 && self.inp.eval_examples.is_empty() && self.leader {
+            log::warn!(
+                "train.eval_steps = {} but the run has no eval split; no eval loss while training",
+                t.eval_steps
+            );
         }
         self.bar = Progress::leader(self.leader, self.total, "train", Unit::Items("steps"));
         self.bar.set_position(self.start);
@@ -374,6 +390,7 @@ impl<'a> Session<'a> {
             let text: String = self.history.iter().map(|v| format!("{v}\n")).collect();
             util::write_atomic(&path, text.as_bytes())?;
             self.metrics = Box::new(std::fs::OpenOptions::new().append(true).open(&path)?);
+            self.tb = Some(tensorboard::EventWriter::create(&self.dir.join("tb"))?);
         }
         Ok(())
     }
@@ -480,7 +497,15 @@ impl<'a> Session<'a> {
 
     /// The step's row in `metrics.jsonl`, its line every `logging_steps`, and the memory line
     /// every `memory_log_steps`.
-    fn log(&mut self, done: u64, res: &step::StepResult, lr: f64, grad_norm: f64, secs: f64) -> Result<()> {
+    fn log(
+        &mut self,
+        done: u64,
+        res: &step::StepResult,
+        lr: f64,
+        grad_norm: f64,
+        secs: f64,
+        eval: Option<f64>,
+    ) -> Result<()> {
         let t = &self.inp.recipe.train;
         let (mut peak, rss) = crate::device_mem::rss_bytes();
         let gpu = match self.opts.device {
@@ -501,11 +526,17 @@ impl<'a> Session<'a> {
             "mem_source": if gpu.is_some() { "cuda_allocator_peak" } else { "rss_peak" },
             "loss_scale": self.scaler.scale,
         });
+        if let Some(e) = eval {
+            row["eval_loss"] = json!(e);
+        }
         if self.world > 1 {
             row["world_size"] = json!(self.world);
             row["effective_batch"] = json!(self.batching.effective_batch());
         }
         writeln!(self.metrics, "{row}")?;
+        if let Some(tb) = self.tb.as_mut() {
+            tb.scalars(done, &tb_scalars(&row))?;
+        }
         self.history.push(row);
         if !self.first_step_logged && self.leader {
             eprintln!("train: first step done {:.1}s after the start of loading", self.t_load.elapsed().as_secs_f64());
@@ -524,6 +555,9 @@ impl<'a> Session<'a> {
                 eprintln!("train: {msg} epoch {epoch:.2}{eta}");
             }
             self.bar.set_message(msg);
+            if self.leader {
+                plot::loss_png(&self.dir.join("loss.png"), &self.history)?;
+            }
         }
         if self.leader && t.memory_log_steps > 0 && done.is_multiple_of(t.memory_log_steps) {
             let gib = |b: i64| b as f64 / 1073741824.0;
@@ -537,6 +571,29 @@ impl<'a> Session<'a> {
         }
         self.bar.set_position(done);
         Ok(())
+    }
+
+    /// The mean loss over the eval examples when `train.eval_steps` falls due after `done`
+    /// steps (all ranks take part, each its share of the batches, summed over the group).
+    fn eval_due(&mut self, done: u64) -> Result<Option<f64>> {
+        let t = &self.inp.recipe.train;
+        if t.eval_steps == 0 || !done.is_multiple_of(t.eval_steps) || self.inp.eval_examples.is_empty() {
+            return Ok(None);
+        }
+        let (mut nll, mut n) = crate::evaluate::eval_loss(
+            self.model.as_ref(),
+            &self.inp.eval_examples,
+            t.micro_batch_size as usize,
+            &self.opts,
+            (self.rank, self.world),
+            &Progress::hidden(),
+        );
+        if let Some(d) = self.inp.dist {
+            let mut v = [nll, n as f64];
+            d.all_reduce_f64(&mut v)?;
+            (nll, n) = (v[0], v[1] as i64);
+        }
+        Ok((n > 0).then(|| nll / n as f64))
     }
 
     /// Ctrl-C: on one process this process's flag; with several, any rank's (all-reduced).
@@ -588,13 +645,24 @@ impl<'a> Session<'a> {
             self.inp.recipe,
             &self.inp.base_name,
         )?;
-        let losses: Vec<(f64, f64)> =
-            self.history.iter().filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?))).collect();
-        plot::line_png(&dir.join("loss.png"), "train loss", &losses)?;
+        plot::loss_png(&dir.join("loss.png"), &self.history)?;
         files.push(dir.join("loss.png"));
         files.push(dir.join("metrics.jsonl"));
         Ok(files)
     }
+}
+
+/// A `metrics.jsonl` row's TensorBoard scalars (`train/*`, and `eval/loss` where present).
+fn tb_scalars(row: &serde_json::Value) -> Vec<(&'static str, f32)> {
+    let keys = [
+        ("train/loss", "loss"),
+        ("train/lr", "lr"),
+        ("train/grad_norm", "grad_norm"),
+        ("train/tokens_per_s", "tokens_per_s"),
+        ("train/peak_mem_bytes", "peak_mem_bytes"),
+        ("eval/loss", "eval_loss"),
+    ];
+    keys.iter().filter_map(|(tag, k)| Some((*tag, row[*k].as_f64()? as f32))).collect()
 }
 
 /// The data-parallel batch of a multi-process run, for the log.

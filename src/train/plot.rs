@@ -25,6 +25,7 @@ fn glyph(c: char) -> [u8; 7] {
         '7' => [31, 1, 2, 4, 8, 8, 8],
         '8' => [14, 17, 17, 14, 17, 17, 14],
         '9' => [14, 17, 17, 15, 1, 2, 12],
+        'd' => [1, 1, 13, 19, 17, 19, 13],
         '.' => [0, 0, 0, 0, 0, 12, 12],
         '-' => [0, 0, 0, 31, 0, 0, 0],
         'a' => [0, 0, 14, 1, 15, 17, 15],
@@ -44,11 +45,12 @@ fn glyph(c: char) -> [u8; 7] {
 
 struct Canvas {
     px: Vec<u8>,
+    h: usize,
 }
 
 impl Canvas {
     fn set(&mut self, x: usize, y: usize, rgb: [u8; 3]) {
-        if x < W && y < H {
+        if x < W && y < self.h {
             self.px[(y * W + x) * 3..(y * W + x) * 3 + 3].copy_from_slice(&rgb);
         }
     }
@@ -80,16 +82,25 @@ fn fmt_tick(v: f64) -> String {
         format!("{v:.0}")
     } else if v.abs() >= 1.0 {
         format!("{v:.2}")
+    } else if v.abs() < 0.01 {
+        format!("{v:.2e}")
     } else {
         format!("{v:.3}")
     }
 }
 
-/// Plot `points` (x, y) as a line chart titled `title` into a PNG at `path` (atomically).
-pub fn line_png(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<()> {
-    let mut c = Canvas { px: vec![255; W * H * 3] };
-    let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
-    let finite: Vec<(f64, f64)> = points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+/// One series of a panel: its points, colour, and whether it is drawn as a line or as dots.
+struct Series<'a> {
+    points: &'a [(f64, f64)],
+    rgb: [u8; 3],
+    dots: bool,
+}
+
+/// Draw a chart panel titled `title` with its top edge at `top` and plot height `ph`.
+fn panel(c: &mut Canvas, top: usize, ph: usize, title: &str, series: &[Series]) {
+    let pw = (W - LEFT - RIGHT) as f64;
+    let finite: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
     let (x0, x1) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (mut y0, mut y1) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if finite.is_empty() {
@@ -101,39 +112,74 @@ pub fn line_png(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<()> {
     let pad = (y1 - y0) * 0.05;
     let (y0, y1) = ((y0 - pad).max(0.0f64.min(y0)), y1 + pad);
     let xspan = if x1 > x0 { x1 - x0 } else { 1.0 };
-    let map = |(x, y): (f64, f64)| {
-        (LEFT as f64 + (x - x0.min(x1)) / xspan * pw, TOP as f64 + (1.0 - (y - y0) / (y1 - y0)) * ph)
-    };
+    let (topf, phf) = (top as f64, ph as f64);
+    let map =
+        |(x, y): (f64, f64)| (LEFT as f64 + (x - x0.min(x1)) / xspan * pw, topf + (1.0 - (y - y0) / (y1 - y0)) * phf);
     // Axes and grid.
     for k in 0..=4 {
-        let y = TOP as f64 + ph * k as f64 / 4.0;
+        let y = topf + phf * k as f64 / 4.0;
         c.line((LEFT as f64, y), (LEFT as f64 + pw, y), [225, 225, 225]);
         c.text(4, y as usize - 3, &fmt_tick(y1 - (y1 - y0) * k as f64 / 4.0));
         let x = LEFT as f64 + pw * k as f64 / 4.0;
         if !finite.is_empty() {
             let v = x0 + xspan * k as f64 / 4.0;
             let label = if xspan >= 8.0 { format!("{}", v.round()) } else { fmt_tick(v) };
-            c.text(x as usize - 6, H - BOTTOM + 8, &label);
+            c.text(x as usize - 6, top + ph + 8, &label);
         }
     }
-    c.line((LEFT as f64, TOP as f64), (LEFT as f64, TOP as f64 + ph), [80, 80, 80]);
-    c.line((LEFT as f64, TOP as f64 + ph), (LEFT as f64 + pw, TOP as f64 + ph), [80, 80, 80]);
-    c.text(LEFT, 10, title);
-    c.text(W / 2 - 12, H - 14, "step");
-    for w in finite.windows(2) {
-        c.line(map(w[0]), map(w[1]), [31, 119, 180]);
+    c.line((LEFT as f64, topf), (LEFT as f64, topf + phf), [80, 80, 80]);
+    c.line((LEFT as f64, topf + phf), (LEFT as f64 + pw, topf + phf), [80, 80, 80]);
+    c.text(LEFT, top - 22, title);
+    c.text(W / 2 - 12, top + ph + 26, "step");
+    for s in series {
+        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        if !s.dots {
+            for w in pts.windows(2) {
+                c.line(map(w[0]), map(w[1]), s.rgb);
+            }
+        }
+        if s.dots || pts.len() == 1 {
+            for p in &pts {
+                let (x, y) = map(*p);
+                for d in -2..=2 {
+                    c.line((x - 2.0, y + d as f64), (x + 2.0, y + d as f64), s.rgb);
+                }
+            }
+        }
     }
-    if finite.len() == 1 {
-        let (x, y) = map(finite[0]);
-        c.line((x - 2.0, y), (x + 2.0, y), [31, 119, 180]);
-    }
+}
+
+fn encode(c: &Canvas, path: &Path) -> Result<()> {
     let mut buf = Vec::new();
     {
-        let mut enc = png::Encoder::new(&mut buf, W as u32, H as u32);
+        let mut enc = png::Encoder::new(&mut buf, W as u32, c.h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut w = enc.write_header().context("png header")?;
         w.write_image_data(&c.px).context("png data")?;
     }
     crate::util::write_atomic(path, &buf)
+}
+
+/// The loss chart of `metrics.jsonl` rows: train loss as a line, `eval_loss` as orange dots
+/// (the title says "train loss - eval dots" then), and the learning rate in a second panel
+/// below. Written atomically, so it can be redrawn while training runs.
+pub fn loss_png(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
+    let get = |k: &str| -> Vec<(f64, f64)> {
+        rows.iter().filter_map(|v| Some((v["step"].as_f64()?, v[k].as_f64()?))).collect()
+    };
+    let (loss, eval, lr) = (get("loss"), get("eval_loss"), get("lr"));
+    let lr_h = 160;
+    let h = if lr.is_empty() { H } else { H + lr_h + TOP };
+    let mut c = Canvas { px: vec![255; W * h * 3], h };
+    let title = if eval.is_empty() { "train loss" } else { "train loss - eval dots" };
+    let series = [
+        Series { points: &loss, rgb: [31, 119, 180], dots: false },
+        Series { points: &eval, rgb: [255, 127, 14], dots: true },
+    ];
+    panel(&mut c, TOP, H - TOP - BOTTOM, title, &series);
+    if !lr.is_empty() {
+        panel(&mut c, H + TOP, lr_h - BOTTOM, "lr", &[Series { points: &lr, rgb: [44, 160, 44], dots: false }]);
+    }
+    encode(&c, path)
 }
