@@ -489,7 +489,9 @@ fn gguf_round_trips_through_the_importer_with_logits_and_tokenizer() {
         }
         let tc = json(&imported.path().join("tokenizer_config.json"));
         let base_tc = json(&root.join("model/tokenizer_config.json"));
-        assert_eq!(tc["chat_template"], base_tc["chat_template"]);
+        // The trained prompt format (the recipe's inline template), not the base's chat template.
+        let trained_tpl = export::chat_template::for_prompt(&ctx.recipe.recipe.prompt).unwrap();
+        assert_eq!(tc["chat_template"].as_str(), Some(trained_tpl.as_str()));
         assert_eq!(
             (tc["bos_token"].clone(), tc["eos_token"].clone()),
             (base_tc["bos_token"].clone(), base_tc["eos_token"].clone())
@@ -617,10 +619,8 @@ fn gguf_of_a_llama3_rope_model_keeps_tensors_rope_factors_and_tokenizer() {
     assert!(g.tensor("output.weight").is_some(), "untied lm_head");
     assert_eq!(g.get_bool("tokenizer.ggml.add_bos_token").unwrap(), Some(true));
     assert_eq!(g.get_u64("tokenizer.ggml.padding_token_id").unwrap(), Some(296));
-    assert_eq!(
-        g.get_str("tokenizer.chat_template").unwrap(),
-        json(&root.join("model/tokenizer_config.json"))["chat_template"].as_str()
-    );
+    let trained_tpl = export::chat_template::for_prompt(&ctx.recipe.recipe.prompt).unwrap();
+    assert_eq!(g.get_str("tokenizer.chat_template").unwrap(), Some(trained_tpl.as_str()));
     let merges = g.get_array("tokenizer.ggml.merges").unwrap().unwrap();
     assert_eq!(merges[0].as_str(), Some("Ġ t"));
     assert_eq!(g.get_u64("llama.rope.dimension_count").unwrap(), Some(16));
@@ -879,4 +879,123 @@ fn phi3_trains_merges_and_requantizes_its_fused_linears() {
     for key in ["model.layers.0.self_attn.qkv_proj.weight.absmax", "model.layers.0.mlp.gate_up_proj.weight.absmax"] {
         assert!(nf4.iter().any(|(n, _)| n == key), "{key} missing");
     }
+}
+
+/// The conversations the chat-template tests render: (instruction, response) rows with quotes,
+/// braces, backslashes, Jinja-looking text, a newline and non-ASCII.
+const CHAT_ROWS: [(&str, &str); 3] = [
+    ("Name three colors.", "Red, green, blue."),
+    ("Say \"hi\" {x} {{ y }} {% z %} \\ é 😀\nthen stop", "hi"),
+    ("", " "),
+];
+
+fn row(instruction: &str, output: &str) -> serde_json::Map<String, Value> {
+    serde_json::json!({"instruction": instruction, "output": output}).as_object().unwrap().clone()
+}
+
+fn messages(user: &str, assistant: Option<&str>) -> Vec<tuner::data::template::Message> {
+    let m = |role: &str, content: &str| tuner::data::template::Message { role: role.into(), content: content.into() };
+    let mut v = vec![m("user", user)];
+    v.extend(assistant.map(|a| m("assistant", a)));
+    v
+}
+
+/// What tuner trains on for a row: (prompt, prompt + response + EOS when `add_eos`).
+fn trained_text(p: &tuner::recipe::PromptSection, instruction: &str, output: &str, eos: &str) -> (String, String) {
+    let r = tuner::data::template::Renderer::new(p, None, "<s>", eos).unwrap();
+    let segs = r.render(&row(instruction, output)).unwrap();
+    let full: String = segs.iter().map(|s| s.text.as_str()).collect();
+    let (prompt, _) = r.prompt_text(&row(instruction, output)).unwrap();
+    let eos = if p.add_eos && !r.is_chat() { eos } else { "" };
+    (prompt, format!("{full}{eos}"))
+}
+
+#[test]
+fn chat_template_of_each_prompt_format_renders_what_tuner_trains_on() {
+    use tuner::data::template::Renderer;
+    use tuner::recipe::{PromptSection, PromptTemplate};
+    for (tpl, add_eos) in [
+        ("alpaca", true),
+        ("alpaca", false),
+        ("### 指令\n{instruction}\n### 回答\n{output}", true),
+        ("Q: {instruction}{input}\nA: {output}\n--", true),
+        ("chatml", true),
+    ] {
+        let p = PromptSection { template: PromptTemplate::parse(tpl).unwrap(), add_eos, ..Default::default() };
+        let jinja = export::chat_template::for_prompt(&p).unwrap();
+        for (ins, out) in CHAT_ROWS {
+            let (prompt, full) = trained_text(&p, ins, out, "</s>");
+            let got = Renderer::apply_chat_template(&jinja, &messages(ins, None), true, "<s>", "</s>").unwrap();
+            assert_eq!(got, prompt, "{tpl}: the generation prompt for {ins:?}");
+            let got = Renderer::apply_chat_template(&jinja, &messages(ins, Some(out)), false, "<s>", "</s>").unwrap();
+            // ChatML's trained text ends at <|im_end|>; the template adds the turn's newline.
+            let want = if tpl == "chatml" { format!("{full}\n") } else { full };
+            assert_eq!(got, want, "{tpl}: the conversation {ins:?} → {out:?}");
+        }
+    }
+    // "chat" keeps the base model's own template.
+    let p = PromptSection { template: PromptTemplate::Chat, ..Default::default() };
+    assert!(export::chat_template::for_prompt(&p).is_none());
+}
+
+#[test]
+fn alpaca_export_carries_the_trained_prompt_as_chat_template() {
+    let d = fresh(Base::Tied);
+    let root = d.path();
+    let (ctx, files) = export_run(
+        root,
+        &["prompt.template=\"alpaca\"", "export.merged_dtype=\"fp32\"", "export.gguf=[\"f16\"]", "export.nf4=true"],
+    );
+    files.unwrap();
+    let ex = ctx.stage_dir("export");
+    let merged_dir = ex.join("merged");
+    let tok = tuner::data::tokenizer::Tok::load(&merged_dir).unwrap();
+    let p = &ctx.recipe.recipe.prompt;
+    let want: Vec<(String, String)> = CHAT_ROWS.iter().map(|(i, o)| trained_text(p, i, o, &tok.eos_token)).collect();
+    assert!(want[0].0.starts_with("Below is an instruction") && want[0].0.ends_with("### Response:\n"));
+
+    // (a) transformers renders the merged folder's template as tuner trains.
+    let cases = tmp();
+    let case_file = cases.path().join("cases.json");
+    let mut list = vec![];
+    for (ins, out) in CHAT_ROWS {
+        list.push(serde_json::json!({"messages": [{"role": "user", "content": ins}], "add_generation_prompt": true}));
+        list.push(serde_json::json!({"messages": [{"role": "user", "content": ins}, {"role": "assistant", "content": out}], "add_generation_prompt": false}));
+    }
+    std::fs::write(&case_file, serde_json::to_string(&list).unwrap()).unwrap();
+    for folder in ["merged", "nf4", "adapter"] {
+        let o = std::process::Command::new(python())
+            .arg(repo().join("scripts/chat_template_check.py"))
+            .arg(ex.join(folder))
+            .arg(&case_file)
+            .env("TRANSFORMERS_VERBOSITY", "error")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "chat_template_check.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+        let got: Vec<String> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let flat: Vec<String> = want.iter().flat_map(|(a, b)| [a.clone(), b.clone()]).collect();
+        assert_eq!(got, flat, "{folder}/: transformers' apply_chat_template");
+        assert!(!ex.join(folder).join("chat_template.jinja").exists());
+    }
+    assert!(ex.join("adapter/tokenizer.json").is_file() && ex.join("adapter/adapter_model.safetensors").is_file());
+
+    // (b) tuner's own chat path on the merged folder.
+    let args = tuner::model::open::ModelArgs {
+        model: merged_dir.clone(),
+        adapter: None,
+        dtype: tuner::recipe::Dtype::Fp32,
+        device: "cpu".parse().unwrap(),
+    };
+    let g = tuner::generate::Generator::load(&args, &root.join(".gen-cache")).unwrap();
+    for ((ins, _), (prompt, _)) in CHAT_ROWS.iter().zip(&want) {
+        assert_eq!(&g.chat_prompt(&messages(ins, None)).unwrap(), prompt);
+    }
+
+    // (c) the GGUF metadata carries the same template.
+    let gf = GgufFile::open(ex.join("gguf/model-f16.gguf")).unwrap();
+    let tc = json(&merged_dir.join("tokenizer_config.json"));
+    assert_eq!(gf.get_str("tokenizer.chat_template").unwrap(), tc["chat_template"].as_str());
+    assert!(tc["chat_template"].as_str().unwrap().contains("### Instruction:"));
 }

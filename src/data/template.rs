@@ -22,7 +22,7 @@ pub struct Segment {
 }
 
 const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
-const ALPACA_NO_INPUT: &str =
+pub const ALPACA_NO_INPUT: &str =
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
 
 enum Kind {

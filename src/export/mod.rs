@@ -4,10 +4,13 @@
 //! formats ([`FORMATS`]): stage the folder, write, add the card, commit.
 //!
 //! Each folder under `<run>/export/` is one format, switched on and off in `[export]`:
-//! - `adapter/`: the PEFT adapter as trained ([`adapter`]);
+//! - `adapter/`: the PEFT adapter as trained, with the tokenizer files ([`adapter`]);
 //! - `merged/`: LoRA folded into the dequantized base, HF safetensors ([`merged`]);
 //! - `nf4/`: the merged model re-quantized to bitsandbytes NF4 ([`nf4`]);
 //! - `gguf/`: GGUF files for llama.cpp plus an Ollama `Modelfile` ([`gguf`], [`ollama`]).
+//!
+//! The tokenizer files of `adapter/`, `merged/` and `nf4/` (and the GGUF metadata) carry the
+//! trained prompt format as their chat template ([`chat_template`]).
 //!
 //! The merged weights are checked against base + adapter before anything derived
 //! from them is written ([`check`], `merge_check.json`). Every folder carries a
@@ -22,6 +25,7 @@
 
 pub mod adapter;
 pub mod card;
+pub mod chat_template;
 pub mod check;
 pub use crate::gguf::export as gguf;
 pub mod merged;
@@ -277,6 +281,7 @@ fn ensure_merged(job: &Job, dir: &Path) -> Result<(PathBuf, check::MergeCheck)> 
     let stage = Staging::new(dir, merged_name)?;
     let mut trained = load_trained(r, inp.base_dir, inp.adapter_dir, device)?;
     let summary = merged::write_merged(trained.as_ref(), inp.base_dir, stage.path(), store, merged::MAX_SHARD_BYTES)?;
+    chat_template::write(stage.path(), &r.prompt)?;
     eprintln!(
         "export: merged {} LoRA modules into {} tensors ({}) in {:.1}s",
         summary.merged_modules.len(),
@@ -318,9 +323,12 @@ fn ensure_merged(job: &Job, dir: &Path) -> Result<(PathBuf, check::MergeCheck)> 
     Ok((merged_dir, rec))
 }
 
-/// `adapter/`: the PEFT adapter as trained.
+/// `adapter/`: the PEFT adapter as trained, with the base's tokenizer files carrying the trained
+/// prompt format.
 fn write_adapter(job: &Job, out: &Path) -> Result<()> {
     adapter::write(job.inp.adapter_dir, out)?;
+    copy_tokenizer_files(job.inp.base_dir, out)?;
+    chat_template::write(out, &job.inp.recipe.prompt)?;
     eprintln!("export: wrote adapter/");
     Ok(())
 }
