@@ -18,10 +18,9 @@ use crate::data::template::Renderer;
 use crate::data::tokenizer::Tok;
 use crate::dist::Dist;
 use crate::generate::{Generator, SamplingParams};
-use crate::model::CausalLm;
 use crate::progress::{Progress, Unit};
 use crate::recipe::{Metric, Recipe};
-use crate::train::{data, step};
+use crate::train::step;
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -62,32 +61,6 @@ pub fn json_fields(generated: &str, expected: &str) -> Option<f64> {
 /// Trimmed equality.
 pub fn exact_match(generated: &str, expected: &str) -> f64 {
     f64::from(generated.trim() == expected.trim())
-}
-
-/// Summed NLL and trained-token count over the eval examples, in shard order, batched;
-/// with several processes, rank r takes batches r, r + world, … (`shard` = (rank, world)).
-/// `bar` counts rows (each rank's batch stands for one batch per rank).
-pub fn eval_loss(
-    model: &dyn CausalLm,
-    examples: &[Example],
-    batch: usize,
-    o: &step::StepOptions,
-    shard: (usize, usize),
-    bar: &Progress,
-) -> (f64, i64) {
-    let (mut nll, mut n) = (0.0, 0i64);
-    for (_, chunk) in examples.chunks(batch.max(1)).enumerate().filter(|(k, _)| k % shard.1 == shard.0) {
-        let mb = data::MicroBatch {
-            input_ids: chunk.iter().map(|e| e.input_ids.iter().map(|x| *x as i64).collect()).collect(),
-            labels: chunk.iter().map(|e| e.labels.iter().map(|x| *x as i64).collect()).collect(),
-            seq_ids: None,
-        };
-        let (s, k) = step::eval_nll(model, &mb, o);
-        nll += s;
-        n += k;
-        bar.inc((chunk.len() * shard.1) as u64);
-    }
-    (nll, n)
 }
 
 struct Sample {
@@ -222,7 +195,14 @@ impl Half<'_> {
         let has_eval = !self.examples.is_empty();
         let t_loss = std::time::Instant::now();
         let (mut nll, mut n) = if has_eval {
-            eval_loss(generator.model.as_ref(), self.examples, e.batch_size as usize, self.o, self.shard, self.bar)
+            step::eval_loss(
+                generator.model.as_ref(),
+                self.examples,
+                e.batch_size as usize,
+                self.o,
+                self.shard,
+                self.bar,
+            )
         } else {
             (0.0, 0)
         };

@@ -580,7 +580,7 @@ impl<'a> Session<'a> {
         if t.eval_steps == 0 || !done.is_multiple_of(t.eval_steps) || self.inp.eval_examples.is_empty() {
             return Ok(None);
         }
-        let (mut nll, mut n) = crate::evaluate::eval_loss(
+        let (mut nll, mut n) = step::eval_loss(
             self.model.as_ref(),
             &self.inp.eval_examples,
             t.micro_batch_size as usize,

@@ -578,3 +578,29 @@ pub fn eval_nll(model: &dyn CausalLm, mb: &MicroBatch, o: &StepOptions) -> (f64,
     }
     (total.double_value(&[]), n)
 }
+
+/// Summed NLL and trained-token count over the eval examples, in shard order, batched;
+/// with several processes, rank r takes batches r, r + world, … (`shard` = (rank, world)).
+/// `bar` counts rows (each rank's batch stands for one batch per rank).
+pub fn eval_loss(
+    model: &dyn CausalLm,
+    examples: &[crate::data::shards::Example],
+    batch: usize,
+    o: &StepOptions,
+    shard: (usize, usize),
+    bar: &crate::progress::Progress,
+) -> (f64, i64) {
+    let (mut nll, mut n) = (0.0, 0i64);
+    for (_, chunk) in examples.chunks(batch.max(1)).enumerate().filter(|(k, _)| k % shard.1 == shard.0) {
+        let mb = MicroBatch {
+            input_ids: chunk.iter().map(|e| e.input_ids.iter().map(|x| *x as i64).collect()).collect(),
+            labels: chunk.iter().map(|e| e.labels.iter().map(|x| *x as i64).collect()).collect(),
+            seq_ids: None,
+        };
+        let (s, k) = eval_nll(model, &mb, o);
+        nll += s;
+        n += k;
+        bar.inc((chunk.len() * shard.1) as u64);
+    }
+    (nll, n)
+}
