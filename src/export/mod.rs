@@ -201,7 +201,7 @@ pub fn run(inp: &ExportInputs, dir: &Path) -> Result<Exported> {
         }
     }
     let mut job = Job { inp, prov: card::Provenance::new(inp.recipe, inp.fingerprint, &inp.facts), merged: None };
-    let needs_merge = ex.merged || ex.nf4 || !ex.gguf.is_empty();
+    let needs_merge = ex.needs_merge();
     // The adapter, then the merged model behind its gate, then what is derived from it.
     let (before, after) = FORMATS.split_at(1);
     let mut folders = write_formats(&job, dir, before)?;

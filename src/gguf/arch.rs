@@ -8,7 +8,7 @@
 //! Reference: llama.cpp's `convert_hf_to_gguf.py` (`LlamaModel.permute`, the Gemma classes'
 //! `norm_shift` / `data_torch + 1`) and gguf-py's `constants.py` (`MODEL_ARCH_NAMES`).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// A llama.cpp model architecture (`general.architecture`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,23 +86,7 @@ impl GgufArch {
 /// llama.cpp's converter does for Q and K: within each head, HF row `j·half + i` becomes
 /// GGUF row `2i + j`.
 pub fn permute_rows(w: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
-    if rows == 0 || n_head == 0 || !rows.is_multiple_of(2 * n_head) || !w.len().is_multiple_of(rows) {
-        bail!("cannot permute {} values as {rows} rows over {n_head} heads", w.len());
-    }
-    let cols = w.len() / rows;
-    let per_head = rows / n_head;
-    let half = per_head / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * per_head + j * half + i;
-                let dst = h * per_head + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    Ok(out)
+    move_rows(w, rows, n_head, false).with_context(|| format!("cannot permute {} values", w.len()))
 }
 
 /// Undo llama.cpp's Q/K row permutation of a row-major `[rows, cols]` matrix (or a
@@ -111,8 +95,14 @@ pub fn permute_rows(w: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
 ///
 /// Within each head, GGUF row `2 i + j` becomes HF row `j * half + i`.
 pub fn unpermute_rows(w: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
+    move_rows(w, rows, n_head, true).with_context(|| format!("cannot un-permute {} values", w.len()))
+}
+
+/// The row move of [`permute_rows`] (HF row `j·half + i` → row `2i + j` within each head), or
+/// its inverse.
+fn move_rows(w: &[f32], rows: usize, n_head: usize, inverse: bool) -> Result<Vec<f32>> {
     if rows == 0 || n_head == 0 || !rows.is_multiple_of(2 * n_head) || !w.len().is_multiple_of(rows) {
-        bail!("cannot un-permute {} values as {rows} rows over {n_head} heads", w.len());
+        bail!("{rows} rows do not split into 2 halves of {n_head} heads");
     }
     let cols = w.len() / rows;
     let per_head = rows / n_head;
@@ -121,8 +111,8 @@ pub fn unpermute_rows(w: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>>
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
-                let src = h * per_head + 2 * i + j;
-                let dst = h * per_head + j * half + i;
+                let (hf, gguf) = (h * per_head + j * half + i, h * per_head + 2 * i + j);
+                let (src, dst) = if inverse { (gguf, hf) } else { (hf, gguf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
             }
         }

@@ -631,6 +631,14 @@ pub struct ExportSection {
     pub max_merge_loss_delta: f64,
 }
 
+impl ExportSection {
+    /// Whether any format is built from the merged model (merged, nf4, GGUF): the merge and its
+    /// quality gate run.
+    pub fn needs_merge(&self) -> bool {
+        self.merged || self.nf4 || !self.gguf.is_empty()
+    }
+}
+
 impl Default for ExportSection {
     fn default() -> Self {
         ExportSection {

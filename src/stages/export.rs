@@ -35,7 +35,12 @@ impl Stage for Export {
             recipe: &ctx.recipe.recipe,
             base_dir: &model.dir,
             adapter_dir: &adapter_dir,
-            gate: gate_examples(ctx)?,
+            // Only a merge reads them (the whole train split, when there is no eval split).
+            gate: if ctx.recipe.recipe.export.needs_merge() {
+                gate_examples(ctx)?
+            } else {
+                GateExamples { examples: vec![], split: "eval" }
+            },
             facts: run_facts(ctx, &model)?,
             fingerprint: fp,
             interrupted: &ctx.interrupted,
