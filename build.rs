@@ -9,6 +9,9 @@
 //! - compile kernels/c10d.cpp (libtorch's c10d stores, NCCL and gloo process groups for
 //!   src/dist/) when libtorch has CUDA and the wheel's NCCL headers are there, and say so
 //!   with the `tuner_c10d` cfg;
+//! - compile kernels/custom_op.cpp (an autograd node whose backward is a Rust function, for the
+//!   fused ops of src/kernels/) whenever libtorch's headers are there, and say so with the
+//!   `tuner_custom_op` cfg;
 //! - record libtorch's folder as an rpath so tests and the binary find it without
 //!   LD_LIBRARY_PATH on the machine that built them.
 use std::path::PathBuf;
@@ -20,9 +23,25 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/side_stream.cpp");
     println!("cargo:rerun-if-changed=kernels/flash_varlen.cpp");
     println!("cargo::rustc-check-cfg=cfg(tuner_cuda_shim)");
+    println!("cargo:rerun-if-changed=kernels/custom_op.cpp");
+    println!("cargo::rustc-check-cfg=cfg(tuner_custom_op)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
     let root = PathBuf::from(&libtorch);
     let lib = root.join("lib");
+    // Fused ops with their own backward inside autograd's graph (src/kernels/autograd.rs):
+    // libtorch's headers only, so on every machine.
+    if root.join("include/torch/csrc/autograd/function.h").exists() {
+        cc::Build::new()
+            .cpp(true)
+            .file("kernels/custom_op.cpp")
+            .include(root.join("include/torch/csrc/api/include"))
+            .include(root.join("include"))
+            .flag("-std=c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            .warnings(false)
+            .compile("tuner_custom_op");
+        println!("cargo:rustc-cfg=tuner_custom_op");
+    }
     // The CUDA runtime headers come with the PyPI torch install: nvidia/cu13 has most of them,
     // and triton's copy supplies the `crt/` folder that cu13 lacks.
     let cuda_headers = root.join("../nvidia/cu13/include");

@@ -184,7 +184,7 @@ fn every_kernel_compiles_with_nvrtc() {
     // NVRTC needs no GPU: each kernels/*.cu (with the prelude) compiles for sm_90 and its PTX
     // holds every entry point the launchers use.
     let ptx = tuner::kernels::compile_ptx(9, 0).expect("libnvrtc from the PyPI torch install");
-    assert_eq!(ptx.len(), 4);
+    assert_eq!(ptx.len(), 7);
     for (file, p, names) in ptx {
         let text = p.to_src();
         for n in names {
@@ -366,4 +366,118 @@ fn coalesced_steps_and_zero_pad_rows_on_a_gpu() {
         assert!(r.anomaly.is_none() && r.loss.is_finite(), "zero pad row, coalesce {coalesce:?}: {:?}", r.anomaly);
         assert!(g.iter().all(|g| g.isfinite().all().int64_value(&[]) == 1));
     }
+}
+
+/// Gradients of `sum(y · w)` with respect to `xs`.
+fn grads_of(y: &Tensor, w: &Tensor, xs: &[&Tensor]) -> Vec<Tensor> {
+    Tensor::run_backward(&[(y * w).sum(Kind::Float)], xs, false, false)
+}
+
+/// Each fused op as one autograd node (kernels/custom_op.cpp) with its reference forward and
+/// hand-written reference backward, against autograd differentiating its reference, in f32 on
+/// the CPU: the node's values equal the reference's and each input's gradient matches. On a GPU
+/// the same nodes run the kernels, which `cuda_kernels_match_their_references_on_a_gpu` holds
+/// to these references.
+#[test]
+fn fused_ops_as_autograd_nodes_match_autograd_through_their_references() {
+    use tuner::kernels::{altup_correct, altup_predict, autograd, topk_glu};
+    assert!(autograd::available(), "this build has no custom autograd node (kernels/custom_op.cpp)");
+    tch::manual_seed(5);
+    let leaf =
+        |shape: &[i64], scale: f64| (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * scale).set_requires_grad(true);
+    let check = |label: &str, y: &Tensor, y_ref: &Tensor, xs: &[&Tensor]| {
+        assert!(y.requires_grad(), "{label}: no node was attached");
+        assert!(max_rel(y, y_ref) < 1e-7, "{label}: values differ by {:.2e}", max_rel(y, y_ref));
+        let w = Tensor::randn(y.size(), (Kind::Float, Device::Cpu));
+        let (got, want) = (grads_of(y, &w, xs), grads_of(y_ref, &w, xs));
+        for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+            let e = max_rel(g, r);
+            assert!(e < 2e-6, "{label}: gradient of input {i} differs from autograd by {e:.2e}");
+            assert!(r.abs().max().double_value(&[]) > 1e-3, "{label}: input {i} got no gradient");
+        }
+    };
+    // AltUp predict on [B, T, N, H] streams with [B, T, N, N] coefficients.
+    let (s, r) = (leaf(&[2, 3, 4, 10], 1.0), leaf(&[2, 3, 4, 4], 0.5));
+    check("altup_predict", &altup_predict::fused(&s, &r, None), &altup_predict::reference(&s, &r), &[&s, &r]);
+    // AltUp correct with the per-layer term; a strided `out` (made contiguous inside).
+    let (pred, c, g) = (leaf(&[2, 3, 4, 10], 1.0), leaf(&[2, 3, 4], 1.0), leaf(&[2, 3, 10], 1.0));
+    let out_t = leaf(&[2, 10, 3], 1.0);
+    let out = out_t.transpose(1, 2);
+    let y = altup_correct::fused(&pred, &out, &c, &g, None);
+    check("altup_correct", &y, &altup_correct::reference(&pred, &out, &c, &g), &[&pred, &out_t, &c, &g]);
+    let first = altup_correct::first_stream(&pred, &out, &c);
+    assert!(max_rel(&first, &y.select(2, 0)) < 1e-7, "first_stream is stream 0 of the correction");
+    // The sparse GeGLU at E4B's k: about 5% of each row passes the cutoff.
+    let (gate, up) = (leaf(&[3, 5, 64], 1.0), leaf(&[3, 5, 64], 1.0));
+    let h = topk_glu::fused(&gate, &up, 1.6484375, None);
+    check("sparse_geglu", &h, &topk_glu::reference(&gate, &up, 1.6484375), &[&gate, &up]);
+    let live = h.ne(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    assert!(live > 0.0 && live < 0.2, "sparse GeGLU kept {live:.3} of the activations");
+    // The dense gated activation and RoPE ([B, T, heads, d], positions restarting mid-row).
+    let (g2, u2) = (leaf(&[4, 33], 2.0), leaf(&[4, 33], 1.0));
+    let act = glu::Act::GeluTanh;
+    check("geglu", &glu::fused(&g2, &u2, act, None), &glu::forward_reference(&g2, &u2, act), &[&g2, &u2]);
+    let x = leaf(&[2, 9, 3, 16], 1.0);
+    let pos = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3, 4]).unsqueeze(0).repeat([2, 1]);
+    let freqs = pos.to_kind(Kind::Float).unsqueeze(-1)
+        * Tensor::from_slice(&[1.0f32, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 3e-4]);
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    let (cos, sin) = (emb.cos(), emb.sin());
+    check("rope", &rope::fused(&x, &cos, &sin, false, None), &rope::reference(&x, &cos, &sin, false), &[&x]);
+    // No gradient wanted: no node, plain values.
+    let plain = tch::no_grad(|| altup_predict::fused(&s, &r, None));
+    assert!(!plain.requires_grad());
+}
+
+/// The node's contract (src/kernels/autograd.rs): its backward state is released after the one
+/// backward it serves or with an unused graph, not kept; an error or a panic in a backward
+/// reaches the caller as an error naming the op; a second backward is refused.
+#[test]
+fn custom_autograd_node_releases_its_state_and_reports_errors() {
+    use std::sync::Arc;
+    use tuner::kernels::autograd;
+    let x = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let make = |token: &Arc<()>, fail: bool| {
+        let y = tch::no_grad(|| &x * 2.0);
+        let held = token.clone();
+        let backward: autograd::Backward = Box::new(move |grads| {
+            let _keep = held;
+            if fail {
+                anyhow::bail!("the kernel refused");
+            }
+            Ok(vec![Some(&grads[0] * 2.0)])
+        });
+        assert!(autograd::attach("Doubling", &[&x], &[&y], backward).unwrap());
+        y
+    };
+    let token = Arc::new(());
+    // Used once: the gradient is right, and the state is gone after the backward.
+    let y = make(&token, false);
+    assert_eq!(Arc::strong_count(&token), 2);
+    let g = Tensor::run_backward(&[y.sum(Kind::Float)], &[&x], true, false).remove(0);
+    assert_eq!(Vec::<f32>::try_from(&g).unwrap(), vec![2.0; 3]);
+    assert_eq!(Arc::strong_count(&token), 1, "the backward state outlived its backward");
+    let again = Tensor::f_run_backward(&[y.sum(Kind::Float)], &[&x], false, false);
+    let msg = format!("{:?}", again.expect_err("a second backward through a released node"));
+    assert!(msg.contains("Doubling") && msg.contains("second time"), "{msg}");
+    drop(y);
+    // Never used: dropping the graph releases it.
+    let y = make(&token, false);
+    assert_eq!(Arc::strong_count(&token), 2);
+    drop(y);
+    assert_eq!(Arc::strong_count(&token), 1, "an unused node kept its state");
+    // A failing backward is an error with the op's name and the cause.
+    let y = make(&token, true);
+    let err = Tensor::f_run_backward(&[y.sum(Kind::Float)], &[&x], false, false).expect_err("the backward failed");
+    let msg = format!("{err:?}");
+    assert!(msg.contains("Doubling backward") && msg.contains("the kernel refused"), "{msg}");
+    // Outputs with a graph of their own are refused.
+    let z = &x * 3.0;
+    let refused = autograd::attach("Tripling", &[&x], &[&z], Box::new(|_| Ok(vec![None])));
+    assert!(refused.is_err());
+    // No input wants a gradient: nothing is attached.
+    let c = Tensor::ones([3], (Kind::Float, Device::Cpu));
+    let w = tch::no_grad(|| &c * 2.0);
+    assert!(!autograd::attach("Doubling", &[&c], &[&w], Box::new(|_| Ok(vec![None]))).unwrap());
+    assert!(!w.requires_grad());
 }

@@ -7,11 +7,14 @@
 //! product rule with `silu' = σ(1 + g(1 − σ))` and the tanh-GELU derivative; the tests check
 //! it against autograd.
 
+use std::sync::Arc;
+
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
+use super::autograd;
 use super::checker::{name, rel_err, tol, Checker, Row};
-use super::{dtype_code, usable, Args, Kernels};
+use super::{dtype_code, on_device, usable, Args, Kernels};
 
 /// The activation on the gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,22 +42,45 @@ impl Act {
     }
 }
 
-/// `act(g) · u`: the kernel when it applies and no gradient is needed, else the reference.
-pub fn forward(g: &Tensor, u: &Tensor, act: Act, kernels: Option<&Kernels>) -> Tensor {
+/// `act(g) · u`: the kernel when it applies (with its backward as one autograd node when a
+/// gradient is needed), else the reference.
+pub fn forward(g: &Tensor, u: &Tensor, act: Act, kernels: Option<&Arc<Kernels>>) -> Tensor {
     let grad = g.requires_grad() || u.requires_grad();
-    match usable(kernels, &[g, u]) {
-        Some(k) if !grad && same(g, u) => {
-            let h = g.empty_like();
-            let n = g.numel() as i64;
-            let dt = dtype_code(g.kind()).unwrap_or(0);
-            let block = 256;
-            let (name, items) = if wide(&[g, u, &h]) { ("glu_fwd_x8", n / 8) } else { ("glu_fwd", n) };
-            let args = Args::default().ptr(g).ptr(u).ptr(&h).i64(items).i32(act.code()).i32(dt);
-            k.launch(name, k.grid_for(items, block), block, args).unwrap_or_else(|e| panic!("CUDA GLU failed: {e:#}"));
-            h
-        }
+    let k = kernels.map(|k| &**k);
+    match (usable(k, &[g, u]), on_device(k, &[g, u])) {
+        (Some(k), _) if same(g, u) && !grad => launch_forward(k, g, u, act),
+        (_, Some(_)) if same(g, u) && grad && autograd::available() => fused(g, u, act, kernels),
         _ => forward_reference(g, u, act),
     }
+}
+
+/// The op as one autograd node: forward and backward by the kernels when `kernels` is given, by
+/// the reference on any device when not (the CPU tests hold that node to autograd).
+pub fn fused(g: &Tensor, u: &Tensor, act: Act, kernels: Option<&Arc<Kernels>>) -> Tensor {
+    let (g, u) = (g.contiguous(), u.contiguous());
+    let h = tch::no_grad(|| match kernels {
+        Some(k) => launch_forward(k, &g, &u, act),
+        None => forward_reference(&g, &u, act),
+    });
+    let (gd, ud, k) = (g.detach(), u.detach(), kernels.cloned());
+    let backward: autograd::Backward = Box::new(move |grads| {
+        let dh = grads[0].to_kind(gd.kind());
+        let (dg, du) = backward(&dh, &gd, &ud, act, k.as_deref());
+        Ok(vec![Some(dg), Some(du)])
+    });
+    autograd::attach("GatedActivation", &[&g, &u], &[&h], backward).unwrap_or_else(|e| panic!("GLU: {e:#}"));
+    h
+}
+
+fn launch_forward(k: &Kernels, g: &Tensor, u: &Tensor, act: Act) -> Tensor {
+    let h = g.empty_like();
+    let n = g.numel() as i64;
+    let dt = dtype_code(g.kind()).unwrap_or(0);
+    let block = 256;
+    let (name, items) = if wide(&[g, u, &h]) { ("glu_fwd_x8", n / 8) } else { ("glu_fwd", n) };
+    let args = Args::default().ptr(g).ptr(u).ptr(&h).i64(items).i32(act.code()).i32(dt);
+    k.launch(name, k.grid_for(items, block), block, args).unwrap_or_else(|e| panic!("CUDA GLU failed: {e:#}"));
+    h
 }
 
 /// `(dg, du)` for upstream `dh`: the kernel when it applies, else the reference.
@@ -136,7 +162,7 @@ pub fn check(k: &Kernels, c: &mut Checker) {
             let u = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
             let dh = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
             let n = g.numel() as f64 * kind.elt_size_in_bytes() as f64;
-            let h = forward(&g, &u, act, Some(k));
+            let h = launch_forward(k, &g, &u, act);
             let err = rel_err(&h, &forward_reference(&g, &u, act));
             let (dg, du) = backward(&dh, &g, &u, act, Some(k));
             let (dg_ref, du_ref) = backward_reference(&dh, &g, &u, act);
@@ -144,7 +170,7 @@ pub fn check(k: &Kernels, c: &mut Checker) {
             let dims = format!("{:?}", shape);
             if shape[0] == 4096 {
                 c.timed(format!("glu_fwd {label} {} {dims}", name(kind)), err, tol(kind), 3.0 * n, &mut || {
-                    let _ = forward(&g, &u, act, Some(k));
+                    let _ = launch_forward(k, &g, &u, act);
                 });
                 c.timed(format!("glu_bwd {label} {} {dims}", name(kind)), errb, tol(kind), 5.0 * n, &mut || {
                     let _ = backward(&dh, &g, &u, act, Some(k));

@@ -1,7 +1,9 @@
 //! The CUDA kernels of `kernels/*.cu`, compiled at run time with NVRTC and launched on
 //! libtorch's current stream, with the CPU reference of each beside its launcher
-//! (`dequant_4bit`, `rms_norm`, `rope`, `glu`), and the varlen flash attention libtorch has but
-//! tch does not bind (`varlen`).
+//! (`dequant_4bit`, `rms_norm`, `rope`, `glu`, and Gemma 3n's `topk_glu`, `altup_predict`,
+//! `altup_correct`), and the varlen flash attention libtorch has but tch does not bind (`varlen`).
+//! Ops that need a gradient under autograd run as one node with their hand-written backward
+//! ([`autograd`], kernels/custom_op.cpp).
 //!
 //! - NVRTC and the driver API come through `cudarc`, which loads `libnvrtc` and `libcuda` at
 //!   run time: nothing CUDA is linked, and a CPU machine never touches them. libnvrtc is the one
@@ -16,12 +18,16 @@
 //! Every kernel has a CPU reference and a check (`check.rs`) run by the tests on a GPU and by
 //! `tuner kernels`, which also times each kernel against the card's copy bandwidth.
 
+pub mod altup_correct;
+pub mod altup_predict;
+pub mod autograd;
 pub mod check;
 pub mod checker;
 pub mod dequant_4bit;
 pub mod glu;
 pub mod rms_norm;
 pub mod rope;
+pub mod topk_glu;
 pub mod varlen;
 
 use std::collections::HashMap;
@@ -44,7 +50,7 @@ pub fn cuda_profiler(on: bool) {
 
 /// (file, source, kernel names) of every kernel source; each is compiled with
 /// kernels/prelude.cuh in front.
-const SOURCES: [(&str, &str, &[&str]); 4] = [
+const SOURCES: [(&str, &str, &[&str]); 7] = [
     ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit"]),
     (
         "rms_norm.cu",
@@ -53,6 +59,9 @@ const SOURCES: [(&str, &str, &[&str]); 4] = [
     ),
     ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope"]),
     ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),
+    ("topk_glu.cu", include_str!("../../kernels/topk_glu.cu"), &["topk_glu_fwd", "topk_glu_bwd"]),
+    ("altup_predict.cu", include_str!("../../kernels/altup_predict.cu"), &["altup_predict_fwd", "altup_predict_bwd"]),
+    ("altup_correct.cu", include_str!("../../kernels/altup_correct.cu"), &["altup_correct_fwd", "altup_correct_bwd"]),
 ];
 const PRELUDE: &str = include_str!("../../kernels/prelude.cuh");
 
@@ -213,6 +222,14 @@ pub(crate) fn usable<'a>(kernels: Option<&'a Kernels>, ts: &[&Tensor]) -> Option
     let k = kernels?;
     let ok =
         ts.iter().all(|t| t.device() == Device::Cuda(k.ordinal) && t.is_contiguous() && dtype_code(t.kind()).is_some());
+    ok.then_some(k)
+}
+
+/// Whether `kernels` can run on `ts` once they are made contiguous: all on its device, in a
+/// handled dtype (the fused autograd ops copy strided inputs).
+pub(crate) fn on_device<'a>(kernels: Option<&'a Kernels>, ts: &[&Tensor]) -> Option<&'a Kernels> {
+    let k = kernels?;
+    let ok = ts.iter().all(|t| t.device() == Device::Cuda(k.ordinal) && dtype_code(t.kind()).is_some());
     ok.then_some(k)
 }
 

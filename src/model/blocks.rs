@@ -200,7 +200,7 @@ impl Mlp {
             GateUp::Split { gate_proj, up_proj } => (gate_proj.forward(x, train), up_proj.forward(x, train)),
             GateUp::Fused { gate_up_proj } => halves(gate_up_proj.forward(x, train)),
         };
-        self.down_proj.forward(&glu::forward(&g, &u, glu::Act::Silu, self.kernels()), train)
+        self.down_proj.forward(&glu::forward(&g, &u, glu::Act::Silu, self.down_proj.kernels.as_ref()), train)
     }
 
     /// The hand-written backward of [`Mlp::forward`] (no LoRA dropout): recomputes the forward
@@ -211,7 +211,7 @@ impl Mlp {
             GateUp::Split { gate_proj, up_proj } => {
                 let (g, g_saved) = gate_proj.forward_saving(x);
                 let (u, u_saved) = up_proj.forward_saving(x);
-                let act = glu::forward(&g, &u, glu::Act::Silu, k);
+                let act = glu::forward(&g, &u, glu::Act::Silu, self.down_proj.kernels.as_ref());
                 let d_act = self.down_proj.backward(&act, None, dy);
                 drop(act);
                 let (dg, du) = glu::backward(&d_act, &g, &u, glu::Act::Silu, k);
@@ -222,7 +222,7 @@ impl Mlp {
             GateUp::Fused { gate_up_proj } => {
                 let (gu, saved) = gate_up_proj.forward_saving(x);
                 let (g, u) = halves(gu);
-                let act = glu::forward(&g, &u, glu::Act::Silu, k);
+                let act = glu::forward(&g, &u, glu::Act::Silu, self.down_proj.kernels.as_ref());
                 let d_act = self.down_proj.backward(&act, None, dy);
                 drop(act);
                 let (dg, du) = glu::backward(&d_act, &g, &u, glu::Act::Silu, k);
@@ -311,13 +311,13 @@ impl Rope {
     /// RoPE on `x` `[B, T, heads, d]` (the projection's own layout; no transposes): the fused
     /// kernel, in place, when `x` needs no gradient on a GPU, else [`Rope::apply`]'s math.
     pub fn apply_bthd(&self, x: Tensor) -> Tensor {
-        rope::apply(x, &self.cos, &self.sin, false, self.kernels.as_deref())
+        rope::apply(x, &self.cos, &self.sin, false, self.kernels.as_ref())
     }
 
     /// The backward of [`Rope::apply_bthd`] for upstream `dy` `[B, T, heads, d]` (in place on it
     /// with the kernel).
     pub fn backward_bthd(&self, dy: Tensor) -> Tensor {
-        rope::apply(dy.contiguous(), &self.cos, &self.sin, true, self.kernels.as_deref())
+        rope::apply(dy.contiguous(), &self.cos, &self.sin, true, self.kernels.as_ref())
     }
 
     /// `x·cos + rotate_half(x)·sin` for `x` `[B, heads, T, d]`.

@@ -63,7 +63,7 @@ impl GegluMlp {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let g = self.gate_proj.forward(x, train);
         let u = self.up_proj.forward(x, train);
-        let k = self.gate_proj.kernels.as_deref();
+        let k = self.gate_proj.kernels.as_ref();
         self.down_proj.forward(&crate::kernels::glu::forward(&g, &u, crate::kernels::glu::Act::GeluTanh, k), train)
     }
 }

@@ -31,6 +31,8 @@ use super::gemma2::{decoder_prefix, embed_scale, softcap};
 use super::kv_cache::{cached_attention_mask, KvCache};
 use super::linear::Linear;
 use super::{Batch, CausalLm, Config, LoadOptions, Weights};
+use crate::kernels::{altup_correct, altup_predict, glu, topk_glu, Kernels};
+use std::sync::Arc;
 
 /// Gemma 3n RMSNorm: `(x_f32 · rsqrt(mean(x²) + eps) · w_f32).to(D)`; no weight for v_norm.
 struct Norm {
@@ -82,17 +84,6 @@ fn to_magnitude(x: &Tensor, target: &Tensor) -> Tensor {
     x * target / m
 }
 
-/// `Σ_q r[.., p, q] · s[.., q, :]` for the per-token coefficients `r` `[B, T, N, N]` and the
-/// streams `s` `[B, T, N, H]`: `[B, T, N, H]` in s's dtype. HF writes it as a batched matmul of
-/// one `[H, N] × [N, N]` product per token, which cuBLAS runs as thousands of tiny GEMMs (~0.6 ms
-/// per call on E4B's 4,096 tokens, with its backward twice that); here it is one broadcast
-/// product summed over q, in f32 as the GEMM accumulates (bf16 products are exact in f32), then
-/// rounded once.
-fn mix_streams(r: &Tensor, s: &Tensor) -> Tensor {
-    let prod = r.to_kind(Kind::Float).unsqueeze(-1) * s.to_kind(Kind::Float).unsqueeze(2);
-    prod.sum_dim_intlist(3, false, Kind::Float).to_kind(s.kind())
-}
-
 /// `sqrt(mean(x²))` over the last dimension, in x's dtype, with gradient 0 (not NaN) where the
 /// mean is 0. HF writes `mean(x²) ** 0.5`, whose derivative at 0 is `0 · ∞ = NaN`; HF never
 /// reaches it, since its padding queries attend to the real tokens, but here a padding position
@@ -128,7 +119,7 @@ impl Attention {
     fn q(&self, x: &Tensor, rope: &Rope, train: bool) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let q = self.q_norm.forward(&self.q_proj.forward(x, train).view([b, t, self.num_heads, self.head_dim]));
-        rope.apply(&q.transpose(1, 2))
+        rope.apply_bthd(q).transpose(1, 2)
     }
 
     /// This layer's own k and v `[B, n_kv, T, d]` (k normed and rotated, v scale-free normed).
@@ -140,7 +131,7 @@ impl Attention {
         };
         let k = k_norm.forward(&k_proj.forward(x, train).view([b, t, self.num_kv_heads, self.head_dim]));
         let v = self.v_norm.forward(&v_proj.forward(x, train).view([b, t, self.num_kv_heads, self.head_dim]));
-        (rope.apply(&k.transpose(1, 2)), v.transpose(1, 2))
+        (rope.apply_bthd(k).transpose(1, 2), v.transpose(1, 2))
     }
 }
 
@@ -155,16 +146,14 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut g = self.gate_proj.forward(x, train);
-        if self.sparsity > 0.0 {
-            let mult = std_multiplier(self.sparsity, g.kind());
-            // One Welford pass for both (torch.std_mean), not a mean and a std pass.
-            let (std, mean) = g.std_mean_correction(&[-1i64][..], 0, true);
-            g = (&g - (mean + std * mult)).relu();
-        }
+        let g = self.gate_proj.forward(x, train);
         let u = self.up_proj.forward(x, train);
-        let a =
-            crate::kernels::glu::forward(&g, &u, crate::kernels::glu::Act::GeluTanh, self.gate_proj.kernels.as_deref());
+        let kernels = self.gate_proj.kernels.as_ref();
+        let a = if self.sparsity > 0.0 {
+            topk_glu::forward(&g, &u, std_multiplier(self.sparsity, g.kind()), kernels)
+        } else {
+            glu::forward(&g, &u, glu::Act::GeluTanh, kernels)
+        };
         self.down_proj.forward(&a, train)
     }
 }
@@ -250,6 +239,8 @@ pub(crate) struct Gemma3n {
     norm: Norm,
     inv_freq: Tensor,
     inv_freq_local: Tensor,
+    /// The CUDA kernels (RoPE, AltUp), when on a GPU with them on.
+    kernels: Option<Arc<Kernels>>,
 }
 
 /// Which layers produce and which share K/V (docs/model-math.md §1.6): a shared layer of a type reads
@@ -408,6 +399,7 @@ impl Gemma3n {
             kv,
             inv_freq: inv,
             inv_freq_local: inv_local,
+            kernels: l.kernels.clone(),
             config,
             g,
         })
@@ -423,6 +415,7 @@ impl Gemma3n {
 
     fn rope(&self, i: usize, positions: &Tensor, kind: Kind) -> Rope {
         Rope::new(if self.sliding(i) { &self.inv_freq_local } else { &self.inv_freq }, positions, kind)
+            .with_kernels(self.kernels.clone())
     }
 
     fn window(&self, i: usize) -> Option<i64> {
@@ -484,11 +477,12 @@ impl Gemma3n {
     ) -> Tensor {
         let layer = &self.layers[i];
         let (b, t, n, _) = streams.size4().unwrap_or_default();
+        let kernels = self.kernels.as_ref();
         // AltUp predict: pred[p] = S[p] + Σ_q R[p, q]·S[q].
         let active = streams.select(2, 0);
         let m = layer.altup.modalities(&active);
         let r = m.linear::<Tensor>(&layer.altup.prediction_coefs, None).view([b, t, n, n]);
-        let pred = streams + mix_streams(&r, streams);
+        let pred = altup_predict::forward(streams, &r, kernels);
         let a = pred.select(2, 0);
         let an = layer.input_layernorm.forward(&a);
         let lz = &layer.laurel;
@@ -500,18 +494,17 @@ impl Gemma3n {
             .post_feedforward_layernorm
             .forward(&layer.mlp.forward(&layer.pre_feedforward_layernorm.forward(&x), train));
         let out = &x + f;
-        // AltUp correct: C[p] = pred[p] + (coef[p] + 1)·(out − pred[0]).
+        // AltUp correct: C[p] = pred[p] + (coef[p] + 1)·(out − pred[0]); the per-layer input's
+        // projection g, gated by the corrected active stream, goes to streams 1..N.
         let c = layer.altup.modalities(&out).linear::<Tensor>(&layer.altup.correction_coefs, None) + 1.0;
-        let innovation = (&out - &a).unsqueeze(2);
-        let corrected = innovation * c.unsqueeze(-1) + &pred;
-        let mut first = corrected.select(2, 0);
+        let mut first = altup_correct::first_stream(&pred, &out, &c);
         if self.g.altup_correct_scale {
             first = &first * &layer.altup.correct_output_scale;
         }
-        let gate = layer.per_layer_input_gate.forward(&first, train).gelu("tanh") * per_layer;
+        let gate =
+            glu::forward(&layer.per_layer_input_gate.forward(&first, train), per_layer, glu::Act::GeluTanh, kernels);
         let g = layer.post_per_layer_input_norm.forward(&layer.per_layer_projection.forward(&gate, train));
-        let rest = corrected.narrow(2, 1, n - 1) + g.unsqueeze(2);
-        Tensor::cat(&[corrected.narrow(2, 0, 1), rest], 2)
+        altup_correct::forward(&pred, &out, &c, &g, kernels)
     }
 }
 
