@@ -403,10 +403,14 @@ fn transients(c: &Ctx, widest: i64, out: &mut Items) {
     let Ctx { s, device, dt, tokens, .. } = *c;
     out.add("dequantized weight (transient)", 2 * widest * dt, "largest linear, forward and backward".into());
     let rows = crate::train::step::ce_chunk_rows(s.vocab, device).min(tokens);
+    // A GPU chunk is one logits tensor in the compute dtype, its gradient written over it
+    // (kernels/cross_entropy.cu); the CPU reference holds about three in fp32.
+    let (chunk, how) =
+        if device.is_cuda() { (rows * s.vocab * dt, "compute dtype") } else { (3 * rows * s.vocab * 4, "fp32") };
     out.add(
         "cross-entropy chunk",
-        3 * rows * s.vocab * 4 + 2 * tokens * s.hidden * dt,
-        format!("{rows} rows × {} vocab in fp32", s.vocab),
+        chunk + 2 * tokens * s.hidden * dt,
+        format!("{rows} rows × {} vocab in {how}", s.vocab),
     );
     if device.is_cuda() {
         out.add("CUDA context (outside the allocator)", 600 << 20, "typical; not in allocator statistics".into());

@@ -487,3 +487,40 @@ fn a_non_finite_forward_is_reported_with_its_layer() {
     assert!(err.contains("not the cause") && !err.contains("lower train.learning_rate"), "{err}");
     assert!(!d.path().join("runs/t/train/adapter").exists());
 }
+
+/// The training loss computes the logits as `softcap(h·Wᵀ)` from `lm_head_weight` and
+/// `logit_softcap` and differentiates them itself (train/step.rs `chunked_ce_backward`): for
+/// every family, that equals the family's own `logits`, and the loss and its gradient into the
+/// final hidden state equal autograd through `cross_entropy(logits)` (ignored positions included).
+#[test]
+fn every_family_s_loss_equals_autograd_through_its_own_logits() {
+    tch::manual_seed(7);
+    for family in ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3n"] {
+        let m = lora_fixture(family, false, 3, 11);
+        let hidden = m.config().hidden_size;
+        let h = Tensor::randn([2, 6, hidden], (Kind::Float, Device::Cpu));
+        let w = m.lm_head_weight();
+        let raw = h.linear::<Tensor>(&w, None);
+        let capped = match m.logit_softcap() {
+            Some(c) => (&raw / c).tanh() * c,
+            None => raw,
+        };
+        let e = (&capped - m.logits(&h)).abs().max().double_value(&[]);
+        assert!(e < 1e-5, "{family}: logits differ from softcap(h·Wᵀ) by {e:.2e}");
+        assert_eq!(m.logit_softcap().is_some(), family == "gemma2" || family == "gemma3n", "{family}");
+        // The loss and dL/dh against autograd.
+        let labels = Tensor::from_slice(&[5i64, 9, -100, 40, 2, 7, -100, -100, 11, 3, 250, 6]).view([2, 6]);
+        let (denom, scale) = (7.0, 0.5);
+        let x = h.set_requires_grad(true);
+        let targets = Tensor::cat(&[labels.narrow(1, 1, 5), Tensor::full([2, 1], -100, (Kind::Int64, Device::Cpu))], 1);
+        let logits = m.logits(&x).flatten(0, 1);
+        let want = logits.cross_entropy_loss::<Tensor>(&targets.flatten(0, 1), None, tch::Reduction::Sum, -100, 0.0);
+        let g_want = Tensor::run_backward(&[&want * (scale / denom)], &[&x], false, false).remove(0);
+        let y = x.detach().set_requires_grad(true);
+        let got = step::chunked_ce_backward(m.as_ref(), &y, &labels, denom, scale);
+        let (lw, g) = (want.double_value(&[]), y.grad());
+        assert!((got - lw).abs() < 1e-4 * lw, "{family}: loss {got} vs {lw}");
+        let eg = (&g - &g_want).abs().max().double_value(&[]) / g_want.abs().max().double_value(&[]);
+        assert!(eg < 1e-5, "{family}: dL/dh differs from autograd by {eg:.2e}");
+    }
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-use super::altup_predict::MAX_STREAMS;
+use super::altup_predict::{wide, MAX_STREAMS};
 use super::autograd;
 use super::checker::{name, rel_err, tol, Checker};
 use super::{dtype_code, on_device, Args, Kernels};
@@ -111,8 +111,13 @@ fn dims(pred: &Tensor) -> (i64, i64, i64) {
 fn launch_forward(k: &Kernels, pred: &Tensor, out: &Tensor, c: &Tensor, g: &Tensor) -> Result<Tensor> {
     let (rows, n, h) = dims(pred);
     let y = pred.empty_like();
-    let args = Args::default().ptr(pred).ptr(out).ptr(c).ptr(g).ptr(&y).i32(n).i32(h);
-    k.launch("altup_correct_fwd", rows as u32, 256, args.i32(dtype_code(pred.kind()).unwrap_or(0)))?;
+    let dt = dtype_code(pred.kind()).unwrap_or(0);
+    let args = Args::default().ptr(pred).ptr(out).ptr(c).ptr(g).ptr(&y);
+    if wide(n, h, &[pred, out, g, &y]) {
+        k.launch("altup_correct_fwd_x8", rows as u32, 256, args.i32(h / 8).i32(dt))?;
+    } else {
+        k.launch("altup_correct_fwd", rows as u32, 256, args.i32(n).i32(h).i32(dt))?;
+    }
     Ok(y)
 }
 
@@ -134,8 +139,13 @@ fn launch_backward(
     }
     let (rows, n, h) = dims(pred);
     let (dpred, dout, dc, dg) = (pred.empty_like(), out.empty_like(), c.empty_like(), out.empty_like());
+    let dt = dtype_code(pred.kind()).unwrap_or(0);
     let args = Args::default().ptr(dy).ptr(pred).ptr(out).ptr(c).ptr(&dpred).ptr(&dout).ptr(&dc).ptr(&dg);
-    k.launch("altup_correct_bwd", rows as u32, 256, args.i32(n).i32(h).i32(dtype_code(pred.kind()).unwrap_or(0)))?;
+    if wide(n, h, &[dy, pred, out, &dpred, &dout, &dg]) {
+        k.launch("altup_correct_bwd_x8", rows as u32, 256, args.i32(h / 8).i32(dt))?;
+    } else {
+        k.launch("altup_correct_bwd", rows as u32, 256, args.i32(n).i32(h).i32(dt))?;
+    }
     Ok((dpred, dout, dc, dg))
 }
 

@@ -84,11 +84,25 @@ fn dims(s: &Tensor) -> (i64, i64, i64) {
     (s.numel() as i64 / (n * h).max(1), n, h)
 }
 
+/// Whether the 16-byte kernels apply: 4 streams, 2-byte elements, H a multiple of 8, every
+/// `[R, N, H]` / `[R, H]` tensor 16-byte aligned.
+pub(crate) fn wide(n: i64, h: i64, ts: &[&Tensor]) -> bool {
+    n == 4
+        && h % 8 == 0
+        && ts.iter().all(|t| t.kind().elt_size_in_bytes() == 2 && (t.data_ptr() as usize).is_multiple_of(16))
+}
+
 fn launch_forward(k: &Kernels, s: &Tensor, r: &Tensor) -> Result<Tensor> {
     let (rows, n, h) = dims(s);
     let out = s.empty_like();
-    let args = Args::default().ptr(s).ptr(r).ptr(&out).i32(n).i32(h).i32(dtype_code(s.kind()).unwrap_or(0));
-    k.launch("altup_predict_fwd", rows as u32, 256, args)?;
+    let dt = dtype_code(s.kind()).unwrap_or(0);
+    if wide(n, h, &[s, &out]) {
+        let args = Args::default().ptr(s).ptr(r).ptr(&out).i32(h / 8).i32(dt);
+        k.launch("altup_predict_fwd_x8", rows as u32, 256, args)?;
+    } else {
+        let args = Args::default().ptr(s).ptr(r).ptr(&out).i32(n).i32(h).i32(dt);
+        k.launch("altup_predict_fwd", rows as u32, 256, args)?;
+    }
     Ok(out)
 }
 
@@ -104,9 +118,13 @@ fn launch_backward(k: &Kernels, dp: &Tensor, s: &Tensor, r: &Tensor) -> Result<(
     }
     let (rows, n, h) = dims(s);
     let (ds, dr) = (s.empty_like(), r.empty_like());
-    let args =
-        Args::default().ptr(dp).ptr(s).ptr(r).ptr(&ds).ptr(&dr).i32(n).i32(h).i32(dtype_code(s.kind()).unwrap_or(0));
-    k.launch("altup_predict_bwd", rows as u32, 256, args)?;
+    let dt = dtype_code(s.kind()).unwrap_or(0);
+    let args = Args::default().ptr(dp).ptr(s).ptr(r).ptr(&ds).ptr(&dr);
+    if wide(n, h, &[dp, s, &ds]) {
+        k.launch("altup_predict_bwd_x8", rows as u32, 256, args.i32(h / 8).i32(dt))?;
+    } else {
+        k.launch("altup_predict_bwd", rows as u32, 256, args.i32(n).i32(h).i32(dt))?;
+    }
     Ok((ds, dr))
 }
 

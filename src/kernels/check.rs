@@ -6,7 +6,9 @@
 use tch::{Device, Kind, Tensor};
 
 use super::checker::{name, rel_err, time, tol, Checker, Row};
-use super::{altup_correct, altup_predict, dequant_4bit, glu, rms_norm, rope, topk_glu, varlen, Kernels};
+use super::{
+    altup_correct, altup_predict, cross_entropy, dequant_4bit, glu, rms_norm, rope, topk_glu, varlen, Kernels,
+};
 
 /// Measured device copy bandwidth in bytes/s (read + write of a 1 GiB-ish tensor).
 pub fn copy_bandwidth(device: Device) -> f64 {
@@ -30,6 +32,7 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
     topk_glu::check(k, &mut c);
     altup_predict::check(k, &mut c);
     altup_correct::check(k, &mut c);
+    cross_entropy::check(k, &mut c);
     varlen_check(&mut c);
     c.rows
 }

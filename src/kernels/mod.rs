@@ -1,6 +1,6 @@
 //! The CUDA kernels of `kernels/*.cu`, compiled at run time with NVRTC and launched on
 //! libtorch's current stream, with the CPU reference of each beside its launcher
-//! (`dequant_4bit`, `rms_norm`, `rope`, `glu`, and Gemma 3n's `topk_glu`, `altup_predict`,
+//! (`dequant_4bit`, `rms_norm`, `rope`, `glu`, the loss's `cross_entropy`, and Gemma 3n's `topk_glu`, `altup_predict`,
 //! `altup_correct`), and the varlen flash attention libtorch has but tch does not bind (`varlen`).
 //! Ops that need a gradient under autograd run as one node with their hand-written backward
 //! ([`autograd`], kernels/custom_op.cpp).
@@ -23,6 +23,7 @@ pub mod altup_predict;
 pub mod autograd;
 pub mod check;
 pub mod checker;
+pub mod cross_entropy;
 pub mod dequant_4bit;
 pub mod glu;
 pub mod rms_norm;
@@ -50,7 +51,7 @@ pub fn cuda_profiler(on: bool) {
 
 /// (file, source, kernel names) of every kernel source; each is compiled with
 /// kernels/prelude.cuh in front.
-const SOURCES: [(&str, &str, &[&str]); 7] = [
+const SOURCES: [(&str, &str, &[&str]); 8] = [
     ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit"]),
     (
         "rms_norm.cu",
@@ -59,9 +60,18 @@ const SOURCES: [(&str, &str, &[&str]); 7] = [
     ),
     ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope"]),
     ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),
+    ("cross_entropy.cu", include_str!("../../kernels/cross_entropy.cu"), &["cross_entropy"]),
     ("topk_glu.cu", include_str!("../../kernels/topk_glu.cu"), &["topk_glu_fwd", "topk_glu_bwd"]),
-    ("altup_predict.cu", include_str!("../../kernels/altup_predict.cu"), &["altup_predict_fwd", "altup_predict_bwd"]),
-    ("altup_correct.cu", include_str!("../../kernels/altup_correct.cu"), &["altup_correct_fwd", "altup_correct_bwd"]),
+    (
+        "altup_predict.cu",
+        include_str!("../../kernels/altup_predict.cu"),
+        &["altup_predict_fwd", "altup_predict_bwd", "altup_predict_fwd_x8", "altup_predict_bwd_x8"],
+    ),
+    (
+        "altup_correct.cu",
+        include_str!("../../kernels/altup_correct.cu"),
+        &["altup_correct_fwd", "altup_correct_bwd", "altup_correct_fwd_x8", "altup_correct_bwd_x8"],
+    ),
 ];
 const PRELUDE: &str = include_str!("../../kernels/prelude.cuh");
 

@@ -215,6 +215,10 @@ impl<A: Attention> CausalLm for Decoder<A> {
         self.norm.forward(h)
     }
 
+    fn kernels(&self) -> Option<std::sync::Arc<crate::kernels::Kernels>> {
+        self.kernels.clone()
+    }
+
     fn lm_head_weight(&self) -> Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens).shallow_clone()
     }

@@ -309,6 +309,10 @@ impl CausalLm for Gemma {
         self.norm.forward(h)
     }
 
+    fn kernels(&self) -> Option<std::sync::Arc<crate::kernels::Kernels>> {
+        self.norm.kernels.clone()
+    }
+
     fn lm_head_weight(&self) -> Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens).shallow_clone()
     }

@@ -618,6 +618,10 @@ impl CausalLm for Gemma3n {
         self.norm.forward(&mean)
     }
 
+    fn kernels(&self) -> Option<std::sync::Arc<crate::kernels::Kernels>> {
+        self.kernels.clone()
+    }
+
     fn lm_head_weight(&self) -> Tensor {
         self.embed_tokens.shallow_clone()
     }

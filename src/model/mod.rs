@@ -158,7 +158,17 @@ pub trait CausalLm {
     /// The output projection `[V, H]` (the embedding table when tied).
     fn lm_head_weight(&self) -> Tensor;
     /// `h·Wᵀ` `[B, T, V]` in the compute dtype (plus the final softcap, if the family has one).
+    /// Must equal `softcap(h·lm_head_weightᵀ, logit_softcap)`: the training loss computes the
+    /// logits and their gradient from those two (train/step.rs).
     fn logits(&self, h_normed: &Tensor) -> Tensor;
+    /// The final logit softcap `c` (logits `c·tanh(l/c)`), if any.
+    fn logit_softcap(&self) -> Option<f64> {
+        self.config().final_logit_softcapping
+    }
+    /// The CUDA kernels this model was loaded with (`None` on a CPU or with them off).
+    fn kernels(&self) -> Option<std::sync::Arc<crate::kernels::Kernels>> {
+        None
+    }
     /// Embed → layers → norm → logits, no dropout: `[B, T, V]`.
     fn forward(&self, batch: &Batch) -> Tensor {
         let mut h = self.embed(batch);

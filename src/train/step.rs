@@ -17,6 +17,7 @@
 //! - Dropout is seeded per (step, micro-batch, layer), so the recomputation sees
 //!   the same masks and a resumed run the same randomness.
 
+use crate::kernels::cross_entropy;
 use crate::model::{Batch, CausalLm};
 use crate::train::data::MicroBatch;
 use tch::{Device, Kind, Tensor};
@@ -235,14 +236,14 @@ pub fn coalesce(micro: &[MicroBatch], budget: usize) -> Vec<MicroBatch> {
     out
 }
 
-/// Logit rows per cross-entropy chunk: at most ~64 MiB of fp32 logits per chunk on the CPU,
-/// ~128 MiB on a GPU. A chunk's backward holds about three such tensors (the saved log-softmax,
-/// its gradient and the logits' gradient), so this bounds the loss's share of the peak (~0.4 GiB
-/// on a GPU) while each chunk's lm_head matmul stays large (261 rows of a 128k vocabulary, 128
-/// of a 262k one).
+/// Logit rows per cross-entropy chunk. On a GPU the loss kernel (kernels/cross_entropy.cu)
+/// holds one chunk of logits in the compute dtype (2 bytes) and writes their gradient over them:
+/// ~384 MiB (768 rows of a 262k vocabulary, 1,536 of a 128k one), so each chunk's lm_head matmuls
+/// are large and the weight is read a few times per pass, not dozens. On the CPU the f32
+/// reference holds about three f32 chunks: ~64 MiB each.
 pub fn ce_chunk_rows(vocab: i64, device: Device) -> i64 {
-    let budget: i64 = if device.is_cuda() { 128 << 20 } else { 64 << 20 };
-    (budget / (4 * vocab.max(1))).clamp(16, 8192)
+    let (budget, bytes): (i64, i64) = if device.is_cuda() { (384 << 20, 2) } else { (64 << 20, 4) };
+    (budget / (bytes * vocab.max(1))).clamp(16, 8192)
 }
 
 fn layer_seed(seed: u64, step: u64, micro: usize, layer: usize) -> i64 {
@@ -346,9 +347,16 @@ fn shifted_targets(labels: &Tensor) -> (Tensor, Tensor) {
     (targets, keep)
 }
 
-/// Cross-entropy over the trained positions of `h_normed` `[B,T,H]` (graph
-/// root), chunked; backpropagates `scale · Σ nll / denom` into `h_normed`.
-/// Returns the summed NLL (unscaled) as f64.
+/// Cross-entropy over the trained positions of `h_normed` `[B,T,H]` (graph root), chunked;
+/// backpropagates `scale · Σ nll / denom` into `h_normed`. Returns the summed NLL (unscaled) as
+/// f64.
+///
+/// The loss and its gradient do not go through autograd: per chunk, the logits `x·Wᵀ` (no
+/// graph), the NLL and the gradient with respect to the raw logits (softcap included) from
+/// [`cross_entropy::loss_and_grad`] (the kernel on a GPU, in place over the logits), then
+/// `dx = dlogits·W`. Only `h_normed`'s own graph is differentiated, once, at the end. This relies
+/// on every family's logits being `softcap(h·Wᵀ)` ([`CausalLm::logit_softcap`]), which
+/// tests/train.rs holds for each family.
 pub fn chunked_ce_backward(model: &dyn CausalLm, h_normed: &Tensor, labels: &Tensor, denom: f64, scale: f64) -> f64 {
     let (b, t, hdim) = h_normed.size3().unwrap_or((1, 1, 1));
     let (targets, keep) = shifted_targets(labels);
@@ -356,26 +364,32 @@ pub fn chunked_ce_backward(model: &dyn CausalLm, h_normed: &Tensor, labels: &Ten
     if n == 0 {
         return 0.0;
     }
-    let leaf = h_normed.detach().flatten(0, 1).set_requires_grad(true);
-    let rows = ce_chunk_rows(model.lm_head_weight().size()[0], h_normed.device());
+    let flat = h_normed.detach().flatten(0, 1);
+    let w = model.lm_head_weight();
+    let (cap, kernels) = (model.logit_softcap(), model.kernels());
+    let rows = ce_chunk_rows(w.size()[0], h_normed.device());
+    let mut grad = flat.zeros_like();
     // Summed on the device: reading each chunk's loss back would stall the GPU queue per chunk.
     let mut total = Tensor::zeros([], (Kind::Double, h_normed.device()));
     let mut start = 0;
-    while start < n {
-        let len = rows.min(n - start);
-        let idx = keep.narrow(0, start, len);
-        // The f32 logits go out of scope before the backward: autograd keeps the log-softmax,
-        // not them, so they are freed a chunk's backward earlier.
-        let nll = {
-            let logits = model.logits(&leaf.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
-            logits.cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0)
-        };
-        total += nll.detach().to_kind(Kind::Double);
-        (nll * (scale / denom)).backward();
-        start += len;
-    }
-    let grad = leaf.grad().view([b, t, hdim]);
-    (h_normed * grad.to_kind(h_normed.kind())).sum(Kind::Float).backward();
+    tch::no_grad(|| {
+        while start < n {
+            let len = rows.min(n - start);
+            let idx = keep.narrow(0, start, len);
+            let logits = flat.index_select(0, &idx).linear::<Tensor>(&w, None);
+            let (nll, dlogits) = cross_entropy::loss_and_grad(
+                logits,
+                &targets.index_select(0, &idx),
+                cap,
+                scale / denom,
+                kernels.as_deref(),
+            );
+            total += nll.sum(Kind::Double);
+            let _ = grad.index_copy_(0, &idx, &dlogits.matmul(&w).to_kind(grad.kind()));
+            start += len;
+        }
+    });
+    (h_normed * grad.view([b, t, hdim])).sum(Kind::Float).backward();
     total.double_value(&[])
 }
 
@@ -564,16 +578,17 @@ pub fn eval_nll(model: &dyn CausalLm, mb: &MicroBatch, o: &StepOptions) -> (f64,
     let (targets, keep) = shifted_targets(&labels);
     let n = keep.size()[0];
     let flat = hn.flatten(0, 1);
-    let rows = ce_chunk_rows(model.lm_head_weight().size()[0], flat.device());
+    let w = model.lm_head_weight();
+    let (cap, kernels) = (model.logit_softcap(), model.kernels());
+    let rows = ce_chunk_rows(w.size()[0], flat.device());
     let mut total = Tensor::zeros([], (Kind::Double, flat.device()));
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
         let idx = keep.narrow(0, start, len);
-        let logits = model.logits(&flat.index_select(0, &idx).unsqueeze(0)).squeeze_dim(0).to_kind(Kind::Float);
-        total += logits
-            .cross_entropy_loss::<Tensor>(&targets.index_select(0, &idx), None, tch::Reduction::Sum, -100, 0.0)
-            .to_kind(Kind::Double);
+        let logits = flat.index_select(0, &idx).linear::<Tensor>(&w, None);
+        let t = targets.index_select(0, &idx);
+        total += cross_entropy::nll(logits, &t, cap, kernels.as_deref()).sum(Kind::Double);
         start += len;
     }
     (total.double_value(&[]), n)
