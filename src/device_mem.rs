@@ -41,16 +41,6 @@ pub fn cuda(device: usize) -> Option<CudaMem> {
     }
 }
 
-/// Total memory of CUDA device `device` in bytes (driver API), or None.
-pub fn cuda_total_bytes(device: usize) -> Option<u64> {
-    if !tch::Cuda::is_available() {
-        return None;
-    }
-    let ctx = cudarc::driver::CudaContext::new(device).ok()?;
-    ctx.bind_to_thread().ok()?;
-    cudarc::driver::result::mem_get_info().ok().map(|(_free, total)| total as u64)
-}
-
 /// Reset the peak counters of CUDA device `device` (no-op without CUDA).
 pub fn reset_cuda_peak(device: usize) {
     #[cfg(tuner_cuda_shim)]
@@ -60,6 +50,14 @@ pub fn reset_cuda_peak(device: usize) {
     }
     #[cfg(not(tuner_cuda_shim))]
     let _ = device;
+}
+
+/// The host memory available to new allocations (`MemAvailable` of /proc/meminfo), in bytes;
+/// `None` where it cannot be read.
+pub fn host_available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    Some(kib * 1024)
 }
 
 /// Peak and current resident memory of this process in bytes (CPU), from /proc.

@@ -15,7 +15,7 @@
 //! working set depends on the backward (hand-written or autograd); its factor is fitted to the
 //! allocator peaks measured on an H200 (docs/benchmarks.md), which tests/plan.rs checks.
 
-use crate::recipe::{QuantMethod, Recipe};
+use crate::recipe::{QuantMethod, Recipe, Switch};
 use crate::train::optim::AdamW;
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -145,6 +145,17 @@ pub struct Plan {
     /// `train.coalesce` decided: the step's rows run as packed passes of at most this many
     /// tokens (`None`: micro-batch by micro-batch).
     pub coalesce_tokens: Option<u64>,
+    /// `train.offload_activations` decided ([`auto_offload`] for "auto"): the checkpointed layer
+    /// inputs live in pinned host memory.
+    pub offload_activations: bool,
+}
+
+/// `train.offload_activations = "auto"`: offload the checkpointed layer inputs wherever that is
+/// possible (CUDA with gradient checkpointing) and they take at most half of the host memory
+/// available now. On the H200 it cost 0.5% of tokens/s on the Llama-3.1-8B shape at 2048 × 2 and
+/// took its peak from 7.52 to 6.61 GiB (docs/benchmarks.md), so it is on by default.
+pub fn auto_offload(offloaded_bytes: u64, host_available: Option<u64>) -> bool {
+    host_available.is_some_and(|a| offloaded_bytes.saturating_mul(2) <= a)
 }
 
 fn dtype_bytes(k: tch::Kind) -> i64 {
@@ -217,7 +228,7 @@ pub fn estimate(r: &Recipe, model: &Path) -> Result<Plan> {
     let mut out = Items::default();
     weights(&c, &mut out);
     adapters(&c, &mut out);
-    let coalesce_tokens = activations(&c, &mut out);
+    let (coalesce_tokens, offload_activations) = activations(&c, &mut out);
     let widest = shape.linears().iter().map(|(_, i, o)| i * o).max().unwrap_or(0);
     transients(&c, widest, &mut out);
     let Items { items, host: host_items } = out;
@@ -260,6 +271,7 @@ pub fn estimate(r: &Recipe, model: &Path) -> Result<Plan> {
         load_bytes,
         total_bytes: train_bytes.max(load_bytes),
         coalesce_tokens,
+        offload_activations,
     })
 }
 
@@ -333,7 +345,8 @@ fn adapters(c: &Ctx, out: &mut Items) {
 
 /// Activations: checkpointed layer inputs, one layer's working set, or everything without
 /// checkpointing. Returns the coalesced pass's token budget, if any.
-fn activations(c: &Ctx, out: &mut Items) -> Option<u64> {
+/// The activations' items; returns `train.coalesce`'s and `train.offload_activations`' decisions.
+fn activations(c: &Ctx, out: &mut Items) -> (Option<u64>, bool) {
     let Ctx { r, s, device, dt, b, seq, tokens } = *c;
     let t = &r.train;
     // Activations.
@@ -363,10 +376,16 @@ fn activations(c: &Ctx, out: &mut Items) -> Option<u64> {
     // 131k tokens (docs/benchmarks.md; tests/plan.rs holds the estimate to them).
     let hand = device.is_cuda() && t.cuda_kernels && s.hand_backward && r.lora.dropout == 0.0;
     // Offloaded layer inputs live in pinned host memory; the GPU holds the one in use and the one
-    // prefetched. ("auto" is decided from this estimate without offload, so it counts as off.)
-    let offload = device.is_cuda() && t.gradient_checkpointing && t.offload_activations == crate::recipe::Switch::On;
+    // prefetched.
+    let inputs = s.layers * tokens * width * dt;
+    let offload = device.is_cuda()
+        && t.gradient_checkpointing
+        && match t.offload_activations {
+            Switch::On => true,
+            Switch::Off => false,
+            Switch::Auto => auto_offload((inputs + carried) as u64, crate::device_mem::host_available_bytes()),
+        };
     if t.gradient_checkpointing {
-        let inputs = s.layers * tokens * width * dt;
         if offload {
             // Gemma 3n's inputs also carry up to two producers' K and V.
             let carry_width = if s.gemma3n.is_some() { 4 * kv } else { 0 };
@@ -395,7 +414,7 @@ fn activations(c: &Ctx, out: &mut Items) -> Option<u64> {
     } else {
         out.add("all layer activations", s.layers * layer_ws + layer_ws + carried, "no checkpointing".into());
     }
-    coalesce_tokens
+    (coalesce_tokens, offload)
 }
 
 /// The dequantized weight, the cross-entropy chunk and the runtime.

@@ -13,7 +13,8 @@
 # Needs: .device/tuner (stripped release binary), the peers' wheels installed by install.sh into
 # .device/pysite (race.sh runs install.sh itself when .device/wheels is there but not installed).
 #
-# Peers: tuner, tuner-ref (cuda_kernels = false), tuner-offload (offload_activations = "on"), hf, unsloth.
+# Peers: tuner (the defaults), tuner-ref (cuda_kernels = false), tuner-offload (offload_activations = "on"),
+#   tuner-keep (offload_activations = "off": the layer inputs kept on the GPU), hf, unsloth.
 # Env (defaults): PEERS="tuner hf unsloth"  STEPS=7 (warm-up included)  WARMUP=1  SEQ=2048  BATCH=2
 #   OUT=${OUT:-/tmp/bench-out}  SCRATCH=/tmp/bench  BUDGET_S=570  KEEP_MODELS=0 (1 keeps them for a later call)
 #   T_MODEL=300 T_TUNER=420 T_HF=420 T_UNSLOTH=540 (per-step timeouts, cut to what the budget has left)
@@ -91,7 +92,7 @@ for shape in "$@"; do
     J=$D/$p.json L=$D/$p.log
     rm -f "$J"
     case $p in
-      tuner|tuner-ref|tuner-offload) lim=$(limit "$T_TUNER") ;;
+      tuner|tuner-ref|tuner-offload|tuner-keep) lim=$(limit "$T_TUNER") ;;
       hf) lim=$(limit "$T_HF") ;;
       unsloth) lim=$(limit "$T_UNSLOTH") ;;
       *) skip "$J" "$p" "$shape" "unknown peer $p"; continue ;;
@@ -99,12 +100,13 @@ for shape in "$@"; do
     peer_time "$J" "$p" "$shape" || continue
     say "$shape: $p (limit ${lim}s)"
     case $p in
-      tuner|tuner-ref|tuner-offload)
+      tuner|tuner-ref|tuner-offload|tuner-keep)
         # tuner-ref: the same run on the reference path (no CUDA kernels, autograd backward);
-        # tuner-offload: with the checkpointed layer inputs in pinned host memory.
+        # tuner-offload / tuner-keep: with the checkpointed layer inputs in pinned host memory / on the GPU.
         set_ref=()
         [ "$p" = tuner-ref ] && set_ref=(--set train.cuda_kernels=false)
         [ "$p" = tuner-offload ] && set_ref=(--set train.offload_activations=on)
+        [ "$p" = tuner-keep ] && set_ref=(--set train.offload_activations=off)
         if [ ! -x "$TUNER_BIN" ]; then skip "$J" "$p" "$shape" "no tuner binary at $TUNER_BIN"; continue; fi
         "$PY" "$HERE/tuner_recipe.py" "$shape" "$M" "$W/$p" --steps "$STEPS" --seq "$SEQ" --batch "$BATCH" --device "$DEVICE" > "$L" 2>&1
         (cd "$W" && LD_LIBRARY_PATH=$TL timeout -k 10 "$lim" "$TUNER_BIN" run "$W/$p/recipe.toml" "${set_ref[@]}" --run-dir "$W/$p/run" --until train) >> "$L" 2>&1

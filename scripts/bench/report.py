@@ -11,8 +11,8 @@ import glob
 import json
 import os
 
-ORDER = {"tuner": 0, "tuner-ref": 1, "tuner-offload": 2, "hf": 3, "unsloth": 4}
-NAMES = {"tuner": "tuner", "tuner-ref": "tuner, reference path (cuda_kernels = false)", "tuner-offload": "tuner, activations offloaded (offload_activations = on)", "hf": "HF transformers + peft + bnb", "unsloth": "Unsloth"}
+ORDER = {"tuner": 0, "tuner-ref": 1, "tuner-offload": 2, "tuner-keep": 3, "hf": 4, "unsloth": 5}
+NAMES = {"tuner": "tuner", "tuner-ref": "tuner, reference path (cuda_kernels = false)", "tuner-offload": "tuner, activations offloaded (offload_activations = on)", "tuner-keep": "tuner, activations kept on the GPU (offload_activations = off)", "hf": "HF transformers + peft + bnb", "unsloth": "Unsloth"}
 
 
 def fmt(x, spec):

@@ -514,8 +514,8 @@ pub struct TrainSection {
     /// reference (torch-op, autograd) path, as on a CPU.
     pub cuda_kernels: bool,
     /// Keep the checkpointed layer inputs in pinned host memory during a step (CUDA, with
-    /// gradient checkpointing): "on", "off", or "auto" (on when `tuner plan`'s estimate exceeds
-    /// 90% of the device's memory).
+    /// gradient checkpointing): "on", "off", or "auto" (on where the host has room:
+    /// [`crate::plan::auto_offload`]).
     pub offload_activations: Switch,
     /// Run the rows of a step's micro-batches together as packed varlen passes (one document
     /// per row, no padding; the same loss and gradients): "auto" (on where attention takes the

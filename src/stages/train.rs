@@ -55,8 +55,8 @@ impl Stage for Train {
             crate::recipe::Source::Hub { repo } => repo,
             crate::recipe::Source::Local(p) => p.display().to_string(),
         };
-        let planned_bytes = (r.train.offload_activations == crate::recipe::Switch::Auto)
-            .then(|| crate::plan::estimate(r, &model.dir).ok().map(|p| p.total_bytes))
+        let planned_offload = (r.train.offload_activations == crate::recipe::Switch::Auto)
+            .then(|| crate::plan::estimate(r, &model.dir).ok().map(|p| p.offload_activations))
             .flatten();
         let inputs = crate::train::TrainInputs {
             recipe: r,
@@ -65,7 +65,7 @@ impl Stage for Train {
             examples: super::tokenize::read_split(ctx, "train")?,
             eval_examples: if r.train.eval_steps > 0 { super::tokenize::read_split(ctx, "eval")? } else { vec![] },
             fingerprint: fp,
-            planned_bytes,
+            planned_offload,
             interrupted: &ctx.interrupted,
             dist: ctx.dist.as_ref(),
         };

@@ -73,9 +73,9 @@ fn profile_window(device: Device) -> Result<Option<step::ProfileWindow>> {
 }
 
 /// Whether to offload the checkpointed layer inputs (`train.offload_activations`): "on" and
-/// "auto" apply only on CUDA with gradient checkpointing; "auto" when `tuner plan`'s estimate
-/// (`planned_bytes`) exceeds 90% of the device's memory. Says what it decided.
-fn offload_activations(t: &TrainSection, planned_bytes: Option<u64>, device: Device) -> Result<bool> {
+/// "auto" apply only on CUDA with gradient checkpointing; "auto" follows `tuner plan`'s decision
+/// (`planned`, [`crate::plan::auto_offload`]: on where the host has room). Says what it decided.
+fn offload_activations(t: &TrainSection, planned: Option<bool>, device: Device) -> Result<bool> {
     let possible = device.is_cuda() && t.gradient_checkpointing;
     let on = match t.offload_activations {
         Switch::Off => false,
@@ -86,12 +86,7 @@ fn offload_activations(t: &TrainSection, planned_bytes: Option<u64>, device: Dev
             false
         }
         Switch::On => true,
-        Switch::Auto if !possible => false,
-        Switch::Auto => {
-            let Device::Cuda(i) = device else { return Ok(false) };
-            let total = crate::device_mem::cuda_total_bytes(i).unwrap_or(u64::MAX);
-            planned_bytes.unwrap_or(0) as f64 > 0.9 * total as f64
-        }
+        Switch::Auto => possible && planned.unwrap_or(false),
     };
     if on {
         crate::train::offload::Offloader::new(device, 1)?;
@@ -113,8 +108,8 @@ pub struct TrainInputs<'a> {
     pub eval_examples: Vec<Example>,
     /// The train fingerprint: checkpoints written under another one are set aside.
     pub fingerprint: &'a str,
-    /// `tuner plan`'s estimate of the peak memory, for `offload_activations = "auto"`.
-    pub planned_bytes: Option<u64>,
+    /// `tuner plan`'s decision for `offload_activations = "auto"` ([`crate::plan::auto_offload`]).
+    pub planned_offload: Option<bool>,
     /// Set by Ctrl-C: training stops after the step, with a checkpoint.
     pub interrupted: &'a AtomicBool,
     /// The process group when this process is one rank of several.
@@ -273,7 +268,7 @@ impl<'a> Session<'a> {
             seed: crate::dist::dropout_seed(r.run.seed, rank),
             loss_scale: 1.0,
             hand_backward: device.is_cuda() && t.cuda_kernels,
-            offload: offload_activations(t, inp.planned_bytes, device)?,
+            offload: offload_activations(t, inp.planned_offload, device)?,
             profile: profile_window(device)?,
             coalesce,
             detect_anomaly: t.detect_anomaly,
