@@ -9,6 +9,7 @@ mod gemma;
 mod generate;
 mod gguf;
 mod gguf_export;
+mod gguf_spm;
 mod grads;
 mod hub;
 mod import;

@@ -771,11 +771,20 @@ fn tokenizer_adds_bos_only_when_asked() {
 }
 
 #[test]
-fn sentencepiece_tokenizer_and_other_architectures_are_refused() {
+fn sentencepiece_vocabulary_without_scores_and_other_architectures_are_refused() {
+    // A `llama` (SentencePiece) vocabulary is rebuilt from its scores (tests/gguf_spm.rs);
+    // without them there is no merge order, and the error says so.
     let dir = tempfile::tempdir().unwrap();
-    let p = write_tmp(dir.path(), "spm.gguf", &mini_gguf(3, &[("tokenizer.ggml.model", V::S("llama"))], &[], 32));
+    let kvs = [
+        ("tokenizer.ggml.model", V::S("llama")),
+        ("tokenizer.ggml.tokens", V::Arr(8, vec![V::S("<unk>"), V::S("a"), V::S("b")])),
+    ];
+    let p = write_tmp(dir.path(), "spm.gguf", &mini_gguf(3, &kvs, &[], 32));
     let err = tokenizer_json(&GgufFile::open(&p).unwrap()).unwrap_err().to_string();
-    assert!(err.contains("SentencePiece") && err.contains("spm.gguf"), "{err}");
+    assert!(err.contains("no tokenizer.ggml.scores") && err.contains("spm.gguf"), "{err}");
+    let p = write_tmp(dir.path(), "rwkv.gguf", &mini_gguf(3, &[("tokenizer.ggml.model", V::S("rwkv"))], &[], 32));
+    let err = tokenizer_json(&GgufFile::open(&p).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("`rwkv` is not supported") && err.contains("llama (SentencePiece)"), "{err}");
 
     let p = write_tmp(dir.path(), "qwen.gguf", &mini_gguf(3, &[("general.architecture", V::S("qwen2"))], &[], 32));
     let out = dir.path().join("out");

@@ -407,6 +407,7 @@ fn model_files() -> Vec<FakeFile> {
         small("special_tokens_map.json", r#"{"eos_token":"</s>"}"#),
         small("tokenizer.json", r#"{"version":"1.0","model":{"type":"BPE"}}"#),
         small("tokenizer_config.json", r#"{"model_max_length":64}"#),
+        small("tokenizer.model", "\n\u{7}\n\u{5}<unk>"),
         lfs("model.safetensors", noise(WEIGHTS_LEN, 1)),
         lfs("pytorch_model.bin", noise(3000, 2)),
         lfs("model.gguf", noise(1000, 3)),
@@ -632,12 +633,13 @@ fn interop(
 }
 
 /// The files `fetch_model` takes from MODEL.
-const MODEL_FILES: [&str; 6] = [
+const MODEL_FILES: [&str; 7] = [
     "config.json",
     "generation_config.json",
     "model.safetensors",
     "special_tokens_map.json",
     "tokenizer.json",
+    "tokenizer.model",
     "tokenizer_config.json",
 ];
 
@@ -659,6 +661,7 @@ fn snapshot_main_resolves_and_downloads_only_allowed_files() {
         "model.safetensors",
         "special_tokens_map.json",
         "tokenizer.json",
+        "tokenizer.model",
         "tokenizer_config.json",
     ];
     assert_eq!(rel_names(&snap.dir, &snap.files), expected);
@@ -737,7 +740,7 @@ fn fetch_model_takes_the_shards_the_index_lists() {
     assert!(!snap.dir.join("consolidated.safetensors").exists());
 
     let snap = hub.fetch_model(MODEL, "main").unwrap();
-    assert_eq!(walk(&snap.dir).len(), 6);
+    assert_eq!(walk(&snap.dir).len(), 7);
     assert!(!snap.dir.join("pytorch_model.bin").exists() && !snap.dir.join("model.gguf").exists());
 
     let filter = [
@@ -749,9 +752,11 @@ fn fetch_model_takes_the_shards_the_index_lists() {
         "x.gguf",
         "model.onnx",
         "chat_template.jinja",
+        "tokenizer.model",
+        "a/tokenizer.model",
     ];
     let taken: Vec<&str> = filter.into_iter().filter(|n| is_model_file(n)).collect();
-    assert_eq!(taken, ["config.json", "model.safetensors", "chat_template.jinja"]);
+    assert_eq!(taken, ["config.json", "model.safetensors", "chat_template.jinja", "tokenizer.model"]);
 }
 
 #[test]
@@ -1340,7 +1345,7 @@ fn what_tuner_downloads_loads_in_huggingface_hub_offline() {
         report["repos"],
         serde_json::json!([
             {"repo_id": ds, "repo_type": "dataset", "nb_files": 2, "refs": ["main"], "revisions": [commit_id(ds)]},
-            {"repo_id": MODEL, "repo_type": "model", "nb_files": 6, "refs": ["main"], "revisions": [main_commit()]},
+            {"repo_id": MODEL, "repo_type": "model", "nb_files": 7, "refs": ["main"], "revisions": [main_commit()]},
         ])
     );
 

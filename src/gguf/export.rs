@@ -14,20 +14,24 @@
 //!   every row and names the extra ones `[PADn]`, so the file holds the model as trained);
 //! - Llama-3 rope scaling as the `rope_freqs.weight` tensor of per-frequency divisors, linear
 //!   scaling as `rope.scaling.type`/`rope.scaling.factor`; the hyper-parameters in
-//!   [`super::hparams`], the vocabulary in [`super::tokenizer`];
+//!   [`super::hparams`], the vocabulary in [`super::tokenizer`] (byte-level BPE, `gpt2`) or
+//!   [`super::spm_vocab`] (SentencePiece, `llama`: when the folder has `tokenizer.model`, as the
+//!   converter's `set_vocab` prefers it, or a byte-fallback BPE `tokenizer.json`);
 //! - tensor types per [`GgufType::tensor_type`], or for `q4_k_m` llama.cpp's Q4_K_M mix as
 //!   `llama-quantize` chooses it ([`super::kquants::q4_k_m_types`], llama.cpp as vendored in
 //!   llama-cpp-python 0.3.36), quantized from the merged weights as stored (llama-quantize
 //!   starts from an F16 file's values: with `merged_dtype = "fp16"` the two are the same);
 //!   encoded by [`super::write`].
 //!
-//! Other families, and tokenizers that are not byte-level BPE, are refused by name.
+//! Other families, and tokenizers that are neither byte-level BPE nor SentencePiece, are
+//! refused by name.
 
 pub use super::arch::permute_rows;
 use super::arch::GgufArch;
 use super::hparams::{arch_metadata, Meta};
 use super::names::{is_non_text, Names};
 use super::read::GgufFile;
+use super::spm_vocab::SpmSource;
 use super::tokenizer::{pre_tokenizer_name, tokenizer_metadata};
 use super::types::{GgmlType, GgufValue};
 use super::write::{write_file, TensorOut};
@@ -46,8 +50,20 @@ pub use super::write::{quantize_q8_0, GgufType, ALIGNMENT, Q8_0_BLOCK};
 pub struct Support {
     /// The architecture.
     pub arch: GgufArch,
-    /// `tokenizer.ggml.pre`.
-    pub pre: &'static str,
+    /// The vocabulary.
+    pub vocab: Vocab,
+}
+
+/// How the vocabulary is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vocab {
+    /// Byte-level BPE (`tokenizer.ggml.model = gpt2`) with this `tokenizer.ggml.pre`.
+    Gpt2 {
+        /// `tokenizer.ggml.pre`.
+        pre: &'static str,
+    },
+    /// SentencePiece (`tokenizer.ggml.model = llama`) from this source.
+    SentencePiece(SpmSource),
 }
 
 /// Check that `model_dir` (an HF folder) can be written as GGUF; errors say why not.
@@ -79,9 +95,14 @@ pub fn check_supported(model_dir: &Path) -> Result<Support> {
         bail!("GGUF export: llama.cpp's gemma3n takes 4 AltUp streams; this model has {}", g.altup_num_inputs);
     }
     warn_fixed_pattern(&cfg, arch);
-    let tok: Value = util::read_json(&model_dir.join("tokenizer.json"))?;
-    let pre = pre_tokenizer_name(&tok)?;
-    Ok(Support { arch, pre })
+    let tok_path = model_dir.join("tokenizer.json");
+    let has_model = model_dir.join("tokenizer.model").is_file();
+    let tok: Value = if has_model && !tok_path.is_file() { Value::Null } else { util::read_json(&tok_path)? };
+    let vocab = match super::spm_vocab::source(model_dir, &tok)? {
+        Some(source) => Vocab::SentencePiece(source),
+        None => Vocab::Gpt2 { pre: pre_tokenizer_name(&tok)? },
+    };
+    Ok(Support { arch, vocab })
 }
 
 /// llama.cpp fixes which Gemma 2 / 3 layers slide (every 2nd / every 6th is global): say so when
@@ -172,7 +193,11 @@ fn metadata(dir: &Path, support: &Support, ty: GgufType, name: &str) -> Result<M
         ("general.quantization_version".into(), GgufValue::U32(2)),
     ];
     m.extend(arch_metadata(&cfg, &raw, support.arch)?);
-    m.extend(tokenizer_metadata(dir, cfg.vocab_size as usize, support.pre)?);
+    let rows = cfg.vocab_size as usize;
+    m.extend(match support.vocab {
+        Vocab::Gpt2 { pre } => tokenizer_metadata(dir, rows, pre)?,
+        Vocab::SentencePiece(source) => super::spm_vocab::metadata(dir, rows, support.arch, source)?,
+    });
     Ok(m)
 }
 

@@ -8,7 +8,7 @@
 //! ([`unpermute_rows`]: `w.reshape(n_head, rows/n_head/2, 2, cols).swapaxes(1, 2)`), Gemma 2/3's
 //! `1 + w` norm weights, Gemma 3n's stacked AltUp projections, the `{arch}.*` hyper-parameter
 //! keys (config.json per [`super::hf_config`]) and the `tokenizer.ggml.*` vocabulary keys
-//! ([`super::tokenizer`]; GGUF spec, "Standardized key-value pairs").
+//! ([`super::tokenizer`], [`super::spm_vocab`]; GGUF spec, "Standardized key-value pairs").
 //!
 //! Every file is written atomically (temp name in `out_dir`, then rename), and `config.json` is
 //! written last, so a folder with a `config.json` is complete.
@@ -50,8 +50,9 @@ pub use super::hf_config::Params;
 /// Convert the GGUF file `gguf` into an HF-layout folder `out_dir` (created if needed; files
 /// already there with the same names are replaced).
 ///
-/// Only the architectures in [`SUPPORTED_ARCHITECTURES`] with a `gpt2` (byte-level BPE)
-/// tokenizer are supported; anything else is refused, by name, before anything is written.
+/// Only the architectures in [`SUPPORTED_ARCHITECTURES`] with a `gpt2` (byte-level BPE) or
+/// `llama` (SentencePiece) tokenizer are supported; anything else is refused, by name, before
+/// anything is written.
 pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
     let g = GgufFile::open(gguf)?;
     let shown = gguf.display();

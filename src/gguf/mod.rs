@@ -8,7 +8,9 @@
 //! - [`arch`]: the architectures ([`GgufArch`]) and llama.cpp's Q/K row permutation;
 //! - [`names`]: the one two-way HF ↔ GGUF tensor name table;
 //! - [`hparams`]: a model's hyper-parameters as `{arch}.*` key/values;
-//! - [`tokenizer`]: `tokenizer.json` ↔ `tokenizer.ggml.*`;
+//! - [`tokenizer`]: `tokenizer.json` ↔ `tokenizer.ggml.*` (byte-level BPE, `gpt2`);
+//!   [`spm_vocab`]: SentencePiece vocabularies (`llama`) both ways, [`spm`]: the
+//!   `tokenizer.model` reader;
 //! - [`export`]: an HF folder → one GGUF file; [`import`]: a GGUF file → an HF folder.
 //!
 //! Which model family has which architecture is said in the family registry
@@ -24,6 +26,8 @@ pub mod import;
 pub mod kquants;
 pub mod names;
 pub mod read;
+pub mod spm;
+pub mod spm_vocab;
 pub mod tokenizer;
 pub mod types;
 pub mod write;

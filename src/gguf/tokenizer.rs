@@ -7,7 +7,8 @@
 //! (`_set_vocab_gpt2`, `get_vocab_base`: tokens padded with `[PADn]` up to the embedding's row
 //! count, token types normal 1 / control 3 / user-defined 4 / unused 5, `does_token_look_special`,
 //! gguf-py's `SpecialVocab` for special ids and add_bos/add_eos) and the `tokenizers` library's
-//! `tokenizer.json` format.
+//! `tokenizer.json` format. SentencePiece vocabularies (`llama` model) are in
+//! [`super::spm_vocab`], which shares the helpers here.
 
 use super::read::GgufFile;
 use super::types::{GgufArray, GgufValue, GgufValueType};
@@ -39,7 +40,10 @@ pub fn pre_tokenizer_name(tok: &Value) -> Result<&'static str> {
         );
     }
     if model["byte_fallback"].as_bool() == Some(true) {
-        bail!("GGUF export: this is a SentencePiece-style BPE tokenizer (byte_fallback); only byte-level BPE tokenizers are written");
+        bail!(
+            "GGUF export: this is a SentencePiece-style BPE tokenizer (byte_fallback), which is written as a `llama` \
+             vocabulary (gguf::spm_vocab), not as byte-level BPE"
+        );
     }
     let pre = &tok["pre_tokenizer"];
     let byte_level =
@@ -73,7 +77,7 @@ pub fn pre_tokenizer_name(tok: &Value) -> Result<&'static str> {
 }
 
 /// The content of a special-token entry of tokenizer_config.json (a string or `{content}`).
-fn token_content(v: &Value) -> Option<&str> {
+pub(super) fn token_content(v: &Value) -> Option<&str> {
     match v {
         Value::String(s) => Some(s),
         Value::Object(o) => o.get("content").and_then(Value::as_str),
@@ -83,7 +87,7 @@ fn token_content(v: &Value) -> Option<&str> {
 
 /// Whether an added token that is not marked special looks like a control token
 /// (llama.cpp's `does_token_look_special`).
-fn looks_special(t: &str) -> bool {
+pub(super) fn looks_special(t: &str) -> bool {
     ["<pad>", "<mask>", "<2mass>", "[@BOS@]"].contains(&t)
         || (t.starts_with("<|") && t.ends_with("|>"))
         || (t.starts_with("<｜") && t.ends_with("｜>"))
@@ -154,25 +158,32 @@ fn merges_of(tok: &Value, shown: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-/// add_bos/add_eos: what the tokenizer.json post-processor does (what tuner trained with), else
-/// tokenizer_config.json's flags.
-fn add_flags(tok: &Value, tc: &Value, ids: &HashMap<String, u32>, bos: Option<u32>, eos: Option<u32>) -> (bool, bool) {
+/// add_bos/add_eos as the tokenizer.json post-processor's `TemplateProcessing` adds them (what
+/// tuner trained with), if it has one.
+pub(super) fn template_flags(
+    tok: &Value,
+    ids: &HashMap<String, u32>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Option<(bool, bool)> {
     let pp = &tok["post_processor"];
     let template = if pp["type"] == "TemplateProcessing" {
         Some(pp)
     } else {
         pp["processors"].as_array().and_then(|ps| ps.iter().find(|p| p["type"] == "TemplateProcessing"))
-    };
+    }?;
     let special_id_of = |piece: &Value| piece["SpecialToken"]["id"].as_str().and_then(|c| ids.get(c).copied());
-    match template {
-        Some(t) => {
-            let single = t["single"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-            let first = single.first().and_then(special_id_of);
-            let last = single.last().and_then(special_id_of);
-            (first.is_some() && first == bos, last.is_some() && last == eos)
-        }
-        None => (tc["add_bos_token"].as_bool().unwrap_or(false), tc["add_eos_token"].as_bool().unwrap_or(false)),
-    }
+    let single = template["single"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let first = single.first().and_then(special_id_of);
+    let last = single.last().and_then(special_id_of);
+    Some((first.is_some() && first == bos, last.is_some() && last == eos))
+}
+
+/// add_bos/add_eos: what the tokenizer.json post-processor does, else tokenizer_config.json's flags.
+fn add_flags(tok: &Value, tc: &Value, ids: &HashMap<String, u32>, bos: Option<u32>, eos: Option<u32>) -> (bool, bool) {
+    template_flags(tok, ids, bos, eos).unwrap_or_else(|| {
+        (tc["add_bos_token"].as_bool().unwrap_or(false), tc["add_eos_token"].as_bool().unwrap_or(false))
+    })
 }
 
 /// `tokenizer.*` key/values of a byte-level BPE tokenizer.json, padded to `vocab_size` tokens.
@@ -236,7 +247,7 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: &str) -> Result<Ve
 }
 
 /// The vocabulary strings (`tokenizer.ggml.tokens`).
-fn vocab_tokens(g: &GgufFile) -> Result<Vec<&str>> {
+pub(super) fn vocab_tokens(g: &GgufFile) -> Result<Vec<&str>> {
     let shown = g.path().display();
     let tokens = g
         .get_array("tokenizer.ggml.tokens")?
@@ -259,7 +270,7 @@ fn special_token<'t>(g: &GgufFile, tokens: &[&'t str], key: &str) -> Result<Opti
 }
 
 /// The GGUF token types (`tokenizer.ggml.token_type`; all normal when absent), one per token.
-fn token_types(g: &GgufFile, n: usize) -> Result<Vec<i64>> {
+pub(super) fn token_types(g: &GgufFile, n: usize) -> Result<Vec<i64>> {
     let shown = g.path().display();
     let types: Vec<i64> = match g.get_array("tokenizer.ggml.token_type")? {
         None => vec![1; n],
@@ -347,7 +358,7 @@ fn pre_tokenizer_json(g: &GgufFile) -> Result<Value> {
 }
 
 /// The `TemplateProcessing` post-processor that adds BOS/EOS as `tokenizer.ggml.add_*_token` say.
-fn post_processor_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
+pub(super) fn post_processor_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
     let shown = g.path().display();
     let add_bos = g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
     let add_eos = g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
@@ -383,16 +394,17 @@ fn post_processor_json(g: &GgufFile, tokens: &[&str]) -> Result<Value> {
 }
 
 /// Build `tokenizer.json` (the `tokenizers` library format) from the `tokenizer.ggml.*`
-/// metadata of a `gpt2` (byte-level BPE) GGUF tokenizer, and check that it loads with
+/// metadata of a `gpt2` (byte-level BPE) GGUF tokenizer — or, for a `llama` (SentencePiece)
+/// one, [`super::spm_vocab::tokenizer_json`] — and check that it loads with
 /// `tokenizers::Tokenizer`.
 pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
     let shown = g.path().display();
     match g.get_str("tokenizer.ggml.model")? {
         Some("gpt2") => {}
-        Some("llama") => bail!(
-            "{shown}: its tokenizer is SentencePiece-style (tokenizer.ggml.model = llama), which the importer does not rebuild yet; only gpt2 (byte-level BPE) tokenizers are supported"
+        Some("llama") => return super::spm_vocab::tokenizer_json(g),
+        Some(other) => bail!(
+            "{shown}: tokenizer model `{other}` is not supported; only gpt2 (byte-level BPE) and llama (SentencePiece) tokenizers are"
         ),
-        Some(other) => bail!("{shown}: tokenizer model `{other}` is not supported; only gpt2 (byte-level BPE) tokenizers are"),
         None => bail!("{shown} has no tokenizer.ggml.model; cannot build a tokenizer"),
     }
     let tokens = vocab_tokens(g)?;

@@ -6,9 +6,10 @@
 use std::collections::BTreeSet;
 
 /// Whether a model repo file is one tuner downloads: top-level `config.json`,
-/// `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`,
-/// `special_tokens_map.json`, `chat_template.jinja`/`chat_template.json` (where newer
-/// repos keep the chat template), `model.safetensors.index.json` and `*.safetensors`.
+/// `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, `tokenizer.model`
+/// (SentencePiece's model, which GGUF export writes from), `special_tokens_map.json`,
+/// `chat_template.jinja`/`chat_template.json` (where newer repos keep the chat template),
+/// `model.safetensors.index.json` and `*.safetensors`.
 /// Not `.bin`, `.pt`, `.gguf`, ONNX, or anything in a subfolder.
 pub fn is_model_file(name: &str) -> bool {
     if name.contains('/') {
@@ -20,6 +21,7 @@ pub fn is_model_file(name: &str) -> bool {
             | "generation_config.json"
             | "tokenizer.json"
             | "tokenizer_config.json"
+            | "tokenizer.model"
             | "special_tokens_map.json"
             | "chat_template.jinja"
             | "chat_template.json"

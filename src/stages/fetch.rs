@@ -115,7 +115,7 @@ pub fn validate_model_dir(dir: &Path) -> Result<(String, Vec<String>)> {
     tokenizers::Tokenizer::from_file(&tok)
         .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tok.display()))?;
     files.push("tokenizer.json".into());
-    for extra in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    for extra in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.model"] {
         if dir.join(extra).is_file() {
             files.push(extra.into());
         }
