@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Read a GGUF file's SentencePiece (`llama`) vocabulary with gguf-py and tokenize with transformers' GGUF loader.
 
-Used by tests/gguf_spm.rs; run with /root/.cache/tuner/venv/bin/python (gguf==0.17.1,
+Used by tests/gguf_spm.rs; run with the bootstrap venv's python, ~/.cache/tuner/venv (gguf==0.17.1,
 transformers==5.17.0, as pinned in scripts/bootstrap):
 
   spm_gguf_check.py FILE --texts TEXTS.json
@@ -18,7 +18,6 @@ Prints one JSON object:
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -29,14 +28,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import gguf  # noqa: E402
-
-
-def plain(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
+from gguf_inspect import plain  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 
 def transformers_ids(path: Path, texts: list[str]) -> dict:

@@ -344,8 +344,8 @@ fn adapters(c: &Ctx, out: &mut Items) {
 }
 
 /// Activations: checkpointed layer inputs, one layer's working set, or everything without
-/// checkpointing. Returns the coalesced pass's token budget, if any.
-/// The activations' items; returns `train.coalesce`'s and `train.offload_activations`' decisions.
+/// checkpointing. Returns the coalesced pass's token budget, if any, and whether the layer inputs
+/// are offloaded.
 fn activations(c: &Ctx, out: &mut Items) -> (Option<u64>, bool) {
     let Ctx { r, s, device, dt, b, seq, tokens } = *c;
     let t = &r.train;

@@ -74,12 +74,20 @@ fn the_gemma3n_plan_keeps_the_per_layer_table_on_the_host() {
     let d = tmp();
     let model = fixture_model("gemma3n", &d.path().join("model"));
     let r = tiny_recipe(d.path(), &model, &repo().join("datasets/chat/train.jsonl"), "micro_batch_size = 2\n");
-    let plan = |device: &str| -> Value {
-        let (code, out, err) =
-            run(&["plan", r.to_str().unwrap(), "--json", "--set", &format!("train.device=\"{device}\"")]);
+    let plan_with = |device: &str, offload: &str| -> Value {
+        let (code, out, err) = run(&[
+            "plan",
+            r.to_str().unwrap(),
+            "--json",
+            "--set",
+            &format!("train.device=\"{device}\""),
+            "--set",
+            &format!("train.offload_activations=\"{offload}\""),
+        ]);
         assert_eq!(code, 0, "{err}");
         serde_json::from_str(&out).unwrap()
     };
+    let plan = |device: &str| plan_with(device, "auto");
     let item = |p: &Value, list: &str, name: &str| {
         p[list].as_array().unwrap().iter().find(|i| i["component"] == name).map(|i| i["bytes"].as_u64().unwrap())
     };
@@ -105,31 +113,11 @@ fn the_gemma3n_plan_keeps_the_per_layer_table_on_the_host() {
     );
     assert!(!tuner::plan::auto_offload(1, None), "unknown host memory: not offloaded");
     // Off: all of them on the GPU.
-    let (code, out, err) = run(&[
-        "plan",
-        r.to_str().unwrap(),
-        "--json",
-        "--set",
-        "train.device=\"cuda\"",
-        "--set",
-        "train.offload_activations=\"off\"",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let kept: Value = serde_json::from_str(&out).unwrap();
+    let kept = plan_with("cuda", "off");
     assert_eq!(item(&kept, "items", "checkpointed layer inputs"), Some(inputs));
     assert_eq!(kept["offload_activations"], false);
     // Offloaded: all of them in host memory, the two in use (with the widest carry) on the GPU.
-    let (code, out, err) = run(&[
-        "plan",
-        r.to_str().unwrap(),
-        "--json",
-        "--set",
-        "train.device=\"cuda\"",
-        "--set",
-        "train.offload_activations=\"on\"",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let off: Value = serde_json::from_str(&out).unwrap();
+    let off = plan_with("cuda", "on");
     assert_eq!(item(&off, "host_items", "checkpointed layer inputs (offloaded)"), Some(inputs));
     assert_eq!(item(&off, "items", "checkpointed layer inputs"), Some(2 * 2048 * (256 + 4 * 32) * 2));
 }

@@ -55,7 +55,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 
 /// Where a SentencePiece vocabulary comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,12 +516,5 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
         },
     });
 
-    let text = serde_json::to_string(&tokenizer)?;
-    let loaded = tokenizers::Tokenizer::from_str(&text)
-        .map_err(|e| anyhow!("{shown}: the tokenizer.json rebuilt from its metadata does not load: {e}"))?;
-    let expected = tokens.len() - duplicates;
-    if loaded.get_vocab_size(true) != expected {
-        bail!("{shown}: the rebuilt tokenizer has {} tokens, expected {expected}", loaded.get_vocab_size(true));
-    }
-    Ok(tokenizer)
+    super::tokenizer::loads_with_vocab(tokenizer, tokens.len() - duplicates, shown)
 }

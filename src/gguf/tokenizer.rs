@@ -434,10 +434,15 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
         },
     });
 
+    loads_with_vocab(tokenizer, tokens.len() - duplicates, shown)
+}
+
+/// Check that a `tokenizer.json` rebuilt from GGUF metadata loads with `tokenizers::Tokenizer`
+/// and has `expected` distinct tokens; returns it.
+pub(super) fn loads_with_vocab(tokenizer: Value, expected: usize, shown: impl std::fmt::Display) -> Result<Value> {
     let text = serde_json::to_string(&tokenizer)?;
     let loaded = tokenizers::Tokenizer::from_str(&text)
         .map_err(|e| anyhow!("{shown}: the tokenizer.json rebuilt from its metadata does not load: {e}"))?;
-    let expected = tokens.len() - duplicates;
     if loaded.get_vocab_size(true) != expected {
         bail!("{shown}: the rebuilt tokenizer has {} tokens, expected {expected}", loaded.get_vocab_size(true));
     }
