@@ -1,15 +1,17 @@
 // Gemma 3n AltUp predict: the N streams of one token mixed by that token's coefficients,
 //   pred[p, h] = s[p, h] + Σ_q r[p, q] · s[q, h]      (p, q < N ≤ 4, h < H),
-// and its backward for upstream dp:
-//   ds[q, h] = dp[q, h] + Σ_p r[p, q] · dp[p, h],     dr[p, q] = Σ_h dp[p, h] · s[q, h].
-// s, pred, dp, ds are [R, N, H]; r, dr are [R, N, N] (R = tokens). f32 math, one rounding per
-// output. One block per token; the dr sums are block reductions.
+// with the active stream a = pred[0] also written as its own [R, H] tensor when `a` is not null
+// (the layer reads it contiguous: input norm, residual, AltUp's first prediction), and its
+// backward for upstream dp and the active stream's own upstream da (null: none), d = dp + [p = 0]·da:
+//   ds[q, h] = d[q, h] + Σ_p r[p, q] · d[p, h],       dr[p, q] = Σ_h d[p, h] · s[q, h].
+// s, pred, dp, ds are [R, N, H]; a, da are [R, H]; r, dr are [R, N, N] (R = tokens). f32 math,
+// one rounding per output. One block per token; the dr sums are block reductions.
 // CPU reference: src/kernels/altup_predict.rs (`reference`, `backward_reference`), following
 // transformers' `Gemma3nTextAltUp.predict` (docs/model-math.md §1).
 #define ALTUP_MAX_N 4
 
 extern "C" __global__ void altup_predict_fwd(const void* __restrict__ s, const void* __restrict__ r,
-                                             void* __restrict__ pred, int n, int h, int dt) {
+                                             void* __restrict__ pred, void* __restrict__ a, int n, int h, int dt) {
   const long long row = blockIdx.x;
   float c[ALTUP_MAX_N][ALTUP_MAX_N];
   for (int p = 0; p < n; p++)
@@ -22,13 +24,14 @@ extern "C" __global__ void altup_predict_fwd(const void* __restrict__ s, const v
       float acc = v[p];
       for (int q = 0; q < n; q++) acc += c[p][q] * v[q];
       st(pred, base + (long long)p * h + j, acc, dt);
+      if (p == 0 && a != nullptr) st(a, row * h + j, acc, dt);
     }
   }
 }
 
-extern "C" __global__ void altup_predict_bwd(const void* __restrict__ dp, const void* __restrict__ s,
-                                             const void* __restrict__ r, void* __restrict__ ds, void* __restrict__ dr,
-                                             int n, int h, int dt) {
+extern "C" __global__ void altup_predict_bwd(const void* __restrict__ dp, const void* __restrict__ da,
+                                             const void* __restrict__ s, const void* __restrict__ r,
+                                             void* __restrict__ ds, void* __restrict__ dr, int n, int h, int dt) {
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   float c[ALTUP_MAX_N][ALTUP_MAX_N], acc[ALTUP_MAX_N][ALTUP_MAX_N];
@@ -44,6 +47,7 @@ extern "C" __global__ void altup_predict_bwd(const void* __restrict__ dp, const 
       d[q] = ld(dp, base + (long long)q * h + j, dt);
       v[q] = ld(s, base + (long long)q * h + j, dt);
     }
+    if (da != nullptr) d[0] += ld(da, row * h + j, dt);
     for (int q = 0; q < n; q++) {
       float g = d[q];
       for (int p = 0; p < n; p++) g += c[p][q] * d[p];
@@ -65,7 +69,7 @@ extern "C" __global__ void altup_predict_bwd(const void* __restrict__ dp, const 
 #define N4 4
 
 extern "C" __global__ void altup_predict_fwd_x8(const uint4* __restrict__ s, const void* __restrict__ r,
-                                                uint4* __restrict__ pred, int h8, int dt) {
+                                                uint4* __restrict__ pred, uint4* __restrict__ a, int h8, int dt) {
   const long long row = blockIdx.x;
   float c[N4][N4];
 #pragma unroll
@@ -87,14 +91,16 @@ extern "C" __global__ void altup_predict_fwd_x8(const uint4* __restrict__ s, con
         for (int q = 0; q < N4; q++) acc += c[p][q] * v[q][e];
         o[e] = acc;
       }
-      pred[base + (long long)p * h8 + j] = pack8(o, dt);
+      const uint4 packed = pack8(o, dt);
+      pred[base + (long long)p * h8 + j] = packed;
+      if (p == 0 && a != nullptr) a[row * h8 + j] = packed;
     }
   }
 }
 
-extern "C" __global__ void altup_predict_bwd_x8(const uint4* __restrict__ dp, const uint4* __restrict__ s,
-                                                const void* __restrict__ r, uint4* __restrict__ ds,
-                                                void* __restrict__ dr, int h8, int dt) {
+extern "C" __global__ void altup_predict_bwd_x8(const uint4* __restrict__ dp, const uint4* __restrict__ da,
+                                                const uint4* __restrict__ s, const void* __restrict__ r,
+                                                uint4* __restrict__ ds, void* __restrict__ dr, int h8, int dt) {
   __shared__ float partial[32][N4 * N4];
   const long long row = blockIdx.x;
   float c[N4][N4], acc[N4][N4];
@@ -112,6 +118,12 @@ extern "C" __global__ void altup_predict_bwd_x8(const uint4* __restrict__ dp, co
     for (int q = 0; q < N4; q++) {
       unpack8(dp[base + (long long)q * h8 + j], d[q], dt);
       unpack8(s[base + (long long)q * h8 + j], v[q], dt);
+    }
+    if (da != nullptr) {
+      float x[8];
+      unpack8(da[row * h8 + j], x, dt);
+#pragma unroll
+      for (int e = 0; e < 8; e++) d[0][e] += x[e];
     }
 #pragma unroll
     for (int q = 0; q < N4; q++) {

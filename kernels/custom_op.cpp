@@ -10,6 +10,7 @@
 // that received none) to the Rust callback, which returns one gradient per input (or none).
 // The callback's state is released after the one backward it serves (as a node that does not
 // retain its graph releases its saved variables) or when the node is destroyed unused.
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
@@ -19,6 +20,11 @@
 #include <string>
 #include <vector>
 
+// Also `tuner_backward`: autograd's backward from `roots` with the given upstream gradients, as
+// `torch.autograd.backward(roots, grads)` does (tch binds only a scalar root's backward, which
+// made the checkpointed recomputation write `(y · dy).sum()` and pay for that product, its sum
+// and the sum's backward on every layer).
+//
 // Rust callback: output gradients in (new references the callee owns), input gradients out (new
 // tensors whose ownership passes here, or null for none). Returns 0, or non-zero with a message
 // written to err (at most err_len bytes, NUL-terminated).
@@ -108,6 +114,23 @@ extern "C" int tuner_custom_op(const char* name, at::Tensor** inputs, int n_inpu
     return 1;
   } catch (const std::exception& e) {
     if (!owned) drop(state);
+    snprintf(err, err_len, "%s", e.what());
+    return -1;
+  }
+}
+
+// torch.autograd.backward(roots, grads): accumulate into the leaves' .grad, free the graph.
+// Returns 0, or -1 with the message in err.
+extern "C" int tuner_backward(at::Tensor** roots, at::Tensor** grads, int n, char* err, int err_len) {
+  try {
+    torch::autograd::variable_list rs, gs;
+    for (int i = 0; i < n; i++) {
+      rs.push_back(*roots[i]);
+      gs.push_back(*grads[i]);
+    }
+    torch::autograd::backward(rs, gs, /*retain_graph=*/false, /*create_graph=*/false);
+    return 0;
+  } catch (const std::exception& e) {
     snprintf(err, err_len, "%s", e.what());
     return -1;
   }

@@ -25,7 +25,9 @@ fn batch() -> Vec<data::MicroBatch> {
     vec![data::MicroBatch { input_ids: rows, labels, seq_ids: None }]
 }
 
-fn grads(m: &dyn CausalLm, checkpointing: bool) -> (f64, Vec<(String, Tensor)>) {
+/// Loss and LoRA gradients of one step; `hand` takes the family's own layer backward
+/// (`CausalLm::layer_backward`, as on CUDA) in the checkpointed backward.
+fn grads(m: &dyn CausalLm, checkpointing: bool, hand: bool) -> (f64, Vec<(String, Tensor)>) {
     for (_, p) in named_params(m) {
         let mut g = p.grad();
         if g.defined() {
@@ -39,7 +41,7 @@ fn grads(m: &dyn CausalLm, checkpointing: bool) -> (f64, Vec<(String, Tensor)>) 
         device: Device::Cpu,
         seed: 1,
         loss_scale: 1.0,
-        hand_backward: false,
+        hand_backward: hand,
         offload: false,
         profile: None,
         coalesce: None,
@@ -64,20 +66,27 @@ fn named_params(m: &dyn CausalLm) -> Vec<(String, Tensor)> {
 fn gemma3n_checkpointed_gradients_equal_autograd_and_reach_the_kv_producers() {
     for quantize in [false, true] {
         let m = load_gemma3n(quantize);
-        let (l_plain, g_plain) = grads(m.as_ref(), false);
-        let (l_ck, g_ck) = grads(m.as_ref(), true);
-        assert!((l_plain - l_ck).abs() < 1e-5 * l_plain, "loss {l_plain} vs {l_ck}");
-        for ((n, a), (_, b)) in g_plain.iter().zip(&g_ck) {
-            let scale = a.abs().max().double_value(&[]);
-            assert!(scale > 0.0, "{n}: no gradient");
-            let e = (a - b).abs().max().double_value(&[]) / scale;
-            assert!(e < 1e-4, "{n} (nf4 {quantize}): checkpointed gradient differs by {e:.2e} relative");
+        let (l_plain, g_plain) = grads(m.as_ref(), false, false);
+        // Checkpointed, through autograd and through Gemma 3n's layer backward (its streams'
+        // gradients assembled by hand).
+        for hand in [false, true] {
+            let (l_ck, g_ck) = grads(m.as_ref(), true, hand);
+            assert!((l_plain - l_ck).abs() < 1e-5 * l_plain, "loss {l_plain} vs {l_ck}");
+            for ((n, a), (_, b)) in g_plain.iter().zip(&g_ck) {
+                let scale = a.abs().max().double_value(&[]);
+                assert!(scale > 0.0, "{n}: no gradient");
+                let e = (a - b).abs().max().double_value(&[]) / scale;
+                assert!(
+                    e < 1e-4,
+                    "{n} (nf4 {quantize}, hand {hand}): checkpointed gradient differs by {e:.2e} relative"
+                );
+            }
         }
     }
     // Finite differences along the gradient of the sliding producer's k_proj (layer 1; layers 3
     // and 4 read its K): the analytic gradient must include the sharers' paths.
     let m = load_gemma3n(false);
-    let (loss, g) = grads(m.as_ref(), true);
+    let (loss, g) = grads(m.as_ref(), true, true);
     let (name, grad) = g.iter().find(|(n, _)| n == "model.layers.1.self_attn.k_proj.lora_B").unwrap();
     let norm = grad.norm().double_value(&[]);
     let dir = grad / norm;

@@ -184,7 +184,7 @@ fn every_kernel_compiles_with_nvrtc() {
     // NVRTC needs no GPU: each kernels/*.cu (with the prelude) compiles for sm_90 and its PTX
     // holds every entry point the launchers use.
     let ptx = tuner::kernels::compile_ptx(9, 0).expect("libnvrtc from the PyPI torch install");
-    assert_eq!(ptx.len(), 8);
+    assert_eq!(ptx.len(), 9);
     for (file, p, names) in ptx {
         let text = p.to_src();
         for n in names {
@@ -238,15 +238,21 @@ fn cuda_kernels_match_their_references_on_a_gpu() {
     let e = worst(&g16, &g32);
     assert!(e < 1e-1, "packed bf16 (varlen) gradients differ from fp32 by {e:.2e}");
 
-    // Gemma 3n through autograd (it has no hand-written backward). In bf16 with the kernels on,
-    // its norms take libtorch's fused RMSNorm in the recomputation; with them off, the reference.
-    // Both are compared with fp32: the fused path must be as close to it as the reference bf16
-    // path is. (This fixture's bf16 gradients sit ~0.2 from fp32 on any path: the sparsity
-    // cutoff and the softcap amplify rounding; a wrong scale or a missing gradient would be ~1.)
+    // Gemma 3n: its layer backward (autograd inside, the AltUp streams' gradients assembled by
+    // hand, the fused AltUp nodes' kernels in fp32) against plain checkpointed autograd, in fp32.
+    // Then in bf16 with the kernels on, its norms take libtorch's fused RMSNorm in the
+    // recomputation; with them off, the reference. Both are compared with fp32: the fused path
+    // must be as close to it as the reference bf16 path is. (This fixture's bf16 gradients sit
+    // ~0.2 from fp32 on any path: the sparsity cutoff and the softcap amplify rounding; a wrong
+    // scale or a missing gradient would be ~1.)
     let micro = vec![loader.next(&mut data::Cursor::default())];
     let dev = Device::Cuda(0);
     let m32 = crate::common::lora_fixture_on("gemma3n", false, dev, Kind::Float);
     let (l32, g32) = grads(m32.as_ref(), &micro, true, false, dev);
+    let (l_auto, g_auto) = grads(m32.as_ref(), &micro, false, false, dev);
+    assert!((l32 - l_auto).abs() < 1e-5 * l_auto, "gemma3n fp32 loss {l32} vs {l_auto}");
+    let e = worst(&g32, &g_auto);
+    assert!(e < 1e-4, "gemma3n fp32: its layer backward's gradients differ from autograd's by {e:.2e}");
     let fused = crate::common::lora_fixture_on("gemma3n", false, dev, Kind::BFloat16);
     let (l_fused, g_fused) = grads(fused.as_ref(), &micro, true, false, dev);
     let reference = crate::common::lora_fixture_reference_on("gemma3n", dev, Kind::BFloat16);
@@ -380,7 +386,7 @@ fn grads_of(y: &Tensor, w: &Tensor, xs: &[&Tensor]) -> Vec<Tensor> {
 /// to these references.
 #[test]
 fn fused_ops_as_autograd_nodes_match_autograd_through_their_references() {
-    use tuner::kernels::{altup_correct, altup_predict, autograd, topk_glu};
+    use tuner::kernels::{altup_correct, altup_first, altup_predict, autograd, topk_glu};
     assert!(autograd::available(), "this build has no custom autograd node (kernels/custom_op.cpp)");
     tch::manual_seed(5);
     let leaf =
@@ -396,17 +402,26 @@ fn fused_ops_as_autograd_nodes_match_autograd_through_their_references() {
             assert!(r.abs().max().double_value(&[]) > 1e-3, "{label}: input {i} got no gradient");
         }
     };
-    // AltUp predict on [B, T, N, H] streams with [B, T, N, N] coefficients.
+    // AltUp predict on [B, T, N, H] streams with [B, T, N, N] coefficients; its two outputs
+    // (the predictions and their active stream, whose gradient the node adds to stream 0) as one.
     let (s, r) = (leaf(&[2, 3, 4, 10], 1.0), leaf(&[2, 3, 4, 4], 0.5));
-    check("altup_predict", &altup_predict::fused(&s, &r, None), &altup_predict::reference(&s, &r), &[&s, &r]);
+    let both = |(p, a): (Tensor, Tensor)| Tensor::cat(&[p.reshape([-1]), a.reshape([-1])], 0);
+    let (pred_s, a_s) = altup_predict::fused(&s, &r, None);
+    assert!(a_s.is_contiguous() && a_s.size() == [2, 3, 10]);
+    let p_ref = altup_predict::reference(&s, &r);
+    check("altup_predict", &both((pred_s, a_s)), &both((p_ref.shallow_clone(), p_ref.select(2, 0))), &[&s, &r]);
     // AltUp correct with the per-layer term; a strided `out` (made contiguous inside).
     let (pred, c, g) = (leaf(&[2, 3, 4, 10], 1.0), leaf(&[2, 3, 4], 1.0), leaf(&[2, 3, 10], 1.0));
     let out_t = leaf(&[2, 10, 3], 1.0);
     let out = out_t.transpose(1, 2);
     let y = altup_correct::fused(&pred, &out, &c, &g, None);
     check("altup_correct", &y, &altup_correct::reference(&pred, &out, &c, &g), &[&pred, &out_t, &c, &g]);
-    let first = altup_correct::first_stream(&pred, &out, &c);
-    assert!(max_rel(&first, &y.select(2, 0)) < 1e-7, "first_stream is stream 0 of the correction");
+    // The first prediction is stream 0 of the correction, then scaled; `a` is pred[0].
+    let first = altup_first::reference(&pred.select(2, 0), &out, &c, None);
+    assert!(max_rel(&first, &y.select(2, 0)) < 1e-7, "the first prediction is stream 0 of the correction");
+    let (a, scale) = (leaf(&[2, 3, 10], 1.0), Tensor::randn([10], (Kind::Float, Device::Cpu)));
+    let y1 = altup_first::fused(&a, &out, &c, Some(&scale), None);
+    check("altup_first", &y1, &altup_first::reference(&a, &out, &c, Some(&scale)), &[&a, &out_t, &c]);
     // The sparse GeGLU at E4B's k: about 5% of each row passes the cutoff.
     let (gate, up) = (leaf(&[3, 5, 64], 1.0), leaf(&[3, 5, 64], 1.0));
     let h = topk_glu::fused(&gate, &up, 1.6484375, None);
@@ -425,8 +440,32 @@ fn fused_ops_as_autograd_nodes_match_autograd_through_their_references() {
     let (cos, sin) = (emb.cos(), emb.sin());
     check("rope", &rope::fused(&x, &cos, &sin, false, None), &rope::reference(&x, &cos, &sin, false), &[&x]);
     // No gradient wanted: no node, plain values.
-    let plain = tch::no_grad(|| altup_predict::fused(&s, &r, None));
-    assert!(!plain.requires_grad());
+    let (plain, plain_a) = tch::no_grad(|| altup_predict::fused(&s, &r, None));
+    assert!(!plain.requires_grad() && !plain_a.requires_grad());
+}
+
+/// `autograd::backward(roots, grads)` (kernels/custom_op.cpp's `tuner_backward`) accumulates
+/// into the leaves what `Σ (root · grad).sum()` would, for two roots at once, and frees the
+/// graph; mismatched shapes are an error, not a crash.
+#[test]
+fn backward_with_upstream_gradients_matches_the_scalar_product() {
+    use tuner::kernels::autograd;
+    tch::manual_seed(9);
+    let x = Tensor::randn([3, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let (g1, g2) = (Tensor::randn([3, 4], (Kind::Float, Device::Cpu)), Tensor::randn([4], (Kind::Float, Device::Cpu)));
+    let roots = || (x.sin() * 2.0, x.square().sum_dim_intlist(0, false, Kind::Float));
+    let (y1, y2) = roots();
+    autograd::backward(&[&y1, &y2], &[&g1, &g2]).unwrap();
+    let got = x.grad().copy();
+    let (z1, z2) = roots();
+    let want =
+        Tensor::run_backward(&[(&z1 * &g1).sum(Kind::Float) + (&z2 * &g2).sum(Kind::Float)], &[&x], false, false);
+    assert!(max_rel(&got, &want[0]) < 1e-6, "backward differs from the product's by {:.2e}", max_rel(&got, &want[0]));
+    assert!(want[0].abs().max().double_value(&[]) > 1e-2);
+    let err = autograd::backward(&[&y1], &[&g2]).expect_err("a gradient of the wrong shape");
+    assert!(format!("{err}").contains("shape"), "{err}");
+    let err = autograd::backward(&[&y1], &[&g1]).expect_err("a second backward through a freed graph");
+    assert!(format!("{err:#}").contains("backward"), "{err:#}");
 }
 
 /// The node's contract (src/kernels/autograd.rs): its backward state is released after the one

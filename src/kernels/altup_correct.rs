@@ -68,14 +68,6 @@ pub fn reference(pred: &Tensor, out: &Tensor, c: &Tensor, g: &Tensor) -> Tensor 
     y.to_kind(pred.kind())
 }
 
-/// Stream 0 of [`reference`] alone, `pred[0] + c[0]·(out − pred[0])` (differentiable): the
-/// active stream the per-layer gate reads, before `g` exists.
-pub fn first_stream(pred: &Tensor, out: &Tensor, c: &Tensor) -> Tensor {
-    let p0 = pred.select(-2, 0).to_kind(Kind::Float);
-    let c0 = c.select(-1, 0).to_kind(Kind::Float).unsqueeze(-1);
-    (&p0 + c0 * (out.to_kind(Kind::Float) - &p0)).to_kind(pred.kind())
-}
-
 /// The reference backward in f32, one rounding per output: `(dpred, dout, dc, dg)` for `dy`.
 pub fn backward_reference(dy: &Tensor, pred: &Tensor, out: &Tensor, c: &Tensor) -> (Tensor, Tensor, Tensor, Tensor) {
     let n = pred.size()[pred.dim() - 2];

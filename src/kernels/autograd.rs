@@ -8,6 +8,9 @@
 //! Follows libtorch's generated `VariableType` code for a built-in op (`collect_next_edges`,
 //! `set_history`); the closure plays the role of a derivative formula of `derivatives.yaml`.
 //! The tests check each op's node against autograd through its reference.
+//!
+//! [`backward`] is `torch.autograd.backward(roots, grads)` (the same shim): the backward of a
+//! non-scalar output with a given upstream gradient.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::AssertUnwindSafe;
@@ -75,6 +78,53 @@ fn attach_node(name: &str, _inputs: &[&Tensor], _outputs: &[&Tensor], _backward:
     bail!("{name}: this build has no custom autograd node (kernels/custom_op.cpp was not compiled)")
 }
 
+/// Autograd's backward from `roots` with upstream gradients `grads` (one each, same shapes):
+/// accumulates into the leaves' `.grad` and frees the graph, as `torch.autograd.backward` does.
+/// Without the shim, the same through the scalar `Σ (root · grad).sum()`.
+pub fn backward(roots: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+    if roots.len() != grads.len() {
+        bail!("backward: {} roots but {} gradients", roots.len(), grads.len());
+    }
+    for (r, g) in roots.iter().zip(grads) {
+        if r.size() != g.size() {
+            bail!("backward: a root of shape {:?} has a gradient of shape {:?}", r.size(), g.size());
+        }
+    }
+    run_root_backward(roots, grads)
+}
+
+#[cfg(tuner_custom_op)]
+fn run_root_backward(roots: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+    let mut rs: Vec<*mut c_void> = roots.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut gs: Vec<*mut c_void> = grads.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut err = [0 as c_char; 1024];
+    // SAFETY: the pointers are live `at::Tensor*` of tch tensors borrowed for the call; the shim
+    // catches every C++ exception and writes a NUL-terminated message on failure.
+    let rc = unsafe { tuner_backward(rs.as_mut_ptr(), gs.as_mut_ptr(), rs.len() as c_int, err.as_mut_ptr(), 1024) };
+    if rc != 0 {
+        // SAFETY: the shim wrote a NUL-terminated message into `err`.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+        bail!("backward: {msg}");
+    }
+    Ok(())
+}
+
+#[cfg(not(tuner_custom_op))]
+fn run_root_backward(roots: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+    let mut total: Option<Tensor> = None;
+    for (r, g) in roots.iter().zip(grads) {
+        let part = (*r * g.to_kind(r.kind())).sum(tch::Kind::Float);
+        total = Some(match total {
+            Some(t) => t + part,
+            None => part,
+        });
+    }
+    if let Some(t) = total {
+        t.f_backward()?;
+    }
+    Ok(())
+}
+
 /// What the shim holds for one node.
 struct State {
     backward: Option<Backward>,
@@ -95,6 +145,13 @@ extern "C" {
         state: *mut c_void,
         bwd: BackwardFn,
         drop: extern "C" fn(*mut c_void),
+        err: *mut c_char,
+        err_len: c_int,
+    ) -> c_int;
+    fn tuner_backward(
+        roots: *mut *mut c_void,
+        grads: *mut *mut c_void,
+        n: c_int,
         err: *mut c_char,
         err_len: c_int,
     ) -> c_int;

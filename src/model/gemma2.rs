@@ -235,9 +235,9 @@ impl Gemma {
         })
     }
 
-    fn rope(&self, i: usize, positions: &Tensor, kind: Kind) -> Rope {
-        let inv = if self.config.is_sliding(i) { &self.inv_freq_local } else { &self.inv_freq };
-        Rope::new(inv, positions, kind)
+    fn rope(&self, i: usize, batch: &Batch, kind: Kind, device: Device) -> Rope {
+        let sliding = self.config.is_sliding(i);
+        batch.rope(sliding as usize, if sliding { &self.inv_freq_local } else { &self.inv_freq }, kind, device)
     }
 
     fn window(&self, i: usize) -> Option<i64> {
@@ -280,7 +280,7 @@ impl CausalLm for Gemma {
 
     fn layer(&self, i: usize, h: &Tensor, batch: &Batch, train: bool) -> Tensor {
         let device = h.device();
-        let rope = self.rope(i, &batch.position_ids.to_device(device), h.kind());
+        let rope = self.rope(i, batch, h.kind(), device);
         // Softcapped attention is written out over the boolean mask (flash cannot softcap).
         let varlen = self.config.attn_logit_softcapping.is_none();
         let mask = Mask::new(batch, self.window(i), device, h.kind(), self.config.head_dim, varlen);
@@ -293,7 +293,7 @@ impl CausalLm for Gemma {
     fn layer_cached(&self, i: usize, h: &Tensor, batch: &Batch, cache: &mut KvCache) -> Tensor {
         let device: Device = h.device();
         let (b, t) = (h.size()[0], h.size()[1]);
-        let rope = self.rope(i, &batch.position_ids.to_device(device), h.kind());
+        let rope = self.rope(i, batch, h.kind(), device);
         let past = cache.len(i);
         let s = past + t;
         let window = self.window(i).filter(|&w| w < s);

@@ -31,7 +31,7 @@ use super::gemma2::{decoder_prefix, embed_scale, softcap};
 use super::kv_cache::{cached_attention_mask, KvCache};
 use super::linear::Linear;
 use super::{Batch, CausalLm, Config, LoadOptions, Weights};
-use crate::kernels::{altup_correct, altup_predict, glu, topk_glu, Kernels};
+use crate::kernels::{altup_correct, altup_first, altup_predict, autograd, glu, topk_glu, Kernels};
 use std::sync::Arc;
 
 /// Gemma 3n RMSNorm: `(x_f32 · rsqrt(mean(x²) + eps) · w_f32).to(D)`; no weight for v_norm.
@@ -413,8 +413,10 @@ impl Gemma3n {
         self.config.layer_sliding.get(i).copied().unwrap_or(false)
     }
 
-    fn rope(&self, i: usize, positions: &Tensor, kind: Kind) -> Rope {
-        Rope::new(if self.sliding(i) { &self.inv_freq_local } else { &self.inv_freq }, positions, kind)
+    fn rope(&self, i: usize, batch: &Batch, kind: Kind, device: Device) -> Rope {
+        let sliding = self.sliding(i);
+        batch
+            .rope(sliding as usize, if sliding { &self.inv_freq_local } else { &self.inv_freq }, kind, device)
             .with_kernels(self.kernels.clone())
     }
 
@@ -465,12 +467,61 @@ impl Gemma3n {
             .select(2, i as i64)
     }
 
-    /// One decoder layer on the streams `[B, T, N, H]`; `attn` runs self-attention on the normed
-    /// active stream. Returns the new streams.
+    /// [`CausalLm::layer`] on its input's parts: the streams `[B, T, N, H]`, their stream 0
+    /// `active` and the carried K/V `[B, T, ·]`. Returns the layer's output `[B, T, N·H + ·]`.
+    fn layer_parts(
+        &self,
+        i: usize,
+        streams: &Tensor,
+        active: &Tensor,
+        carry: &Tensor,
+        batch: &Batch,
+        train: bool,
+    ) -> Tensor {
+        let device = streams.device();
+        let (b, t, n, hd) = streams.size4().unwrap_or_default();
+        let rope = self.rope(i, batch, streams.kind(), device);
+        let mask = Mask::new(batch, self.window(i), device, streams.kind(), self.config.head_dim, true);
+        let per_layer = self.per_layer_input(batch, i, device);
+        let attn = &self.layers[i].self_attn;
+        let kvw = self.config.num_key_value_heads * self.config.head_dim;
+        let mut produced: Option<Tensor> = None;
+        let new_streams = self.layer_streams(i, streams, active, &per_layer, train, |x| {
+            let q = attn.q(x, &rope, train);
+            let (k, v) = match self.kv[i] {
+                Kv::Share { slot, .. } => {
+                    let s = carry.narrow(2, slot as i64 * 2 * kvw, 2 * kvw);
+                    let heads = |y: Tensor| y.view([b, t, attn.num_kv_heads, attn.head_dim]).transpose(1, 2);
+                    (heads(s.narrow(2, 0, kvw)), heads(s.narrow(2, kvw, kvw)))
+                }
+                _ => attn.kv(x, &rope, train),
+            };
+            if let Kv::Produce(_) = self.kv[i] {
+                let flat = |y: &Tensor| y.transpose(1, 2).reshape([b, t, kvw]);
+                produced = Some(Tensor::cat(&[flat(&k), flat(&v)], 2));
+            }
+            attn.o_proj.forward(&attend(&q, &k, &v, &mask, 1.0), train)
+        });
+        let streams_out = new_streams.view([b, t, n * hd]);
+        if carry.size()[2] == 0 && produced.is_none() {
+            // Before the first KV producer nothing is carried: no copy through `cat`.
+            return streams_out;
+        }
+        let mut parts = vec![streams_out, carry.shallow_clone()];
+        if let Some(p) = produced {
+            parts.push(p);
+        }
+        Tensor::cat(&parts, 2)
+    }
+
+    /// One decoder layer on the streams `[B, T, N, H]` whose stream 0 is `active` (the same
+    /// values: a view, or in [`CausalLm::layer_backward`] a leaf of its own); `attn` runs
+    /// self-attention on the normed active stream. Returns the new streams.
     fn layer_streams(
         &self,
         i: usize,
         streams: &Tensor,
+        active: &Tensor,
         per_layer: &Tensor,
         train: bool,
         attn: impl FnOnce(&Tensor) -> Tensor,
@@ -478,12 +529,10 @@ impl Gemma3n {
         let layer = &self.layers[i];
         let (b, t, n, _) = streams.size4().unwrap_or_default();
         let kernels = self.kernels.as_ref();
-        // AltUp predict: pred[p] = S[p] + Σ_q R[p, q]·S[q].
-        let active = streams.select(2, 0);
-        let m = layer.altup.modalities(&active);
+        // AltUp predict: pred[p] = S[p] + Σ_q R[p, q]·S[q]; `a` = pred[0], the active stream.
+        let m = layer.altup.modalities(active);
         let r = m.linear::<Tensor>(&layer.altup.prediction_coefs, None).view([b, t, n, n]);
-        let pred = altup_predict::forward(streams, &r, kernels);
-        let a = pred.select(2, 0);
+        let (pred, a) = altup_predict::forward(streams, &r, kernels);
         let an = layer.input_layernorm.forward(&a);
         let lz = &layer.laurel;
         let laurel =
@@ -497,10 +546,8 @@ impl Gemma3n {
         // AltUp correct: C[p] = pred[p] + (coef[p] + 1)·(out − pred[0]); the per-layer input's
         // projection g, gated by the corrected active stream, goes to streams 1..N.
         let c = layer.altup.modalities(&out).linear::<Tensor>(&layer.altup.correction_coefs, None) + 1.0;
-        let mut first = altup_correct::first_stream(&pred, &out, &c);
-        if self.g.altup_correct_scale {
-            first = &first * &layer.altup.correct_output_scale;
-        }
+        let scale = self.g.altup_correct_scale.then_some(&layer.altup.correct_output_scale);
+        let first = altup_first::forward(&a, &out, &c, scale, kernels);
         let gate =
             glu::forward(&layer.per_layer_input_gate.forward(&first, train), per_layer, glu::Act::GeluTanh, kernels);
         let g = layer.post_per_layer_input_norm.forward(&layer.per_layer_projection.forward(&gate, train));
@@ -530,38 +577,45 @@ impl CausalLm for Gemma3n {
     }
 
     fn layer(&self, i: usize, h: &Tensor, batch: &Batch, train: bool) -> Tensor {
-        let device = h.device();
         let (b, t, c) = h.size3().unwrap_or_default();
         let (n, hd) = (self.streams(), self.config.hidden_size);
         let streams = h.narrow(2, 0, n * hd).view([b, t, n, hd]);
         let carry = h.narrow(2, n * hd, c - n * hd);
-        let rope = self.rope(i, &batch.position_ids.to_device(device), h.kind());
-        let mask = Mask::new(batch, self.window(i), device, h.kind(), self.config.head_dim, true);
-        let per_layer = self.per_layer_input(batch, i, device);
-        let attn = &self.layers[i].self_attn;
-        let kvw = self.config.num_key_value_heads * self.config.head_dim;
-        let mut produced: Option<Tensor> = None;
-        let new_streams = self.layer_streams(i, &streams, &per_layer, train, |x| {
-            let q = attn.q(x, &rope, train);
-            let (k, v) = match self.kv[i] {
-                Kv::Share { slot, .. } => {
-                    let s = carry.narrow(2, slot as i64 * 2 * kvw, 2 * kvw);
-                    let heads = |y: Tensor| y.view([b, t, attn.num_kv_heads, attn.head_dim]).transpose(1, 2);
-                    (heads(s.narrow(2, 0, kvw)), heads(s.narrow(2, kvw, kvw)))
-                }
-                _ => attn.kv(x, &rope, train),
-            };
-            if let Kv::Produce(_) = self.kv[i] {
-                let flat = |y: &Tensor| y.transpose(1, 2).reshape([b, t, kvw]);
-                produced = Some(Tensor::cat(&[flat(&k), flat(&v)], 2));
-            }
-            attn.o_proj.forward(&attend(&q, &k, &v, &mask, 1.0), train)
-        });
-        let mut parts = vec![new_streams.view([b, t, n * hd]), carry];
-        if let Some(p) = produced {
-            parts.push(p);
+        self.layer_parts(i, &streams, &streams.select(2, 0), &carry, batch, train)
+    }
+
+    /// Autograd through [`Self::layer_parts`] with the input's parts as leaves of their own (the
+    /// streams, their stream 0 and the carried K/V), whose gradients are then put together here:
+    /// the active stream's added into stream 0 of the streams' (which AltUp predict's backward
+    /// writes whole), the carry's placed beside them. Through `h`'s `narrow`s and `select`,
+    /// autograd would instead zero-fill a full-width gradient per view and add them up, about
+    /// 0.3 ms per E4B layer on the H200 (docs/benchmarks.md). Used on CUDA (`hand_backward`);
+    /// tests/gemma.rs holds it to plain autograd on the CPU.
+    fn layer_backward(&self, i: usize, h: &Tensor, batch: &Batch, dy: &Tensor) -> Option<Tensor> {
+        if !autograd::available() {
+            return None;
         }
-        Tensor::cat(&parts, 2)
+        let (b, t, c) = h.size3().ok()?;
+        let (n, hd) = (self.streams(), self.config.hidden_size);
+        let x = h.detach();
+        let streams = x.narrow(2, 0, n * hd).view([b, t, n, hd]).detach().set_requires_grad(true);
+        let active = streams.select(2, 0).detach().set_requires_grad(true);
+        let width = c - n * hd;
+        let carry = x.narrow(2, n * hd, width).detach().set_requires_grad(width > 0);
+        let y = self.layer_parts(i, &streams, &active, &carry, batch, true);
+        autograd::backward(&[&y], &[&dy.to_kind(y.kind())]).unwrap_or_else(|e| panic!("layer {i}: {e:#}"));
+        let grad_or_zeros = |leaf: &Tensor| {
+            let g = leaf.grad();
+            if g.defined() {
+                g
+            } else {
+                leaf.zeros_like()
+            }
+        };
+        let ds = grad_or_zeros(&streams).contiguous();
+        let _ = ds.select(2, 0).g_add_(&grad_or_zeros(&active));
+        let ds = ds.view([b, t, n * hd]);
+        Some(if width > 0 { Tensor::cat(&[ds, grad_or_zeros(&carry)], 2) } else { ds })
     }
 
     fn layer_cached(&self, i: usize, h: &Tensor, batch: &Batch, cache: &mut KvCache) -> Tensor {
@@ -569,14 +623,14 @@ impl CausalLm for Gemma3n {
         let (b, t, _) = h.size3().unwrap_or_default();
         let (n, hd) = (self.streams(), self.config.hidden_size);
         let streams = h.narrow(2, 0, n * hd).view([b, t, n, hd]);
-        let rope = self.rope(i, &batch.position_ids.to_device(device), h.kind());
+        let rope = self.rope(i, batch, h.kind(), device);
         let per_layer = self.per_layer_input(batch, i, device);
         let attn = &self.layers[i].self_attn;
         let owner = match self.kv[i] {
             Kv::Share { producer, .. } => producer,
             _ => i,
         };
-        let new_streams = self.layer_streams(i, &streams, &per_layer, false, |x| {
+        let new_streams = self.layer_streams(i, &streams, &streams.select(2, 0), &per_layer, false, |x| {
             let q = attn.q(x, &rope, false);
             let (k, v) = match self.kv[i] {
                 Kv::Share { producer, .. } => {

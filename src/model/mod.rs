@@ -66,6 +66,8 @@ pub struct Batch {
     pub per_layer_inputs: std::cell::OnceCell<Tensor>,
     /// The batch's documents for varlen attention, made on first use ([`Batch::segments`]).
     segments: std::cell::OnceCell<(Tensor, i64)>,
+    /// RoPE tables made on first use ([`Batch::rope`]).
+    rope: std::cell::RefCell<Vec<RopeTables>>,
 }
 
 impl Batch {
@@ -86,6 +88,7 @@ impl Batch {
             seq_ids: None,
             per_layer_inputs: Default::default(),
             segments: Default::default(),
+            rope: Default::default(),
         }
     }
 
@@ -107,7 +110,23 @@ impl Batch {
             seq_ids: Some(seq_ids),
             per_layer_inputs: Default::default(),
             segments: Default::default(),
+            rope: Default::default(),
         }
+    }
+
+    /// RoPE's tables for this batch's positions and `inv_freq`, in `kind` on `device`: made once
+    /// per (`slot`, kind, device) and shared by every layer and recomputation (a family with
+    /// two frequency sets, Gemma's local and global, gives each its slot). Without it each layer
+    /// and each recomputation copied the positions to the device and made the tables again,
+    /// seven small kernels per pass.
+    pub(crate) fn rope(&self, slot: usize, inv_freq: &Tensor, kind: Kind, device: Device) -> blocks::Rope {
+        let hit = |r: &RopeTables| r.0 == slot && r.1 == kind && r.2 == device;
+        if let Some((.., cos, sin)) = self.rope.borrow().iter().find(|r| hit(r)) {
+            return blocks::Rope { cos: cos.shallow_clone(), sin: sin.shallow_clone(), kernels: None };
+        }
+        let r = blocks::Rope::new(inv_freq, &self.position_ids.to_device(device), kind);
+        self.rope.borrow_mut().push((slot, kind, device, r.cos.shallow_clone(), r.sin.shallow_clone()));
+        r
     }
 
     /// The documents of the batch for varlen attention ([`crate::kernels::varlen::segments`]):
@@ -135,6 +154,9 @@ impl Batch {
         (cu.shallow_clone(), *longest)
     }
 }
+
+/// One batch's RoPE tables: (slot, dtype, device, cos, sin).
+type RopeTables = (usize, Kind, Device, Tensor, Tensor);
 
 /// A causal LM, layer-wise.
 pub trait CausalLm {

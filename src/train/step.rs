@@ -6,11 +6,12 @@
 //!   mean of means (transformers' `num_items_in_batch` semantics).
 //! - Layer-wise activation checkpointing: the forward keeps only each decoder
 //!   layer's input (no graph); the backward recomputes one layer at a time with
-//!   a graph and pushes the incoming gradient through it with
-//!   `(y · g).sum().backward()`, which also accumulates the LoRA gradients. On the CUDA fast
-//!   path a family's hand-written layer backward (`CausalLm::layer_backward`: fused kernels,
-//!   4-bit weights dequantized again and freed, SDPA's own backward for the attention core)
-//!   replaces the autograd pass.
+//!   a graph and pushes the incoming gradient through it (`torch.autograd.backward(y, g)`,
+//!   [`crate::kernels::autograd::backward`]), which also accumulates the LoRA gradients. On the
+//!   CUDA fast path a family's own layer backward (`CausalLm::layer_backward`) replaces that
+//!   pass: Llama's is hand-written (fused kernels, 4-bit weights dequantized again and freed,
+//!   SDPA's own backward for the attention core); Gemma 3n's is autograd with the AltUp
+//!   streams' gradients assembled by hand.
 //! - Chunked cross-entropy: logits are built only for trained positions, a
 //!   chunk at a time, and each chunk is backpropagated at once, so the full
 //!   [tokens × vocab] fp32 logits never exist.
@@ -517,7 +518,8 @@ fn checkpointed_pass(p: &Pass, clock: &mut PhaseClock, anomaly: &mut Option<Anom
             None => {
                 let x = input.detach().set_requires_grad(l > 0);
                 let y = model.layer(l, &x, batch, true);
-                (&y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
+                crate::kernels::autograd::backward(&[&y], &[&grad.to_kind(y.kind())])
+                    .unwrap_or_else(|e| panic!("the backward of layer {l}: {e:#}"));
                 if l > 0 {
                     grad = x.grad();
                 }
