@@ -491,6 +491,19 @@ fn lora_gradients_match_the_closed_form_and_finite_differences() {
     let _ = lin.backward(&x, None, &(-&g * 2.0)); // back to 1×, z recomputed
     assert!(b.grad().allclose(&want_b.detach(), 1e-10, 1e-10, false));
     assert!(a.grad().allclose(&want_a.detach(), 1e-10, 1e-10, false));
+    // The same backward as one autograd node (what autograd runs on a GPU): same values, and
+    // autograd accumulates dA and dB (now 2×) and hands back dx.
+    let x_node = x.copy().set_requires_grad(true);
+    let y_node = lin.forward_node(&x_node);
+    assert!(y_node.requires_grad() && y_node.allclose(&y, 1e-12, 1e-12, false));
+    (&y_node * &g).sum(Kind::Double).backward();
+    assert!(x_node.grad().allclose(&dx, 1e-10, 1e-10, false), "node dx {}", (x_node.grad() - &dx).abs().max());
+    assert!(b.grad().allclose(&(&want_b * 2.0).detach(), 1e-10, 1e-10, false));
+    assert!(a.grad().allclose(&(&want_a * 2.0).detach(), 1e-10, 1e-10, false));
+    // Without a gradient for x: no dx, the adapter's still come.
+    (lin.forward_node(&x) * (-&g)).sum(Kind::Double).backward(); // back to 1×
+    assert!(b.grad().allclose(&want_b.detach(), 1e-10, 1e-10, false));
+    assert!(a.grad().allclose(&want_a.detach(), 1e-10, 1e-10, false));
     // Central differences on a few entries of A and B.
     for (t, idx) in [(&lin.lora.as_ref().unwrap().a, [1i64, 2]), (&lin.lora.as_ref().unwrap().b, [4, 0])] {
         let eps = 1e-6;

@@ -6,6 +6,12 @@
 //! and the sum cast back to the base output dtype (on a GPU in bf16/fp16 the adapter matmuls
 //! run in the compute dtype instead, as under autocast); bitsandbytes `Linear4bit.forward`
 //! (dequantize, then a plain matmul).
+//!
+//! Under autograd on a GPU (Gemma 3n's checkpointed recomputation) an adapted linear is one
+//! autograd node ([`Linear::forward_node`], [`crate::kernels::autograd`]) whose backward is the
+//! hand-written one of the CUDA fast path ([`lora_grads`]): `dx = dy·W + s·(dy·B)·A` summed
+//! inside the GEMMs, where autograd would write the base and adapter parts of `dx` apart and
+//! add them (a `[tokens, in]` pass, 16384 wide for E4B's down_proj).
 
 use std::sync::Arc;
 
@@ -57,6 +63,18 @@ impl Linear {
     /// (PEFT semantics). `train` enables the adapter dropout.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let kind = x.kind();
+        if let Some(lora) = &self.lora {
+            let records = x.requires_grad() || lora.a.requires_grad() || lora.b.requires_grad();
+            if records
+                && !(train && lora.dropout > 0.0)
+                && matches!(kind, Kind::BFloat16 | Kind::Half)
+                && x.device().is_cuda()
+                && self.kernels.is_some()
+                && crate::kernels::autograd::available()
+            {
+                return self.forward_node(x);
+            }
+        }
         let bias = self.bias.as_ref().map(|b| cast(b, kind));
         let y = match &self.weight {
             Weight::Dense(w) => x.linear(&cast(w, kind), bias.as_ref()),
@@ -158,6 +176,41 @@ impl Linear {
         })
     }
 
+    /// [`Linear::forward`] (no adapter dropout) as one autograd node over `x`, `A` and `B`: the
+    /// values of [`Linear::forward_saving`], and as backward [`lora_grads`] with the base weight
+    /// the forward dequantized (kept until the backward, as autograd keeps it for its matmul).
+    /// Used under autograd on a GPU; the tests hold it to autograd on the CPU.
+    pub fn forward_node(&self, x: &Tensor) -> Tensor {
+        let lora = self.lora.as_ref().expect("forward_node: a linear with an adapter");
+        let kind = x.kind();
+        let ak = self.adapter_kind(kind, x.device());
+        let (y, z, w) = tch::no_grad(|| {
+            let bias = self.bias.as_ref().map(|b| cast(b, kind));
+            let w = self.dense_weight(kind);
+            let y = x.linear(&w, bias.as_ref());
+            let z = cast(x, ak).linear::<Tensor>(&cast(&lora.a, ak), None);
+            let y = if ak == kind {
+                add_lora_out(y, &z, &cast(&lora.b, ak), lora.scale)
+            } else {
+                let delta = z.linear::<Tensor>(&cast(&lora.b, ak), None) * lora.scale;
+                (y.to_kind(ak) + delta).to_kind(kind)
+            };
+            (y, z, w)
+        });
+        // The adapter in its compute dtype (bf16/fp16 under GPU mixed precision: its GEMMs and
+        // casts of x and dy stay in that dtype); its gradients go back in the parameters' dtype.
+        let (a_kind, b_kind) = (lora.a.kind(), lora.b.kind());
+        let (a, b) = tch::no_grad(|| (cast(&lora.a, ak).detach(), cast(&lora.b, ak).detach()));
+        let (xd, scale, need_dx) = (x.detach(), lora.scale, x.requires_grad());
+        let backward: crate::kernels::autograd::Backward = Box::new(move |grads| {
+            let (dx, da, db) = tch::no_grad(|| lora_grads(&xd, Some(&z), &grads[0], w, &a, &b, scale, None, need_dx));
+            Ok(vec![dx, Some(da.to_kind(a_kind)), Some(db.to_kind(b_kind))])
+        });
+        crate::kernels::autograd::attach("LoraLinear", &[x, &lora.a, &lora.b], &[&y], backward)
+            .unwrap_or_else(|e| panic!("LoRA linear: {e:#}"));
+        y
+    }
+
     /// The hand-written backward of [`Linear::forward`] (no adapter dropout) for input `x` and
     /// upstream `dy`: returns `dx = dy·W + s·(dy·B)·A`, and adds `dB = s·dyᵀ·z` and
     /// `dA = s·(dy·B)ᵀ·x` to the adapter's gradients. `W` is dequantized again here and freed on
@@ -173,43 +226,80 @@ impl Linear {
     /// written and read again; the scale is applied to the rank-r products.
     pub fn backward_into(&self, x: &Tensor, z: Option<&Tensor>, dy: &Tensor, acc: Option<Tensor>) -> Tensor {
         tch::no_grad(|| {
-            let kind = x.kind();
-            let [out_f, in_f] = self.shape();
-            let dy2 = cast(dy, kind).reshape([-1, out_f]);
-            let w = self.dense_weight(kind);
-            let mut dx = match acc {
-                Some(a) => {
-                    let mut a = cast(&a, kind).reshape([-1, in_f]);
-                    let _ = a.addmm_(&dy2, &w);
-                    a
-                }
-                None => dy2.mm(&w),
-            };
-            drop(w);
-            if let Some(lora) = &self.lora {
-                let ak = self.adapter_kind(kind, x.device());
-                let r = lora.a.size()[0];
-                let (a, b) = (cast(&lora.a, ak), cast(&lora.b, ak));
-                let x2 = cast(x, ak).reshape([-1, in_f]);
-                let z2 = match z {
-                    Some(z) => z.reshape([-1, r]),
-                    None => x2.mm(&a.tr()),
+            let w = self.dense_weight(x.kind());
+            let Some(lora) = &self.lora else {
+                let [out_f, in_f] = self.shape();
+                let dy2 = cast(dy, x.kind()).reshape([-1, out_f]);
+                let dx = match acc {
+                    Some(a) => {
+                        let mut a = cast(&a, x.kind()).reshape([-1, in_f]);
+                        let _ = a.addmm_(&dy2, &w);
+                        a
+                    }
+                    None => dy2.mm(&w),
                 };
-                let dy2 = cast(&dy2, ak);
-                let dz = dy2.mm(&b) * lora.scale; // [N, r]
-                let db = dy2.tr().mm(&z2) * lora.scale; // [out, r]
-                let da = dz.tr().mm(&x2); // [r, in]
-                accumulate_grad(&lora.a, &da);
-                accumulate_grad(&lora.b, &db);
-                if ak == kind {
-                    let _ = dx.addmm_(&dz, &a);
-                } else {
-                    dx = (dx.to_kind(ak) + dz.mm(&a)).to_kind(kind);
-                }
-            }
-            dx.view(x.size().as_slice())
+                return dx.view(x.size().as_slice());
+            };
+            let ak = self.adapter_kind(x.kind(), x.device());
+            let (a, b) = (cast(&lora.a, ak), cast(&lora.b, ak));
+            let (dx, da, db) = lora_grads(x, z, dy, w, &a, &b, lora.scale, acc, true);
+            accumulate_grad(&lora.a, &da);
+            accumulate_grad(&lora.b, &db);
+            dx.expect("dx was asked for")
         })
     }
+}
+
+/// The backward of an adapted linear (no dropout) for input `x` `[.., in]`, upstream `dy`
+/// `[.., out]`, the base weight `w` `[out, in]` in x's dtype and the adapter `a` `[r, in]`, `b`
+/// `[out, r]` in its compute dtype: `(dx, dA, dB)` with `dx = acc + dy·W + s·(dy·B)·A` (when
+/// `need_dx`; the sums inside the GEMMs, so no `[.., in]` temporary is written and read again;
+/// `w` is dropped after its GEMM, before the rank-r products),
+/// `dB = s·dyᵀ·z` and `dA = s·(dy·B)ᵀ·x` in the adapter's compute dtype. `z = x·Aᵀ` is
+/// recomputed when not given. Without a graph (the caller's `no_grad`).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_grads(
+    x: &Tensor,
+    z: Option<&Tensor>,
+    dy: &Tensor,
+    w: Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    acc: Option<Tensor>,
+    need_dx: bool,
+) -> (Option<Tensor>, Tensor, Tensor) {
+    let (kind, ak) = (x.kind(), a.kind());
+    let (out_f, in_f) = (w.size()[0], w.size()[1]);
+    let r = a.size()[0];
+    let dy2 = cast(dy, kind).reshape([-1, out_f]);
+    let base = need_dx.then(|| match acc {
+        Some(acc) => {
+            let mut acc = cast(&acc, kind).reshape([-1, in_f]);
+            let _ = acc.addmm_(&dy2, &w);
+            acc
+        }
+        None => dy2.mm(&w),
+    });
+    drop(w);
+    let x2 = cast(x, ak).reshape([-1, in_f]);
+    let z2 = match z {
+        Some(z) => cast(z, ak).reshape([-1, r]),
+        None => x2.mm(&a.tr()),
+    };
+    let dya = cast(&dy2, ak);
+    let dz = dya.mm(b) * scale; // [N, r]
+    let db = dya.tr().mm(&z2) * scale; // [out, r]
+    let da = dz.tr().mm(&x2); // [r, in]
+    let dx = base.map(|mut dx| {
+        if ak == kind {
+            let _ = dx.addmm_(&dz, a);
+        } else {
+            dx = (dx.to_kind(ak) + dz.mm(a)).to_kind(kind);
+        }
+        dx.view(x.size().as_slice())
+    });
+    (dx, da, db)
 }
 
 /// `y + s·(z·Bᵀ)` for the base output `y` `[.., out]`, the adapter's rank-r activation `z`
