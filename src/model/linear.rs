@@ -159,11 +159,20 @@ impl Linear {
     /// adapter's rank-r activation `z = x·Aᵀ` (in the adapter's compute dtype) for
     /// [`Linear::backward`].
     pub fn forward_saving(&self, x: &Tensor) -> (Tensor, Option<Tensor>) {
+        let (y, z, _) = self.forward_parts(x, false);
+        (y, z)
+    }
+
+    /// Without a graph: `(y, z, W)`, the output, the adapter's rank-r activation (with an
+    /// adapter) and the dequantized base weight when `keep_w` (else dropped after its GEMM).
+    fn forward_parts(&self, x: &Tensor, keep_w: bool) -> (Tensor, Option<Tensor>, Option<Tensor>) {
         tch::no_grad(|| {
             let kind = x.kind();
             let bias = self.bias.as_ref().map(|b| cast(b, kind));
-            let y = x.linear(&self.dense_weight(kind), bias.as_ref());
-            let Some(lora) = &self.lora else { return (y, None) };
+            let w = self.dense_weight(kind);
+            let y = x.linear(&w, bias.as_ref());
+            let w = keep_w.then_some(w);
+            let Some(lora) = &self.lora else { return (y, None, w) };
             let ak = self.adapter_kind(kind, x.device());
             let z = cast(x, ak).linear::<Tensor>(&cast(&lora.a, ak), None);
             let y = if ak == kind {
@@ -172,7 +181,7 @@ impl Linear {
                 let delta = z.linear::<Tensor>(&cast(&lora.b, ak), None) * lora.scale;
                 (y.to_kind(ak) + delta).to_kind(kind)
             };
-            (y, Some(z))
+            (y, Some(z), w)
         })
     }
 
@@ -184,19 +193,10 @@ impl Linear {
         let lora = self.lora.as_ref().expect("forward_node: a linear with an adapter");
         let kind = x.kind();
         let ak = self.adapter_kind(kind, x.device());
-        let (y, z, w) = tch::no_grad(|| {
-            let bias = self.bias.as_ref().map(|b| cast(b, kind));
-            let w = self.dense_weight(kind);
-            let y = x.linear(&w, bias.as_ref());
-            let z = cast(x, ak).linear::<Tensor>(&cast(&lora.a, ak), None);
-            let y = if ak == kind {
-                add_lora_out(y, &z, &cast(&lora.b, ak), lora.scale)
-            } else {
-                let delta = z.linear::<Tensor>(&cast(&lora.b, ak), None) * lora.scale;
-                (y.to_kind(ak) + delta).to_kind(kind)
-            };
-            (y, z, w)
-        });
+        let (y, z, w) = match self.forward_parts(x, true) {
+            (y, Some(z), Some(w)) => (y, z, w),
+            _ => unreachable!("an adapted linear gives z, and W when asked"),
+        };
         // The adapter in its compute dtype (bf16/fp16 under GPU mixed precision: its GEMMs and
         // casts of x and dy stay in that dtype); its gradients go back in the parameters' dtype.
         let (a_kind, b_kind) = (lora.a.kind(), lora.b.kind());
