@@ -21,6 +21,11 @@
 //! when stored in the compute dtype (no copy, pages loaded as rows are used): each batch
 //! gathers its rows there and moves only those (`[B, T, L·P]`), once per batch
 //! ([`Batch::per_layer_inputs`]).
+//!
+//! Training on CUDA. The AltUp predict/correct, first-prediction and sparse-GeGLU kernels run as
+//! autograd nodes with their own backward (src/kernels/), adapted linears as one node each
+//! (`Linear::forward_node`), and the layer backward ([`CausalLm::layer_backward`]) is autograd
+//! over the layer with its input's parts as separate leaves, their gradients assembled here.
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
