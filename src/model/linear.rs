@@ -64,6 +64,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let kind = x.kind();
         if let Some(lora) = &self.lora {
+            // (Under `no_grad` too, as in the checkpointed forward: the node then is not attached,
+            // and the work is the plain path's.)
             let records = x.requires_grad() || lora.a.requires_grad() || lora.b.requires_grad();
             if records
                 && !(train && lora.dropout > 0.0)
@@ -159,13 +161,15 @@ impl Linear {
     /// adapter's rank-r activation `z = x·Aᵀ` (in the adapter's compute dtype) for
     /// [`Linear::backward`].
     pub fn forward_saving(&self, x: &Tensor) -> (Tensor, Option<Tensor>) {
-        let (y, z, _) = self.forward_parts(x, false);
-        (y, z)
+        let (y, adapter, _) = self.forward_parts(x, false);
+        (y, adapter.map(|(z, _, _)| z))
     }
 
-    /// Without a graph: `(y, z, W)`, the output, the adapter's rank-r activation (with an
-    /// adapter) and the dequantized base weight when `keep_w` (else dropped after its GEMM).
-    fn forward_parts(&self, x: &Tensor, keep_w: bool) -> (Tensor, Option<Tensor>, Option<Tensor>) {
+    /// Without a graph: `(y, (z, A, B), W)`, the output, with an adapter its rank-r activation
+    /// and A and B in its compute dtype, and the dequantized base weight when `keep_w` (else
+    /// dropped after its GEMM).
+    #[allow(clippy::type_complexity)]
+    fn forward_parts(&self, x: &Tensor, keep_w: bool) -> (Tensor, Option<(Tensor, Tensor, Tensor)>, Option<Tensor>) {
         tch::no_grad(|| {
             let kind = x.kind();
             let bias = self.bias.as_ref().map(|b| cast(b, kind));
@@ -174,14 +178,15 @@ impl Linear {
             let w = keep_w.then_some(w);
             let Some(lora) = &self.lora else { return (y, None, w) };
             let ak = self.adapter_kind(kind, x.device());
-            let z = cast(x, ak).linear::<Tensor>(&cast(&lora.a, ak), None);
+            let (a, b) = (cast(&lora.a, ak).detach(), cast(&lora.b, ak).detach());
+            let z = cast(x, ak).linear::<Tensor>(&a, None);
             let y = if ak == kind {
-                add_lora_out(y, &z, &cast(&lora.b, ak), lora.scale)
+                add_lora_out(y, &z, &b, lora.scale)
             } else {
-                let delta = z.linear::<Tensor>(&cast(&lora.b, ak), None) * lora.scale;
+                let delta = z.linear::<Tensor>(&b, None) * lora.scale;
                 (y.to_kind(ak) + delta).to_kind(kind)
             };
-            (y, Some(z), w)
+            (y, Some((z, a, b)), w)
         })
     }
 
@@ -191,16 +196,14 @@ impl Linear {
     /// Used under autograd on a GPU; the tests hold it to autograd on the CPU.
     pub fn forward_node(&self, x: &Tensor) -> Tensor {
         let lora = self.lora.as_ref().expect("forward_node: a linear with an adapter");
-        let kind = x.kind();
-        let ak = self.adapter_kind(kind, x.device());
-        let (y, z, w) = match self.forward_parts(x, true) {
-            (y, Some(z), Some(w)) => (y, z, w),
-            _ => unreachable!("an adapted linear gives z, and W when asked"),
-        };
         // The adapter in its compute dtype (bf16/fp16 under GPU mixed precision: its GEMMs and
-        // casts of x and dy stay in that dtype); its gradients go back in the parameters' dtype.
+        // casts of x and dy stay in that dtype), as the forward cast it; its gradients go back
+        // in the parameters' dtype. Under `no_grad` no node is attached and all is dropped here.
+        let (y, (z, a, b), w) = match self.forward_parts(x, true) {
+            (y, Some(adapter), Some(w)) => (y, adapter, w),
+            _ => unreachable!("an adapted linear gives z, A and B, and W when asked"),
+        };
         let (a_kind, b_kind) = (lora.a.kind(), lora.b.kind());
-        let (a, b) = tch::no_grad(|| (cast(&lora.a, ak).detach(), cast(&lora.b, ak).detach()));
         let (xd, scale, need_dx) = (x.detach(), lora.scale, x.requires_grad());
         let backward: crate::kernels::autograd::Backward = Box::new(move |grads| {
             let (dx, da, db) = tch::no_grad(|| lora_grads(&xd, Some(&z), &grads[0], w, &a, &b, scale, None, need_dx));
