@@ -722,3 +722,27 @@ fn lora_output_added_in_one_gemm_equals_the_formula_with_and_without_a_graph() {
     assert_eq!(got.data_ptr(), ptr, "in place on y");
     assert!((&got - &want.detach()).abs().max().double_value(&[]) < 1e-6);
 }
+
+/// RoPE's tables are made once per batch (`Batch::rope`) and keyed by the model's frequencies:
+/// two models with different `rope_theta` on one batch each get their own tables, the same
+/// outputs as on a fresh batch.
+#[test]
+fn one_batch_keeps_rope_tables_apart_for_models_with_different_frequencies() {
+    let d = tmp();
+    let dir1 = tiny(&d.path().join("a"), "llama", serde_json::json!({}));
+    let dir2 = d.path().join("b");
+    std::fs::create_dir_all(&dir2).unwrap();
+    std::fs::copy(dir1.join("model.safetensors"), dir2.join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir1.join("config.json")).unwrap()).unwrap();
+    cfg["rope_theta"] = serde_json::json!(37.0);
+    std::fs::write(dir2.join("config.json"), cfg.to_string()).unwrap();
+    let (m1, m2) = (model::load(&dir1, &cpu_f32()).unwrap(), model::load(&dir2, &cpu_f32()).unwrap());
+    let x = ids(2, 7);
+    let shared = Batch::new(x.shallow_clone(), None);
+    let y1 = m1.forward(&shared);
+    let y2 = m2.forward(&shared);
+    assert!(y2.equal(&m2.forward(&Batch::new(x.shallow_clone(), None))), "m2 read m1's RoPE tables");
+    assert!(y1.equal(&m1.forward(&shared)) && y1.equal(&m1.forward(&Batch::new(x, None))));
+    assert!((&y1 - &y2).abs().max().double_value(&[]) > 1e-3, "rope_theta changed nothing");
+}
