@@ -178,7 +178,7 @@ impl<A: Attention> CausalLm for Decoder<A> {
 
     fn layer(&self, i: usize, h: &Tensor, batch: &Batch, train: bool) -> Tensor {
         let device = h.device();
-        let rope = batch.rope(0, &self.inv_freq, h.kind(), device).with_kernels(self.kernels.clone());
+        let rope = batch.rope(&self.inv_freq, h.kind(), device).with_kernels(self.kernels.clone());
         let mask = Mask::new(batch, self.config.sliding_window, device, h.kind(), self.config.head_dim, true);
         self.layers[i].forward(h, &rope, &mask, train)
     }
@@ -190,7 +190,7 @@ impl<A: Attention> CausalLm for Decoder<A> {
             return None;
         }
         let device = h.device();
-        let rope = batch.rope(0, &self.inv_freq, h.kind(), device).with_kernels(self.kernels.clone());
+        let rope = batch.rope(&self.inv_freq, h.kind(), device).with_kernels(self.kernels.clone());
         let mask = Mask::new(batch, self.config.sliding_window, device, h.kind(), self.config.head_dim, true);
         Some(layer.backward(h, &rope, &mask, dy))
     }
@@ -198,7 +198,7 @@ impl<A: Attention> CausalLm for Decoder<A> {
     fn layer_cached(&self, i: usize, h: &Tensor, batch: &Batch, cache: &mut KvCache) -> Tensor {
         let device = h.device();
         let (b, t) = (h.size()[0], h.size()[1]);
-        let rope = batch.rope(0, &self.inv_freq, h.kind(), device).with_kernels(self.kernels.clone());
+        let rope = batch.rope(&self.inv_freq, h.kind(), device).with_kernels(self.kernels.clone());
         let past = cache.len(i);
         let s = past + t;
         let window = self.config.sliding_window.filter(|&w| w < s);

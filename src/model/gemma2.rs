@@ -237,7 +237,7 @@ impl Gemma {
 
     fn rope(&self, i: usize, batch: &Batch, kind: Kind, device: Device) -> Rope {
         let sliding = self.config.is_sliding(i);
-        batch.rope(sliding as usize, if sliding { &self.inv_freq_local } else { &self.inv_freq }, kind, device)
+        batch.rope(if sliding { &self.inv_freq_local } else { &self.inv_freq }, kind, device)
     }
 
     fn window(&self, i: usize) -> Option<i64> {

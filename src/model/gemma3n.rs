@@ -421,7 +421,7 @@ impl Gemma3n {
     fn rope(&self, i: usize, batch: &Batch, kind: Kind, device: Device) -> Rope {
         let sliding = self.sliding(i);
         batch
-            .rope(sliding as usize, if sliding { &self.inv_freq_local } else { &self.inv_freq }, kind, device)
+            .rope(if sliding { &self.inv_freq_local } else { &self.inv_freq }, kind, device)
             .with_kernels(self.kernels.clone())
     }
 

@@ -231,17 +231,7 @@ impl Linear {
         tch::no_grad(|| {
             let w = self.dense_weight(x.kind());
             let Some(lora) = &self.lora else {
-                let [out_f, in_f] = self.shape();
-                let dy2 = cast(dy, x.kind()).reshape([-1, out_f]);
-                let dx = match acc {
-                    Some(a) => {
-                        let mut a = cast(&a, x.kind()).reshape([-1, in_f]);
-                        let _ = a.addmm_(&dy2, &w);
-                        a
-                    }
-                    None => dy2.mm(&w),
-                };
-                return dx.view(x.size().as_slice());
+                return base_dx(dy, &w, acc).view(x.size().as_slice());
             };
             let ak = self.adapter_kind(x.kind(), x.device());
             let (a, b) = (cast(&lora.a, ak), cast(&lora.b, ak));
@@ -250,6 +240,21 @@ impl Linear {
             accumulate_grad(&lora.b, &db);
             dx.expect("dx was asked for")
         })
+    }
+}
+
+/// The base weight's part of `dx`, `acc + dy·W` `[N, in]` (the sum inside the GEMM, in place on
+/// `acc`), in W's dtype, for `dy` `[.., out]`.
+fn base_dx(dy: &Tensor, w: &Tensor, acc: Option<Tensor>) -> Tensor {
+    let (kind, out_f, in_f) = (w.kind(), w.size()[0], w.size()[1]);
+    let dy2 = cast(dy, kind).reshape([-1, out_f]);
+    match acc {
+        Some(acc) => {
+            let mut acc = cast(&acc, kind).reshape([-1, in_f]);
+            let _ = acc.addmm_(&dy2, w);
+            acc
+        }
+        None => dy2.mm(w),
     }
 }
 
@@ -276,14 +281,7 @@ pub fn lora_grads(
     let (out_f, in_f) = (w.size()[0], w.size()[1]);
     let r = a.size()[0];
     let dy2 = cast(dy, kind).reshape([-1, out_f]);
-    let base = need_dx.then(|| match acc {
-        Some(acc) => {
-            let mut acc = cast(&acc, kind).reshape([-1, in_f]);
-            let _ = acc.addmm_(&dy2, &w);
-            acc
-        }
-        None => dy2.mm(&w),
-    });
+    let base = need_dx.then(|| base_dx(&dy2, &w, acc));
     drop(w);
     let x2 = cast(x, ak).reshape([-1, in_f]);
     let z2 = match z {

@@ -115,20 +115,20 @@ impl Batch {
     }
 
     /// RoPE's tables for this batch's positions and `inv_freq`, in `kind` on `device`: made once
-    /// per (`slot`, kind, device) and shared by every layer and recomputation (a family with
-    /// two frequency sets, Gemma's local and global, gives each its slot). The key also holds
-    /// `inv_freq`'s address, so two models run on one batch (the export's merge check runs the
-    /// reference and the merged model) never share tables unless they share frequencies. Without
+    /// per (`inv_freq`, kind, device) and shared by every layer and recomputation. `inv_freq` is
+    /// told by its storage (address and length), so Gemma's local and global frequencies, or two
+    /// models run on one batch (the export's merge check runs the reference and the merged
+    /// model), never share tables unless they share frequencies. Without
     /// it each layer and each recomputation copied the positions to the device and made the
     /// tables again, seven small kernels per pass.
-    pub(crate) fn rope(&self, slot: usize, inv_freq: &Tensor, kind: Kind, device: Device) -> blocks::Rope {
-        let freq = inv_freq.data_ptr() as usize;
-        let hit = |r: &RopeTables| r.0 == (slot, freq) && r.1 == kind && r.2 == device;
+    pub(crate) fn rope(&self, inv_freq: &Tensor, kind: Kind, device: Device) -> blocks::Rope {
+        let freq = (inv_freq.data_ptr() as usize, inv_freq.numel());
+        let hit = |r: &RopeTables| r.0 == freq && r.1 == kind && r.2 == device;
         if let Some((.., cos, sin)) = self.rope.borrow().iter().find(|r| hit(r)) {
             return blocks::Rope { cos: cos.shallow_clone(), sin: sin.shallow_clone(), kernels: None };
         }
         let r = blocks::Rope::new(inv_freq, &self.position_ids.to_device(device), kind);
-        self.rope.borrow_mut().push(((slot, freq), kind, device, r.cos.shallow_clone(), r.sin.shallow_clone()));
+        self.rope.borrow_mut().push((freq, kind, device, r.cos.shallow_clone(), r.sin.shallow_clone()));
         r
     }
 
@@ -158,7 +158,7 @@ impl Batch {
     }
 }
 
-/// One batch's RoPE tables: ((slot, inv_freq's address), dtype, device, cos, sin).
+/// One batch's RoPE tables: ((inv_freq's address, length), dtype, device, cos, sin).
 type RopeTables = ((usize, usize), Kind, Device, Tensor, Tensor);
 
 /// A causal LM, layer-wise.
