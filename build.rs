@@ -11,7 +11,8 @@
 //!   with the `tuner_c10d` cfg;
 //! - compile kernels/custom_op.cpp (an autograd node whose backward is a Rust function, for the
 //!   fused ops of src/kernels/) whenever libtorch's headers are there, and say so with the
-//!   `tuner_custom_op` cfg;
+//!   `tuner_custom_op` cfg, and with it kernels/op_census.cpp (a count of the ops libtorch runs,
+//!   a debugging aid);
 //! - record libtorch's folder as an rpath so tests and the binary find it without
 //!   LD_LIBRARY_PATH on the machine that built them.
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/flash_varlen.cpp");
     println!("cargo::rustc-check-cfg=cfg(tuner_cuda_shim)");
     println!("cargo:rerun-if-changed=kernels/custom_op.cpp");
+    println!("cargo:rerun-if-changed=kernels/op_census.cpp");
     println!("cargo::rustc-check-cfg=cfg(tuner_custom_op)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
     let root = PathBuf::from(&libtorch);
@@ -34,6 +36,7 @@ fn main() {
         cc::Build::new()
             .cpp(true)
             .file("kernels/custom_op.cpp")
+            .file("kernels/op_census.cpp")
             .include(root.join("include/torch/csrc/api/include"))
             .include(root.join("include"))
             .flag("-std=c++17")

@@ -139,6 +139,7 @@ pub fn run(mut inp: EvalInputs) -> Result<Option<Map<String, Value>>> {
         profile: None,
         coalesce: None,
         detect_anomaly: false,
+        op_census: None,
     };
     let mut model = crate::model::open::load_for_recipe(inp.model_dir, r, device)?;
     crate::model::dequantize_linears(model.as_mut(), kind);

@@ -46,6 +46,7 @@ fn grads(m: &dyn CausalLm, checkpointing: bool, hand: bool) -> (f64, Vec<(String
         profile: None,
         coalesce: None,
         detect_anomaly: false,
+        op_census: None,
     };
     let r = step::forward_backward(m, &batch(), 0, &o);
     (r.loss, named_params(m).into_iter().map(|(n, p)| (n, p.grad().copy())).collect())
@@ -108,6 +109,7 @@ fn gemma3n_checkpointed_gradients_equal_autograd_and_reach_the_kv_producers() {
             profile: None,
             coalesce: None,
             detect_anomaly: false,
+            op_census: None,
         };
         let (nll, n) = step::eval_nll(m.as_ref(), &batch()[0], &o);
         let _ = p.g_add_(&(&dir * -delta));
@@ -314,6 +316,7 @@ fn a_zero_pad_embedding_row_keeps_gemma3n_gradients_finite() {
             profile: None,
             coalesce: None,
             detect_anomaly: true,
+            op_census: None,
         };
         let r = step::forward_backward(m.as_ref(), micro, 0, &o);
         (r, params.iter().map(|p| p.grad().copy()).collect::<Vec<_>>())

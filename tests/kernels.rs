@@ -120,6 +120,7 @@ fn grads(
         profile: None,
         coalesce: None,
         detect_anomaly: false,
+        op_census: None,
     };
     let r = step::forward_backward(m, micro, 0, &o);
     (r.loss, params.iter().map(|p| p.grad().to_device(Device::Cpu).copy()).collect())
@@ -207,6 +208,16 @@ fn cuda_kernels_match_their_references_on_a_gpu() {
     let bad: Vec<String> =
         rows.iter().filter(|r| !r.ok()).map(|r| format!("{} ({:.2e} > {:.1e})", r.name, r.err, r.tol)).collect();
     assert!(rows.len() > 30 && bad.is_empty(), "kernels differ from their references: {bad:?}");
+
+    // A LoRA gradient's GEMM adds into the f32 gradient straight from bf16 operands (one of them
+    // a transposed view, as in the backward), in f32: no bf16 product to cast and add.
+    let dev = Device::Cuda(0);
+    let g = Tensor::randn([4, 8], (Kind::Float, dev));
+    let m1 = Tensor::randn([16, 4], (Kind::BFloat16, dev));
+    let m2 = Tensor::randn([16, 8], (Kind::BFloat16, dev));
+    let want = &g + m1.tr().to_kind(Kind::Float).mm(&m2.to_kind(Kind::Float));
+    assert!(tuner::model::gemm_into(Some(&g), &m1.tr(), &m2).is_none(), "gemm_into fell back on CUDA bf16");
+    assert!(g.allclose(&want, 1e-4, 1e-4, false), "gemm_into: {}", (&g - &want).abs().max());
 
     // The hand-written backward with kernels against autograd without, on the GPU (fp32).
     let loader = data::Loader::new(crate::common::examples(3, 5), 3, 0, false, 64);
@@ -323,6 +334,7 @@ fn step_grads(
         profile: None,
         coalesce,
         detect_anomaly: true,
+        op_census: None,
     };
     let r = step::forward_backward(m, micro, 0, &o);
     (r, params.iter().map(|p| p.grad().to_device(Device::Cpu).copy()).collect())
@@ -578,4 +590,25 @@ fn cross_entropy_matches_autograd_and_the_gpu_loss_runs_the_kernel() {
         let only = cross_entropy::nll(h.linear::<Tensor>(&w, None), &t, cap, Some(&k));
         assert!(max_rel(&only, &nll_ref) < tol);
     }
+}
+
+#[test]
+fn op_census_counts_the_calls_libtorch_runs_and_the_autograd_nodes() {
+    use tuner::kernels::op_census::{table, OpCensus};
+    let c = OpCensus::start().expect("the census installs its callbacks");
+    assert_eq!(OpCensus::start().unwrap(), c, "a second start is the same census");
+    // Other tests run alongside and add calls of their own, so the counts are lower bounds.
+    let (calls0, secs0) = c.totals();
+    let x = Tensor::ones([4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    for _ in 0..5 {
+        (&x * 3.0).sum(Kind::Float).backward();
+    }
+    let (calls1, secs1) = c.totals();
+    assert!(calls1 >= calls0 + 10 && secs1 > secs0, "{calls0} → {calls1} calls, {secs0} → {secs1} s");
+    let rows = c.rows(false);
+    let mul = rows.iter().find(|r| r.name == "aten::mul").expect("aten::mul tallied");
+    assert!(mul.calls >= 5 && mul.top >= 5 && mul.seconds > 0.0, "{mul:?}");
+    assert!(rows.iter().any(|r| r.name.contains("MulBackward") && r.calls >= 5), "autograd's nodes tallied: {rows:?}");
+    let t = table(&rows, 50, 1);
+    assert!(t.lines().count() > 2 && t.contains("aten::mul"), "{t}");
 }

@@ -457,6 +457,25 @@ fn lora_with_zero_b_is_exactly_the_base_and_matches_the_formula() {
     let got = q.forward(&x, false);
     assert!(got.allclose(&want, 1e-5, 1e-5, false), "{}", (&got - &want).abs().max());
     assert!(!m.forward(&batch).allclose(&base, 1e-6, 1e-6, false));
+    // A step's held casts (bf16 here): every adapter holds A and B in that dtype until the
+    // guard goes; in the adapters' own dtype nothing is held.
+    let held = |m: &dyn model::CausalLm| {
+        m.linears().iter().filter(|(_, l)| l.lora.as_ref().unwrap().cast.lock().unwrap().is_some()).count()
+    };
+    {
+        let _cast = lora::cast_adapters(m.as_ref(), Kind::BFloat16);
+        assert_eq!(held(m.as_ref()), 14);
+        for (_, l) in m.linears() {
+            let lo = l.lora.as_ref().unwrap();
+            let guard = lo.cast.lock().unwrap();
+            let (a16, b16) = guard.as_ref().unwrap();
+            assert_eq!(a16.kind(), Kind::BFloat16);
+            assert!(a16.equal(&(&lo.a * lo.scale).to_kind(Kind::BFloat16)) && b16.equal(&lo.b.to_kind(Kind::BFloat16)));
+        }
+    }
+    assert_eq!(held(m.as_ref()), 0, "dropping the guard lets every cast go");
+    let _same = lora::cast_adapters(m.as_ref(), Kind::Float);
+    assert_eq!(held(m.as_ref()), 0);
 }
 
 #[test]
@@ -470,7 +489,7 @@ fn lora_gradients_match_the_closed_form_and_finite_differences() {
     let lin = model::Linear {
         weight: model::Weight::Dense(Tensor::randn([5, 8], o)),
         bias: None,
-        lora: Some(Lora { a: a.shallow_clone(), b: b.shallow_clone(), scale: s, dropout: 0.0 }),
+        lora: Some(Lora::new(a.shallow_clone(), b.shallow_clone(), s, 0.0)),
         kernels: None,
     };
     let loss = |lin: &model::Linear| (lin.forward(&x, true) * &g).sum(Kind::Double);
@@ -504,6 +523,24 @@ fn lora_gradients_match_the_closed_form_and_finite_differences() {
     (lin.forward_node(&x) * (-&g)).sum(Kind::Double).backward(); // back to 1×
     assert!(b.grad().allclose(&want_b.detach(), 1e-10, 1e-10, false));
     assert!(a.grad().allclose(&want_a.detach(), 1e-10, 1e-10, false));
+    // The first time, with no gradient yet, the node hands dA and dB to autograd, which makes
+    // them; afterwards it adds into them.
+    let (a2, b2) = (a.detach().copy().set_requires_grad(true), b.detach().copy().set_requires_grad(true));
+    let fresh = model::Linear {
+        weight: model::Weight::Dense(lin.dense_weight(Kind::Double)),
+        bias: None,
+        lora: Some(Lora::new(a2.shallow_clone(), b2.shallow_clone(), s, 0.0)),
+        kernels: None,
+    };
+    (fresh.forward_node(&x) * &g).sum(Kind::Double).backward();
+    assert!(b2.grad().allclose(&want_b.detach(), 1e-10, 1e-10, false));
+    assert!(a2.grad().allclose(&want_a.detach(), 1e-10, 1e-10, false));
+    // A held compute form (a step's, [`lora::cast_adapters`]) is what the graph-free paths
+    // read: holding (2·s·A, B) adds the adapter's part twice.
+    *fresh.lora.as_ref().unwrap().cast.lock().unwrap() = Some((a.detach() * (2.0 * s), b.detach()));
+    let (y2, _) = fresh.forward_saving(&x);
+    let part = x.matmul(&a.tr()).matmul(&b.tr()) * s;
+    assert!((&y2 - &y).allclose(&part.detach(), 1e-10, 1e-10, false), "held cast not read");
     // Central differences on a few entries of A and B.
     for (t, idx) in [(&lin.lora.as_ref().unwrap().a, [1i64, 2]), (&lin.lora.as_ref().unwrap().b, [4, 0])] {
         let eps = 1e-6;

@@ -80,6 +80,7 @@ fn grads(m: &dyn CausalLm, micro: &[data::MicroBatch], checkpointing: bool) -> (
         profile: None,
         coalesce: None,
         detect_anomaly: false,
+        op_census: None,
     };
     let r = step::forward_backward(m, micro, 0, &o);
     (r.loss, params.iter().map(|p| p.grad().copy()).collect())
@@ -393,6 +394,7 @@ fn grads_with(
         profile: None,
         coalesce,
         detect_anomaly: false,
+        op_census: None,
     };
     let r = step::forward_backward(m, micro, 0, &o);
     (r, params.iter().map(|p| p.grad().copy()).collect())

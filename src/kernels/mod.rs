@@ -3,7 +3,8 @@
 //! (`dequant_4bit`, `rms_norm`, `rope`, `glu`, the loss's `cross_entropy`, and Gemma 3n's `topk_glu`, `altup_predict`,
 //! `altup_correct`, `altup_first`), and the varlen flash attention libtorch has but tch does not bind (`varlen`).
 //! Ops that need a gradient under autograd run as one node with their hand-written backward
-//! ([`autograd`], kernels/custom_op.cpp).
+//! ([`autograd`], kernels/custom_op.cpp). [`op_census`] counts the ops libtorch runs on the host
+//! (a debugging aid for passes bound by the host).
 //!
 //! - NVRTC and the driver API come through `cudarc`, which loads `libnvrtc` and `libcuda` at
 //!   run time: nothing CUDA is linked, and a CPU machine never touches them. libnvrtc is the one
@@ -27,6 +28,7 @@ pub mod checker;
 pub mod cross_entropy;
 pub mod dequant_4bit;
 pub mod glu;
+pub mod op_census;
 pub mod rms_norm;
 pub mod rope;
 pub mod topk_glu;

@@ -13,7 +13,7 @@
 //! inside the GEMMs, where autograd would write the base and adapter parts of `dx` apart and
 //! add them (a `[tokens, in]` pass, 16384 wide for E4B's down_proj).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
 
@@ -38,6 +38,35 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout probability on the adapter input (training only).
     pub dropout: f64,
+    /// The adapter's compute form `(scale·A, B)` in the compute dtype, made once for the passes
+    /// of one optimizer step while a [`super::lora::CastAdapters`] holds it (A and B do not
+    /// change until the optimizer steps). The graph-free paths (the checkpointed forward, the
+    /// LoRA node, the hand-written backward) read it instead of casting and scaling in every pass:
+    /// ~6 launches per adapted linear per micro-batch, ~1.5k for E4B. Never used where autograd
+    /// records the cast.
+    pub cast: Mutex<Option<(Tensor, Tensor)>>,
+}
+
+impl Lora {
+    /// An adapter without a held cast.
+    pub fn new(a: Tensor, b: Tensor, scale: f64, dropout: f64) -> Lora {
+        Lora { a, b, scale, dropout, cast: Mutex::new(None) }
+    }
+
+    /// The compute form `(scale·A, B)` in `kind`, without a graph: `scale·A` in f32, then cast.
+    pub fn compute_form(&self, kind: Kind) -> (Tensor, Tensor) {
+        tch::no_grad(|| ((&self.a * self.scale).to_kind(kind), cast(&self.b, kind).detach()))
+    }
+
+    /// [`Lora::compute_form`], the held one when there is one of that dtype.
+    fn in_kind(&self, kind: Kind) -> (Tensor, Tensor) {
+        if let Some((sa, b)) = self.cast.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if sa.kind() == kind {
+                return (sa.shallow_clone(), b.shallow_clone());
+            }
+        }
+        self.compute_form(kind)
+    }
 }
 
 /// `y = x·Wᵀ (+ b) (+ LoRA)`.
@@ -158,16 +187,17 @@ impl Linear {
     }
 
     /// [`Linear::forward`] without a graph and without adapter dropout, also returning the
-    /// adapter's rank-r activation `z = x·Aᵀ` (in the adapter's compute dtype) for
+    /// adapter's scaled rank-r activation `zs = s·x·Aᵀ` (in the adapter's compute dtype) for
     /// [`Linear::backward`].
     pub fn forward_saving(&self, x: &Tensor) -> (Tensor, Option<Tensor>) {
         let (y, adapter, _) = self.forward_parts(x, false);
         (y, adapter.map(|(z, _, _)| z))
     }
 
-    /// Without a graph: `(y, (z, A, B), W)`, the output, with an adapter its rank-r activation
-    /// and A and B in its compute dtype, and the dequantized base weight when `keep_w` (else
-    /// dropped after its GEMM).
+    /// Without a graph: `(y, (zs, s·A, B), W)`, the output, with an adapter its scaled rank-r
+    /// activation `zs = x·(s·A)ᵀ` and its compute form ([`Lora::compute_form`]), and the
+    /// dequantized base weight when `keep_w` (else dropped after its GEMM). The scale rides on A,
+    /// so neither pass multiplies a `[tokens, r]` activation by it.
     #[allow(clippy::type_complexity)]
     fn forward_parts(&self, x: &Tensor, keep_w: bool) -> (Tensor, Option<(Tensor, Tensor, Tensor)>, Option<Tensor>) {
         tch::no_grad(|| {
@@ -178,15 +208,14 @@ impl Linear {
             let w = keep_w.then_some(w);
             let Some(lora) = &self.lora else { return (y, None, w) };
             let ak = self.adapter_kind(kind, x.device());
-            let (a, b) = (cast(&lora.a, ak).detach(), cast(&lora.b, ak).detach());
-            let z = cast(x, ak).linear::<Tensor>(&a, None);
+            let (sa, b) = lora.in_kind(ak);
+            let zs = cast(x, ak).linear::<Tensor>(&sa, None);
             let y = if ak == kind {
-                add_lora_out(y, &z, &b, lora.scale)
+                add_lora_out(y, &zs, &b, 1.0)
             } else {
-                let delta = z.linear::<Tensor>(&b, None) * lora.scale;
-                (y.to_kind(ak) + delta).to_kind(kind)
+                (y.to_kind(ak) + zs.linear::<Tensor>(&b, None)).to_kind(kind)
             };
-            (y, Some((z, a, b)), w)
+            (y, Some((zs, sa, b)), w)
         })
     }
 
@@ -199,17 +228,30 @@ impl Linear {
         // The adapter in its compute dtype (bf16/fp16 under GPU mixed precision: its GEMMs and
         // casts of x and dy stay in that dtype), as the forward cast it; its gradients go back
         // in the parameters' dtype. Under `no_grad` no node is attached and all is dropped here.
-        let (y, (z, a, b), w) = match self.forward_parts(x, true) {
+        let (y, (zs, sa, b), w) = match self.forward_parts(x, true) {
             (y, Some(adapter), Some(w)) => (y, adapter, w),
-            _ => unreachable!("an adapted linear gives z, A and B, and W when asked"),
+            _ => unreachable!("an adapted linear gives zs, s·A and B, and W when asked"),
         };
-        let (a_kind, b_kind) = (lora.a.kind(), lora.b.kind());
+        let (pa, pb) = (lora.a.shallow_clone(), lora.b.shallow_clone());
         let (xd, scale, need_dx) = (x.detach(), lora.scale, x.requires_grad());
+        // The backward adds dA and dB into A's and B's gradients itself, so once those exist and
+        // x carries the node, A and B need no edges (autograd would visit their accumulation
+        // nodes for nothing, ~500 visits per E4B micro-batch).
+        let adds_itself = |p: &Tensor| !p.requires_grad() || p.grad().defined();
+        let edges = if need_dx && adds_itself(&lora.a) && adds_itself(&lora.b) { 1 } else { 3 };
         let backward: crate::kernels::autograd::Backward = Box::new(move |grads| {
-            let (dx, da, db) = tch::no_grad(|| lora_grads(&xd, Some(&z), &grads[0], w, &a, &b, scale, None, need_dx));
-            Ok(vec![dx, Some(da.to_kind(a_kind)), Some(db.to_kind(b_kind))])
+            tch::no_grad(|| {
+                let (ga, gb) = (pa.grad(), pb.grad());
+                let into = (pa.requires_grad() && pb.requires_grad()).then_some((&ga, &gb));
+                let (dx, da, db) = lora_grads(&xd, Some(&zs), &grads[0], w, &sa, &b, scale, None, need_dx, into);
+                let mut out =
+                    vec![dx, da.and_then(|g| add_into_grad(&pa, &g)), db.and_then(|g| add_into_grad(&pb, &g))];
+                out.truncate(edges);
+                Ok(out)
+            })
         });
-        crate::kernels::autograd::attach("LoraLinear", &[x, &lora.a, &lora.b], &[&y], backward)
+        let inputs = [x, &lora.a, &lora.b];
+        crate::kernels::autograd::attach("LoraLinear", &inputs[..edges], &[&y], backward)
             .unwrap_or_else(|e| panic!("LoRA linear: {e:#}"));
         y
     }
@@ -217,7 +259,7 @@ impl Linear {
     /// The hand-written backward of [`Linear::forward`] (no adapter dropout) for input `x` and
     /// upstream `dy`: returns `dx = dy·W + s·(dy·B)·A`, and adds `dB = s·dyᵀ·z` and
     /// `dA = s·(dy·B)ᵀ·x` to the adapter's gradients. `W` is dequantized again here and freed on
-    /// return (nothing of it is kept from the forward); `z = x·Aᵀ` comes from
+    /// return (nothing of it is kept from the forward); `zs = s·x·Aᵀ` comes from
     /// [`Linear::forward_saving`] or is recomputed. Checked against autograd by the tests.
     pub fn backward(&self, x: &Tensor, z: Option<&Tensor>, dy: &Tensor) -> Tensor {
         self.backward_into(x, z, dy, None)
@@ -234,12 +276,36 @@ impl Linear {
                 return base_dx(dy, &w, acc).view(x.size().as_slice());
             };
             let ak = self.adapter_kind(x.kind(), x.device());
-            let (a, b) = (cast(&lora.a, ak), cast(&lora.b, ak));
-            let (dx, da, db) = lora_grads(x, z, dy, w, &a, &b, lora.scale, acc, true);
-            accumulate_grad(&lora.a, &da);
-            accumulate_grad(&lora.b, &db);
+            let (sa, b) = lora.in_kind(ak);
+            let (ga, gb) = (lora.a.grad(), lora.b.grad());
+            let (dx, da, db) = lora_grads(x, z, dy, w, &sa, &b, lora.scale, acc, true, Some((&ga, &gb)));
+            if let Some(da) = da {
+                accumulate_grad(&lora.a, &da);
+            }
+            if let Some(db) = db {
+                accumulate_grad(&lora.b, &db);
+            }
             dx.expect("dx was asked for")
         })
+    }
+}
+
+/// `g += m1·m2` as one GEMM that accumulates into `g`, a parameter's f32 gradient, from
+/// bf16/fp16 operands (libtorch's `addmm` with an f32 output, on CUDA): no product is written in
+/// the compute dtype, cast and added. Returns `None` when done; otherwise (no gradient yet, other
+/// dtypes, a CPU) the product `m1·m2`, for the caller to add.
+pub fn gemm_into(g: Option<&Tensor>, m1: &Tensor, m2: &Tensor) -> Option<Tensor> {
+    let fits = |g: &&Tensor| {
+        g.defined()
+            && g.device().is_cuda()
+            && g.kind() == Kind::Float
+            && matches!(m1.kind(), Kind::BFloat16 | Kind::Half)
+            && g.is_contiguous()
+            && g.size() == [m1.size()[0], m2.size()[1]]
+    };
+    match g.filter(fits) {
+        Some(g) if g.f_addmm_dtype_out(g, m1, m2, Kind::Float).is_ok() => None,
+        _ => Some(m1.mm(m2)),
     }
 }
 
@@ -259,44 +325,48 @@ fn base_dx(dy: &Tensor, w: &Tensor, acc: Option<Tensor>) -> Tensor {
 }
 
 /// The backward of an adapted linear (no dropout) for input `x` `[.., in]`, upstream `dy`
-/// `[.., out]`, the base weight `w` `[out, in]` in x's dtype and the adapter `a` `[r, in]`, `b`
-/// `[out, r]` in its compute dtype: `(dx, dA, dB)` with `dx = acc + dy·W + s·(dy·B)·A` (when
-/// `need_dx`; the sums inside the GEMMs, so no `[.., in]` temporary is written and read again;
-/// `w` is dropped after its GEMM, before the rank-r products),
-/// `dB = s·dyᵀ·z` and `dA = s·(dy·B)ᵀ·x` in the adapter's compute dtype. `z = x·Aᵀ` is
-/// recomputed when not given. Without a graph (the caller's `no_grad`).
+/// `[.., out]`, the base weight `w` `[out, in]` in x's dtype and the adapter's compute form
+/// `sa = s·A` `[r, in]`, `b` `[out, r]` ([`Lora::compute_form`]): `(dx, dA, dB)` with
+/// `dx = acc + dy·W + (dy·B)·(s·A)` (when `need_dx`; the sums inside the GEMMs, so no `[.., in]`
+/// temporary is written and read again; `w` is dropped after its GEMM, before the rank-r
+/// products), `dB = dyᵀ·zs` and `dA = s·(dy·B)ᵀ·x` in the adapter's compute dtype, for the
+/// scaled activation `zs = x·(s·A)ᵀ`, recomputed when not given. With `into`, the parameters' current gradients (f32), dA and dB
+/// are added into them by their GEMMs where libtorch can ([`gemm_into`]) and come back `None`;
+/// otherwise they come back for the caller to add. Without a graph (the caller's `no_grad`).
 #[allow(clippy::too_many_arguments)]
 pub fn lora_grads(
     x: &Tensor,
-    z: Option<&Tensor>,
+    zs: Option<&Tensor>,
     dy: &Tensor,
     w: Tensor,
-    a: &Tensor,
+    sa: &Tensor,
     b: &Tensor,
     scale: f64,
     acc: Option<Tensor>,
     need_dx: bool,
-) -> (Option<Tensor>, Tensor, Tensor) {
-    let (kind, ak) = (x.kind(), a.kind());
+    into: Option<(&Tensor, &Tensor)>,
+) -> (Option<Tensor>, Option<Tensor>, Option<Tensor>) {
+    let (kind, ak) = (x.kind(), sa.kind());
     let (out_f, in_f) = (w.size()[0], w.size()[1]);
-    let r = a.size()[0];
+    let r = sa.size()[0];
     let dy2 = cast(dy, kind).reshape([-1, out_f]);
     let base = need_dx.then(|| base_dx(&dy2, &w, acc));
     drop(w);
     let x2 = cast(x, ak).reshape([-1, in_f]);
-    let z2 = match z {
-        Some(z) => cast(z, ak).reshape([-1, r]),
-        None => x2.mm(&a.tr()),
+    let zs2 = match zs {
+        Some(zs) => cast(zs, ak).reshape([-1, r]),
+        None => x2.mm(&sa.tr()),
     };
     let dya = cast(&dy2, ak);
-    let dz = dya.mm(b) * scale; // [N, r]
-    let db = dya.tr().mm(&z2) * scale; // [out, r]
-    let da = dz.tr().mm(&x2); // [r, in]
+    let dz = dya.mm(b); // [N, r], without the scale
+    let (ga, gb) = into.unzip();
+    let db = gemm_into(gb, &dya.tr(), &zs2); // [out, r]
+    let da = gemm_into(ga, &(&dz * scale).tr(), &x2); // [r, in]
     let dx = base.map(|mut dx| {
         if ak == kind {
-            let _ = dx.addmm_(&dz, a);
+            let _ = dx.addmm_(&dz, sa);
         } else {
-            dx = (dx.to_kind(ak) + dz.mm(a)).to_kind(kind);
+            dx = (dx.to_kind(ak) + dz.mm(sa)).to_kind(kind);
         }
         dx.view(x.size().as_slice())
     });
@@ -315,7 +385,9 @@ pub fn add_lora_out(y: Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Tensor {
     // `zs` is computed here and `y` by the caller just before, both in the current grad mode,
     // so they require grad exactly when autograd records (a view would not tell: it inherits
     // `requires_grad` even under no_grad). A and B train together, so B needs no check of its own.
-    let zs = z.reshape([-1, r]) * scale;
+    // (With scale 1, as for the compute form's already scaled activation, z itself: a view of
+    // it requires grad exactly when z does.)
+    let zs = if scale == 1.0 { z.reshape([-1, r]) } else { z.reshape([-1, r]) * scale };
     let bt = b.tr();
     let mut y2 = y.reshape([-1, out]);
     if y2.requires_grad() || zs.requires_grad() {
@@ -326,14 +398,28 @@ pub fn add_lora_out(y: Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Tensor {
     }
 }
 
+/// For a node's backward: `p.grad += g` in place (one add that casts `g` as it reads it) and
+/// `None`, or, while `p` has no gradient yet, `g` in `p`'s dtype for autograd to accumulate
+/// (autograd drops it when `p` needs none). Adding here saves autograd's cast and its
+/// accumulation node per adapter and pass.
+fn add_into_grad(p: &Tensor, g: &Tensor) -> Option<Tensor> {
+    let mut cur = p.grad();
+    if cur.defined() && p.requires_grad() {
+        cur += g;
+        None
+    } else {
+        Some(g.to_kind(p.kind()))
+    }
+}
+
 /// `p.grad += g` (in `p`'s dtype). The first time, when `p` has no gradient yet, autograd
-/// allocates it through a one-op graph; afterwards it is an in-place add (the optimizer zeroes
-/// gradients in place, so they stay allocated).
+/// allocates it through a one-op graph; afterwards it is an in-place add that casts `g` as it
+/// reads it (the optimizer zeroes gradients in place, so they stay allocated).
 pub fn accumulate_grad(p: &Tensor, g: &Tensor) {
     let mut cur = p.grad();
     if cur.defined() {
         tch::no_grad(|| {
-            cur += g.to_kind(cur.kind());
+            cur += g;
         });
     } else {
         tch::with_grad(|| (p * g.to_kind(p.kind()).detach()).sum(Kind::Float).backward());

@@ -94,7 +94,7 @@ pub fn attach(model: &mut dyn CausalLm, spec: &LoraSpec, seed: i64) -> Result<Ve
         let device = linear.device();
         let a = Tensor::from_slice(&values).view([spec.r, in_f]).to_device(device).set_requires_grad(true);
         let b = Tensor::zeros([out_f, spec.r], (Kind::Float, device)).set_requires_grad(true);
-        linear.lora = Some(Lora { a, b, scale, dropout: spec.dropout });
+        linear.lora = Some(Lora::new(a, b, scale, spec.dropout));
         names.push(path);
     }
     Ok(names)
@@ -155,6 +155,40 @@ pub fn trainable_parameters(model: &dyn CausalLm) -> Vec<Tensor> {
         }
     }
     out
+}
+
+/// Every adapter's compute form `(scale·A, B)` in `kind` ([`Lora::compute_form`]) made once and
+/// held by the adapters ([`Lora::cast`]) until this is dropped: for the passes of one optimizer
+/// step, during which A and B do not change. Nothing is held when `kind` is the adapters' own
+/// dtype.
+/// Dropping it lets every adapter go back to casting per use, so no later forward (an
+/// evaluation, a generation) can read a cast the optimizer has since made stale.
+pub struct CastAdapters<'m> {
+    model: &'m dyn CausalLm,
+}
+
+/// Hold every adapter's A and B cast to `kind` ([`CastAdapters`]).
+pub fn cast_adapters(model: &dyn CausalLm, kind: Kind) -> CastAdapters<'_> {
+    tch::no_grad(|| {
+        for (_, linear) in model.linears() {
+            if let Some(lora) = &linear.lora {
+                if lora.a.kind() != kind || lora.b.kind() != kind {
+                    *lora.cast.lock().unwrap_or_else(|e| e.into_inner()) = Some(lora.compute_form(kind));
+                }
+            }
+        }
+    });
+    CastAdapters { model }
+}
+
+impl Drop for CastAdapters<'_> {
+    fn drop(&mut self) {
+        for (_, linear) in self.model.linears() {
+            if let Some(lora) = &linear.lora {
+                *lora.cast.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+    }
 }
 
 /// A predicate on module paths.

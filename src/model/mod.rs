@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use config::{Config, RopeScaling};
 pub use kv_cache::KvCache;
-pub use linear::{accumulate_grad, Linear, Lora, Weight};
+pub use linear::{accumulate_grad, gemm_into, Linear, Lora, Weight};
 pub use weights::Weights;
 
 /// How a checkpoint is placed in memory.

@@ -72,6 +72,23 @@ fn profile_window(device: Device) -> Result<Option<step::ProfileWindow>> {
     Ok(Some(w))
 }
 
+/// The op census when `TUNER_OP_CENSUS=1` ([`crate::kernels::op_census`]); it reports with the
+/// step's phase timings (`RUST_LOG=tuner::train::step=debug`).
+fn op_census() -> Result<Option<crate::kernels::op_census::OpCensus>> {
+    match std::env::var("TUNER_OP_CENSUS").as_deref() {
+        Err(_) | Ok("0") | Ok("") => Ok(None),
+        Ok("1") => {
+            let c = crate::kernels::op_census::OpCensus::start()?;
+            if !log::log_enabled!(target: "tuner::train::step", log::Level::Debug) {
+                log::warn!("TUNER_OP_CENSUS=1 reports with RUST_LOG=tuner::train::step=debug, which is not set");
+            }
+            log::info!("op census on: libtorch calls are counted per step phase (each costs ~1 µs more)");
+            Ok(Some(c))
+        }
+        Ok(v) => anyhow::bail!("TUNER_OP_CENSUS={v:?}: expected 1 (on) or 0 (off)"),
+    }
+}
+
 /// Whether to offload the checkpointed layer inputs (`train.offload_activations`): "on" and
 /// "auto" apply only on CUDA with gradient checkpointing; "auto" follows `tuner plan`'s decision
 /// (`planned`, [`crate::plan::auto_offload`]: on where the host has room). Says what it decided.
@@ -272,6 +289,7 @@ impl<'a> Session<'a> {
             profile: profile_window(device)?,
             coalesce,
             detect_anomaly: t.detect_anomaly,
+            op_census: op_census()?,
         };
         let mut s = Session {
             inp,

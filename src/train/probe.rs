@@ -107,6 +107,7 @@ pub fn run(a: GradsInputs) -> Result<GradReport> {
         profile: None,
         coalesce: None,
         detect_anomaly: true,
+        op_census: None,
     };
     let res = step::forward_backward(m.as_ref(), &[mb], 0, &o);
     Ok(report(m.as_ref(), &res, pad_id))

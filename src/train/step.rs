@@ -19,6 +19,7 @@
 //!   the same masks and a resumed run the same randomness.
 
 use crate::kernels::cross_entropy;
+use crate::kernels::op_census::{self, OpCensus};
 use crate::model::{Batch, CausalLm};
 use crate::train::data::MicroBatch;
 use tch::{Device, Kind, Tensor};
@@ -49,6 +50,9 @@ pub struct StepOptions {
     /// (one device synchronisation each) and report where the first one appeared
     /// ([`StepResult::anomaly`]).
     pub detect_anomaly: bool,
+    /// With the step's phase timings (debug log): count the host's libtorch calls per phase and
+    /// log the step's most frequent ops (`TUNER_OP_CENSUS=1`, [`OpCensus`]).
+    pub op_census: Option<OpCensus>,
 }
 
 /// For kernel profiles: the CUDA profiler collects only while layer `layer` of the first
@@ -273,6 +277,10 @@ fn batch_of(mb: &MicroBatch, o: &StepOptions) -> (Batch, Tensor) {
     (batch, labels)
 }
 
+/// (phase, host time to issue its work, wall time to its end on the device, peak so far,
+/// libtorch calls and their host time with the op census).
+type Lap = (&'static str, f64, f64, Option<i64>, Option<(u64, f64)>);
+
 /// Wall time per phase of a step (forward, loss, backward), synchronising a CUDA device at each
 /// lap, and on CUDA the allocator's peak so far after each (which phase first reaches the run's
 /// peak); only when `tuner::train::step` logs at debug level (`RUST_LOG=tuner::train::step=debug`),
@@ -281,16 +289,24 @@ struct PhaseClock {
     on: bool,
     device: Device,
     last: std::time::Instant,
-    /// (phase, host time to issue its work, wall time to its end on the device, peak so far).
-    laps: Vec<(&'static str, f64, f64, Option<i64>)>,
+    laps: Vec<Lap>,
+    /// The op census, and its totals at the last lap.
+    census: Option<(OpCensus, (u64, f64))>,
 }
 
 impl PhaseClock {
-    fn new(device: Device) -> PhaseClock {
+    fn new(device: Device, census: Option<OpCensus>) -> PhaseClock {
         let on = log::log_enabled!(log::Level::Debug);
-        let mut c = PhaseClock { on, device, last: std::time::Instant::now(), laps: Vec::new() };
+        let census = census.filter(|_| on).map(|c| {
+            let _ = c.rows(true);
+            (c, c.totals())
+        });
+        let mut c = PhaseClock { on, device, last: std::time::Instant::now(), laps: Vec::new(), census };
         c.sync();
         c.last = std::time::Instant::now();
+        if let Some((census, at)) = c.census.as_mut() {
+            *at = census.totals();
+        }
         c
     }
 
@@ -314,7 +330,13 @@ impl PhaseClock {
             Device::Cuda(i) => crate::device_mem::cuda(i).map(|m| m.peak_allocated),
             _ => None,
         };
-        self.laps.push((name, issued, (now - self.last).as_secs_f64(), peak));
+        let ops = self.census.as_mut().map(|(census, at)| {
+            let now = census.totals();
+            let delta = (now.0 - at.0, now.1 - at.1);
+            *at = now;
+            delta
+        });
+        self.laps.push((name, issued, (now - self.last).as_secs_f64(), peak, ops));
         self.last = now;
     }
 
@@ -323,17 +345,29 @@ impl PhaseClock {
             let parts: Vec<String> = self
                 .laps
                 .iter()
-                .map(|(n, i, t, p)| match p {
-                    Some(p) => format!(
-                        "{n} {:.1} ms (issued in {:.1} ms; peak so far {:.2} GiB)",
-                        t * 1e3,
-                        i * 1e3,
-                        *p as f64 / (1u64 << 30) as f64
-                    ),
-                    None => format!("{n} {:.1} ms", t * 1e3),
+                .map(|(n, i, t, p, ops)| {
+                    let ops = ops.map_or(String::new(), |(calls, secs)| {
+                        format!("; {calls} libtorch calls, {:.1} ms of host time in them", secs * 1e3)
+                    });
+                    match p {
+                        Some(p) => format!(
+                            "{n} {:.1} ms (issued in {:.1} ms; peak so far {:.2} GiB{ops})",
+                            t * 1e3,
+                            i * 1e3,
+                            *p as f64 / (1u64 << 30) as f64
+                        ),
+                        None => format!("{n} {:.1} ms{}", t * 1e3, if ops.is_empty() { "" } else { &ops[1..] }),
+                    }
                 })
                 .collect();
             log::debug!("step phases: {}", parts.join(", "));
+        }
+    }
+
+    /// With the op census: the step's most frequent libtorch calls, per pass.
+    fn report_ops(&self, passes: usize) {
+        if let Some((census, _)) = &self.census {
+            log::debug!("step's libtorch calls:\n{}", op_census::table(&census.rows(false), 40, passes));
         }
     }
 }
@@ -407,9 +441,14 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
         None => micro,
     };
     let denom: i64 = passes.iter().map(MicroBatch::trained_tokens).sum();
+    // Under GPU mixed precision the adapters compute in the compute dtype: cast them once for
+    // all of the step's passes (A and B change only when the optimizer steps, after this).
+    let kind = model.lm_head_weight().kind();
+    let _cast = (o.device.is_cuda() && matches!(kind, Kind::BFloat16 | Kind::Half))
+        .then(|| crate::model::lora::cast_adapters(model, kind));
     let mut nll = 0.0;
     let mut anomaly: Option<Anomaly> = None;
-    let mut clock = PhaseClock::new(o.device);
+    let mut clock = PhaseClock::new(o.device, o.op_census);
     for (m, mb) in passes.iter().enumerate() {
         let (batch, labels) = batch_of(mb, o);
         let pass = Pass { model, batch: &batch, labels: &labels, o, step, m, denom };
@@ -420,6 +459,7 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
         };
     }
     clock.report();
+    clock.report_ops(passes.len());
     StepResult {
         loss: nll / denom.max(1) as f64,
         trained_tokens: denom,
