@@ -225,9 +225,10 @@ impl Linear {
     /// Used under autograd on a GPU; the tests hold it to autograd on the CPU.
     pub fn forward_node(&self, x: &Tensor) -> Tensor {
         let lora = self.lora.as_ref().expect("forward_node: a linear with an adapter");
-        // The adapter in its compute dtype (bf16/fp16 under GPU mixed precision: its GEMMs and
-        // casts of x and dy stay in that dtype), as the forward cast it; its gradients go back
-        // in the parameters' dtype. Under `no_grad` no node is attached and all is dropped here.
+        // The adapter in its compute form (bf16/fp16 under GPU mixed precision: its GEMMs and
+        // casts of x and dy stay in that dtype), as the forward used it; its gradients are added
+        // into the parameters' own (f32). Under `no_grad` no node is attached and all is dropped
+        // here.
         let (y, (zs, sa, b), w) = match self.forward_parts(x, true) {
             (y, Some(adapter), Some(w)) => (y, adapter, w),
             _ => unreachable!("an adapted linear gives zs, s·A and B, and W when asked"),
@@ -330,9 +331,10 @@ fn base_dx(dy: &Tensor, w: &Tensor, acc: Option<Tensor>) -> Tensor {
 /// `dx = acc + dy·W + (dy·B)·(s·A)` (when `need_dx`; the sums inside the GEMMs, so no `[.., in]`
 /// temporary is written and read again; `w` is dropped after its GEMM, before the rank-r
 /// products), `dB = dyᵀ·zs` and `dA = s·(dy·B)ᵀ·x` in the adapter's compute dtype, for the
-/// scaled activation `zs = x·(s·A)ᵀ`, recomputed when not given. With `into`, the parameters' current gradients (f32), dA and dB
-/// are added into them by their GEMMs where libtorch can ([`gemm_into`]) and come back `None`;
-/// otherwise they come back for the caller to add. Without a graph (the caller's `no_grad`).
+/// scaled activation `zs = x·(s·A)ᵀ`, recomputed when not given. With `into`, the parameters'
+/// current gradients (f32), dA and dB are added into them by their GEMMs where libtorch can
+/// ([`gemm_into`]) and come back `None`; otherwise they come back for the caller to add. Without
+/// a graph (the caller's `no_grad`).
 #[allow(clippy::too_many_arguments)]
 pub fn lora_grads(
     x: &Tensor,

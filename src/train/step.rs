@@ -356,7 +356,8 @@ impl PhaseClock {
                             i * 1e3,
                             *p as f64 / (1u64 << 30) as f64
                         ),
-                        None => format!("{n} {:.1} ms{}", t * 1e3, if ops.is_empty() { "" } else { &ops[1..] }),
+                        None if ops.is_empty() => format!("{n} {:.1} ms", t * 1e3),
+                        None => format!("{n} {:.1} ms ({})", t * 1e3, &ops[2..]),
                     }
                 })
                 .collect();
@@ -441,8 +442,9 @@ pub fn forward_backward(model: &dyn CausalLm, micro: &[MicroBatch], step: u64, o
         None => micro,
     };
     let denom: i64 = passes.iter().map(MicroBatch::trained_tokens).sum();
-    // Under GPU mixed precision the adapters compute in the compute dtype: cast them once for
-    // all of the step's passes (A and B change only when the optimizer steps, after this).
+    // Under GPU mixed precision the adapters compute in the compute dtype: make their compute
+    // form once for all of the step's passes (A and B change only when the optimizer steps,
+    // after this).
     let kind = model.lm_head_weight().kind();
     let _cast = (o.device.is_cuda() && matches!(kind, Kind::BFloat16 | Kind::Half))
         .then(|| crate::model::lora::cast_adapters(model, kind));
