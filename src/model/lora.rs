@@ -160,24 +160,21 @@ pub fn trainable_parameters(model: &dyn CausalLm) -> Vec<Tensor> {
 /// Every adapter's compute form `(scale·A, B)` in `kind` ([`Lora::compute_form`]) made once and
 /// held by the adapters ([`Lora::cast`]) until this is dropped: for the passes of one optimizer
 /// step, during which A and B do not change. Nothing is held when `kind` is the adapters' own
-/// dtype.
-/// Dropping it lets every adapter go back to casting per use, so no later forward (an
-/// evaluation, a generation) can read a cast the optimizer has since made stale.
+/// dtype. Dropping it lets every adapter go back to making its form per use, so no later forward
+/// (an evaluation, a generation) can read a form the optimizer has since made stale.
 pub struct CastAdapters<'m> {
     model: &'m dyn CausalLm,
 }
 
-/// Hold every adapter's A and B cast to `kind` ([`CastAdapters`]).
+/// Hold every adapter's compute form in `kind` ([`CastAdapters`]).
 pub fn cast_adapters(model: &dyn CausalLm, kind: Kind) -> CastAdapters<'_> {
-    tch::no_grad(|| {
-        for (_, linear) in model.linears() {
-            if let Some(lora) = &linear.lora {
-                if lora.a.kind() != kind || lora.b.kind() != kind {
-                    *lora.cast.lock().unwrap_or_else(|e| e.into_inner()) = Some(lora.compute_form(kind));
-                }
+    for (_, linear) in model.linears() {
+        if let Some(lora) = &linear.lora {
+            if lora.a.kind() != kind || lora.b.kind() != kind {
+                *lora.cast.lock().unwrap_or_else(|e| e.into_inner()) = Some(lora.compute_form(kind));
             }
         }
-    });
+    }
     CastAdapters { model }
 }
 

@@ -297,16 +297,14 @@ struct PhaseClock {
 impl PhaseClock {
     fn new(device: Device, census: Option<OpCensus>) -> PhaseClock {
         let on = log::log_enabled!(log::Level::Debug);
-        let census = census.filter(|_| on).map(|c| {
-            let _ = c.rows(true);
-            (c, c.totals())
-        });
-        let mut c = PhaseClock { on, device, last: std::time::Instant::now(), laps: Vec::new(), census };
+        let census = census.filter(|_| on);
+        let mut c = PhaseClock { on, device, last: std::time::Instant::now(), laps: Vec::new(), census: None };
         c.sync();
         c.last = std::time::Instant::now();
-        if let Some((census, at)) = c.census.as_mut() {
-            *at = census.totals();
-        }
+        c.census = census.map(|census| {
+            let _ = census.rows(true);
+            (census, census.totals())
+        });
         c
     }
 
