@@ -7,8 +7,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::checker::{name, rel_err, time, tol, Checker, Row};
 use super::{
-    altup_correct, altup_first, altup_predict, cross_entropy, dequant_4bit, glu, rms_norm, rope, topk_glu, varlen,
-    Kernels,
+    adamw_8bit, altup_correct, altup_first, altup_predict, cross_entropy, dequant_4bit, glu, rms_norm, rope, topk_glu,
+    varlen, Kernels,
 };
 
 /// Measured device copy bandwidth in bytes/s (read + write of a 1 GiB-ish tensor).
@@ -35,6 +35,7 @@ pub fn run(k: &Kernels, device: Device, bench: bool, seed: i64) -> Vec<Row> {
     altup_correct::check(k, &mut c);
     altup_first::check(k, &mut c);
     cross_entropy::check(k, &mut c);
+    adamw_8bit::check(k, &mut c);
     varlen_check(&mut c);
     c.rows
 }

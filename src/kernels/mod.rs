@@ -1,7 +1,7 @@
 //! The CUDA kernels of `kernels/*.cu`, compiled at run time with NVRTC and launched on
 //! libtorch's current stream, with the CPU reference of each beside its launcher
 //! (`dequant_4bit`, `rms_norm`, `rope`, `glu`, the loss's `cross_entropy`, and Gemma 3n's `topk_glu`, `altup_predict`,
-//! `altup_correct`, `altup_first`), and the varlen flash attention libtorch has but tch does not bind (`varlen`).
+//! `altup_correct`, `altup_first`, and the optimizer's `adamw_8bit`), and the varlen flash attention libtorch has but tch does not bind (`varlen`).
 //! Ops that need a gradient under autograd run as one node with their hand-written backward
 //! ([`autograd`], kernels/custom_op.cpp). [`op_census`] counts the ops libtorch runs on the host
 //! (a debugging aid for passes bound by the host).
@@ -19,6 +19,7 @@
 //! Every kernel has a CPU reference and a check (`check.rs`) run by the tests on a GPU and by
 //! `tuner kernels`, which also times each kernel against the card's copy bandwidth.
 
+pub mod adamw_8bit;
 pub mod altup_correct;
 pub mod altup_first;
 pub mod altup_predict;
@@ -54,7 +55,7 @@ pub fn cuda_profiler(on: bool) {
 
 /// (file, source, kernel names) of every kernel source; each is compiled with
 /// kernels/prelude.cuh in front.
-const SOURCES: [(&str, &str, &[&str]); 9] = [
+const SOURCES: [(&str, &str, &[&str]); 10] = [
     ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit"]),
     (
         "rms_norm.cu",
@@ -76,6 +77,7 @@ const SOURCES: [(&str, &str, &[&str]); 9] = [
         &["altup_correct_fwd", "altup_correct_bwd", "altup_correct_fwd_x8", "altup_correct_bwd_x8"],
     ),
     ("altup_first.cu", include_str!("../../kernels/altup_first.cu"), &["altup_first_fwd", "altup_first_bwd"]),
+    ("adamw_8bit.cu", include_str!("../../kernels/adamw_8bit.cu"), &["adamw_8bit"]),
 ];
 const PRELUDE: &str = include_str!("../../kernels/prelude.cuh");
 

@@ -20,7 +20,7 @@ mod tables;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-pub use tables::{dynamic_map, FP4_TABLE, NF4_TABLE};
+pub use tables::{dynamic_map, state_map, FP4_TABLE, NF4_TABLE};
 
 /// The block sizes bitsandbytes' `quantize_4bit` accepts.
 pub const BLOCKSIZES: [i64; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];

@@ -97,6 +97,40 @@ pub fn dynamic_map() -> [f32; 256] {
     DYNAMIC_MAP_BITS.map(f32::from_bits)
 }
 
+/// The 256-entry dynamic map of the 8-bit optimizers' states: signed for AdamW's first moment,
+/// unsigned for the second.
+/// Built like bitsandbytes' `create_dynamic_map(signed, 7, 8)`: for each decade
+/// 10^(i-6), i < 7, the midpoints of a linspace(0.1, 1) grid of 2^i (signed, both
+/// signs) or 2^(i+1) (unsigned) steps, plus 0 and 1: 256 values either way.
+pub fn state_map(signed: bool) -> Vec<f32> {
+    let non_sign_bits = 7;
+    let max_exp = 7;
+    let mut data: Vec<f32> = vec![];
+    for i in 0..max_exp {
+        let items = if signed {
+            (1usize << (i + non_sign_bits - max_exp)) + 1
+        } else {
+            (1usize << (i + non_sign_bits - max_exp + 1)) + 1
+        };
+        let bounds: Vec<f32> = (0..items).map(|k| 0.1 + 0.9 * k as f32 / (items - 1) as f32).collect();
+        let scale = 10f32.powi(i - (max_exp - 1));
+        for w in bounds.windows(2) {
+            let m = (w[0] + w[1]) / 2.0;
+            data.push(scale * m);
+            if signed {
+                data.push(-scale * m);
+            }
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    while data.len() < 256 {
+        data.push(0.0);
+    }
+    data.sort_by(|a, b| a.total_cmp(b));
+    data
+}
+
 /// Decision boundaries between consecutive sorted table values, `(a + b) / 2` in f32,
 /// as bitsandbytes' reference quantizer computes them (`_get_4bit_quantize_bounds`).
 pub fn sorted_midpoints(table: &[f32; 16], order: &[u8; 16]) -> [f32; 15] {

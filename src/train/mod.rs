@@ -265,7 +265,8 @@ impl<'a> Session<'a> {
             params,
             t.optimizer,
             optim::AdamWConfig { weight_decay: t.weight_decay, ..Default::default() },
-        );
+        )
+        .with_kernels(model.kernels());
         let loader =
             data::Loader::new(examples, t.micro_batch_size as usize, r.run.seed, t.packing, t.max_seq_length as usize);
         let micro_per_step = batching.micro_per_step();
@@ -413,6 +414,7 @@ impl<'a> Session<'a> {
     /// learning rate and the gradient norm before clipping.
     fn step(&mut self, s: u64) -> Result<(step::StepResult, f64, f64)> {
         let t = &self.inp.recipe.train;
+        let t_start = std::time::Instant::now();
         let ga = self.batching.accum_per_rank;
         // The step's micro-batches come from one cursor shared by every rank; rank r trains
         // the r-th block of `ga` (all of them on one process).
@@ -422,24 +424,30 @@ impl<'a> Session<'a> {
         let lr = schedule::Schedule::for_train(t, self.total).lr(s);
         self.opt.zero_grad();
         self.opts.loss_scale = self.scaler.scale;
+        let before = t_start.elapsed();
         let mut res = step::forward_backward(self.model.as_ref(), &micro, s, &self.opts);
+        let t_after = std::time::Instant::now();
         if let Some(d) = self.inp.dist {
             res = self.reduce(d, res, s)?;
         }
         if self.scaler.on {
             self.opt.scale_grads(1.0 / self.scaler.scale);
         }
-        let raw_norm = self.opt.clip_grad_norm(0.0);
+        let raw_norm = self.opt.grad_norm();
         // fp16's loss scaler handles overflowing gradients; anything else non-finite stops
         // the run before the adapter is touched, saying where it first appeared.
         if !res.loss.is_finite() || (!self.scaler.on && !raw_norm.is_finite()) {
             return Err(self.nonfinite(&res, raw_norm, &micro, s));
         }
-        let grad_norm = if raw_norm.is_finite() { self.opt.clip_grad_norm(t.max_grad_norm) } else { raw_norm };
+        if raw_norm.is_finite() {
+            self.opt.clip_grads(raw_norm, t.max_grad_norm);
+        }
+        let grad_norm = raw_norm;
+        let after = t_after.elapsed();
         if self.scaler.update(raw_norm, s + 1) {
             let t_opt = std::time::Instant::now();
             self.opt.step(lr);
-            self.debug_optimizer_time(t_opt);
+            self.debug_step_host(before, after, t_opt);
         }
         Ok((res, lr, grad_norm))
     }
@@ -489,9 +497,11 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// With `RUST_LOG=tuner::train::step=debug`: the optimizer's time and what it adds to the
-    /// peak (its f32 temporaries), beside the step's phases.
-    fn debug_optimizer_time(&self, t_opt: std::time::Instant) {
+    /// With `RUST_LOG=tuner::train::step=debug`: the time around the passes (`before`: the batch
+    /// and zeroing the gradients; `after`: the gradient norm and clipping, which waits for the
+    /// backward to finish on the device), the optimizer's time and what it adds to the peak (its
+    /// temporaries), beside the step's phases.
+    fn debug_step_host(&self, before: std::time::Duration, after: std::time::Duration, t_opt: std::time::Instant) {
         if !log::log_enabled!(target: "tuner::train::step", log::Level::Debug) {
             return;
         }
@@ -505,7 +515,15 @@ impl<'a> Session<'a> {
         let peak = cuda
             .and_then(crate::device_mem::cuda)
             .map(|m| format!(", peak so far {:.2} GiB", m.peak_allocated as f64 / (1u64 << 30) as f64));
-        log::debug!(target: "tuner::train::step", "optimizer step {:.1} ms{}", t_opt.elapsed().as_secs_f64() * 1e3, peak.unwrap_or_default());
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        log::debug!(
+            target: "tuner::train::step",
+            "around the passes: batch + zero grads {:.1} ms, norm + clip {:.1} ms, optimizer step {:.1} ms{}",
+            ms(before),
+            ms(after),
+            ms(t_opt.elapsed()),
+            peak.unwrap_or_default()
+        );
     }
 
     /// The step's row in `metrics.jsonl`, its line every `logging_steps`, and the memory line

@@ -14,55 +14,23 @@
 //! the states stay in device memory (an adapter's states are small: 2 × 4 bytes per trainable
 //! parameter in fp32, about 2 bytes in 8 bits), and `recipe::load` says so in a warning.
 
+use std::sync::Arc;
+
+use crate::kernels::adamw_8bit::{self, moment, Hyper, Map};
+use crate::kernels::Kernels;
+use crate::quant::state_map;
 use crate::recipe::Optimizer;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-/// Values per quantization block of an 8-bit state.
-pub const STATE_BLOCK: i64 = 256;
+pub use crate::kernels::adamw_8bit::STATE_BLOCK;
 
-/// Elements of a group's flat buffers one optimizer step updates at a time (2M, 8 MiB in f32):
-/// it bounds the step's temporaries (f32 moments dequantized from 8 bits, their int64 code
-/// indices, the update) whatever the adapter's size (42M parameters on an 8B model would need
-/// ~1 GiB of them at once). A whole number of [`STATE_BLOCK`]s, so the 8-bit blocks, and every
-/// value, are those of a single pass.
+/// Elements of an fp32-state group's flat buffers one step updates at a time (2M, 8 MiB in f32):
+/// it bounds the step's temporaries whatever the group's size.
 const STEP_CHUNK: i64 = STATE_BLOCK * 8192;
 
 /// Smaller tensors keep fp32 states.
 pub const MIN_8BIT_SIZE: i64 = 4096;
-
-/// The 256-entry dynamic map: signed for the first moment, unsigned for the second.
-/// Built like bitsandbytes' `create_dynamic_map(signed, 7, 8)`: for each decade
-/// 10^(i-6), i < 7, the midpoints of a linspace(0.1, 1) grid of 2^i (signed, both
-/// signs) or 2^(i+1) (unsigned) steps, plus 0 and 1: 256 values either way.
-pub fn dynamic_map(signed: bool) -> Vec<f32> {
-    let non_sign_bits = 7;
-    let max_exp = 7;
-    let mut data: Vec<f32> = vec![];
-    for i in 0..max_exp {
-        let items = if signed {
-            (1usize << (i + non_sign_bits - max_exp)) + 1
-        } else {
-            (1usize << (i + non_sign_bits - max_exp + 1)) + 1
-        };
-        let bounds: Vec<f32> = (0..items).map(|k| 0.1 + 0.9 * k as f32 / (items - 1) as f32).collect();
-        let scale = 10f32.powi(i - (max_exp - 1));
-        for w in bounds.windows(2) {
-            let m = (w[0] + w[1]) / 2.0;
-            data.push(scale * m);
-            if signed {
-                data.push(-scale * m);
-            }
-        }
-    }
-    data.push(0.0);
-    data.push(1.0);
-    while data.len() < 256 {
-        data.push(0.0);
-    }
-    data.sort_by(|a, b| a.total_cmp(b));
-    data
-}
 
 /// One moment stored in 8 bits.
 struct Q8 {
@@ -71,46 +39,8 @@ struct Q8 {
 }
 
 impl Q8 {
-    /// Elements `off..off + n` (whole blocks) as views of this moment's buffers.
-    fn chunk(&self, off: i64, n: i64) -> Q8 {
-        Q8 { codes: self.codes.narrow(0, off, n), absmax: self.absmax.narrow(0, off / STATE_BLOCK, n / STATE_BLOCK) }
-    }
-
-    /// Overwrite these (view) buffers with `q`'s values.
-    fn set(&self, q: &Q8) {
-        let (mut codes, mut absmax) = (self.codes.shallow_clone(), self.absmax.shallow_clone());
-        codes.copy_(&q.codes);
-        absmax.copy_(&q.absmax);
-    }
-}
-
-struct Tables {
-    map: Tensor,  // f32 [256]
-    mids: Tensor, // f32 [255], midpoints between sorted entries
-}
-
-impl Tables {
-    fn new(signed: bool, device: tch::Device) -> Tables {
-        let m = dynamic_map(signed);
-        let mids: Vec<f32> = m.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
-        Tables { map: Tensor::from_slice(&m).to_device(device), mids: Tensor::from_slice(&mids).to_device(device) }
-    }
-
-    fn quantize(&self, x: &Tensor) -> Q8 {
-        let n = x.numel() as i64;
-        let nb = (n + STATE_BLOCK - 1) / STATE_BLOCK;
-        let flat = x.flatten(0, -1).constant_pad_nd([0, nb * STATE_BLOCK - n]).view([nb, STATE_BLOCK]);
-        let absmax = flat.abs().amax([1], true).clamp_min(1e-30);
-        let normed = &flat / &absmax;
-        let codes = Tensor::bucketize(&normed.contiguous(), &self.mids, false, false).to_kind(Kind::Uint8);
-        Q8 { codes: codes.flatten(0, -1), absmax: absmax.flatten(0, -1) }
-    }
-
-    fn dequantize(&self, q: &Q8, shape: &[i64]) -> Tensor {
-        let n: i64 = shape.iter().product();
-        let vals =
-            self.map.index_select(0, &q.codes.to_kind(Kind::Int64)).view([-1, STATE_BLOCK]) * q.absmax.unsqueeze(1);
-        vals.flatten(0, -1).narrow(0, 0, n).view(shape)
+    fn of(q: (Tensor, Tensor)) -> Q8 {
+        Q8 { codes: q.0, absmax: q.1 }
     }
 }
 
@@ -159,8 +89,11 @@ pub struct AdamW {
     cfg: AdamWConfig,
     /// Optimizer steps taken.
     pub step: u64,
-    signed: Option<Tables>,
-    unsigned: Option<Tables>,
+    /// The 8-bit states' maps (signed for m, unsigned for v), with 8-bit states.
+    maps: Option<(Map, Map)>,
+    /// The CUDA kernels, when the parameters are on a GPU that has them (the 8-bit step in one
+    /// launch per group).
+    kernels: Option<Arc<Kernels>>,
 }
 
 fn padded(n: i64) -> i64 {
@@ -174,8 +107,7 @@ impl AdamW {
     pub fn new(mut params: Vec<Tensor>, kind: Optimizer, cfg: AdamWConfig) -> AdamW {
         let device = params.first().map(|p| p.device()).unwrap_or(tch::Device::Cpu);
         let eight = kind == Optimizer::Adamw8bit;
-        let (signed, unsigned) =
-            if eight { (Some(Tables::new(true, device)), Some(Tables::new(false, device))) } else { (None, None) };
+        let maps = eight.then(|| (Map::new(&state_map(true), device), Map::new(&state_map(false), device)));
         let mut keys: Vec<(bool, bool)> = Vec::new(); // (8-bit state, weight decay), in first-seen order
         let mut members: Vec<Vec<usize>> = Vec::new();
         for (i, p) in params.iter().enumerate() {
@@ -206,13 +138,20 @@ impl AdamW {
                 }
             });
             let z = Tensor::zeros([len], (Kind::Float, device));
-            let state = match (&signed, &unsigned) {
-                (Some(s), Some(u)) if int8 => State::Int8 { m: s.quantize(&z), v: u.quantize(&z) },
+            let state = match &maps {
+                Some((s, u)) if int8 => State::Int8 { m: Q8::of(s.quantize(&z)), v: Q8::of(u.quantize(&z)) },
                 _ => State::Fp32 { m: z.copy(), v: z.copy() },
             };
             groups.push(Group { members: idx, offsets, p, g: z, decay, state });
         }
-        AdamW { params, groups, cfg, step: 0, signed, unsigned }
+        AdamW { params, groups, cfg, step: 0, maps, kernels: None }
+    }
+
+    /// Step the 8-bit states with the CUDA kernel (kernels/adamw_8bit.cu) where `kernels` is
+    /// given and the buffers are on its device; otherwise, and by default, with torch ops.
+    pub fn with_kernels(mut self, kernels: Option<Arc<Kernels>>) -> AdamW {
+        self.kernels = kernels;
+        self
     }
 
     /// Move every gradient into its group's flat buffer (a no-op once done: autograd and the
@@ -221,8 +160,15 @@ impl AdamW {
     fn flatten_grads(&mut self) {
         let _guard = tch::no_grad_guard();
         for grp in &self.groups {
+            let base = grp.g.data_ptr() as usize;
             for (&i, &off) in grp.members.iter().zip(&grp.offsets) {
                 let p = &self.params[i];
+                // Already there (every step after the first): checked without making a view,
+                // since this runs a few times per step over hundreds of adapters.
+                let cur = p.grad();
+                if cur.defined() && cur.data_ptr() as usize == base + 4 * off as usize {
+                    continue;
+                }
                 let n = p.numel() as i64;
                 let view = grp.g.narrow(0, off, n).view(p.size().as_slice());
                 if !p.grad().defined() {
@@ -245,29 +191,24 @@ impl AdamW {
         }
     }
 
-    /// The global L2 norm of the gradients; scaled down to `max_norm` when above it (0 = no clipping).
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+    /// The global L2 norm of the gradients (one reduction per group's flat buffer; the padding
+    /// between segments holds zeros).
+    pub fn grad_norm(&mut self) -> f64 {
         self.flatten_grads();
         let _guard = tch::no_grad_guard();
-        // Per parameter, then summed: the same reduction order as a per-tensor loop.
-        let sq: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| p.grad())
-            .filter(|g| g.defined())
-            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
-            .collect();
+        let sq: Vec<Tensor> = self.groups.iter().map(|grp| grp.g.dot(&grp.g)).collect();
         if sq.is_empty() {
             return 0.0;
         }
-        let total = Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[]);
-        if max_norm > 0.0 && total > max_norm {
-            let coef = max_norm / (total + 1e-6);
-            for grp in &mut self.groups {
-                let _ = grp.g.g_mul_scalar_(coef);
-            }
+        Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[])
+    }
+
+    /// Scale the gradients down to `max_norm` when their norm `norm` ([`AdamW::grad_norm`]) is
+    /// above it (0 = no clipping).
+    pub fn clip_grads(&mut self, norm: f64, max_norm: f64) {
+        if max_norm > 0.0 && norm > max_norm {
+            self.scale_grads(max_norm / (norm + 1e-6));
         }
-        total
     }
 
     /// Multiply every gradient by `f` (fp16 loss-scale removal).
@@ -285,43 +226,43 @@ impl AdamW {
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for grp in &mut self.groups {
-            let len = grp.g.numel() as i64;
-            for off in (0..len).step_by(STEP_CHUNK as usize) {
-                let n = STEP_CHUNK.min(len - off);
-                let g = grp.g.narrow(0, off, n);
-                let mut p = grp.p.narrow(0, off, n);
-                if grp.decay && c.weight_decay > 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                let (mut m, mut v) = match &grp.state {
-                    State::Fp32 { m, v } => (m.narrow(0, off, n), v.narrow(0, off, n)),
-                    State::Int8 { m, v } => (
-                        self.signed
-                            .as_ref()
-                            .map(|t| t.dequantize(&m.chunk(off, n), &[n]))
-                            .unwrap_or_else(|| g.zeros_like()),
-                        self.unsigned
-                            .as_ref()
-                            .map(|t| t.dequantize(&v.chunk(off, n), &[n]))
-                            .unwrap_or_else(|| g.zeros_like()),
-                    ),
-                };
-                let _ = m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
-                let _ = v.g_mul_scalar_(c.beta2).g_add_(&(g.square() * (1.0 - c.beta2)));
-                let denom = v.sqrt() / bc2.sqrt() + c.eps;
-                let update = (&m / denom) * (lr / bc1);
-                let _ = p.g_sub_(&update);
-                if let State::Int8 { m: qm, v: qv } = &grp.state {
-                    if let (Some(s), Some(u)) = (&self.signed, &self.unsigned) {
-                        qm.chunk(off, n).set(&s.quantize(&m));
-                        qv.chunk(off, n).set(&u.quantize(&v));
-                    }
-                }
+            let h = Hyper {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: if grp.decay { c.weight_decay } else { 0.0 },
+                step: self.step,
+            };
+            match (&grp.state, &self.maps) {
+                (State::Int8 { m, v }, Some((sm, um))) => adamw_8bit::step(
+                    &grp.p,
+                    &grp.g,
+                    moment(&m.codes, &m.absmax),
+                    moment(&v.codes, &v.absmax),
+                    (sm, um),
+                    h,
+                    self.kernels.as_deref(),
+                ),
+                (State::Fp32 { m, v }, _) => fp32_step(&grp.p, &grp.g, m, v, h),
+                (State::Int8 { .. }, None) => unreachable!("8-bit states are made with their maps"),
             }
         }
+    }
+
+    /// How many groups [`AdamW::step`] steps with the CUDA kernel (the 8-bit ones, on a GPU with
+    /// the kernels).
+    pub fn kernel_groups(&self) -> usize {
+        let Some((sm, um)) = &self.maps else { return 0 };
+        let on = |grp: &Group| match &grp.state {
+            State::Int8 { m, v } => {
+                let (m, v) = (moment(&m.codes, &m.absmax), moment(&v.codes, &v.absmax));
+                adamw_8bit::usable(&grp.p, &grp.g, &m, &v, (sm, um), self.kernels.as_deref()).is_some()
+            }
+            State::Fp32 { .. } => false,
+        };
+        self.groups.iter().filter(|g| on(g)).count()
     }
 
     /// Each parameter's index, group and segment offset, in parameter order.
@@ -385,5 +326,27 @@ impl AdamW {
         } else {
             8 * numel
         }
+    }
+}
+
+/// AdamW with fp32 moments, in place, a chunk of [`STEP_CHUNK`] values at a time (torch ops; the
+/// same arithmetic as [`adamw_8bit::reference`] without the 8-bit round trip).
+fn fp32_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: Hyper) {
+    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+    let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+    let len = g.numel() as i64;
+    for off in (0..len).step_by(STEP_CHUNK as usize) {
+        let n = STEP_CHUNK.min(len - off);
+        let g = g.narrow(0, off, n);
+        let mut p = p.narrow(0, off, n);
+        if h.weight_decay > 0.0 {
+            let _ = p.g_mul_scalar_(1.0 - h.lr * h.weight_decay);
+        }
+        let (mut m, mut v) = (m.narrow(0, off, n), v.narrow(0, off, n));
+        let _ = m.g_mul_scalar_(h.beta1).g_add_(&(&g * (1.0 - h.beta1)));
+        let _ = v.g_mul_scalar_(h.beta2).g_add_(&(g.square() * (1.0 - h.beta2)));
+        let denom = v.sqrt() / bc2.sqrt() + h.eps;
+        let update = (&m / denom) * (h.lr / bc1);
+        let _ = p.g_sub_(&update);
     }
 }
