@@ -6,16 +6,20 @@
 //   absmax[j] = code[qabsmax[j]] · nested_absmax[j / nested_blocksize] + offset.
 //
 // Each thread turns 4 packed bytes into 8 values (one 16-byte store in bf16/fp16); blocksize
-// must be a multiple of 8 (bitsandbytes' are 32…4096), so the 8 values share one absmax.
-// (A variant with four groups per thread and all loads issued first ran no faster on an H200:
-// 75.3 vs 76.3 µs for [14336, 4096], so it was dropped.)
+// must be a multiple of 8 (bitsandbytes' are 32…4096), so the 8 values share one absmax. Both
+// blocksizes are powers of two, passed as shifts: a 64-bit division per group cost more issue
+// slots than the rest of the group's work (the kernel ran at 45% of copy bandwidth with them).
+// Two entry points: `dequant_4bit`, flat and grid-stride (any length, a partial last group), and
+// `dequant_4bit_rows`, one grid row per weight row, writing each row at a row stride `ld` of the
+// output (a row's width a multiple of 8): so a weight can be dequantized into part of a wider
+// buffer (the LoRA adapter's B beside it, src/model/linear.rs) without a copy.
 
 __device__ __forceinline__ float block_absmax(long long j, const float* absmax, const unsigned char* qabsmax,
-                                              const float* code, const float* nested_absmax,
-                                              int nested_blocksize, float offset) {
+                                              const float* code, const float* nested_absmax, int nested_shift,
+                                              float offset) {
   if (qabsmax == nullptr) return absmax[j];
   // _rn: no fused multiply-add, so the result equals the reference's separate f32 ops bit for bit.
-  return __fadd_rn(__fmul_rn(code[qabsmax[j]], nested_absmax[j / nested_blocksize]), offset);
+  return __fadd_rn(__fmul_rn(code[qabsmax[j]], nested_absmax[j >> nested_shift]), offset);
 }
 
 // The 8 values of full group g (bytes 4g..4g+3, all below n) scaled by `scale`, stored.
@@ -47,19 +51,19 @@ __device__ __forceinline__ void dequant_tail(const unsigned char* codes, long lo
   }
 }
 
-extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes, long long n, int blocksize,
+extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes, long long n, int bs_shift,
                                         const float* __restrict__ absmax, const unsigned char* __restrict__ qabsmax,
                                         const float* __restrict__ code, const float* __restrict__ nested_absmax,
-                                        int nested_blocksize, float offset, const float* __restrict__ table,
+                                        int nested_shift, float offset, const float* __restrict__ table,
                                         void* __restrict__ out, int dt) {
   __shared__ float lut[16];
   if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
   __syncthreads();
-  const long long groups = (n + 7) / 8;  // 8 values = 4 bytes each
+  const long long groups = (n + 7) >> 3;  // 8 values = 4 bytes each
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    const long long e0 = g * 8;
-    const float scale = block_absmax(e0 / blocksize, absmax, qabsmax, code, nested_absmax, nested_blocksize, offset);
+    const long long e0 = g << 3;
+    const float scale = block_absmax(e0 >> bs_shift, absmax, qabsmax, code, nested_absmax, nested_shift, offset);
     if (e0 + 8 <= n) {
       dequant_group(((const unsigned int*)codes)[g], scale, lut, out, e0, dt);  // bytes 4g..4g+3, little endian
     } else {
@@ -68,3 +72,20 @@ extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes,
   }
 }
 
+// Row blockIdx.y of a [rows, cols] weight (cols a multiple of 8) into out[row · ld + col].
+extern "C" __global__ void dequant_4bit_rows(const unsigned char* __restrict__ codes, int cols, long long ld,
+                                             int bs_shift, const float* __restrict__ absmax,
+                                             const unsigned char* __restrict__ qabsmax,
+                                             const float* __restrict__ code, const float* __restrict__ nested_absmax,
+                                             int nested_shift, float offset, const float* __restrict__ table,
+                                             void* __restrict__ out, int dt) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+  const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) << 3;
+  if (c0 >= cols) return;
+  const long long row = blockIdx.y;
+  const long long e0 = row * cols + c0;
+  const float scale = block_absmax(e0 >> bs_shift, absmax, qabsmax, code, nested_absmax, nested_shift, offset);
+  dequant_group(((const unsigned int*)codes)[e0 >> 3], scale, lut, out, row * ld + c0, dt);
+}

@@ -184,12 +184,21 @@ fn varlen_documents_split_at_document_row_and_padding_boundaries() {
 fn every_kernel_compiles_with_nvrtc() {
     // NVRTC needs no GPU: each kernels/*.cu (with the prelude) compiles for sm_90 and its PTX
     // holds every entry point the launchers use.
-    let ptx = tuner::kernels::compile_ptx(9, 0).expect("libnvrtc from the PyPI torch install");
-    assert_eq!(ptx.len(), 10);
-    for (file, p, names) in ptx {
-        let text = p.to_src();
-        for n in names {
-            assert!(text.contains(&format!(".entry {n}(")), "{file}: no entry `{n}` in the PTX");
+    // Hopper, and Turing (T4: no bf16x2 conversion instruction, the prelude's fallback).
+    for (major, minor) in [(9, 0), (7, 5)] {
+        let ptx = tuner::kernels::compile_ptx(major, minor).expect("libnvrtc from the PyPI torch install");
+        assert_eq!(ptx.len(), 10);
+        let with_cvt = ptx.iter().filter(|(_, p, _)| p.to_src().contains("cvt.rn.bf16x2.f32")).count();
+        assert_eq!(
+            with_cvt > 0,
+            major >= 8,
+            "sm_{major}{minor}: {with_cvt} files convert pairs to bf16 in one instruction"
+        );
+        for (file, p, names) in ptx {
+            let text = p.to_src();
+            for n in names {
+                assert!(text.contains(&format!(".entry {n}(")), "sm_{major}{minor} {file}: no entry `{n}` in the PTX");
+            }
         }
     }
 }

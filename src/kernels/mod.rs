@@ -56,16 +56,20 @@ pub fn cuda_profiler(on: bool) {
 /// (file, source, kernel names) of every kernel source; each is compiled with
 /// kernels/prelude.cuh in front.
 const SOURCES: [(&str, &str, &[&str]); 10] = [
-    ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit"]),
+    ("dequant_4bit.cu", include_str!("../../kernels/dequant_4bit.cu"), &["dequant_4bit", "dequant_4bit_rows"]),
     (
         "rms_norm.cu",
         include_str!("../../kernels/rms_norm.cu"),
         &["rms_norm_fwd", "rms_norm_bwd", "rms_norm_fwd_x8", "rms_norm_bwd_x8"],
     ),
-    ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope"]),
+    ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope", "rope_x8"]),
     ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),
     ("cross_entropy.cu", include_str!("../../kernels/cross_entropy.cu"), &["cross_entropy"]),
-    ("topk_glu.cu", include_str!("../../kernels/topk_glu.cu"), &["topk_glu_fwd", "topk_glu_bwd"]),
+    (
+        "topk_glu.cu",
+        include_str!("../../kernels/topk_glu.cu"),
+        &["topk_glu_fwd", "topk_glu_bwd", "topk_glu_fwd_r", "topk_glu_bwd_r"],
+    ),
     (
         "altup_predict.cu",
         include_str!("../../kernels/altup_predict.cu"),
@@ -147,6 +151,11 @@ impl Kernels {
 
     /// Launch `name` on libtorch's current stream with a 1-D grid.
     pub(crate) fn launch(&self, name: &str, grid: u32, block: u32, args: Args) -> Result<()> {
+        self.launch_2d(name, (grid, 1), block, args)
+    }
+
+    /// Launch `name` on libtorch's current stream with a 2-D grid `(x, y)` of 1-D blocks.
+    pub(crate) fn launch_2d(&self, name: &str, grid: (u32, u32), block: u32, args: Args) -> Result<()> {
         let f = self.funcs.get(name).ok_or_else(|| anyhow!("no kernel `{name}`"))?;
         self.ctx.bind_to_thread()?;
         let stream = current_stream(self.ordinal)?;
@@ -158,7 +167,7 @@ impl Kernels {
         unsafe {
             cudarc::driver::result::launch_kernel(
                 f.cu_function(),
-                (grid.max(1), 1, 1),
+                (grid.0.max(1), grid.1.max(1), 1),
                 (block, 1, 1),
                 0,
                 stream as _,

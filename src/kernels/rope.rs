@@ -71,7 +71,7 @@ pub fn fused(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool, kernels: Opt
 /// The kernel from `x` into `y` (the same tensor for in place), both `[B, T, heads, d]` contiguous.
 fn launch(k: &Kernels, x: &Tensor, y: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<()> {
     let (b, t, heads, d) = x.size4()?;
-    let args = Args::default()
+    let scalar_args = Args::default()
         .ptr(x)
         .ptr(y)
         .ptr(cos)
@@ -82,7 +82,22 @@ fn launch(k: &Kernels, x: &Tensor, y: &Tensor, cos: &Tensor, sin: &Tensor, inver
         .f32(if inverse { -1.0 } else { 1.0 })
         .i32(dtype_code(x.kind()).unwrap_or(0));
     let block = 256;
-    k.launch("rope", k.grid_for(b * t * heads * (d / 2), block), block, args)
+    let aligned = [x, y, cos, sin].iter().all(|t| (t.data_ptr() as usize).is_multiple_of(16));
+    let wide = x.kind() != Kind::Float && (d / 2) % 8 == 0 && aligned && b * t * heads * (d / 16) < (1 << 31);
+    if wide {
+        let args = Args::default()
+            .ptr(x)
+            .ptr(y)
+            .ptr(cos)
+            .ptr(sin)
+            .i32(b * t * heads)
+            .i32(heads)
+            .i32(d)
+            .f32(if inverse { -1.0 } else { 1.0 })
+            .i32(dtype_code(x.kind()).unwrap_or(0));
+        return k.launch("rope_x8", k.grid_for(b * t * heads * (d / 16), block), block, args);
+    }
+    k.launch("rope", k.grid_for(b * t * heads * (d / 2), block), block, scalar_args)
 }
 
 /// The reference (differentiable): `x·cos ± rotate_half(x)·sin`, x `[B, T, heads, d]`.
@@ -101,8 +116,10 @@ pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Tenso
 pub fn check(k: &Kernels, c: &mut Checker) {
     let device = c.device;
     // RoPE forward and inverse on [B, T, heads, d] with per-row positions (a packed row).
-    for kind in [Kind::BFloat16, Kind::Float] {
-        let (b, t, heads, d) = if kind == Kind::BFloat16 { (2, 2048, 32, 128) } else { (2, 33, 4, 64) };
+    // bf16: the 8-lane kernel (Llama's and Gemma 3n's head widths); f32: the scalar one.
+    for (kind, (b, t, heads, d)) in
+        [(Kind::BFloat16, (2, 2048, 32, 128)), (Kind::BFloat16, (1, 45, 8, 256)), (Kind::Float, (2, 33, 4, 64))]
+    {
         let x = Tensor::randn([b, t, heads, d], (Kind::Float, device)).to_kind(kind);
         let pos = Tensor::cat(
             &[Tensor::arange(t / 2, (Kind::Int64, device)), Tensor::arange(t - t / 2, (Kind::Int64, device))],
@@ -122,7 +139,7 @@ pub fn check(k: &Kernels, c: &mut Checker) {
             let label = format!("rope{} {} [{b}×{t}×{heads}×{d}]", if inverse { " backward" } else { "" }, name(kind));
             let io = 2.0 * x.numel() as f64 * kind.elt_size_in_bytes() as f64;
             let y = x.copy();
-            if kind == Kind::BFloat16 && !inverse {
+            if kind == Kind::BFloat16 && !inverse && d == 128 {
                 c.timed(label, rel_err(&got, &want), tol(kind), io, &mut || {
                     let _ = launch(k, &y, &y, &cos, &sin, inverse);
                 });

@@ -98,6 +98,10 @@ fn dims(g: &Tensor) -> (i64, i64) {
     (g.numel() as i64 / cols.max(1), cols)
 }
 
+/// The widest row the register-resident kernels take (`TG_NG` · 8 values per thread at 1024
+/// threads, kernels/topk_glu.cu).
+const REGISTER_COLS: i64 = 2 * 8 * 1024;
+
 /// Whether the 16-byte loads apply: 2-byte elements, 16-byte aligned.
 fn wide(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.kind().elt_size_in_bytes() == 2 && (t.data_ptr() as usize).is_multiple_of(16))
@@ -109,9 +113,14 @@ fn launch_forward(kn: &Kernels, g: &Tensor, u: &Tensor, k: f64) -> Result<(Tenso
     let mut lead = g.size();
     *lead.last_mut().expect("at least one dim") = 2;
     let stats = Tensor::empty(lead, (Kind::Float, g.device()));
-    let w = wide(&[g, u, &h]) as i64;
+    let w = wide(&[g, u, &h]);
     let args = Args::default().ptr(g).ptr(u).ptr(&h).ptr(&stats).i32(cols).f32(k);
-    kn.launch("topk_glu_fwd", rows as u32, 1024, args.i32(dtype_code(g.kind()).unwrap_or(0)).i32(w))?;
+    let dt = dtype_code(g.kind()).unwrap_or(0);
+    if w && cols <= REGISTER_COLS {
+        kn.launch("topk_glu_fwd_r", rows as u32, 1024, args.i32(dt))?;
+    } else {
+        kn.launch("topk_glu_fwd", rows as u32, 1024, args.i32(dt).i32(w as i64))?;
+    }
     Ok((h, stats))
 }
 
@@ -134,9 +143,14 @@ fn launch_backward(
     }
     let (rows, cols) = dims(g);
     let (dg, du) = (g.empty_like(), u.empty_like());
-    let w = wide(&[dh, g, u, &dg, &du]) as i64;
+    let w = wide(&[dh, g, u, &dg, &du]);
     let args = Args::default().ptr(dh).ptr(g).ptr(u).ptr(stats).ptr(&dg).ptr(&du).i32(cols).f32(k);
-    kn.launch("topk_glu_bwd", rows as u32, 1024, args.i32(dtype_code(g.kind()).unwrap_or(0)).i32(w))?;
+    let dt = dtype_code(g.kind()).unwrap_or(0);
+    if w && cols <= REGISTER_COLS {
+        kn.launch("topk_glu_bwd_r", rows as u32, 1024, args.i32(dt))?;
+    } else {
+        kn.launch("topk_glu_bwd", rows as u32, 1024, args.i32(dt).i32(w as i64))?;
+    }
     Ok((dg, du))
 }
 
@@ -145,7 +159,13 @@ fn launch_backward(
 pub fn check(kn: &Kernels, c: &mut Checker) {
     let device = c.device;
     let k = 1.6484375;
-    for (kind, [rows, cols]) in [(Kind::BFloat16, [4096i64, 16384]), (Kind::Float, [19, 328])] {
+    // bf16 rows of up to 16384 take the register-resident kernels, wider ones and f32 the others.
+    for (kind, [rows, cols]) in [
+        (Kind::BFloat16, [4096i64, 16384]),
+        (Kind::BFloat16, [7, 20480]),
+        (Kind::BFloat16, [5, 1000]),
+        (Kind::Float, [19, 328]),
+    ] {
         let randn = || Tensor::randn([rows, cols], (Kind::Float, device)).to_kind(kind);
         let (g, u, dh) = (randn(), randn(), randn());
         let (h, stats) = launch_forward(kn, &g, &u, k).unwrap_or_else(|e| panic!("{e:#}"));
@@ -154,7 +174,7 @@ pub fn check(kn: &Kernels, c: &mut Checker) {
         let (dg_ref, du_ref) = backward_reference(&dh, &g, &u, &stats_reference(&g), k);
         let errb = rel_err(&dg, &dg_ref).max(rel_err(&du, &du_ref));
         let bytes = g.numel() as f64 * kind.elt_size_in_bytes() as f64;
-        let (dims, timed, t) = (format!("[{rows}×{cols}]"), kind == Kind::BFloat16, tol(kind));
+        let (dims, timed, t) = (format!("[{rows}×{cols}]"), rows == 4096, tol(kind));
         c.case(timed, format!("sparse_geglu {} {dims}", name(kind)), err, t, 3.0 * bytes, &mut || {
             let _ = launch_forward(kn, &g, &u, k);
         });
