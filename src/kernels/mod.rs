@@ -65,11 +65,7 @@ const SOURCES: [(&str, &str, &[&str]); 10] = [
     ("rope.cu", include_str!("../../kernels/rope.cu"), &["rope", "rope_x8"]),
     ("glu.cu", include_str!("../../kernels/glu.cu"), &["glu_fwd", "glu_bwd", "glu_fwd_x8", "glu_bwd_x8"]),
     ("cross_entropy.cu", include_str!("../../kernels/cross_entropy.cu"), &["cross_entropy"]),
-    (
-        "topk_glu.cu",
-        include_str!("../../kernels/topk_glu.cu"),
-        &["topk_glu_fwd", "topk_glu_bwd", "topk_glu_fwd_r", "topk_glu_bwd_r"],
-    ),
+    ("topk_glu.cu", include_str!("../../kernels/topk_glu.cu"), &["topk_glu_fwd", "topk_glu_bwd", "topk_glu_bwd_r"]),
     (
         "altup_predict.cu",
         include_str!("../../kernels/altup_predict.cu"),

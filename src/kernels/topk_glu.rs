@@ -98,7 +98,7 @@ fn dims(g: &Tensor) -> (i64, i64) {
     (g.numel() as i64 / cols.max(1), cols)
 }
 
-/// The widest row the register-resident kernels take (`TG_NG` · 8 values per thread at 1024
+/// The widest row the register-resident backward takes (`TG_NG` · 8 values per thread at 1024
 /// threads, kernels/topk_glu.cu).
 const REGISTER_COLS: i64 = 2 * 8 * 1024;
 
@@ -116,11 +116,7 @@ fn launch_forward(kn: &Kernels, g: &Tensor, u: &Tensor, k: f64) -> Result<(Tenso
     let w = wide(&[g, u, &h]);
     let args = Args::default().ptr(g).ptr(u).ptr(&h).ptr(&stats).i32(cols).f32(k);
     let dt = dtype_code(g.kind()).unwrap_or(0);
-    if w && cols <= REGISTER_COLS {
-        kn.launch("topk_glu_fwd_r", rows as u32, 1024, args.i32(dt))?;
-    } else {
-        kn.launch("topk_glu_fwd", rows as u32, 1024, args.i32(dt).i32(w as i64))?;
-    }
+    kn.launch("topk_glu_fwd", rows as u32, 1024, args.i32(dt).i32(w as i64))?;
     Ok((h, stats))
 }
 
@@ -159,7 +155,7 @@ fn launch_backward(
 pub fn check(kn: &Kernels, c: &mut Checker) {
     let device = c.device;
     let k = 1.6484375;
-    // bf16 rows of up to 16384 take the register-resident kernels, wider ones and f32 the others.
+    // bf16 rows of up to 16384 take the register-resident backward, wider ones and f32 the other.
     for (kind, [rows, cols]) in [
         (Kind::BFloat16, [4096i64, 16384]),
         (Kind::BFloat16, [7, 20480]),
