@@ -11,8 +11,9 @@
 // CPU reference: src/kernels/adamw_8bit.rs (`reference`), the same step as torch ops a chunk at a
 // time. Every product, sum, quotient and square root is rounded once, in the reference's order
 // (the _rn intrinsics: no fused multiply-adds), and a division by a scalar is a product with its
-// f32 reciprocal, as libtorch's CUDA division by a CPU scalar is; so on the card the two agree
-// bit for bit. A non-finite moment is not guarded here: the trainer stops before stepping on a
+// f32 reciprocal, as libtorch's CUDA division by a CPU scalar is. On an H200 the two agree on
+// every code and absmax and within 7.5e-9 on parameters of ~0.02 (an ulp or two of some updates).
+// A non-finite moment is not guarded here: the trainer stops before stepping on a
 // non-finite gradient norm.
 //
 // One thread per value: blockDim.x must be 256 (one state block per loop turn of a CUDA block);

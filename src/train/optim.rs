@@ -329,24 +329,16 @@ impl AdamW {
     }
 }
 
-/// AdamW with fp32 moments, in place, a chunk of [`STEP_CHUNK`] values at a time (torch ops; the
-/// same arithmetic as [`adamw_8bit::reference`] without the 8-bit round trip).
+/// AdamW with fp32 moments, in place, a chunk of [`STEP_CHUNK`] values at a time (torch ops:
+/// [`adamw_8bit::adam_update`] on the moments themselves, without the 8-bit round trip).
 fn fp32_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: Hyper) {
-    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-    let bc2 = 1.0 - h.beta2.powi(h.step as i32);
     let len = g.numel() as i64;
     for off in (0..len).step_by(STEP_CHUNK as usize) {
         let n = STEP_CHUNK.min(len - off);
-        let g = g.narrow(0, off, n);
         let mut p = p.narrow(0, off, n);
         if h.weight_decay > 0.0 {
             let _ = p.g_mul_scalar_(1.0 - h.lr * h.weight_decay);
         }
-        let (mut m, mut v) = (m.narrow(0, off, n), v.narrow(0, off, n));
-        let _ = m.g_mul_scalar_(h.beta1).g_add_(&(&g * (1.0 - h.beta1)));
-        let _ = v.g_mul_scalar_(h.beta2).g_add_(&(g.square() * (1.0 - h.beta2)));
-        let denom = v.sqrt() / bc2.sqrt() + h.eps;
-        let update = (&m / denom) * (h.lr / bc1);
-        let _ = p.g_sub_(&update);
+        adamw_8bit::adam_update(&mut p, &g.narrow(0, off, n), &m.narrow(0, off, n), &v.narrow(0, off, n), h);
     }
 }
