@@ -51,14 +51,19 @@ __device__ __forceinline__ void dequant_tail(const unsigned char* codes, long lo
   }
 }
 
+// The 16-entry code table into shared memory (every thread of the block waits for it).
+__device__ __forceinline__ void stage_table(const float* table, float* lut) {
+  if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+}
+
 extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes, long long n, int bs_shift,
                                         const float* __restrict__ absmax, const unsigned char* __restrict__ qabsmax,
                                         const float* __restrict__ code, const float* __restrict__ nested_absmax,
                                         int nested_shift, float offset, const float* __restrict__ table,
                                         void* __restrict__ out, int dt) {
   __shared__ float lut[16];
-  if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
-  __syncthreads();
+  stage_table(table, lut);
   const long long groups = (n + 7) >> 3;  // 8 values = 4 bytes each
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
@@ -80,8 +85,7 @@ extern "C" __global__ void dequant_4bit_rows(const unsigned char* __restrict__ c
                                              int nested_shift, float offset, const float* __restrict__ table,
                                              void* __restrict__ out, int dt) {
   __shared__ float lut[16];
-  if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
-  __syncthreads();
+  stage_table(table, lut);
   const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) << 3;
   if (c0 >= cols) return;
   const long long row = blockIdx.y;

@@ -28,7 +28,8 @@ extern "C" __global__ void rope(const void* x, void* y, const void* __restrict__
 // position found with 32-bit divisions (rows · d/16 < 2^32): the scalar kernel's 2-byte accesses
 // and 64-bit divisions held it at ~38% of copy bandwidth. The same f32 expressions per element.
 extern "C" __global__ void rope_x8(const void* x, void* y, const void* __restrict__ cos, const void* __restrict__ sin,
-                                   unsigned int rows, int heads, int d, float sign, int dt) {
+                                   long long bt, int heads, int d, float sign, int dt) {
+  const unsigned int rows = (unsigned int)(bt * heads);
   const unsigned int h8 = (unsigned int)d >> 4;  // 8-lane groups per half
   const unsigned int total = rows * h8;
   const int half = d / 2;

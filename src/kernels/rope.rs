@@ -71,7 +71,7 @@ pub fn fused(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool, kernels: Opt
 /// The kernel from `x` into `y` (the same tensor for in place), both `[B, T, heads, d]` contiguous.
 fn launch(k: &Kernels, x: &Tensor, y: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<()> {
     let (b, t, heads, d) = x.size4()?;
-    let scalar_args = Args::default()
+    let args = Args::default()
         .ptr(x)
         .ptr(y)
         .ptr(cos)
@@ -85,19 +85,10 @@ fn launch(k: &Kernels, x: &Tensor, y: &Tensor, cos: &Tensor, sin: &Tensor, inver
     let aligned = [x, y, cos, sin].iter().all(|t| (t.data_ptr() as usize).is_multiple_of(16));
     let wide = x.kind() != Kind::Float && (d / 2) % 8 == 0 && aligned && b * t * heads * (d / 16) < (1 << 31);
     if wide {
-        let args = Args::default()
-            .ptr(x)
-            .ptr(y)
-            .ptr(cos)
-            .ptr(sin)
-            .i32(b * t * heads)
-            .i32(heads)
-            .i32(d)
-            .f32(if inverse { -1.0 } else { 1.0 })
-            .i32(dtype_code(x.kind()).unwrap_or(0));
-        return k.launch("rope_x8", k.grid_for(b * t * heads * (d / 16), block), block, args);
+        k.launch("rope_x8", k.grid_for(b * t * heads * (d / 16), block), block, args)
+    } else {
+        k.launch("rope", k.grid_for(b * t * heads * (d / 2), block), block, args)
     }
-    k.launch("rope", k.grid_for(b * t * heads * (d / 2), block), block, scalar_args)
 }
 
 /// The reference (differentiable): `x·cos ± rotate_half(x)·sin`, x `[B, T, heads, d]`.

@@ -266,13 +266,13 @@ impl Linear {
                 let w = buf.narrow(1, 0, in_f);
                 dequant_4bit::into(q, &w, self.kernels.as_deref())?;
                 buf.narrow(1, in_f, r).copy_(&b);
-                Some(DenseW { w, buf, spare_rows: 0, b_cols: r })
+                Some(DenseW { w, buf })
             }
             Spare::Room(r) => {
                 let buf = Tensor::empty([out_f + r, in_f], opts);
                 let w = buf.narrow(0, 0, out_f);
                 dequant_4bit::into(q, &w, self.kernels.as_deref())?;
-                Some(DenseW { w, buf, spare_rows: r, b_cols: 0 })
+                Some(DenseW { w, buf })
             }
         }
     }
@@ -392,15 +392,23 @@ pub struct DenseW {
     /// `[out, in]`.
     pub w: Tensor,
     /// The buffer `w` is a view of: `w` itself, or `[out, in + r]` with the adapter's B in the
-    /// last r columns (`b_cols` = r), or `[out + r, in]` with `spare_rows` = r free rows after W's.
+    /// last r columns, or `[out + r, in]` with r free rows after W's.
     buf: Tensor,
-    spare_rows: i64,
-    b_cols: i64,
 }
 
 impl DenseW {
     fn plain(w: Tensor) -> DenseW {
-        DenseW { buf: w.shallow_clone(), w, spare_rows: 0, b_cols: 0 }
+        DenseW { buf: w.shallow_clone(), w }
+    }
+
+    /// Rows of the buffer after W's (r spare rows, or 0).
+    fn spare_rows(&self) -> i64 {
+        self.buf.size()[0] - self.w.size()[0]
+    }
+
+    /// Columns of the buffer after W's (the adapter's B, or 0).
+    fn b_cols(&self) -> i64 {
+        self.buf.size()[1] - self.w.size()[1]
     }
 }
 
@@ -447,10 +455,10 @@ pub fn lora_grads(
     let r = sa.size()[0];
     let dy2 = cast(dy, kind).reshape([-1, out_f]);
     let dya = cast(&dy2, ak);
-    let stacked = need_dx && w.spare_rows == r && ak == kind;
+    let stacked = need_dx && w.spare_rows() == r && ak == kind;
     // With B beside W (gate/up), `dy·[W | B] = [dy·W | dz]`: dz comes out of the base GEMM
     // instead of reading the wide dy once more.
-    let beside = need_dx && acc.is_none() && w.b_cols == r && ak == kind;
+    let beside = need_dx && acc.is_none() && w.b_cols() == r && ak == kind;
     let wide = beside.then(|| dy2.mm(&w.buf));
     let dz = match &wide {
         Some(o) => o.narrow(1, in_f, r),
@@ -461,15 +469,7 @@ pub fn lora_grads(
             o.narrow(1, 0, in_f)
         } else if stacked {
             w.buf.narrow(0, out_f, r).copy_(sa);
-            let dyz = Tensor::cat(&[&dy2, &dz], 1);
-            match acc {
-                Some(acc) => {
-                    let mut acc = cast(&acc, kind).reshape([-1, in_f]);
-                    let _ = acc.addmm_(&dyz, &w.buf);
-                    acc
-                }
-                None => dyz.mm(&w.buf),
-            }
+            base_dx(&Tensor::cat(&[&dy2, &dz], 1), &w.buf, acc)
         } else {
             base_dx(&dy2, &w.w, acc)
         }
