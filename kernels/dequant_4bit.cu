@@ -77,7 +77,11 @@ extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ codes,
   }
 }
 
-// Row blockIdx.y of a [rows, cols] weight (cols a multiple of 8) into out[row · ld + col].
+// Row blockIdx.y of a [rows, cols] weight (cols a multiple of 8) into out[row · ld + col]. Each
+// thread takes up to ROW_GROUPS groups of its row, blockDim.x groups apart (each warp's loads and
+// stores stay contiguous), and issues all of their loads before its first store: with one group
+// per thread, each thread had a single 4-byte load in flight and the kernel stalled on it.
+#define ROW_GROUPS 4
 extern "C" __global__ void dequant_4bit_rows(const unsigned char* __restrict__ codes, int cols, long long ld,
                                              int bs_shift, const float* __restrict__ absmax,
                                              const unsigned char* __restrict__ qabsmax,
@@ -86,10 +90,24 @@ extern "C" __global__ void dequant_4bit_rows(const unsigned char* __restrict__ c
                                              void* __restrict__ out, int dt) {
   __shared__ float lut[16];
   stage_table(table, lut);
-  const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) << 3;
-  if (c0 >= cols) return;
+  const int groups = cols >> 3;  // of this row
   const long long row = blockIdx.y;
-  const long long e0 = row * cols + c0;
-  const float scale = block_absmax(e0 >> bs_shift, absmax, qabsmax, code, nested_absmax, nested_shift, offset);
-  dequant_group(((const unsigned int*)codes)[e0 >> 3], scale, lut, out, row * ld + c0, dt);
+  const long long first = row * groups;  // the row's first group in the whole weight
+  const int g0 = blockIdx.x * blockDim.x * ROW_GROUPS + threadIdx.x;
+  unsigned int packed[ROW_GROUPS];
+  float scale[ROW_GROUPS];
+#pragma unroll
+  for (int k = 0; k < ROW_GROUPS; k++) {
+    const int g = g0 + k * blockDim.x;
+    if (g < groups) {
+      packed[k] = ((const unsigned int*)codes)[first + g];  // bytes 4g..4g+3 of the row, little endian
+      scale[k] = block_absmax(((first + g) << 3) >> bs_shift, absmax, qabsmax, code, nested_absmax, nested_shift,
+                              offset);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < ROW_GROUPS; k++) {
+    const int g = g0 + k * blockDim.x;
+    if (g < groups) dequant_group(packed[k], scale[k], lut, out, row * ld + ((long long)g << 3), dt);
+  }
 }

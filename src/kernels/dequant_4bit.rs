@@ -112,7 +112,9 @@ fn launch(q: &QuantTensor, out: &Tensor, k: &Kernels) -> Result<()> {
     if cols % 8 == 0 && (1..=65535).contains(&rows) && q.shape.len() == 2 {
         // One grid row per weight row, at the output's row stride.
         let args = tables(Args::default().ptr(&q.codes).i32(cols).i64(out.stride()[0]));
-        let per_row = ((cols / 8 + block as i64 - 1) / block as i64) as u32;
+        // ROW_GROUPS (kernels/dequant_4bit.cu) groups of 8 values per thread.
+        let per_block = block as i64 * 4;
+        let per_row = ((cols / 8 + per_block - 1) / per_block) as u32;
         k.launch_2d("dequant_4bit_rows", (per_row, rows as u32), block, args)
     } else if out.is_contiguous() {
         let args = tables(Args::default().ptr(&q.codes).i64(n));
